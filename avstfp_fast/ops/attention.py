@@ -1,0 +1,191 @@
+"""Public entry points: ``prompted_attention``, ``prompted_attention_qkv``, ``explain``.
+
+Kernel backends run under one autograd function, :class:`_KernelAttention`, which owns
+every allocation: the output (in q's memory order, so callers can move it back to the
+projection layout for free), the gradients of q/k/v (in the caller's layout; with
+``prompted_attention_qkv`` one gradient buffer laid out like the QKV projection output,
+so autograd never zero-fills and scatters three view gradients into it), and it passes
+the determinism switch to the backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import backends as _b
+from .contract import AttnProblem, empty_in_stride_order, make_problem
+
+
+def qkv_views(qkv: torch.Tensor, qkv_dim: int, seq_dim: int):
+    """q, k, v as views of a packed projection buffer.
+
+    ``qkv.select(qkv_dim, i)`` gives a tensor whose last dim is the head dim; its
+    ``seq_dim`` is the attention sequence; all other dims are batch dims.  The views are
+    ``select(qkv_dim, i).movedim(seq_dim, -2)``: shape (*batch, L, E), no copy.
+    """
+    qkv_dim = qkv_dim % qkv.dim()
+    views = []
+    for i in range(3):
+        t = qkv.select(qkv_dim, i)
+        views.append(t.movedim(seq_dim % t.dim(), -2))
+    return tuple(views)
+
+
+@dataclass(frozen=True)
+class _Meta:
+    backend: str
+    packed: Optional[Tuple[int, int]]       # (qkv_dim, seq_dim) or None
+    present: Tuple[bool, ...]               # prompts present, per segment
+    q_segments: Tuple[int, ...]
+    k_segments: Tuple[int, ...]
+    scale: float
+
+
+def _problem_from(meta: _Meta, tensors) -> AttnProblem:
+    if meta.packed is not None:
+        q, k, v = qkv_views(tensors[0], *meta.packed)
+        rest = tensors[1:]
+    else:
+        q, k, v = tensors[:3]
+        rest = tensors[3:]
+    n = sum(meta.present)
+    it_k, it_v = iter(rest[:n]), iter(rest[n:])
+    pks = tuple(next(it_k) if pr else None for pr in meta.present)
+    pvs = tuple(next(it_v) if pr else None for pr in meta.present)
+    return AttnProblem(q, k, v, pks, pvs, meta.q_segments, meta.k_segments, meta.scale)
+
+
+class _KernelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta: _Meta, *tensors):
+        p = _problem_from(meta, tensors)
+        backend = _b.get_backend(meta.backend)
+        out = empty_in_stride_order(p.q.shape, p.q)
+        lse = backend.forward(p, out)
+        ctx.meta = meta
+        ctx.save_for_backward(*tensors, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        meta = ctx.meta
+        *tensors, out, lse = ctx.saved_tensors
+        p = _problem_from(meta, tensors)
+        backend = _b.get_backend(meta.backend)
+        if meta.packed is not None:
+            dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
+            dq, dk, dv = qkv_views(dqkv, *meta.packed)
+            lead = (dqkv,)
+        else:
+            dq = empty_in_stride_order(p.q.shape, p.q)
+            dk = empty_in_stride_order(p.k.shape, p.k)
+            dv = empty_in_stride_order(p.v.shape, p.v)
+            lead = (dq, dk, dv)
+        dpk, dpv = backend.backward(p, out, lse, dout, dq, dk, dv,
+                                    torch.are_deterministic_algorithms_enabled())
+        grads = list(lead)
+        grads += [g for g, pr in zip(dpk, meta.present) if pr]
+        grads += [g for g, pr in zip(dpv, meta.present) if pr]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])]
+        return (None, *grads)
+
+
+def _autocast(tensors):
+    """Under autocast, attention runs in the autocast dtype (as SDPA does)."""
+    ref = next(t for t in tensors if isinstance(t, torch.Tensor))
+    dev = ref.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                for t in tensors]
+    return list(tensors)
+
+
+def _cast_prompts(prompt):
+    if isinstance(prompt, (list, tuple)):
+        return list(prompt)
+    return [prompt]
+
+
+def _run(p: AttnProblem, backend: str, packed=None, qkv=None) -> torch.Tensor:
+    b = _b.select(p, backend)
+    if b.kind != "kernel":
+        return b.run(p)
+    meta = _Meta(b.name, packed, tuple(pk is not None for pk in p.prompt_k),
+                 p.q_segments, p.k_segments, p.scale)
+    lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
+    prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]
+    return _KernelAttention.apply(meta, *lead, *prompts)
+
+
+def _prep(q_like, prompt_k, prompt_v, segments):
+    """Apply autocast to every tensor argument, keeping the per-segment structure."""
+    seq = isinstance(prompt_k, (list, tuple))
+    pk = _cast_prompts(prompt_k)
+    pv = _cast_prompts(prompt_v)
+    flat = _autocast(list(q_like) + pk + pv)
+    n = len(q_like)
+    qs, pk, pv = flat[:n], flat[n:n + len(pk)], flat[n + len(pk):]
+    if prompt_k is None:
+        pk = None
+    elif not seq:
+        pk = pk[0]
+    if prompt_v is None:
+        pv = None
+    elif not isinstance(prompt_v, (list, tuple)):
+        pv = pv[0]
+    return qs, pk, pv
+
+
+def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional[float] = None,
+                       segments: Optional[Sequence[int]] = None, backend: str = "auto"
+                       ) -> torch.Tensor:
+    """Attention whose keys/values are extended with (batch-shared) prompt tokens.
+
+    Equals ``SDPA(q, cat([k, pk]), cat([v, pv]), scale=scale)`` with the prompts
+    broadcast to q's batch dims (SPEC §3), without materialising the concatenation in the
+    kernel backends.  ``segments=(n_0, n_1, ...)`` makes it block-diagonal with one prompt
+    pair per block (``prompt_k``/``prompt_v`` then are sequences).  Output memory follows
+    q's stride order.  ``backend``: "auto", "reference", "torch", "triton", "cuda".
+    """
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    (q, k, v), prompt_k, prompt_v = _prep([q, k, v], prompt_k, prompt_v, segments)
+    p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
+    return _run(p, backend)
+
+
+def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, qkv_dim: int,
+                           seq_dim: int, scale: Optional[float] = None,
+                           segments: Optional[Sequence[int]] = None, backend: str = "auto"
+                           ) -> torch.Tensor:
+    """``prompted_attention`` on q/k/v packed in one projection buffer (see :func:`qkv_views`).
+
+    With a kernel backend the gradient arrives as ONE buffer shaped like ``qkv``, written
+    by the backward kernel directly — no zero-fill and scatter of three view gradients.
+    ``qkv`` must be contiguous (it normally is: the output of the QKV linear layer).
+    """
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() < 3 or qkv.shape[qkv_dim] != 3:
+        raise ValueError(f"qkv: expected size 3 at qkv_dim={qkv_dim}, got shape {tuple(qkv.shape)}")
+    if not qkv.is_contiguous():
+        raise ValueError(f"qkv: must be contiguous (the projection output), got strides "
+                         f"{qkv.stride()} for shape {tuple(qkv.shape)}")
+    (qkv,), prompt_k, prompt_v = _prep([qkv], prompt_k, prompt_v, segments)
+    q, k, v = qkv_views(qkv, qkv_dim, seq_dim)
+    p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
+    return _run(p, backend, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
+
+
+def explain(q, k, v, prompt_k=None, prompt_v=None, *, scale=None, segments=None) -> str:
+    """Which backends can run this input, why the others cannot, and what "auto" picks."""
+    p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
+    text = _b.explain_problem(p)
+    try:
+        chosen = _b.select(p, "auto").name
+    except ValueError:
+        chosen = "none"
+    return text + f"\n  auto picks: {chosen}"

@@ -1,0 +1,176 @@
+"""Backends of ``prompted_attention`` and the dispatcher that chooses between them.
+
+Each backend states what it supports: ``why_not(problem)`` returns None when it can run
+the problem, else a sentence saying why not.  ``backend="auto"`` takes the first backend
+of the device's preference list that fits; an explicitly named backend that does not fit
+raises (no silent fallback that hides slowness).  ``explain(...)`` prints every verdict.
+
+Two kinds of backend:
+- *autograd-native* (``reference``, ``torch``): ``run(problem)`` returns a tensor built
+  from differentiable PyTorch ops;
+- *kernel* (``triton``, ``cuda``): ``forward``/``backward`` write into buffers that the
+  shared autograd function (:mod:`avstfp_fast.ops.autograd`) allocates in the caller's
+  layout.  See :class:`KernelBackend`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .contract import AttnProblem
+
+_REGISTRY: Dict[str, "Backend"] = {}
+_LAZY: Dict[str, str] = {}    # name -> module that registers it on import
+
+
+class Backend:
+    name: str = ""
+    kind: str = "autograd"     # or "kernel"
+
+    def why_not(self, p: AttnProblem) -> Optional[str]:
+        return None
+
+    def run(self, p: AttnProblem) -> torch.Tensor:      # autograd-native backends
+        raise NotImplementedError(f"backend {self.name!r} is a kernel backend")
+
+
+class KernelBackend(Backend):
+    """A backend made of a forward and a backward kernel.
+
+    ``forward(p, out)`` writes the attention output into ``out`` (shape of q, any strides)
+    and returns the row log-sum-exp, float32, shape ``(*batch, Lq)`` (natural log, scores
+    already scaled).  ``backward(p, out, lse, dout, dq, dk, dv, deterministic)`` writes
+    dq/dk/dv into the given tensors (any strides; often views of one QKV-gradient buffer)
+    and returns ``(dprompt_k, dprompt_v)``: tuples with one entry per segment, each of the
+    prompt's own (un-broadcast) shape and dtype, or None for absent prompts.
+    """
+    kind = "kernel"
+
+    def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
+        raise NotImplementedError
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def register_lazy(name: str, module: str) -> None:
+    """Backends with heavy imports (triton, the CUDA extension) load on first use."""
+    _LAZY[name] = module
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _REGISTRY and name in _LAZY:
+        import importlib
+        importlib.import_module(_LAZY[name])
+    if name not in _REGISTRY:
+        raise ValueError(f"backend: unknown name {name!r}; expected one of "
+                         f"{sorted(set(_REGISTRY) | set(_LAZY) | {'auto'})}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> List[str]:
+    return sorted(set(_REGISTRY) | set(_LAZY))
+
+
+def preference(device: torch.device, p: Optional[AttnProblem] = None) -> List[str]:
+    """The order in which ``auto`` tries backends on a device."""
+    if device.type == "cuda":
+        from . import autotable
+        return autotable.gpu_preference(p) + ["torch"]
+    return ["torch"]
+
+
+def select(p: AttnProblem, backend: str = "auto") -> Backend:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a name (str), got {type(backend).__name__}")
+    if backend != "auto":
+        b = get_backend(backend)
+        reason = _why_not(b, p)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this input: {reason}")
+        return b
+    for name in preference(p.device, p):
+        try:
+            b = get_backend(name)
+        except (ValueError, ImportError):
+            continue
+        if _why_not(b, p) is None:
+            return b
+    raise ValueError("backend='auto': no backend supports this input:\n" + explain_problem(p))
+
+
+def _why_not(b: Backend, p: AttnProblem) -> Optional[str]:
+    try:
+        return b.why_not(p)
+    except ImportError as e:    # e.g. triton missing, extension not built
+        return f"not available: {e}"
+
+
+def explain_problem(p: AttnProblem) -> str:
+    lines = []
+    for name in available_backends():
+        try:
+            b = get_backend(name)
+            r = _why_not(b, p)
+        except (ImportError, RuntimeError) as e:
+            r = f"not available: {e}"
+        lines.append(f"  {name:9s} {'OK' if r is None else r}")
+    auto = preference(p.device, p)
+    lines.append(f"  auto order on {p.device.type}: {auto}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reference
+class ReferenceBackend(Backend):
+    """The oracle: concatenate prompts (expanded to the batch) and run SDPA, per segment."""
+    name = "reference"
+
+    def run(self, p: AttnProblem) -> torch.Tensor:
+        outs, q0, k0 = [], 0, 0
+        for s, (nq, nk) in enumerate(zip(p.q_segments, p.k_segments)):
+            q = p.q[..., q0:q0 + nq, :]
+            k = p.k[..., k0:k0 + nk, :]
+            v = p.v[..., k0:k0 + nk, :]
+            pk, pv = p.expanded_prompts(s)
+            if pk is not None:
+                k = torch.cat([k, pk], dim=-2)
+                v = torch.cat([v, pv], dim=-2)
+            attn = torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1)
+            outs.append(attn @ v)
+            q0, k0 = q0 + nq, k0 + nk
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+# --------------------------------------------------------------------------- torch
+class TorchBackend(Backend):
+    """Pure-PyTorch fast path: SDPA (fused kernels where PyTorch has them) on the strided
+    views.  Prompts are appended to K/V by a concatenation whose cost is P rows per
+    sequence; the kernel backends avoid even that.  Segments run one SDPA each."""
+    name = "torch"
+
+    def run(self, p: AttnProblem) -> torch.Tensor:
+        outs, q0, k0 = [], 0, 0
+        for s, (nq, nk) in enumerate(zip(p.q_segments, p.k_segments)):
+            q = p.q[..., q0:q0 + nq, :]
+            k = p.k[..., k0:k0 + nk, :]
+            v = p.v[..., k0:k0 + nk, :]
+            pk, pv = p.expanded_prompts(s)
+            if pk is not None and pk.shape[-2] > 0:
+                k = torch.cat([k, pk], dim=-2) if nk else pk
+                v = torch.cat([v, pv], dim=-2) if nk else pv
+            outs.append(F.scaled_dot_product_attention(q, k, v, scale=p.scale))
+            q0, k0 = q0 + nq, k0 + nk
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
+register(ReferenceBackend())
+register(TorchBackend())
+register_lazy("triton", "avstfp_fast.ops.triton_backend")
+register_lazy("cuda", "avstfp_fast.ops.cuda_backend")
