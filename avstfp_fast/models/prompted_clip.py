@@ -1,0 +1,224 @@
+"""``PromptedCLIP``: the AV-STFP model with a runtime-switchable backend.
+
+One module, one parameter set, one ``state_dict`` layout.  ``backend`` only chooses how
+the layers are computed:
+
+- ``"reference"``: the paper's math written literally (avstfp_fast/reference.py) —
+  prompts as real tokens with query rows, torch.cat, permutes, per-modality attention;
+- ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``: the fast path (models/fast.py) with
+  the exact rewrites of SPEC §1 (one joint audio|visual token buffer per frame,
+  batch-shared prompt K/V computed once per forward, no prompt query rows, strided views
+  instead of permute copies); the name is passed to ``prompted_attention``.
+
+Parameter names (identical for every backend)::
+
+    visual.*                                  frozen open_clip VisionTransformer
+    temporal_key_{audio,visual}               (L, Nt, D)   temporal key prompts
+    temporal_value_{audio,visual}             (L, Nt, D)   temporal value prompts
+    spatial_{audio,visual}                    (L, Ns, D)   spatial prompts
+    fusion_prompts                            (L, Nf, D)   fusion prompts
+    beta_{audio,visual}, beta_fusion          (L,)         learnable gates
+    head.*                                    task head (AVE: per segment, AVAR: per clip)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..ops.backends import available_backends
+from . import backbone as bb
+from .config import AVSTFPConfig
+
+BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
+
+
+class PromptedCLIP(nn.Module):
+    def __init__(self, model: Union[str, nn.Module] = "ViT-B-16", *, pretrained: Optional[str] = None,
+                 backend: str = "auto", config: Optional[AVSTFPConfig] = None, device=None,
+                 **config_kw):
+        super().__init__()
+        if config is None:
+            config = AVSTFPConfig(**config_kw)
+        elif config_kw:
+            raise TypeError(f"pass either config= or keyword switches, not both: {sorted(config_kw)}")
+        self.config = config
+        if isinstance(model, str):
+            visual = bb.load_visual(model, pretrained, device)
+            self.model_name = model
+        elif isinstance(model, nn.Module):
+            if pretrained is not None:
+                raise ValueError("pretrained: only with a model name; the given module "
+                                 "already carries its weights")
+            visual = getattr(model, "visual", model)    # a CLIP model or its tower: shared
+            bb.check_visual(visual)
+            self.model_name = type(visual).__name__
+        else:
+            raise TypeError(f"model: expected an open_clip model name or nn.Module, got "
+                            f"{type(model).__name__}")
+        self.visual = visual
+        blocks = visual.transformer.resblocks
+        L, D = len(blocks), visual.conv1.out_channels
+        self.num_layers, self.width, self.num_heads = L, D, blocks[0].attn.num_heads
+        c = config
+        dev = visual.conv1.weight.device
+
+        def prompts(n):
+            if n == 0:
+                return None
+            return nn.Parameter(torch.randn(L, n, D, device=dev) * c.prompt_init_std)
+
+        def gate():
+            return nn.Parameter(torch.full((L,), float(c.beta_init), device=dev))
+
+        for m in ("audio", "visual"):
+            on = m in c.modalities
+            t = on and c.has("temporal")
+            self.register_parameter(f"temporal_key_{m}", prompts(c.n_temporal) if t else None)
+            self.register_parameter(f"temporal_value_{m}", prompts(c.n_temporal) if t else None)
+            self.register_parameter(f"beta_{m}", gate() if t else None)
+            self.register_parameter(f"spatial_{m}",
+                                    prompts(c.n_spatial) if on and c.has("spatial") else None)
+        self.register_parameter("fusion_prompts", prompts(c.n_fusion) if c.has("fusion") else None)
+        self.register_parameter("beta_fusion", gate() if c.has("fusion") else None)
+
+        self.head = None
+        if c.task is not None:
+            feat = D * len(c.modalities)
+            self.head = nn.Sequential(nn.Linear(feat, c.head_hidden), nn.ReLU(),
+                                      nn.Linear(c.head_hidden, c.num_classes)).to(dev)
+        self.visual.requires_grad_(c.full_finetune)
+        self.backend = "auto"
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def tiny(cls, *, width: int = 64, layers: int = 2, heads: int = 2, patch_size: int = 16,
+             image_size: int = 64, quick_gelu: bool = False, backend: str = "auto", **config_kw):
+        """A random tiny tower (for CPU tests, demos and the synthetic task)."""
+        visual = bb.tiny_visual(width, layers, heads, patch_size, image_size, quick_gelu)
+        return cls(visual, backend=backend, **config_kw)
+
+    def set_backend(self, backend: str) -> "PromptedCLIP":
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend not in ("reference", "auto") and backend not in available_backends():
+            raise ValueError(f"backend: {backend!r} is not available; have {available_backends()}")
+        self.backend = backend
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return bb.image_size(self.visual)
+
+    @property
+    def patch_size(self) -> int:
+        return bb.patch_size(self.visual)
+
+    # ------------------------------------------------------------------ parameters
+    def prompt_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith(("visual.", "head."))]
+
+    def param_groups(self, lr_prompts: float, lr_head: float, weight_decay: float = 0.0):
+        """Optimizer groups: prompts+gates, head (and the tower when fully fine-tuned)."""
+        groups = [{"name": "prompts", "params": self.prompt_parameters(), "lr": lr_prompts,
+                   "weight_decay": weight_decay}]
+        if self.head is not None:
+            groups.append({"name": "head", "params": list(self.head.parameters()), "lr": lr_head,
+                           "weight_decay": weight_decay})
+        if self.config.full_finetune:
+            groups.append({"name": "backbone", "params": list(self.visual.parameters()),
+                           "lr": lr_prompts, "weight_decay": weight_decay})
+        return [g for g in groups if g["params"]]
+
+    def parameter_counts(self) -> dict:
+        def count(ps, trainable_only=False):
+            return sum(p.numel() for p in ps if p.requires_grad or not trainable_only)
+        rows = {
+            "prompts": count(self.prompt_parameters()),
+            "head": count(self.head.parameters()) if self.head is not None else 0,
+            "backbone": count(self.visual.parameters()),
+        }
+        rows["trainable"] = count(self.parameters(), trainable_only=True)
+        rows["total"] = count(self.parameters())
+        return rows
+
+    def parameter_summary(self, print_it: bool = True) -> str:
+        c, n = self.config, self.parameter_counts()
+        lines = [f"PromptedCLIP({self.model_name}, L={self.num_layers}, D={self.width}, "
+                 f"H={self.num_heads}) stages={'+'.join(c.stages) or 'none'} "
+                 f"modalities={'+'.join(c.modalities)} Nt={c.n_temporal} Ns={c.n_spatial} "
+                 f"Nf={c.n_fusion} backend={self.backend}"]
+        for name in ("prompts", "head", "backbone"):
+            frozen = name == "backbone" and not c.full_finetune
+            lines.append(f"  {name:10s} {n[name]:>13,d}  {'frozen' if frozen else 'trainable'}")
+        lines.append(f"  {'trainable':10s} {n['trainable']:>13,d}  ({n['trainable'] / 1e6:.2f}M)")
+        lines.append(f"  {'total':10s} {n['total']:>13,d}  ({n['total'] / 1e6:.2f}M)")
+        text = "\n".join(lines)
+        if print_it:
+            print(text)
+        return text
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, audio, video):
+        c = self.config
+        for name, t, rank, need in (("audio", audio, 4, "audio" in c.modalities),
+                                    ("video", video, 5, "visual" in c.modalities)):
+            if not need:
+                if t is not None:
+                    raise ValueError(f"{name}: this model has modalities={c.modalities}; "
+                                     f"pass {name}=None")
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+            if t.dim() != rank:
+                want = "(B, M, T, F)" if name == "audio" else "(B, M, 3, S, S)"
+                raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: expected a floating tensor, got {t.dtype}")
+        if video is not None:
+            s = self.image_size
+            if video.shape[2] != 3 or video.shape[3] != s or video.shape[4] != s:
+                raise ValueError(f"video: expected (B, M, 3, {s}, {s}), got {tuple(video.shape)}")
+        if audio is not None:
+            ps = self.patch_size
+            if audio.shape[2] < ps or audio.shape[3] < ps:
+                raise ValueError(f"audio: each segment must be at least {ps}x{ps} (one patch), "
+                                 f"got {tuple(audio.shape)}")
+        if audio is not None and video is not None:
+            if audio.shape[:2] != video.shape[:2]:
+                raise ValueError(f"audio/video: batch and segment dims must match: audio "
+                                 f"{tuple(audio.shape)} (B, M)={tuple(audio.shape[:2])}, video "
+                                 f"{tuple(video.shape)} (B, M)={tuple(video.shape[:2])}")
+            if audio.device != video.device:
+                raise ValueError(f"audio/video: on different devices ({audio.device}, {video.device})")
+
+    def encode(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor]
+               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(B, M, T, F) fbank and (B, M, 3, S, S) frames -> A_feat, V_feat, (B, M, D) each."""
+        self._check_inputs(audio, video)
+        a = bb.embed_audio(self.visual, audio) if audio is not None else None
+        v = bb.embed_video(self.visual, video) if video is not None else None
+        if self.backend == "reference":
+            from ..reference import encode_tokens
+            return encode_tokens(self, a, v)
+        from .fast import encode_tokens
+        return encode_tokens(self, a, v, self.backend)
+
+    def forward(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor] = None):
+        a, v = self.encode(audio, video)
+        if self.head is None:
+            return a, v
+        feat = torch.cat([f for f in (a, v) if f is not None], dim=-1)    # (B, M, 2D)
+        if self.config.task == "avar":
+            feat = feat.mean(dim=1)                                         # clip level
+        return self.head(feat)
+
+    # ------------------------------------------------------------------ per-layer params
+    def layer_prompts(self, layer: int, kind: str, modality: Optional[str] = None):
+        """The prompt tensor (n, D) of one layer, or None when absent/zero."""
+        name = {"tkey": f"temporal_key_{modality}", "tval": f"temporal_value_{modality}",
+                "spatial": f"spatial_{modality}", "fusion": "fusion_prompts"}[kind]
+        p = getattr(self, name)
+        return None if p is None else p[layer]
