@@ -91,7 +91,10 @@ def select(p: AttnProblem, backend: str = "auto") -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a name (str), got {type(backend).__name__}")
     if backend != "auto":
-        b = get_backend(backend)
+        try:
+            b = get_backend(backend)
+        except ImportError as e:
+            raise ValueError(f"backend={backend!r} is not available: {e}") from e
         reason = _why_not(b, p)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run this input: {reason}")
@@ -162,9 +165,9 @@ class TorchBackend(Backend):
             k = p.k[..., k0:k0 + nk, :]
             v = p.v[..., k0:k0 + nk, :]
             pk, pv = p.expanded_prompts(s)
-            if pk is not None and pk.shape[-2] > 0:
-                k = torch.cat([k, pk], dim=-2) if nk else pk
-                v = torch.cat([v, pv], dim=-2) if nk else pv
+            if pk is not None:
+                k = torch.cat([k, pk], dim=-2)
+                v = torch.cat([v, pv], dim=-2)
             outs.append(F.scaled_dot_product_attention(q, k, v, scale=p.scale))
             q0, k0 = q0 + nq, k0 + nk
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)

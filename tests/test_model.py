@@ -1,0 +1,205 @@
+"""PromptedCLIP fast path ("torch" backend) against the literal reference model."""
+import pytest
+import torch
+
+from avstfp_fast import PromptedCLIP, ReferenceAVSTFP
+from avstfp_fast.models import backbone as bb
+from helpers import assert_close
+
+
+def randomize_(model, scale=0.5):
+    """Random prompts, gates and head so no gradient is trivially zero."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.startswith("visual."):
+                p.copy_(torch.randn_like(p) * scale)
+    return model
+
+
+def inputs(model, B, M, dtype=torch.float64, audio=True, video=True):
+    a = torch.randn(B, M, 98, 128, dtype=dtype) if audio else None
+    s = model.image_size
+    v = torch.randn(B, M, 3, s, s, dtype=dtype) if video else None
+    return a, v
+
+
+def compare(model, a, v, what=""):
+    """Fast path in fp32 vs reference in fp64: logits and every trainable gradient."""
+    model = model.double()
+    model.set_backend("reference")
+    ref = model(a, v)
+    ref = ref if isinstance(ref, torch.Tensor) else torch.cat([t for t in ref if t is not None], -1)
+    go = torch.randn_like(ref)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref_g = torch.autograd.grad(ref, params, go, allow_unused=True)
+
+    model = model.float()
+    model.set_backend("torch")
+    a32 = None if a is None else a.float()
+    v32 = None if v is None else v.float()
+    out = model(a32, v32)
+    out = out if isinstance(out, torch.Tensor) else torch.cat([t for t in out if t is not None], -1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.autograd.grad(out, params, go.float(), allow_unused=True)
+    assert_close(out, ref, torch.float32, f"{what} logits")
+    for n, x, y in zip(names, g, ref_g):
+        assert (x is None) == (y is None), n      # e.g. the unused visual.proj
+        if x is None:
+            continue
+        assert_close(x, y, torch.float32, f"{what} grad {n}")
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_fast_matches_reference_default_config(B, quick_gelu):
+    torch.manual_seed(B)
+    m = randomize_(PromptedCLIP.tiny(quick_gelu=quick_gelu))
+    a, v = inputs(m, B, 3)
+    compare(m, a, v, f"B={B}")
+
+
+ABLATIONS = [
+    dict(n_temporal=0),
+    dict(n_spatial=0),
+    dict(n_fusion=0),
+    dict(n_temporal=0, n_spatial=0, n_fusion=0),
+    dict(stages=("temporal",)),
+    dict(stages=("spatial",)),
+    dict(stages=("fusion",)),
+    dict(stages=("temporal", "spatial")),
+    dict(stages=("spatial", "fusion")),
+    dict(stages=("temporal", "fusion")),
+    dict(stages=()),
+    dict(modalities=("audio",), stages=("temporal", "spatial")),
+    dict(modalities=("visual",), stages=("temporal", "spatial")),
+    dict(full_finetune=True),
+    dict(task="avar"),
+    dict(task=None),
+    dict(n_temporal=3, n_spatial=1, n_fusion=5),
+]
+
+
+@pytest.mark.parametrize("kw", ABLATIONS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_every_ablation_switch(kw):
+    m = randomize_(PromptedCLIP.tiny(**kw))
+    mods = m.config.modalities
+    a, v = inputs(m, 2, 2, audio="audio" in mods, video="visual" in mods)
+    compare(m, a, v, str(kw))
+
+
+def test_vit_b16_shaped_layer():
+    """One layer with ViT-B/16 width, heads and token counts (197 visual, 49 audio)."""
+    vis = bb.tiny_visual(width=768, layers=1, heads=12, patch_size=16, image_size=224)
+    m = randomize_(PromptedCLIP(vis), scale=0.05)
+    a, v = inputs(m, 1, 2)
+    compare(m, a, v, "B/16 layer")
+
+
+def test_zero_prompts_equal_frozen_open_clip_tower():
+    """All prompt counts 0, β = 0, fusion off: visual features == open_clip's ln_post(CLS)."""
+    vis = bb.tiny_visual()
+    m = PromptedCLIP(vis, n_temporal=0, n_spatial=0, n_fusion=0, beta_init=0.0,
+                     stages=("temporal", "spatial"), task=None).double()
+    _, v = inputs(m, 2, 3)
+    vis.output_tokens = False
+    with torch.no_grad():
+        want = torch.stack([vis.ln_post(vis.transformer(vis._embeds(v[:, i]))[:, 0])
+                            for i in range(3)], dim=1)
+        for backend in ("reference", "torch"):
+            m.set_backend(backend)
+            _, got = m.encode(None if "audio" not in m.config.modalities else
+                              torch.randn(2, 3, 98, 128, dtype=torch.float64), v)
+            assert_close(got, want, torch.float64, backend)
+
+
+def test_state_dict_identical_across_backends_and_reference_class():
+    m1 = PromptedCLIP.tiny(backend="torch")
+    m2 = ReferenceAVSTFP(bb.tiny_visual())
+    assert m2.backend == "reference"
+    assert list(m1.state_dict()) == list(m2.state_dict())
+    m2.load_state_dict(m1.state_dict())
+    m2.set_backend("torch")
+    a, v = inputs(m1, 1, 2, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(m1(a, v), m2(a, v))
+
+
+def test_shares_weights_with_given_open_clip_model():
+    vis = bb.tiny_visual()
+    m = PromptedCLIP(vis)
+    assert m.visual is vis
+    assert not any(p.requires_grad for p in vis.parameters())
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert all(not n.startswith("visual.") for n in trainable)
+
+
+def test_backend_switch_and_errors():
+    m = PromptedCLIP.tiny()
+    assert m.set_backend("reference").backend == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        m.set_backend("fastest")
+
+
+@pytest.mark.parametrize("case,exc,words", [
+    ("segments_mismatch", ValueError, ["audio/video", "(2, 3, 98, 128)", "(2, 4, 3, 64, 64)"]),
+    ("batch_mismatch", ValueError, ["audio/video", "(1, 3, 98, 128)"]),
+    ("video_size", ValueError, ["video", "(B, M, 3, 64, 64)", "(2, 3, 3, 32, 32)"]),
+    ("audio_rank", ValueError, ["audio", "(B, M, T, F)", "(2, 98, 128)"]),
+    ("audio_type", TypeError, ["audio", "list"]),
+    ("missing_modality", ValueError, ["video", "modalities"]),
+])
+def test_model_bad_input(case, exc, words):
+    m = PromptedCLIP.tiny()
+    a, v = torch.randn(2, 3, 98, 128), torch.randn(2, 3, 3, 64, 64)
+    if case == "segments_mismatch":
+        v = torch.randn(2, 4, 3, 64, 64)
+    elif case == "batch_mismatch":
+        a = torch.randn(1, 3, 98, 128)
+    elif case == "video_size":
+        v = torch.randn(2, 3, 3, 32, 32)
+    elif case == "audio_rank":
+        a = torch.randn(2, 98, 128)
+    elif case == "audio_type":
+        a = [1]
+    elif case == "missing_modality":
+        m = PromptedCLIP.tiny(modalities=("audio",), stages=("spatial",))
+    with pytest.raises(exc) as ei:
+        m(a, v)
+    for w in words:
+        assert w in str(ei.value), f"{w!r} not in {ei.value}"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="fusion"):
+        PromptedCLIP.tiny(modalities=("audio",))
+    with pytest.raises(ValueError, match="n_spatial"):
+        PromptedCLIP.tiny(n_spatial=-1)
+    with pytest.raises(ValueError, match="stages"):
+        PromptedCLIP.tiny(stages=("temporal", "bogus"))
+    with pytest.raises(ValueError, match="pretrained"):
+        PromptedCLIP("ViT-B-16", pretrained="openai", device="meta")
+
+
+def test_load_local_checkpoint(tmp_path):
+    """A CLIP checkpoint on local disk (full-model keys, DDP prefix, wrapper) loads."""
+    src = bb.load_visual("ViT-S-32")
+    sd = {f"module.visual.{k}": v for k, v in src.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": sd}, path)
+    m = PromptedCLIP("ViT-S-32", pretrained=str(path), n_spatial=1)
+    for k, v in src.state_dict().items():
+        assert torch.equal(m.visual.state_dict()[k], v), k
+    torch.save({"visual.conv1.weight": sd["module.visual.conv1.weight"]}, path)
+    with pytest.raises(ValueError, match="pretrained: checkpoint lacks"):
+        PromptedCLIP("ViT-S-32", pretrained=str(path))
+    with pytest.raises(ValueError, match="pretrained: expected a path"):
+        PromptedCLIP("ViT-S-32", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_param_groups_cover_trainable():
+    m = PromptedCLIP.tiny()
+    groups = m.param_groups(1e-3, 1e-2, 0.2)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert ids == {id(p) for p in m.parameters() if p.requires_grad}
+    assert {g["name"] for g in groups} == {"prompts", "head"}
