@@ -1,0 +1,124 @@
+// CUDA backend of avstfp_fast.prompted_attention (SPEC §3): entry points by dtype.
+//
+// ============================================================================ DESIGN
+// What is computed.  For every sequence b of the batch and every segment s (block-diagonal
+// attention inside one buffer; one segment when `segments` is not given):
+//     out[b, q_s] = softmax(scale * q[b, q_s] [k[b, k_s]; pk_s[b]]^T) [v[b, k_s]; pv_s[b]]
+// where the prompt keys/values pk_s/pv_s are a *second key source* of the same online
+// softmax: nothing is concatenated, expanded, permuted or copied.
+//
+// Addressing (attn_params.h).  Every operand is (*batch, rows, head_dim) with a dense last
+// dim and arbitrary strides elsewhere.  The binding merges mergeable batch dims and passes
+// at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in elements).
+// A CTA receives its flat sequence index b = blockIdx.x (grid.x holds the big dimension,
+// up to 2^31-1 sequences), un-flattens it row-major into (b0..b3) and adds
+// sum_i b_i * bstride[i] to each base pointer.  The temporal stage is then simply a
+// (B, N, H) batch over a (B, M, N, 3, H, d) buffer with sequence dim M; spatial/fusion a
+// (B, M, H) batch with sequence dim N.  Prompts are operands like any other: a
+// batch-shared prompt (H, P, d) has bstride 0 in the broadcast dims, a per-position one
+// (N, H, P, d) has nonzero strides for N and H.  Segments: up to 4, each with its own
+// (q_start, q_len, k_start, k_len, P) and prompt operands, all kernel scalar arguments
+// (the parameter block is a __grid_constant__ struct, no pointer tables in memory).
+//
+// Tiling.  grid = (sequences, tiles).  grid.y enumerates the tiles of all segments in
+// order (forward/dQ: query tiles of BM rows; dK/dV: key tiles of BN rows, the real key
+// tiles of a segment followed by its prompt tiles).  A CTA has BM/16 (or BN/16) warps;
+// each warp owns 16 rows of the CTA's tile, so apart from the cooperative tile loads
+// (global -> shared, 16-byte vectors when every pointer/stride allows, zero-filled past
+// the end) a warp only touches its own rows and no __syncthreads is needed inside a step.
+// Matrix products go through one helper, warp_mm (16 x N += 16 x K times K x N):
+// fp16/bf16 use tensor cores via WMMA 16x16x16 with fp32 accumulation; fp32 uses plain
+// FMA (no TF32, to meet the 1e-5 tolerance).  Scores, probabilities and accumulators sit
+// in shared memory as fp32; P and dS are rounded to the input dtype only as tensor-core
+// operands (as FlashAttention does).  Tile sizes (attn_kernels.cuh, Config) keep every
+// kernel below 99 KiB of shared memory, so sm_80/86/89/90 all run all configs; sequences
+// of at most 16 queries (the temporal stage: 10 frames) use 16 x 16 tiles and one warp.
+//
+// Forward (fwd_kernel): one CTA per (sequence, query tile).  Loop over the key tiles of
+// the segment, then over its prompt tiles (same code: only the base pointer and row
+// stride differ): S = Q K^T; per row online softmax in log2 units (running max m, sum l,
+// O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input dtype, any
+// strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
+//
+// Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
+//   1. delta_kernel: delta = rowsum(dO o O) in fp32, one warp per row.
+//   2. dq_kernel: one CTA per (sequence, query tile); loops over the key and prompt tiles
+//      recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.  Each dQ row is
+//      owned by one CTA: no atomics.
+//   3. dkv_kernel: one CTA per (sequence, key tile), prompt tiles included; loops over the
+//      query tiles of the segment with transposed products (S^T = K Q^T, dP^T = V dO^T),
+//      dV = sum P^T dO, dK = scale * sum dS^T Q.  Key rows are owned by one CTA: no
+//      atomics for dk/dv, which are written into the given (possibly strided, possibly
+//      one packed QKV-gradient buffer) tensors.
+//   Recomputing S in two kernels instead of atomically adding dQ costs little for these
+//   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
+//   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32
+//   atomicAdd into the un-broadcast fp32 buffer (its broadcast strides are 0), or, with
+//   deterministic=True, a plain store into a (*batch, P, d) fp32 buffer that the caller
+//   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
+//
+// Error handling.  Launchers never throw: they return the first cudaError_t (including
+// cudaGetLastError() after every launch); the binding turns it into a TORCH_CHECK message.
+// ============================================================================
+#include "attn_kernels.cuh"
+
+namespace avstfp {
+
+cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
+    switch (p.dtype) {
+        case kF16: return launch_forward_f16(p, stream);
+        case kBF16: return launch_forward_bf16(p, stream);
+        case kF32: return launch_forward_f32(p, stream);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+cudaError_t launch_backward(const AttnParams& p, cudaStream_t stream) {
+    switch (p.dtype) {
+        case kF16: return launch_backward_f16(p, stream);
+        case kBF16: return launch_backward_bf16(p, stream);
+        case kF32: return launch_backward_f32(p, stream);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+namespace {
+template <typename T, int D>
+int smem_for(int short_tiles) {
+    using namespace detail;
+    using C = Config<T, D>;
+    size_t m = 0;
+    auto mx = [&](size_t x) { m = x > m ? x : m; };
+    if (short_tiles) {
+        mx(FwdSmem<T, D, 16, 16>::bytes);
+        mx(DqSmem<T, D, 16, 16>::bytes);
+        mx(DkvSmem<T, D, 16, 16>::bytes);
+    } else {
+        mx(FwdSmem<T, D, C::FWD_M, C::FWD_N>::bytes);
+        mx(DqSmem<T, D, C::DQ_M, C::DQ_N>::bytes);
+        mx(DkvSmem<T, D, C::DKV_N, C::DKV_M>::bytes);
+    }
+    return (int)m;
+}
+
+template <typename T>
+int smem_t(int head_dim, int short_tiles) {
+    switch (head_dim) {
+        case 32: return smem_for<T, 32>(short_tiles);
+        case 64: return smem_for<T, 64>(short_tiles);
+        case 128: return smem_for<T, 128>(short_tiles);
+        default: return -1;
+    }
+}
+}  // namespace
+
+int max_smem_bytes(int dtype, int head_dim, int short_tiles) {
+    switch (dtype) {
+        case kF16: return smem_t<__half>(head_dim, short_tiles);
+        case kBF16: return smem_t<__nv_bfloat16>(head_dim, short_tiles);
+        case kF32: return smem_t<float>(head_dim, short_tiles);
+        default: return -1;
+    }
+}
+
+}  // namespace avstfp
