@@ -1,0 +1,133 @@
+"""Command line: ``python -m avstfp_fast.train`` / ``avstfp-train``.
+
+Examples::
+
+    # the paper's recipe on AVE (ViT-B/16 tower from a local open_clip checkpoint)
+    avstfp-train --task ave --backbone ViT-B-16 --pretrained /ckpt/ViT-B-16.pt \\
+                 --data-root /data/AVE_Dataset --out runs/ave-b16
+    # Kinetics-Sounds
+    avstfp-train --task avar --backbone ViT-L-14 --pretrained /ckpt/ViT-L-14.pt \\
+                 --data-root /data/kinetics_sounds
+    # synthetic AVE-layout data, tiny CPU model (generated into the run folder)
+    avstfp-train --task synthetic --backend torch
+    # multi-GPU / multi-process
+    torchrun --nproc_per_node 8 -m avstfp_fast.train --task ave ...
+    # resume, or evaluate a checkpoint with another backend
+    avstfp-train ... --resume runs/x/checkpoints/last.pt
+    avstfp-train ... --eval-only --resume runs/x/checkpoints/best.pt --backend reference
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from .config import BACKENDS, TASKS, TrainConfig, task_defaults
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="avstfp-train",
+        description="Train AV-STFP (prompt-tuned CLIP tower) on AVE, Kinetics-Sounds or "
+                    "synthetic data.  Defaults are the paper's recipe; the synthetic task has "
+                    "its own faster defaults (see config.SYNTHETIC_DEFAULTS).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
+    B = argparse.BooleanOptionalAction
+    a = p.add_argument
+    a("--task", choices=TASKS, default="ave")
+    a("--backbone", default=S, help=f"open_clip model name or 'tiny' (default {d.backbone})")
+    a("--pretrained", default=S, help="local open_clip checkpoint file (never downloaded)")
+    a("--backend", choices=BACKENDS, default=S, help=f"attention backend (default {d.backend})")
+    a("--data-root", dest="data_root", default=S)
+    a("--out", default=S, help="run folder (default runs/<task>-<time>)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
+                   help=f"default {d.warmup_epochs}")
+    g.add_argument("--lr-prompts", dest="lr_prompts", type=float, default=S,
+                   help=f"peak lr of prompts and gates (default {d.lr_prompts})")
+    g.add_argument("--lr-head", dest="lr_head", type=float, default=S,
+                   help=f"peak lr of the head (default {d.lr_head})")
+    g.add_argument("--min-lr", dest="min_lr", type=float, default=S,
+                   help=f"cosine floor (default {d.min_lr})")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
+                   help=f"default {d.weight_decay}")
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default=S)
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=S,
+                   help=f"per process (default {d.batch_size})")
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S,
+                   help=f"max gradient norm, 0 = off (default {d.clip_grad})")
+    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=S)
+    g.add_argument("--mixup-prob", dest="mixup_prob", type=float, default=S)
+    g.add_argument("--visual-aug", dest="visual_aug", choices=("none", "light", "strong"),
+                   default=S)
+    g.add_argument("--amp", action=B, default=S, help="bf16 autocast on GPU (default on)")
+    g.add_argument("--seed", type=int, default=S)
+    m = p.add_argument_group("model")
+    m.add_argument("--full-finetune", dest="full_finetune", action=B, default=S)
+    m.add_argument("--n-temporal", dest="n_temporal", type=int, default=S)
+    m.add_argument("--n-spatial", dest="n_spatial", type=int, default=S)
+    m.add_argument("--n-fusion", dest="n_fusion", type=int, default=S)
+    m.add_argument("--stages", nargs="*", default=S,
+                   help="subset of temporal spatial fusion")
+    m.add_argument("--modalities", nargs="+", default=S, help="audio and/or visual")
+    m.add_argument("--beta-init", dest="beta_init", type=float, default=S)
+    m.add_argument("--compile", action=B, default=S, help="wrap the model in torch.compile")
+    dd = p.add_argument_group("data")
+    dd.add_argument("--num-workers", dest="num_workers", type=int, default=S)
+    dd.add_argument("--cache", action=B, default=S, help="keep decoded clips in memory")
+    dd.add_argument("--segments", type=int, default=S)
+    dd.add_argument("--synthetic-events", dest="synthetic_events", type=int, default=S)
+    dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S)
+    dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S)
+    dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S)
+    r = p.add_argument_group("run control")
+    r.add_argument("--resume", default=S, help="checkpoint to continue from (or evaluate)")
+    r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S)
+    r.add_argument("--max-steps", dest="max_steps", type=int, default=S)
+    r.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=S,
+                   help="also checkpoint every N steps (default: once per epoch)")
+    r.add_argument("--eval-every", dest="eval_every", type=int, default=S)
+    r.add_argument("--final-eval", dest="final_eval", action=B, default=S)
+    r.add_argument("--progress", action=B, default=S)
+    r.add_argument("--device", default=S)
+    r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
+                   default=S)
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    ns = vars(build_parser().parse_args(argv))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(ns) - fields
+    if unknown:
+        raise SystemExit(f"internal error: options without config fields {sorted(unknown)}")
+    merged = {**task_defaults(ns["task"]), **ns}
+    return TrainConfig(**merged)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as e:
+        print(f"avstfp-train: error: {e}", file=sys.stderr)
+        return 2
+    from .loop import NonFiniteLoss, train
+    try:
+        res = train(cfg)
+    except NonFiniteLoss as e:
+        print(f"avstfp-train: error: {e}", file=sys.stderr)
+        return 1
+    if res.get("status") == "interrupted":
+        print(f"avstfp-train: {res['message']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Data: AVE and Kinetics-Sounds readers, PyAV decoding, the front end, and loaders.
+
+AVE layout (``<data-root>``)::
+
+    Annotations.txt                      Category&VideoID&Quality&StartTime&EndTime
+    trainSet.txt / valSet.txt / testSet.txt   (same '&' format, one row per clip)
+    AVE/<VideoID>.mp4
+
+The header row is optional in every one of these files and is detected, never assumed:
+skipping a first row that is data (or keeping a header as data) shifts the whole table by
+one row, a classic trap with this data set.  Categories are the sorted distinct
+categories of ``Annotations.txt``; background is the LAST class index (28 for AVE).
+Segment ``s`` (covering ``[s, s+1)`` seconds) carries the clip's category when
+``StartTime <= s < EndTime``, background otherwise.
+
+Kinetics-Sounds layout: ``<data-root>/{train,val,test}.csv`` with rows ``video,label``
+(optional header); video paths are relative to ``<data-root>`` (or absolute); labels are
+class names or integer ids.  Class names come from ``<data-root>/classes.txt`` when
+present (one per line, in id order), else the sorted distinct labels of all splits.
+
+Decoding (PyAV): the first ``clip_seconds`` (10 s) of the file; one RGB frame per segment
+(the decoded frame nearest to the segment's centre) and 16 kHz mono audio, zero-padded
+when the stream ends a little early.  Unreadable, truncated (less than half of the clip)
+or silent files raise :class:`BadSample`; the dataset turns that into ``None`` with a
+warning, and :func:`collate_skip_bad` drops those samples and counts them.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+log = logging.getLogger("avstfp_fast.train")
+
+__all__ = ["BadSample", "AVERow", "read_ave_rows", "ave_categories", "ave_segment_labels",
+           "read_ks_rows", "decode_clip", "ClipDataset", "collate_skip_bad",
+           "ResumableDistributedSampler", "ShardSampler", "AVE_HEADER"]
+
+AVE_HEADER = ("Category", "VideoID", "Quality", "StartTime", "EndTime")
+SILENCE_PEAK = 1e-4          # peak |x| below this over the whole clip = silent file
+MIN_COVERAGE = 0.5           # decoded audio/video must cover half the clip
+
+
+class BadSample(Exception):
+    """A file that cannot be used (unreadable, truncated, silent, no stream)."""
+
+
+# --------------------------------------------------------------------------------------
+# AVE annotations
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AVERow:
+    category: str
+    video_id: str
+    quality: str
+    start: int
+    end: int
+
+
+def _is_ave_header(fields: list[str]) -> bool:
+    if [f.strip().lower() for f in fields] == [h.lower() for h in AVE_HEADER]:
+        return True
+    if len(fields) == 5:
+        try:
+            int(float(fields[3])), int(float(fields[4]))
+            return False
+        except ValueError:
+            return True      # non-numeric times in the first row: a header of some kind
+    return False
+
+
+def read_ave_rows(path: str) -> list[AVERow]:
+    """Parse an AVE '&' file (Annotations.txt or a split file), header detected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"AVE annotation file not found: {path}")
+    rows: list[AVERow] = []
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [ln.rstrip("\r\n") for ln in f]
+    first = True
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split("&")
+        if first:
+            first = False
+            if _is_ave_header(fields):
+                continue
+        if len(fields) != 5:
+            raise ValueError(f"{path}:{lineno}: expected 5 '&'-separated fields "
+                             f"{'&'.join(AVE_HEADER)}, got {len(fields)}: {line!r}")
+        cat, vid, quality, start, end = (x.strip() for x in fields)
+        try:
+            s, e = int(round(float(start))), int(round(float(end)))
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: StartTime/EndTime must be numbers, got "
+                             f"{start!r}/{end!r}") from None
+        if not 0 <= s < e:
+            raise ValueError(f"{path}:{lineno}: expected 0 <= StartTime < EndTime, got "
+                             f"{s}..{e}")
+        rows.append(AVERow(cat, vid, quality, s, e))
+    return rows
+
+
+def ave_categories(annotations_path: str) -> list[str]:
+    """Event categories (sorted) followed by 'background' (the last class)."""
+    cats = sorted({r.category for r in read_ave_rows(annotations_path)})
+    if not cats:
+        raise ValueError(f"{annotations_path}: no annotation rows")
+    return cats + ["background"]
+
+
+def ave_segment_labels(row: AVERow, class_index: dict[str, int], segments: int,
+                       clip_seconds: float) -> np.ndarray:
+    """Per-segment labels: the category where segment s lies in [start, end), else bg."""
+    bg = len(class_index) - 1 if "background" not in class_index else class_index["background"]
+    if row.category not in class_index:
+        raise ValueError(f"category {row.category!r} of video {row.video_id} is not in "
+                         f"Annotations.txt")
+    seg_len = clip_seconds / segments
+    lab = np.full(segments, bg, dtype=np.int64)
+    for s in range(segments):
+        t0 = s * seg_len
+        if row.start <= t0 < row.end:
+            lab[s] = class_index[row.category]
+    return lab
+
+
+# --------------------------------------------------------------------------------------
+# Kinetics-Sounds CSV
+# --------------------------------------------------------------------------------------
+_KS_HEADER_WORDS = {"video", "path", "video_path", "file", "filename", "label", "class",
+                    "category", "youtube_id"}
+
+
+def read_ks_rows(path: str) -> list[tuple[str, str]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Kinetics-Sounds split file not found: {path}")
+    out = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        for i, rec in enumerate(csv.reader(f)):
+            if not rec or not "".join(rec).strip():
+                continue
+            if i == 0 and rec[0].strip().lower() in _KS_HEADER_WORDS:
+                continue
+            if len(rec) < 2:
+                raise ValueError(f"{path}:{i + 1}: expected 'video,label', got {rec!r}")
+            out.append((rec[0].strip(), rec[1].strip()))
+    return out
+
+
+def ks_classes(root: str, splits: dict[str, str]) -> list[str]:
+    cls_file = os.path.join(root, "classes.txt")
+    if os.path.isfile(cls_file):
+        with open(cls_file, encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    labels = set()
+    for p in splits.values():
+        if os.path.isfile(p):
+            labels.update(lab for _, lab in read_ks_rows(p))
+    if labels and all(lab.isdigit() for lab in labels):
+        n = max(int(lab) for lab in labels) + 1
+        return [str(i) for i in range(n)]
+    return sorted(labels)
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
+                sample_rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one file: ``(frames (segments, H, W, 3) uint8, wave (samples,) float32)``.
+
+    Raises BadSample for anything unusable.
+    """
+    import av
+
+    if not os.path.isfile(path):
+        raise BadSample("file not found")
+    n_samples = int(round(clip_seconds * sample_rate))
+    seg_len = clip_seconds / segments
+    centres = [(s + 0.5) * seg_len for s in range(segments)]
+    best: list = [None] * segments
+    best_d = [math.inf] * segments
+    chunks: list[np.ndarray] = []
+    n_audio = 0
+    last_video_t = -1.0
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadSample("no video stream")
+            if not container.streams.audio:
+                raise BadSample("no audio stream")
+            vs = container.streams.video[0]
+            aus = container.streams.audio[0]
+            vs.thread_type = "AUTO"
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            video_done = audio_done = False
+            for packet in container.demux(vs, aus):
+                if packet.stream.index == vs.index:
+                    if video_done:
+                        continue
+                    for frame in packet.decode():
+                        t = frame.time
+                        if t is None:
+                            continue
+                        if t >= clip_seconds:
+                            video_done = True
+                            break
+                        last_video_t = max(last_video_t, t)
+                        s = min(int(t // seg_len), segments - 1)
+                        d = abs(t - centres[s])
+                        if d < best_d[s]:
+                            best_d[s] = d
+                            best[s] = frame.to_ndarray(format="rgb24")
+                elif packet.stream.index == aus.index:
+                    if audio_done:
+                        continue
+                    for frame in packet.decode():
+                        for rf in resampler.resample(frame):
+                            a = rf.to_ndarray().reshape(-1)
+                            chunks.append(a)
+                            n_audio += a.shape[0]
+                    if n_audio >= n_samples:
+                        audio_done = True
+                if video_done and audio_done:
+                    break
+            if not audio_done:
+                for rf in resampler.resample(None):
+                    a = rf.to_ndarray().reshape(-1)
+                    chunks.append(a)
+                    n_audio += a.shape[0]
+    except BadSample:
+        raise
+    except Exception as e:   # av.error.*, ValueError from a damaged container, ...
+        raise BadSample(f"unreadable ({type(e).__name__}: {e})") from None
+
+    if all(b is None for b in best):
+        raise BadSample("no decodable video frames")
+    if n_audio < MIN_COVERAGE * n_samples:
+        raise BadSample(f"truncated: {n_audio / sample_rate:.2f} s of audio, "
+                        f"expected {clip_seconds:g} s")
+    if last_video_t + seg_len < MIN_COVERAGE * clip_seconds:
+        raise BadSample(f"truncated: video ends at {last_video_t:.2f} s, "
+                        f"expected {clip_seconds:g} s")
+    # segments without a frame (video slightly short): nearest earlier (else later) frame
+    for s in range(segments):
+        if best[s] is None:
+            prev = [j for j in range(s - 1, -1, -1) if best[j] is not None]
+            nxt = [j for j in range(s + 1, segments) if best[j] is not None]
+            best[s] = best[prev[0] if prev else nxt[0]]
+    wave = np.concatenate(chunks)[:n_samples].astype(np.float32, copy=False)
+    if wave.shape[0] < n_samples:
+        wave = np.pad(wave, (0, n_samples - wave.shape[0]))
+    if not np.isfinite(wave).all():
+        raise BadSample("non-finite audio samples")
+    if float(np.abs(wave).max()) < SILENCE_PEAK:
+        raise BadSample("silent audio track")
+    shapes = {b.shape for b in best}
+    if len(shapes) != 1:
+        raise BadSample(f"frame size changes within the clip: {sorted(shapes)}")
+    return np.stack(best), wave
+
+
+# --------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------
+class ClipDataset(Dataset):
+    """Clips -> dict(audio (M, T, F), video (M, 3, S, S), label, id) through the front end.
+
+    ``items``: list of (path, label ndarray/int, id).  Keys may be plain indices or
+    ``(index, seed)`` pairs; the seed drives the visual augmentation of that sample so
+    that augmentations are reproducible whatever the worker layout.
+    ``cache``: keep decoded audio features and raw frames in memory (per process).
+    """
+
+    def __init__(self, items, *, image_size: int, segments: int = 10,
+                 clip_seconds: float = 10.0, sample_rate: int = 16000, augment=None,
+                 cache: bool = False):
+        self.items = list(items)
+        self.image_size = int(image_size)
+        self.segments = segments
+        self.clip_seconds = clip_seconds
+        self.sample_rate = sample_rate
+        self.augment = augment
+        self.cache = cache
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def _load(self, idx):
+        if self.cache and idx in self._cache:
+            return self._cache[idx]
+        from avstfp_fast import frontend
+        path = self.items[idx][0]
+        frames, wave = decode_clip(path, segments=self.segments,
+                                   clip_seconds=self.clip_seconds,
+                                   sample_rate=self.sample_rate)
+        audio = frontend.audio_features(torch.from_numpy(wave), segments=self.segments)
+        audio = audio.float().contiguous()
+        frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (M,3,H,W)
+        out = (audio, frames_t)
+        if self.cache:
+            self._cache[idx] = out
+        return out
+
+    def __getitem__(self, key):
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        path, label, vid = self.items[idx]
+        try:
+            audio, frames = self._load(idx)
+        except BadSample as e:
+            log.warning("skipping %s: %s", path, e)
+            return {"bad": path, "reason": str(e)}
+        from avstfp_fast import frontend
+        if self.augment is not None and seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                frames = self.augment(frames)
+        video = frontend.video_frames(frames, segments=self.segments, size=self.image_size)
+        return {"audio": audio, "video": video.float().contiguous(),
+                "label": torch.as_tensor(label, dtype=torch.long), "id": vid}
+
+
+def collate_skip_bad(batch):
+    """Stack the good samples; report the bad ones (``bad``: list of paths)."""
+    good = [b for b in batch if b is not None and "bad" not in b]
+    bad = [b["bad"] for b in batch if b is not None and "bad" in b]
+    if not good:
+        return {"audio": None, "video": None, "label": None, "id": [], "bad": bad}
+    return {"audio": torch.stack([b["audio"] for b in good]),
+            "video": torch.stack([b["video"] for b in good]),
+            "label": torch.stack([b["label"] for b in good]),
+            "id": [b["id"] for b in good], "bad": bad}
+
+
+# --------------------------------------------------------------------------------------
+# Samplers
+# --------------------------------------------------------------------------------------
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can skip the first samples of an epoch (mid-epoch resume)
+    and yields ``(index, seed)`` keys with a per-(epoch, index) augmentation seed."""
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int,
+                 shuffle: bool = True, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.skip = 0
+
+    def set_skip(self, n: int) -> None:
+        self.skip = int(n)
+
+    def __iter__(self):
+        idx = list(super().__iter__())[self.skip:]
+        base = (self.seed * 1_000_003 + self.epoch * 7919) % (2 ** 31)
+        return iter([(i, (base + i * 104_729) % (2 ** 31)) for i in idx])
+
+    def __len__(self):
+        return max(0, super().__len__() - self.skip)
+
+
+class ShardSampler(Sampler):
+    """Deterministic evaluation shard: indices rank, rank + world, ... (no padding)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+
+# --------------------------------------------------------------------------------------
+# Split construction
+# --------------------------------------------------------------------------------------
+AVE_SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSet.txt"}
+KS_SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
+
+
+def ave_splits(root: str, *, segments: int = 10, clip_seconds: float = 10.0,
+               video_dir: str = "AVE"):
+    """Return (classes, {split: items}) for an AVE-layout folder."""
+    ann = os.path.join(root, "Annotations.txt")
+    classes = ave_categories(ann)
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, fname in AVE_SPLIT_FILES.items():
+        p = os.path.join(root, fname)
+        if not os.path.isfile(p):
+            continue
+        items = []
+        for r in read_ave_rows(p):
+            items.append((os.path.join(root, video_dir, r.video_id + ".mp4"),
+                          ave_segment_labels(r, index, segments, clip_seconds), r.video_id))
+        splits[split] = items
+    if "train" not in splits:
+        raise FileNotFoundError(f"{root}: no {AVE_SPLIT_FILES['train']}")
+    return classes, splits
+
+
+def ks_splits(root: str):
+    paths = {s: os.path.join(root, f) for s, f in KS_SPLIT_FILES.items()}
+    classes = ks_classes(root, paths)
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, p in paths.items():
+        if not os.path.isfile(p):
+            continue
+        items = []
+        for video, lab in read_ks_rows(p):
+            if lab in index:
+                y = index[lab]
+            else:
+                raise ValueError(f"{p}: label {lab!r} is not one of the {len(classes)} classes")
+            full = video if os.path.isabs(video) else os.path.join(root, video)
+            items.append((full, y, os.path.splitext(os.path.basename(video))[0]))
+        splits[split] = items
+    if "train" not in splits:
+        raise FileNotFoundError(f"{root}: no {KS_SPLIT_FILES['train']}")
+    return classes, splits
