@@ -1,0 +1,39 @@
+# Two entry points (README quick start); each sets itself up on a fresh machine.
+#   make demo   - the main job: PromptedCLIP ViT-B/16 summary, parity, training steps
+#   make test   - the CPU test suite (what CI runs)
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+# torch is pinned to the CUDA build that lies on local disk (pip's constraint caps it);
+# torchaudio 2.11 declares no torch pin and installs beside it.
+# The CUDA extension is not built at install (nvcc may exist without a GPU); on a GPU
+# machine it is JIT-built on first use, or `make setup AVSTFP_NO_CUDA=0` builds it now.
+AVSTFP_NO_CUDA ?= 1
+TORCH   := torch==2.14.1 torchvision==0.29.1 "torchaudio==2.11.*"
+
+.PHONY: demo test test-all setup clean
+
+$(STAMP):
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+	$(VPY) -m pip install -q $(TORCH)
+	AVSTFP_NO_CUDA=$(AVSTFP_NO_CUDA) $(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m avstfp_fast.demo
+
+# CPU suite: unit tests (Triton kernels under the interpreter), the CUDA compile check,
+# and every CPU benchmark case run once at tiny size (benchmarks are not timed here).
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow" tests
+	AVSTFP_BENCH_SIZE=tiny $(VPY) -m pytest -q bench --benchmark-disable
+
+test-all: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
