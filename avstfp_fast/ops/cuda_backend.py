@@ -1,0 +1,233 @@
+"""The ``cuda`` backend of ``prompted_attention``: hand-written CUDA C++ kernels.
+
+Kernels: ``csrc/*.cu`` (design notes at the top of ``csrc/prompted_attention.cu``): a
+FlashAttention-style forward with the prompts as a second key/value source of the same
+online softmax, and a backward made of a ``delta = rowsum(dO*O)`` kernel, a dQ kernel
+(one CTA per query tile) and a dK/dV kernel (one CTA per key tile, prompt tiles
+included), so dq/dk/dv need no atomics.  fp16/bf16 products use tensor cores (WMMA, fp32
+accumulation), fp32 plain FMA.  Operands are read and written through their strides
+(4 batch strides + row stride; the head dim must be dense), so the temporal and
+spatial/fusion views of one QKV buffer and stride-0 (batch-shared) or per-position
+prompts need no copies.  Up to 4 segments.
+
+The kernels are registered as torch ops ``torch.ops.avstfp_cuda.fwd`` / ``.bwd`` by the
+extension ``avstfp_fast._C`` (``csrc/binding.cpp``); their fake implementations are
+registered below so that they trace under ``torch.compile``.  The extension is built by
+``pip install`` when nvcc is present, else JIT-compiled (ninja, cached; see
+:mod:`avstfp_fast._build`) on the first call of this backend.  ``AVSTFP_NO_JIT=1``
+forbids the JIT build.
+
+Prompt gradients are reduced over the batch with fp32 atomics into a buffer of the
+prompt's own shape, or, when ``deterministic`` (``torch.use_deterministic_algorithms``),
+stored per sequence into a ``(*batch, P, E)`` fp32 buffer and summed with
+``sum_to_size`` (bit-exact between runs).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import List, Optional
+
+import torch
+
+from .. import _build
+from .backends import KernelBackend, register
+from .contract import AttnProblem
+
+MAX_SEGMENTS = 4
+MAX_BATCH_DIMS = 4
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CAPABILITY = (8, 0)
+
+_LOADED = False
+_LOAD_ERROR: Optional[str] = None
+_FAKES = False
+LOADED_FROM: Optional[str] = None     # "installed" or "jit"
+
+
+# --------------------------------------------------------------------------- extension
+def _installed() -> bool:
+    try:
+        return importlib.util.find_spec("avstfp_fast._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def extension_status() -> Optional[str]:
+    """None if the extension is loaded, installed, or can be JIT-built; else why not.
+    Never builds anything."""
+    if _LOADED:
+        return None
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    if _installed():
+        return None
+    if os.environ.get("AVSTFP_NO_JIT", "0") == "1":
+        return ("the CUDA extension avstfp_fast._C is not built and AVSTFP_NO_JIT=1 forbids "
+                "compiling it; reinstall with nvcc available (pip install "
+                "--no-build-isolation -e .)")
+    if _build.nvcc_path() is None:
+        return ("the CUDA extension avstfp_fast._C is not built and nvcc was not found to "
+                "compile it (set CUDA_HOME to a CUDA toolkit, e.g. /usr/local/cuda, or "
+                "reinstall with nvcc available)")
+    return None
+
+
+def load(verbose: bool = False) -> None:
+    """Import the installed extension, or JIT-build it; register the fake impls."""
+    global _LOADED, _LOAD_ERROR, LOADED_FROM
+    if _LOADED:
+        return
+    if _LOAD_ERROR is not None:
+        raise ImportError(_LOAD_ERROR)
+    try:
+        try:
+            importlib.import_module("avstfp_fast._C")
+            LOADED_FROM = "installed"
+        except ImportError as e:
+            reason = extension_status() if not _installed() else None
+            if reason is not None:
+                raise ImportError(reason) from e
+            _build.jit_load(verbose=verbose)
+            LOADED_FROM = "jit"
+        if not hasattr(torch.ops.avstfp_cuda, "fwd"):
+            raise ImportError("the extension loaded but did not register torch.ops.avstfp_cuda")
+        _register_fakes()
+    except Exception as e:   # remember: do not retry a multi-minute build on every call
+        _LOAD_ERROR = f"the CUDA extension could not be loaded or built: {e}"
+        raise ImportError(_LOAD_ERROR) from e
+    _LOADED = True
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations: both ops only write into their mutable arguments."""
+    global _FAKES
+    if _FAKES:
+        return
+
+    @torch.library.register_fake("avstfp_cuda::fwd")
+    def _fwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out, lse):
+        return None
+
+    @torch.library.register_fake("avstfp_cuda::bwd")
+    def _bwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out, dout,
+                  lse, dq, dk, dv, dprompt_k, dprompt_v, deterministic):
+        return None
+
+    _FAKES = True
+
+
+# --------------------------------------------------------------------------- helpers
+def _dense_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _prompts(p: AttnProblem):
+    pks = [None if t is None else _dense_last(t) for t in p.prompt_k]
+    pvs = [None if t is None else _dense_last(t) for t in p.prompt_v]
+    return pks, pvs
+
+
+def _num_q_tiles(p: AttnProblem) -> int:
+    return sum((n + 15) // 16 for n in p.q_segments)
+
+
+# --------------------------------------------------------------------------- backend
+class CudaBackend(KernelBackend):
+    name = "cuda"
+
+    def why_not(self, p: AttnProblem) -> Optional[str]:
+        if p.dtype not in DTYPES:
+            return (f"dtype {p.dtype} is not supported by the cuda backend; expected one of "
+                    f"{[str(d) for d in DTYPES]}")
+        if p.head_dim not in HEAD_DIMS:
+            return (f"head dim {p.head_dim} is not supported by the cuda backend: expected one "
+                    f"of {HEAD_DIMS} (q shape {tuple(p.q.shape)})")
+        if p.value_dim != p.head_dim:
+            return (f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported by "
+                    f"the cuda backend (q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
+        if len(p.q_segments) > MAX_SEGMENTS:
+            return (f"segments: at most {MAX_SEGMENTS} segments are supported by the cuda "
+                    f"backend, got {len(p.q_segments)} ({p.q_segments})")
+        if sum(1 for n in p.batch_shape if n != 1) > MAX_BATCH_DIMS:
+            return (f"q: at most {MAX_BATCH_DIMS} batch dims of size > 1 are supported by the "
+                    f"cuda backend, got batch shape {tuple(p.batch_shape)}")
+        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
+            if t.stride(-1) != 1:
+                return (f"{name}: last-dim stride must be 1 for the cuda backend, got strides "
+                        f"{t.stride()} for shape {tuple(t.shape)}")
+        nseq = 1
+        for n in p.batch_shape:
+            nseq *= n
+        if nseq > 2**31 - 1:
+            return f"q: batch product {nseq} exceeds the CUDA grid limit 2^31-1"
+        if _num_q_tiles(p) > 65535:
+            return f"q: sequence length {p.q.shape[-2]} is too long for the cuda backend"
+        if p.device.type != "cuda":
+            return (f"q is on device {p.device}; the cuda backend needs CUDA tensors "
+                    f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
+        cap = torch.cuda.get_device_capability(p.device)
+        if cap < MIN_CAPABILITY:
+            return (f"device {p.device} ({torch.cuda.get_device_name(p.device)}) has compute "
+                    f"capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
+                    f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
+        return extension_status()
+
+    def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
+        load()
+        lse = torch.empty(tuple(p.batch_shape) + (p.q.shape[-2],), dtype=torch.float32,
+                          device=p.device)
+        pks, pvs = _prompts(p)
+        target = out if out.stride(-1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
+        torch.ops.avstfp_cuda.fwd(p.q, p.k, p.v, pks, pvs, list(p.q_segments),
+                                  list(p.k_segments), float(p.scale), target, lse)
+        if target is not out:
+            out.copy_(target)
+        return lse
+
+    def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
+        load()
+        dout = _dense_last(dout)
+        out = _dense_last(out)
+        pks, pvs = _prompts(p)
+        targets = [t if t.stride(-1) == 1 else
+                   torch.empty_like(t, memory_format=torch.contiguous_format)
+                   for t in (dq, dk, dv)]
+        batch = tuple(p.batch_shape)
+        E = p.head_dim
+        bufs_k: List[torch.Tensor] = []
+        bufs_v: List[torch.Tensor] = []
+        for pk, pv in zip(pks, pvs):
+            if pk is None:
+                continue
+            if deterministic:   # per-sequence partials, summed below in a fixed order
+                shape = batch + (pk.shape[-2], E)
+                bufs_k.append(torch.empty(shape, dtype=torch.float32, device=p.device))
+                bufs_v.append(torch.empty(shape, dtype=torch.float32, device=p.device))
+            else:               # atomics into the un-broadcast prompt shape
+                bufs_k.append(torch.zeros(pk.shape, dtype=torch.float32, device=p.device))
+                bufs_v.append(torch.zeros(pv.shape, dtype=torch.float32, device=p.device))
+        torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, list(p.q_segments),
+                                  list(p.k_segments), float(p.scale), out, dout, lse,
+                                  *targets, bufs_k, bufs_v, bool(deterministic))
+        for t, dst in zip(targets, (dq, dk, dv)):
+            if t is not dst:
+                dst.copy_(t)
+        dpk, dpv, i = [], [], 0
+        for pk, pv in zip(p.prompt_k, p.prompt_v):
+            if pk is None:
+                dpk.append(None)
+                dpv.append(None)
+                continue
+            gk, gv = bufs_k[i], bufs_v[i]
+            i += 1
+            if deterministic:
+                gk, gv = gk.sum_to_size(pk.shape), gv.sum_to_size(pv.shape)
+            dpk.append(gk.to(pk.dtype))
+            dpv.append(gv.to(pv.dtype))
+        return tuple(dpk), tuple(dpv)
+
+
+register(CudaBackend())
