@@ -203,3 +203,14 @@ def test_param_groups_cover_trainable():
     ids = {id(p) for g in groups for p in g["params"]}
     assert ids == {id(p) for p in m.parameters() if p.requires_grad}
     assert {g["name"] for g in groups} == {"prompts", "head"}
+
+
+def test_fast_path_traces_without_graph_breaks():
+    """torch.compile(fullgraph=True) captures the whole fast path (dynamo, eager backend)."""
+    m = randomize_(PromptedCLIP.tiny(backend="torch"))
+    a, v = inputs(m, 2, 3, dtype=torch.float32)
+    cm = torch.compile(m, backend="eager", fullgraph=True)
+    out = cm(a, v)
+    out.sum().backward()
+    with torch.no_grad():
+        assert torch.allclose(out, m(a, v), atol=1e-6)
