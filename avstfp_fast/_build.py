@@ -6,7 +6,7 @@ extension was not installed.  Both compile the same sources with the same flags:
 
 - sources: ``csrc/*.cu`` (kernels, no torch headers) + ``csrc/binding.cpp`` (torch ops);
 - architectures: ``AVSTFP_CUDA_ARCHS`` (e.g. ``"80;90a"``), else ``TORCH_CUDA_ARCH_LIST``
-  (e.g. ``"8.0;9.0a"``; ``+PTX`` adds PTX of that arch), else sm_80 and sm_90a.  The
+  (e.g. ``"8.0;9.0a"``; ``+PTX`` adds PTX of that arch), else sm_80 (+PTX) and sm_90a.  The
   explicit ``-gencode`` flags stop torch from adding its own guess;
 - ninja, ``MAX_JOBS`` parallel compiles (torch reads it);
 - ``CUDA_HOME``: if unset, ``/usr/local/cuda`` when it has nvcc (torch otherwise guesses
@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 EXT_NAME = "avstfp_fast._C"
 JIT_NAME = "avstfp_fast_C"
-DEFAULT_ARCHS = ("80", "90a")
+# sm_80 SASS (runs on 8.x), sm_90a SASS (H100/H200), and compute_80 PTX so that newer
+# GPUs can JIT the kernels instead of failing with "no kernel image".
+DEFAULT_ARCHS = ("80+PTX", "90a")
 
 
 def ensure_cuda_home() -> str | None:
@@ -95,10 +97,23 @@ def sources(absolute: bool = False) -> List[str]:
     return [os.path.relpath(f, ROOT) for f in files]
 
 
+def _torch_cuda_home():
+    """Import torch's cpp_extension with a usable CUDA_HOME.  torch computes it once, at
+    import; if that happened before :func:`ensure_cuda_home` (setup.py imports it first)
+    and the guess has no CUDA headers, correct the module's value."""
+    ensure_cuda_home()
+    from torch.utils import cpp_extension
+    home = os.environ.get("CUDA_HOME")
+    cur = cpp_extension.CUDA_HOME
+    if home and (cur is None or not os.path.exists(os.path.join(cur, "include", "cuda_runtime.h"))):
+        cpp_extension.CUDA_HOME = home
+    return cpp_extension
+
+
 def cuda_extension() -> Tuple[list, dict]:
     """(ext_modules, cmdclass) for setup.py: the CUDAExtension built with ninja."""
-    ensure_cuda_home()
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    cpp_extension = _torch_cuda_home()
+    BuildExtension, CUDAExtension = cpp_extension.BuildExtension, cpp_extension.CUDAExtension
     ext = CUDAExtension(
         name=EXT_NAME,
         sources=sources(absolute=False),
@@ -115,7 +130,7 @@ def build_dir() -> str:
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
     h.update(" ".join(nvcc_flags() + cxx_flags()).encode())
-    for f in sources(absolute=True) + sorted(glob.glob(os.path.join(CSRC, "*.h*"))):
+    for f in sources(absolute=True) + sorted(glob.glob(os.path.join(CSRC, "*.h")) + glob.glob(os.path.join(CSRC, "*.cuh"))):
         with open(f, "rb") as fh:
             h.update(fh.read())
     base = os.environ.get("AVSTFP_BUILD_DIR") or os.path.join(
@@ -127,14 +142,7 @@ def build_dir() -> str:
 
 def jit_load(verbose: bool = False):
     """Compile (first time, a few minutes) and load the extension with ninja."""
-    ensure_cuda_home()
-    from torch.utils import cpp_extension
-    if cpp_extension.CUDA_HOME is None or not os.path.exists(
-            os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime.h")):
-        # torch computed CUDA_HOME at import time, maybe before ensure_cuda_home() ran
-        home = os.environ.get("CUDA_HOME")
-        if home:
-            cpp_extension.CUDA_HOME = home
+    cpp_extension = _torch_cuda_home()
     return cpp_extension.load(
         name=JIT_NAME,
         sources=sources(absolute=True),
