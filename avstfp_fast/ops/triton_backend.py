@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -226,8 +226,10 @@ def _finish_grad(buf, pk, pv, deterministic):
 
 
 def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, dout,
-                   dq, dk, dv, deterministic) -> List[torch.Tensor]:
+                   dq, dk, dv, deterministic):
     K = _kernels()
+    if dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     batch, Lq, E = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
     nb = len(batch)
     Bt = int(torch.Size(batch).numel())
@@ -272,17 +274,15 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             args += _sargs(bst[i], tens[i])
         args += seg + S + [Bt, Lq, scale * 1.4426950408889634, scale]
         K.prompted_attn_bwd_dkdv[grid_k](*args, **common)
-    grads_k, grads_v = [], []
+    grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_a, dpk_b, dpv_a, dpv_b)
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
         if pk is None:
             continue
         if pk.shape[-2] == 0 or Bt == 0:
-            gk, gv = torch.zeros_like(pk), torch.zeros_like(pv)
+            grads[s], grads[MAX_SEGMENTS + s] = torch.zeros_like(pk), torch.zeros_like(pv)
         else:
-            gk, gv = _finish_grad(bufs[s][0], pk, pv, deterministic)
-        grads_k.append(gk)
-        grads_v.append(gv)
-    return grads_k + grads_v
+            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s][0], pk, pv, deterministic)
+    return tuple(grads)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -306,8 +306,9 @@ def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              q_segments: List[int], k_segments: List[int], scale: float,
              out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-             deterministic: bool) -> List[torch.Tensor]:
-    """Writes dq/dk/dv; returns [dprompt_k of present prompts] + [dprompt_v of present]."""
+             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Writes dq/dk/dv; returns (dpk_0, dpk_1, dpv_0, dpv_1), empty where a segment has no
+    prompts (a fixed tuple: mutating custom ops cannot return a Tensor list)."""
     return _backward_impl(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out,
                           lse, dout, dq, dk, dv, deterministic)
 
@@ -315,8 +316,11 @@ def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @attn_bwd.register_fake
 def _attn_bwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out, lse,
                    dout, dq, dk, dv, deterministic):
-    return ([p.new_empty(p.shape) for p in prompt_k if p is not None]
-            + [p.new_empty(p.shape) for p in prompt_v if p is not None])
+    def g(ps, s):
+        p = ps[s] if s < len(ps) else None
+        return q.new_empty(0) if p is None else p.new_empty(p.shape)
+    return tuple([g(prompt_k, s) for s in range(MAX_SEGMENTS)]
+                 + [g(prompt_v, s) for s in range(MAX_SEGMENTS)])
 
 
 # --------------------------------------------------------------------------- backend
@@ -373,10 +377,10 @@ class TritonBackend(KernelBackend):
         grads = torch.ops.avstfp_triton.attn_bwd(
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
-        n = sum(pk is not None for pk in p.prompt_k)
-        it_k, it_v = iter(grads[:n]), iter(grads[n:])
-        dpk = tuple(next(it_k) if pk is not None else None for pk in p.prompt_k)
-        dpv = tuple(next(it_v) if pk is not None else None for pk in p.prompt_k)
+        S = len(p.prompt_k)
+        dpk = tuple(grads[s] if p.prompt_k[s] is not None else None for s in range(S))
+        dpv = tuple(grads[MAX_SEGMENTS + s] if p.prompt_k[s] is not None else None
+                    for s in range(S))
         return dpk, dpv
 
 
