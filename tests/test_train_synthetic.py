@@ -62,3 +62,25 @@ def test_synthetic_reaches_90_percent_within_5_minutes(tmp_path):
           f"best val {res['best_val_acc']:.4f} steps {res['steps']} wall {wall:.1f}s")
     assert res["val_acc"] >= 0.90
     assert wall < 300
+
+
+def test_avar_task_on_kinetics_sounds_layout(tmp_path):
+    """Clip-level task (Kinetics-Sounds CSV layout) trains and reports top-1/top-5."""
+    from avstfp_fast.train.synthetic import make_synthetic_ave
+    src = str(tmp_path / "src")
+    make_synthetic_ave(src, n_events=3, n_train=4, n_val=2, n_test=0, seed=7)
+    classes, splits = ave_splits(src)
+    root = tmp_path / "ks"
+    root.mkdir()
+    for split, fname in (("train", "train.csv"), ("val", "val.csv")):
+        with open(root / fname, "w") as f:
+            f.write("video,label\n")
+            for path, lab, _ in splits[split]:
+                ev = [c for c in lab.tolist() if c != len(classes) - 1]
+                f.write(f"{path},{classes[ev[0]]}\n")
+    out = str(tmp_path / "run")
+    assert main(["--task", "avar", "--backbone", "tiny", "--backend", "torch",
+                 "--data-root", str(root), "--out", out, "--epochs", "1", "--batch-size", "2",
+                 "--num-workers", "0", "--no-progress", "--visual-aug", "strong"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["steps"] == 2 and s["val_n"] == 2 and 0.0 <= s["val_acc"] <= s["val_top5"] <= 1.0

@@ -296,12 +296,20 @@ class ClipDataset(Dataset):
 
     def _load(self, idx):
         if self.cache and idx in self._cache:
-            return self._cache[idx]
+            hit = self._cache[idx]
+            if isinstance(hit, BadSample):
+                raise hit
+            return hit
         from avstfp_fast import frontend
         path = self.items[idx][0]
-        frames, wave = decode_clip(path, segments=self.segments,
-                                   clip_seconds=self.clip_seconds,
-                                   sample_rate=self.sample_rate)
+        try:
+            frames, wave = decode_clip(path, segments=self.segments,
+                                       clip_seconds=self.clip_seconds,
+                                       sample_rate=self.sample_rate)
+        except BadSample as e:
+            if self.cache:
+                self._cache[idx] = e
+            raise
         audio = frontend.audio_features(torch.from_numpy(wave), segments=self.segments)
         audio = audio.float().contiguous()
         frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (M,3,H,W)

@@ -71,14 +71,26 @@ def _maybe_init_dist(device_type: str) -> bool:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks in place (NCCL needs a CUDA copy)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl":
+            d = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(d)
+            t.copy_(d.cpu())
+        else:
+            dist.all_reduce(t)
     return t
 
 
 def _barrier():
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _worker_init(worker_id: int) -> None:
+    # A SIGTERM sent to the whole process group must reach only the main process, which
+    # saves a checkpoint and stops; workers dying first would crash the loader instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _JsonlWriter:
@@ -208,6 +220,7 @@ class Trainer:
                           collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
                           persistent_workers=nw > 0, drop_last=False,
                           generator=torch.Generator().manual_seed(cfg.seed),
+                          worker_init_fn=_worker_init if nw > 0 else None,
                           prefetch_factor=2 if nw > 0 else None)
 
     def _eval_loader(self, split: str):
@@ -442,8 +455,10 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss_val:.4f}",
                                         lr=f"{next(iter(lrs.values())):.2e}",
                                         clips_s=f"{cps:.1f}")
-                    if flags[1] > 0 or self.stop_signal is not None:
-                        # flags[1]: some rank got SIGTERM before this step
+                    # under DDP only the all-reduced flag counts (every rank must stop at
+                    # the same step); alone, a signal that arrived during the step counts
+                    stop_now = flags[1] > 0 if self.world > 1 else self.stop_signal is not None
+                    if stop_now:
                         status = "interrupted"
                         last_good_ckpt = self.save("last.pt", step, best)
                         message = (f"stopped by signal after step {step}; checkpoint saved "
