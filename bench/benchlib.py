@@ -405,7 +405,7 @@ def _bmhk(shape: KernelShape, qkv, pks, pvs, with_prompts_cat: bool):
             k = torch.cat([k, pk], 2).reshape(B * N, M + P, H, d)
             v = torch.cat([v, pv], 2).reshape(B * N, M + P, H, d)
             parts = [(q, k, v, None, None)]
-        else:
+        else:       # (reshape of the stride-0 prompt expansion materialises it)
             parts = [(q, k.reshape(B * N, M, H, d), v.reshape(B * N, M, H, d),
                       pk.reshape(B * N, P, H, d), pv.reshape(B * N, P, H, d))]
 
@@ -424,8 +424,8 @@ def _bmhk(shape: KernelShape, qkv, pks, pvs, with_prompts_cat: bool):
         pv = pvs[s].transpose(0, 1).expand(B * M, P, H, d)
         if with_prompts_cat:
             parts.append((q, torch.cat([k, pk], 1), torch.cat([v, pv], 1), None, None))
-        else:
-            parts.append((q, k, v, pk, pv))
+        else:       # xformers kernels want real strides: materialise the prompt batch
+            parts.append((q, k, v, pk.contiguous(), pv.contiguous()))
 
     def back(outs):
         o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)           # (B*M, N, H, d)
@@ -447,7 +447,9 @@ def xformers_cat():
 
 def xformers_split():
     """No concatenation: partial attention over the tokens and over the prompts, merged
-    with their log-sum-exps (xformers' merge_attentions)."""
+    with their log-sum-exps (xformers' merge_attentions; with autograd through
+    xformers.ops.fmha.merge_training).  The prompts are expanded to the batch in memory
+    (P rows per sequence), the tokens are read in place."""
     _, fmha = _xformers()
     if not hasattr(fmha, "memory_efficient_attention_partial") or \
             not hasattr(fmha, "merge_attentions"):

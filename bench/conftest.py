@@ -90,8 +90,8 @@ def bench(benchmark, device):
 
 
 # --------------------------------------------------------------------------- results
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["avstfp"] = {
+def _meta() -> dict:
+    return {
         "size": _STATE["size"], "ceilings": _STATE["ceilings"],
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "device": benchlib.device_name(torch.device("cuda" if torch.cuda.is_available()
@@ -100,14 +100,20 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     }
 
 
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["avstfp"] = _meta()
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["avstfp_device"] = benchlib.device_name(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _version(mod):
+    """Version of an installed package, without importing it (no import side effects)."""
     try:
-        return __import__(mod).__version__
+        from importlib.metadata import version
+        return version(mod)
     except Exception:
         return None
 
@@ -127,9 +133,25 @@ def pytest_runtest_call(item):
                "stats": {k: getattr(st, k) for k in ("min", "max", "mean", "median",
                                                      "stddev", "rounds", "iterations")
                          if hasattr(st, k)},
-               "avstfp": {"ceilings": _STATE["ceilings"], "size": _STATE["size"]}}
+               "avstfp": _meta()}
         rec["stats"]["iterations"] = fx.stats.iterations
         with open(path, "a") as f:
             f.write(json.dumps(rec, default=str) + "\n")
     except Exception as e:      # never let bookkeeping fail a benchmark
         print(f"[bench] could not append partial result: {e}")
+
+
+def pytest_runtest_logreport(report):
+    """With --bench-partial, skipped cases are recorded too (summarize.py lists the
+    reasons: which contender or backend could not run, or which budget ran out)."""
+    path = _STATE.get("partial")
+    if not path or not report.skipped or report.when not in ("setup", "call"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps({"skipped": True, "fullname": report.nodeid,
+                                "reason": reason[:300]}) + "\n")
+    except OSError as e:
+        print(f"[bench] could not append skip record: {e}")

@@ -37,8 +37,9 @@ E2E_VARIANTS = ("reference-eager", "reference-compiled", "torch-eager", "torch-c
 # --------------------------------------------------------------------------- loading
 def load(paths):
     """-> (benchmarks, meta).  Later files do not override cases already loaded from a
-    complete JSON; partial JSONL records fill in cases a JSON lacks."""
-    full, partial, meta = OrderedDict(), OrderedDict(), {}
+    complete JSON; partial JSONL records fill in cases a JSON lacks; their skip records
+    (node id -> reason) land in meta["skipped"]."""
+    full, partial, meta, skipped = OrderedDict(), OrderedDict(), {}, OrderedDict()
     for p in paths:
         if p.endswith(".jsonl"):
             with open(p) as f:
@@ -47,6 +48,9 @@ def load(paths):
                     if not line:
                         continue
                     rec = json.loads(line)
+                    if rec.get("skipped"):
+                        skipped[rec["fullname"]] = rec["reason"]
+                        continue
                     partial[rec.get("fullname") or rec.get("name")] = rec
                     if rec.get("avstfp") and not meta.get("ceilings"):
                         meta.update({k: v for k, v in rec["avstfp"].items() if v})
@@ -65,6 +69,7 @@ def load(paths):
             meta["datetime"] = data["datetime"]
     for k, v in partial.items():
         full.setdefault(k, v)
+    meta["skipped"] = {k: v for k, v in skipped.items() if k not in full}
     return list(full.values()), meta
 
 
@@ -379,6 +384,15 @@ def build(benchmarks, meta):
                          f"≥ {CPU_RATIO}x (medians)"], rows) + "\n")
         md.append("On a shared machine the minima are the better estimate of uncontended "
                   "speed; the verdict uses the medians.\n")
+    sk = meta.get("skipped") or {}
+    if sk:
+        md.append(f"## Cases not run ({len(sk)})\n")
+        by = defaultdict(list)
+        for node, reason in sk.items():
+            by[reason].append(node.split("[", 1)[-1].rstrip("]"))
+        rows = [[len(v), reason.replace("|", "/"), ", ".join(v[:3]) + (" …" if len(v) > 3 else "")]
+                for reason, v in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+        md.append(table(["cases", "reason", "e.g."], rows) + "\n")
     return "\n".join(md), targets
 
 
@@ -460,6 +474,7 @@ def plot(benchmarks, path):
 
 def merged_json(benchmarks, meta):
     return {"avstfp": {k: v for k, v in meta.items() if k not in ("machine_info", "datetime")},
+            # (avstfp.skipped: node id -> reason of every case that did not run)
             "machine_info": meta.get("machine_info", {}), "datetime": meta.get("datetime"),
             "benchmarks": benchmarks}
 
