@@ -7,10 +7,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#ifndef AVSTFP_CPU_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+// Kernel launch; the CPU emulation used by the tests (cpu_emulation.h) redefines it.
+#define AVSTFP_LAUNCH(kern, grid, block, smem, stream, p) kern<<<grid, block, smem, stream>>>(p)
+#endif
 
 #include "attn_params.h"
 
@@ -591,7 +595,7 @@ cudaError_t launch_fwd_cfg(const AttnParams& p, cudaStream_t st) {
     const size_t smem = FwdSmem<T, D, BM, BN>::bytes;
     cudaError_t e = prepare(kern, smem);
     if (e != cudaSuccess) return e;
-    kern<<<dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st>>>(p);
+    AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st, p);
     return cudaGetLastError();
 }
 
@@ -605,7 +609,8 @@ cudaError_t launch_bwd_cfg(const AttnParams& p, cudaStream_t st) {
         if (rows > 0) {
             const int64_t blocks = (rows + 7) / 8;
             if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-            delta_kernel<T, D><<<(unsigned)blocks, 256, 0, st>>>(p);
+            auto kern = delta_kernel<T, D>;
+            AVSTFP_LAUNCH(kern, dim3((unsigned)blocks), 256, 0, st, p);
             if ((e = cudaGetLastError()) != cudaSuccess) return e;
         }
     }
@@ -617,7 +622,7 @@ cudaError_t launch_bwd_cfg(const AttnParams& p, cudaStream_t st) {
             auto kern = dq_kernel<T, D, BM, BN>;
             const size_t smem = DqSmem<T, D, BM, BN>::bytes;
             if ((e = prepare(kern, smem)) != cudaSuccess) return e;
-            kern<<<dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st>>>(p);
+            AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st, p);
             if ((e = cudaGetLastError()) != cudaSuccess) return e;
         }
     }
@@ -630,7 +635,7 @@ cudaError_t launch_bwd_cfg(const AttnParams& p, cudaStream_t st) {
             auto kern = dkv_kernel<T, D, KN, KM>;
             const size_t smem = DkvSmem<T, D, KN, KM>::bytes;
             if ((e = prepare(kern, smem)) != cudaSuccess) return e;
-            kern<<<dim3((unsigned)p.nseq, (unsigned)tiles), KN * 2, smem, st>>>(p);
+            AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), KN * 2, smem, st, p);
             if ((e = cudaGetLastError()) != cudaSuccess) return e;
         }
     }

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#ifndef AVSTFP_CPU_EMULATION
 #include <cuda_runtime.h>
+#endif
 
 #define AVSTFP_MAX_BDIMS 4   // batch dims after merging mergeable neighbours
 #define AVSTFP_MAX_SEGS 4    // segments (blocks of the block-diagonal attention)

@@ -188,3 +188,232 @@ def test_make_autotable(tmp_path):
     table = json.loads(out.read_text())
     assert table["order"] == {"short": ["cuda", "triton"], "long": ["triton", "cuda"]}
     assert table["evidence"]["long"]["cases"] == 1     # f1 has no triton time: not counted
+
+
+# --------------------------------------------------------------------------- CPU emulation
+# The kernels' own code (csrc/attn_kernels.cuh: tiling, strided addressing, masking, online
+# softmax, backward, launch logic) compiled with g++ against csrc/cpu_emulation.h (fibers
+# for threads, WMMA emulated) and driven through ctypes with the same parameter block the
+# binding fills.  Checks out, lse, dq/dk/dv and prompt grads (atomic and deterministic)
+# against the float64 reference, and that nothing outside the output views is written.
+import ctypes as C  # noqa: E402
+import math  # noqa: E402
+
+from helpers import TOL, rel_err, strided  # noqa: E402
+
+_MAXB, _MAXS = 4, 4
+
+
+class _Operand(C.Structure):
+    _fields_ = [("ptr", C.c_void_p), ("bstride", C.c_int64 * _MAXB), ("rstride", C.c_int64)]
+
+
+class _Params(C.Structure):      # mirror of avstfp::AttnParams (attn_params.h)
+    _fields_ = [
+        ("bsize", C.c_int64 * _MAXB), ("nseq", C.c_int64),
+        ("q", _Operand), ("k", _Operand), ("v", _Operand), ("o", _Operand),
+        ("dout", _Operand), ("dq", _Operand), ("dk", _Operand), ("dv", _Operand),
+        ("pk", _Operand * _MAXS), ("pv", _Operand * _MAXS),
+        ("dpk", _Operand * _MAXS), ("dpv", _Operand * _MAXS),
+        ("lse", C.c_void_p), ("delta", C.c_void_p),
+        ("Lq", C.c_int), ("nseg", C.c_int),
+        ("q_start", C.c_int * _MAXS), ("q_len", C.c_int * _MAXS),
+        ("k_start", C.c_int * _MAXS), ("k_len", C.c_int * _MAXS),
+        ("n_prompt", C.c_int * _MAXS),
+        ("scale", C.c_float), ("head_dim", C.c_int), ("dtype", C.c_int), ("vec16", C.c_int),
+        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int),
+    ]
+
+
+_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the CPU emulation")
+    d = tmp_path_factory.mktemp("emu")
+    (d / "emu.cpp").write_text('#include "cpu_emulation.h"\n')
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-I",
+                        os.path.join(ROOT, "csrc"), str(d / "emu.cpp"), "-o", str(d / "libemu.so")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    lib = C.CDLL(str(d / "libemu.so"))
+    lib.emu_params_offset.restype = C.c_long
+    lib.emu_error.restype = C.c_char_p
+    assert lib.emu_params_size() == C.sizeof(_Params)
+    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles"]):
+        assert lib.emu_params_offset(i) == getattr(_Params, n).offset, f"layout of {n}"
+    return lib
+
+
+def _fill(op, t, nb):
+    op.ptr = t.data_ptr()
+    st = [0] * (_MAXB - nb) + list(t.stride()[:nb])
+    for i in range(_MAXB):
+        op.bstride[i] = st[i]
+    op.rstride = 0 if t.shape[-2] <= 1 else t.stride(-2)
+
+
+def _nan_view(shape, dtype, gaps):
+    """A NaN-filled buffer and a view of `shape` into it (with unused gaps if `gaps`)."""
+    if not gaps:
+        big = torch.full(shape, float("nan"), dtype=dtype)
+        return big, big
+    big = torch.full((*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 8), float("nan"), dtype=dtype)
+    return big, big[..., 1::2, 8:8 + shape[-1]]
+
+
+def _untouched(big, view):
+    mask = torch.ones_like(big, dtype=torch.bool)
+    mask.as_strided(view.shape, view.stride(), view.storage_offset() - big.storage_offset()).fill_(False)
+    return bool(torch.isnan(big[mask].float()).all())
+
+
+def _reference(q, k, v, pks, pvs, segs, scale, dout):
+    from avstfp_fast import prompted_attention
+    lv = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    pl = [None if t is None else t.detach().double().requires_grad_(True) for t in pks]
+    vl = [None if t is None else t.detach().double().requires_grad_(True) for t in pvs]
+    if segs:
+        o = prompted_attention(*lv, pl, vl, scale=scale, segments=segs, backend="reference")
+    else:
+        o = prompted_attention(*lv, pl[0], vl[0], scale=scale, backend="reference")
+    o.backward(dout.double())
+    # row log-sum-exp, segment by segment
+    lses, a = [], 0
+    for s, n in enumerate(segs or (q.shape[-2],)):
+        qs = lv[0].detach()[..., a:a + n, :]
+        ks = lv[1].detach()[..., a:a + n, :] if segs else lv[1].detach()
+        sc = qs @ ks.transpose(-1, -2)
+        if pl[s] is not None:
+            pk = pl[s].detach().expand(*q.shape[:-2], *pl[s].shape[-2:])
+            sc = torch.cat([sc, qs @ pk.transpose(-1, -2)], -1)
+        lses.append(torch.logsumexp(sc * scale, -1))
+        a += n
+    return (o.detach(), torch.cat(lses, -1), [t.grad for t in lv],
+            [None if t is None else t.grad for t in pl], [None if t is None else t.grad for t in vl])
+
+
+def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
+    dtype, E = q.dtype, q.shape[-1]
+    scale = E ** -0.5
+    batch = tuple(q.shape[:-2])
+    nb, Lq = len(batch), q.shape[-2]
+    p = _Params()
+    sizes = [1] * (_MAXB - nb) + list(batch)
+    for i in range(_MAXB):
+        p.bsize[i] = sizes[i]
+    p.nseq = math.prod(batch)
+    big_o, out = _nan_view(q.shape, dtype, gaps)
+    lse = torch.full(batch + (Lq,), float("nan"))
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        _fill(getattr(p, name), t, nb)
+    qs = segs or (Lq,)
+    ks = segs or (k.shape[-2],)
+    p.Lq, p.nseg = Lq, len(qs)
+    a = b = 0
+    keep = [q, k, v]
+    for s in range(len(qs)):
+        p.q_start[s], p.q_len[s], p.k_start[s], p.k_len[s] = a, qs[s], b, ks[s]
+        a, b = a + qs[s], b + ks[s]
+        if pks[s] is not None and pks[s].shape[-2] > 0:
+            P = pks[s].shape[-2]
+            ek, ev = pks[s].expand(*batch, P, E), pvs[s].expand(*batch, P, E)
+            keep += [ek, ev]
+            _fill(p.pk[s], ek, nb)
+            _fill(p.pv[s], ev, nb)
+            p.n_prompt[s] = P
+    p.scale, p.head_dim, p.dtype = scale, E, _DT[dtype]
+    p.short_tiles = int(max(qs) <= 16)
+    es = q.element_size()
+    p.vec16 = int(all(t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
+                      for t in keep))
+    p.lse = lse.data_ptr()
+    assert lib.emu_forward(C.byref(p)) == 0, lib.emu_error()
+
+    dout = torch.randn(q.shape, dtype=dtype)
+    bigs, grads = [], []
+    for t in (q, k, v):
+        bg, g = _nan_view(t.shape, dtype, gaps)
+        bigs.append(bg)
+        grads.append(g)
+    _fill(p.dout, dout, nb)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        _fill(getattr(p, name), g, nb)
+    delta = torch.full((p.nseq * Lq,), float("nan"))
+    p.delta = delta.data_ptr()
+    bufs = []
+    for s, (pk, pv) in enumerate(zip(pks, pvs)):
+        if pk is None or pk.shape[-2] == 0:
+            bufs.append(None)
+            continue
+        P = pk.shape[-2]
+        if deterministic:
+            bk, bv = (torch.full(batch + (P, E), float("nan")) for _ in range(2))
+            ek, ev = bk, bv
+        else:
+            bk, bv = torch.zeros(pk.shape), torch.zeros(pv.shape)
+            ek, ev = bk.expand(*batch, P, E), bv.expand(*batch, P, E)
+        _fill(p.dpk[s], ek, nb)
+        _fill(p.dpv[s], ev, nb)
+        bufs.append((bk, bv))
+    p.atomic_prompt_grads = 0 if deterministic else 1
+    assert lib.emu_backward(C.byref(p)) == 0, lib.emu_error()
+    gp = []
+    for s, bb in enumerate(bufs):
+        if bb is not None and deterministic:
+            bb = (bb[0].sum_to_size(pks[s].shape), bb[1].sum_to_size(pvs[s].shape))
+        gp.append(bb)
+    return scale, out, lse, dout, grads, gp, list(zip(bigs, grads)) + [(big_o, out)]
+
+
+def _case(name, dtype):
+    t = lambda *s: torch.randn(*s, dtype=dtype)   # noqa: E731
+    if name == "temporal_per_position":       # (B, M, N, 3, H, d), sequence over M
+        qkv = t(1, 10, 3, 3, 2, 32)
+        q, k, v = (qkv.select(3, i).movedim(1, -2) for i in range(3))
+        return q, k, v, [t(3, 2, 2, 32)], [t(3, 2, 2, 32)], None
+    if name == "spatial_segments":           # joint buffer, sequence over N, (5, 20)
+        qkv = t(1, 2, 25, 3, 2, 64)
+        q, k, v = (qkv.select(3, i).movedim(2, -2) for i in range(3))
+        return q, k, v, [t(2, 3, 64), t(2, 4, 64)], [t(2, 3, 64), t(2, 4, 64)], (5, 20)
+    if name == "long_d128":                  # two query tiles, stride-0 prompts
+        return t(2, 70, 128), t(2, 70, 128), t(2, 70, 128), [t(2, 128)], [t(2, 128)], None
+    if name == "sliced_odd":                 # unaligned rows: scalar loads
+        return (strided((2, 17, 32), dtype, "sliced"), strided((2, 33, 32), dtype, "sliced"),
+                strided((2, 33, 32), dtype, "sliced"), [None], [None], None)
+    if name == "prompts_only":               # Lk = 0
+        return (strided((3, 2, 5, 64), dtype, "permuted"), t(3, 2, 0, 64), t(3, 2, 0, 64),
+                [t(3, 1, 4, 64)], [t(3, 1, 4, 64)], None)
+    if name == "four_segments":              # a zero-length segment, one without prompts
+        return (t(2, 22, 32), t(2, 22, 32), t(2, 22, 32),
+                [t(2, 32), t(1, 32), None, t(2, 5, 32)], [t(2, 32), t(1, 32), None, t(2, 5, 32)],
+                (1, 0, 18, 3))
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name,deterministic,gaps", [
+    ("temporal_per_position", False, False), ("temporal_per_position", True, True),
+    ("spatial_segments", False, True), ("spatial_segments", True, False),
+    ("long_d128", False, False), ("sliced_odd", False, True),
+    ("prompts_only", True, False), ("four_segments", False, False)])
+def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
+    q, k, v, pks, pvs, segs = _case(name, dtype)
+    scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
+        emu, q, k, v, pks, pvs, segs, deterministic, gaps)
+    ro, rlse, (gq, gk, gv), gpk, gpv = _reference(q, k, v, pks, pvs, segs, scale, dout)
+    errs = {"out": rel_err(out, ro), "lse": rel_err(lse, rlse), "dq": rel_err(dq, gq),
+            "dk": rel_err(dk, gk) if k.numel() else 0.0,
+            "dv": rel_err(dv, gv) if v.numel() else 0.0}
+    for s, g in enumerate(gp):
+        if g is not None:
+            errs[f"dprompt_k[{s}]"] = rel_err(g[0].to(dtype), gpk[s])
+            errs[f"dprompt_v[{s}]"] = rel_err(g[1].to(dtype), gpv[s])
+    tol = TOL[dtype]
+    bad = {n: e for n, e in errs.items() if not e <= (1e-5 if n == "lse" else tol)}
+    assert not bad, f"{name} {dtype}: errors above tolerance {tol}: {bad}"
+    for big, view in written:
+        assert _untouched(big, view), f"{name}: a kernel wrote outside its output view"

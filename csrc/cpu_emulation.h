@@ -1,0 +1,400 @@
+// CPU emulation of the small CUDA subset that attn_kernels.cuh uses, so that the kernels'
+// own code (tiling, addressing, masking, softmax, backward, launch logic) can be run and
+// checked against the PyTorch reference on a machine without a GPU
+// (tests/test_cuda_build.py::test_emulated_kernels).  Testing aid only: never part of the
+// extension build (setup/JIT compile csrc/*.cu and binding.cpp).
+//
+// Model: the CTAs of a launch run one after another; the threads of a CTA are fibers
+// (ucontext) on one OS thread, switched only at __syncthreads/__syncwarp/shuffles, so
+// barriers and warp shuffles have their CUDA meaning and there are no data races.
+// Shared memory is filled with 0xFF (NaN) before every CTA, so reads of uninitialised
+// shared memory show up as NaN.  WMMA fragments hold the whole 16x16 tile in every lane
+// (products in fp32, like tensor cores with fp32 accumulation) and check the alignment
+// rules of load/store_matrix_sync (32-byte pointers, ldm multiple of 16 bytes).
+// A deadlock (threads waiting at barriers that can never complete) aborts.
+//
+// Use: one translation unit containing only  #include "cpu_emulation.h"  compiled with
+// g++ -std=c++17 -shared -fPIC; the extern "C" entry points are at the bottom.
+#pragma once
+#define AVSTFP_CPU_EMULATION 1
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__
+
+using std::max;
+using std::min;
+
+// ------------------------------------------------------------------ runtime types
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorLaunchFailure = 719,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+typedef void* cudaStream_t;
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+// ------------------------------------------------------------------ 16-bit floats
+struct __half { _Float16 v; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { return __half{(_Float16)f}; }   // RNE
+inline float __bfloat162float(__nv_bfloat16 h) {
+    uint32_t x = (uint32_t)h.bits << 16;
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if (std::isnan(f)) return __nv_bfloat16{0x7fc0};
+    x += 0x7fffu + ((x >> 16) & 1u);   // round to nearest even
+    return __nv_bfloat16{(uint16_t)(x >> 16)};
+}
+static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit types");
+
+namespace avstfp_emu {
+inline float tof(float x) { return x; }
+inline float tof(__half x) { return __half2float(x); }
+inline float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+inline std::string g_error;
+inline void fail(const std::string& m) {
+    if (g_error.empty()) g_error = m;
+}
+
+// ------------------------------------------------------------------ fibers
+constexpr size_t kStack = 256 * 1024;
+
+struct Block {
+    unsigned nthreads = 0;
+    int cur = -1;
+    ucontext_t main_ctx;
+    std::vector<ucontext_t> ctx;
+    std::vector<char> done;
+    unsigned long progress = 0;
+    unsigned bar_gen = 0, bar_arrived = 0;
+    std::vector<unsigned> wgen, warrived;
+    std::vector<float> slot;
+    std::function<void()> body;
+};
+inline Block* g_blk = nullptr;
+inline std::vector<std::vector<char>> g_stacks;
+
+inline void yield() { swapcontext(&g_blk->ctx[g_blk->cur], &g_blk->main_ctx); }
+
+inline void trampoline() {
+    g_blk->body();
+    g_blk->done[g_blk->cur] = 1;
+    g_blk->progress++;
+}   // returns to main_ctx through uc_link
+
+inline void syncthreads() {
+    Block& b = *g_blk;
+    const unsigned gen = b.bar_gen;
+    b.progress++;
+    if (++b.bar_arrived == b.nthreads) {
+        b.bar_arrived = 0;
+        b.bar_gen++;
+        return;
+    }
+    while (b.bar_gen == gen) yield();
+}
+
+inline void syncwarp() {
+    Block& b = *g_blk;
+    const unsigned w = threadIdx.x / 32;
+    const unsigned n = std::min(32u, b.nthreads - 32 * w);
+    const unsigned gen = b.wgen[w];
+    b.progress++;
+    if (++b.warrived[w] == n) {
+        b.warrived[w] = 0;
+        b.wgen[w]++;
+        return;
+    }
+    while (b.wgen[w] == gen) yield();
+}
+
+inline void run_block(unsigned nthreads, const std::function<void()>& body) {
+    Block b;
+    b.nthreads = nthreads;
+    b.ctx.resize(nthreads);
+    b.done.assign(nthreads, 0);
+    b.wgen.assign((nthreads + 31) / 32, 0);
+    b.warrived.assign((nthreads + 31) / 32, 0);
+    b.slot.assign(nthreads, 0.f);
+    b.body = body;
+    while (g_stacks.size() < nthreads) g_stacks.emplace_back(kStack);
+    g_blk = &b;
+    for (unsigned t = 0; t < nthreads; ++t) {
+        getcontext(&b.ctx[t]);
+        b.ctx[t].uc_stack.ss_sp = g_stacks[t].data();
+        b.ctx[t].uc_stack.ss_size = kStack;
+        b.ctx[t].uc_link = &b.main_ctx;
+        makecontext(&b.ctx[t], (void (*)())trampoline, 0);
+    }
+    unsigned long last = b.progress;
+    int idle = 0;
+    for (;;) {
+        bool alive = false;
+        for (unsigned t = 0; t < nthreads; ++t) {
+            if (b.done[t]) continue;
+            alive = true;
+            b.cur = (int)t;
+            threadIdx = {t, 0, 0};
+            swapcontext(&b.main_ctx, &b.ctx[t]);
+        }
+        if (!alive) break;
+        if (b.progress == last) {
+            if (++idle > 2) {
+                std::fprintf(stderr, "cpu_emulation: deadlock in block (%u,%u)\n", blockIdx.x,
+                             blockIdx.y);
+                std::abort();
+            }
+        } else {
+            idle = 0;
+            last = b.progress;
+        }
+    }
+    g_blk = nullptr;
+}
+}  // namespace avstfp_emu
+
+inline void __syncthreads() { avstfp_emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { avstfp_emu::syncwarp(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    avstfp_emu::Block& b = *avstfp_emu::g_blk;
+    const unsigned t = threadIdx.x;
+    b.slot[t] = v;
+    avstfp_emu::syncwarp();
+    const unsigned src = (t & ~31u) | ((t & 31u) ^ (unsigned)o);
+    const float r = src < b.nthreads ? b.slot[src] : v;
+    avstfp_emu::syncwarp();
+    return r;
+}
+inline float atomicAdd(float* a, float v) {
+    const float old = *a;
+    *a = old + v;
+    return old;
+}
+
+// ------------------------------------------------------------------ WMMA
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+    float x[256];
+};
+
+// The *_sync operations are warp-collective: every lane enters before any lane reads or
+// writes memory, and all finish before any lane goes on (as on the hardware).
+struct Collective {
+    Collective() { avstfp_emu::syncwarp(); }
+    ~Collective() { avstfp_emu::syncwarp(); }
+};
+
+template <class T>
+inline void check(const T* p, unsigned ldm, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % 32)
+        avstfp_emu::fail(std::string(what) + ": pointer not 32-byte aligned");
+    if ((ldm * sizeof(T)) % 16)
+        avstfp_emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+}
+
+template <class T, class L>
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p,
+                             unsigned ldm) {
+    Collective sync;
+    check(p, ldm, "load_matrix_sync(matrix_a)");
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            f.x[r * 16 + c] = avstfp_emu::tof(
+                std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <class T, class L>
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p,
+                             unsigned ldm) {
+    Collective sync;
+    check(p, ldm, "load_matrix_sync(matrix_b)");
+    for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 16; ++n)
+            f.x[k * 16 + n] = avstfp_emu::tof(
+                std::is_same<L, row_major>::value ? p[k * ldm + n] : p[n * ldm + k]);
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ldm, layout_t l) {
+    Collective sync;
+    check(p, ldm, "load_matrix_sync(accumulator)");
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t l) {
+    Collective sync;
+    check(p, ldm, "store_matrix_sync");
+    for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < 16; ++c)
+            (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+    for (float& e : f.x) e = v;
+}
+
+template <class FA, class FB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const FA& a, const FB& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+    float t[256];
+    for (int m = 0; m < 16; ++m)
+        for (int n = 0; n < 16; ++n) {
+            float s = c.x[m * 16 + n];
+            for (int k = 0; k < 16; ++k) s += a.x[m * 16 + k] * b.x[k * 16 + n];
+            t[m * 16 + n] = s;
+        }
+    std::memcpy(d.x, t, sizeof(t));
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+// ------------------------------------------------------------------ launch
+namespace avstfp {
+namespace detail {
+constexpr size_t kEmuSmem = 232448;   // sm_90 opt-in maximum
+alignas(128) unsigned char smem[kEmuSmem];
+}  // namespace detail
+}  // namespace avstfp
+
+namespace avstfp_emu {
+inline std::vector<size_t> g_smem_log;
+
+template <class P>
+inline void launch(void (*kern)(P), dim3 grid, unsigned block, size_t smem_bytes, const P& p) {
+    if (smem_bytes > avstfp::detail::kEmuSmem) {
+        fail("dynamic shared memory request too large");
+        return;
+    }
+    if (block == 0 || block > 1024 || block % 32) {
+        fail("bad block size");
+        return;
+    }
+    if (grid.y > 65535 || grid.z > 65535) {
+        fail("grid.y/z above 65535");
+        return;
+    }
+    g_smem_log.push_back(smem_bytes);
+    gridDim = grid;
+    blockDim = dim3(block);
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = {x, y, z};
+                std::memset(avstfp::detail::smem, 0xFF, avstfp::detail::kEmuSmem);
+                run_block(block, [&] { kern(p); });
+            }
+}
+}  // namespace avstfp_emu
+
+template <class K>
+inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int v) {
+    return v <= (int)avstfp::detail::kEmuSmem ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetLastError() {
+    return avstfp_emu::g_error.empty() ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
+#define AVSTFP_LAUNCH(kern, grid, block, smem_bytes, stream, p) \
+    ::avstfp_emu::launch(kern, grid, block, smem_bytes, p)
+
+#include "attn_kernels.cuh"
+
+// ------------------------------------------------------------------ entry points
+extern "C" {
+
+int emu_params_size() { return (int)sizeof(avstfp::AttnParams); }
+
+// offsets of a few fields, so the ctypes mirror can check its layout
+long emu_params_offset(int which) {
+    using avstfp::AttnParams;
+    switch (which) {
+        case 0: return offsetof(AttnParams, q);
+        case 1: return offsetof(AttnParams, pk);
+        case 2: return offsetof(AttnParams, dpv);
+        case 3: return offsetof(AttnParams, lse);
+        case 4: return offsetof(AttnParams, Lq);
+        case 5: return offsetof(AttnParams, n_prompt);
+        case 6: return offsetof(AttnParams, scale);
+        case 7: return offsetof(AttnParams, short_tiles);
+        default: return -1;
+    }
+}
+
+const char* emu_error() { return avstfp_emu::g_error.c_str(); }
+
+int emu_forward(const avstfp::AttnParams* p) {
+    using namespace avstfp;
+    avstfp_emu::g_error.clear();
+    switch (p->dtype) {
+        case kF16: return detail::launch_fwd_t<__half>(*p, nullptr);
+        case kBF16: return detail::launch_fwd_t<__nv_bfloat16>(*p, nullptr);
+        case kF32: return detail::launch_fwd_t<float>(*p, nullptr);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+int emu_backward(const avstfp::AttnParams* p) {
+    using namespace avstfp;
+    avstfp_emu::g_error.clear();
+    switch (p->dtype) {
+        case kF16: return detail::launch_bwd_t<__half>(*p, nullptr);
+        case kBF16: return detail::launch_bwd_t<__nv_bfloat16>(*p, nullptr);
+        case kF32: return detail::launch_bwd_t<float>(*p, nullptr);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // extern "C"
