@@ -27,7 +27,8 @@ def small_cfg(data, out, **kw):
     base = dict(task="synthetic", backbone="tiny", backend="torch", data_root=data, out=out,
                 epochs=2, warmup_epochs=0.5, lr_prompts=3e-3, lr_head=3e-3, batch_size=2,
                 num_workers=0, visual_aug="strong", mixup_prob=1.0, eval_every=1,
-                final_eval=False, progress=False, seed=1, cache=False)
+                final_eval=False, progress=False, seed=1, cache=False,
+                threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -111,7 +112,8 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, "-m", "avstfp_fast.train", "--task", "synthetic", "--data-root",
            data, "--out", str(out), "--epochs", "100", "--batch-size", "2",
-           "--num-workers", "0", "--no-progress", "--eval-every", "0", "--backend", "torch"]
+           "--num-workers", "0", "--no-progress", "--eval-every", "0", "--backend", "torch",
+           "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         metrics = out / "metrics.jsonl"

@@ -22,7 +22,7 @@ def _cfg(data, out, batch_size):
                        out=out, epochs=2, warmup_epochs=0.5, lr_prompts=3e-3, lr_head=3e-3,
                        batch_size=batch_size, num_workers=0, visual_aug="light",
                        mixup_prob=0.0, eval_every=1, final_eval=True, progress=False,
-                       seed=4, max_steps=3)
+                       seed=4, max_steps=3, threads=1)
 
 
 def _worker(rank, world, port, data, out):

@@ -25,7 +25,7 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
     args = ["--task", "synthetic", "--out", out, "--backend", "torch", "--epochs", "4",
             "--batch-size", "4", "--synthetic-train", "16", "--synthetic-val", "8",
             "--synthetic-test", "4", "--synthetic-events", "3", "--no-progress",
-            "--seed", "0"]
+            "--seed", "0", "--threads", "1"]
     assert main(args) == 0
     for f in ("config.json", "metrics.jsonl", "summary.json", "confusion_val.png",
               "confusion_test.png", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -47,7 +47,7 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
     assert main(["--task", "synthetic", "--data-root", os.path.join(out, "synthetic_data"),
                  "--out", ev, "--eval-only", "--resume",
                  os.path.join(out, "checkpoints", "best.pt"), "--backend", "reference",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--threads", "1"]) == 0
     ref = json.load(open(os.path.join(ev, "summary.json")))
     assert ref["backend"] == "reference"
     assert abs(ref["val_acc"] - summary["val_acc"]) <= 1 / summary["val_n"]
@@ -81,6 +81,7 @@ def test_avar_task_on_kinetics_sounds_layout(tmp_path):
     out = str(tmp_path / "run")
     assert main(["--task", "avar", "--backbone", "tiny", "--backend", "torch",
                  "--data-root", str(root), "--out", out, "--epochs", "1", "--batch-size", "2",
-                 "--num-workers", "0", "--no-progress", "--visual-aug", "strong"]) == 0
+                 "--num-workers", "0", "--no-progress", "--visual-aug", "strong",
+                 "--threads", "1"]) == 0
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["steps"] == 2 and s["val_n"] == 2 and 0.0 <= s["val_acc"] <= s["val_top5"] <= 1.0

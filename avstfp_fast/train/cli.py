@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--final-eval", dest="final_eval", action=B, default=S)
     r.add_argument("--progress", action=B, default=S)
     r.add_argument("--device", default=S)
+    r.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
     r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
                    default=S)
     return p

@@ -606,8 +606,15 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one training (or evaluation with ``cfg.eval_only``) and return its metrics."""
-    t = Trainer(cfg)
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        return t.run()
+        t = Trainer(cfg)
+        try:
+            return t.run()
+        finally:
+            t.close()
     finally:
-        t.close()
+        if cfg.threads:
+            torch.set_num_threads(old_threads)
