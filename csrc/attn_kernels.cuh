@@ -47,11 +47,6 @@ template <typename T> __host__ __device__ constexpr int pitch(int cols) {
 }
 
 // ------------------------------------------------------------------ warp reductions
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    return x;
-}
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -281,25 +276,28 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
 
         warp_mm<T, BN, D, true>(Qw, L::LDT, sK, L::LDT, Sw, L::LDS, false);   // S = Q K^T
 
-        for (int r = 0; r < 16; ++r) {            // online softmax, one row at a time
+        {   // online softmax: lanes 2r and 2r+1 own row r (even / odd columns)
+            const int r = lane >> 1, h = lane & 1;
             const int row = warp * 16 + r;
-            const float m_old = sM[row];
+            const float* Sr = Sw + r * L::LDS;
+            T* Pr = Pw + r * L::LDP;
+            float* Or = Ow + r * L::LDO;
             float mx = -INFINITY;
-            for (int c = lane; c < BN; c += 32)
-                if (c < kt.nk) mx = fmaxf(mx, Sw[r * L::LDS + c] * sl2);
-            mx = warp_max(mx);
+            for (int c = h; c < kt.nk; c += 2) mx = fmaxf(mx, Sr[c] * sl2);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            const float m_old = sM[row];
             const float m_new = fmaxf(m_old, mx);          // finite: the tile has a key
             float sum = 0.f;
-            for (int c = lane; c < BN; c += 32) {
-                const float e = c < kt.nk ? exp2f(Sw[r * L::LDS + c] * sl2 - m_new) : 0.f;
-                Pw[r * L::LDP + c] = from_f<T>(e);
+            for (int c = h; c < BN; c += 2) {
+                const float e = c < kt.nk ? exp2f(Sr[c] * sl2 - m_new) : 0.f;
+                Pr[c] = from_f<T>(e);
                 sum += e;
             }
-            sum = warp_sum(sum);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             const float alpha = exp2f(m_old - m_new);       // 0 on the first tile
-            for (int c = lane; c < D; c += 32) Ow[r * L::LDO + c] *= alpha;
-            __syncwarp();
-            if (lane == 0) {
+            for (int c = h; c < D; c += 2) Or[c] *= alpha;
+            __syncwarp();                                   // both lanes have read sM[row]
+            if (h == 0) {
                 sM[row] = m_new;
                 sL[row] = sL[row] * alpha + sum;
             }

@@ -36,8 +36,8 @@
 //
 // Forward (fwd_kernel): one CTA per (sequence, query tile).  Loop over the key tiles of
 // the segment, then over its prompt tiles (same code: only the base pointer and row
-// stride differ): S = Q K^T; per row online softmax in log2 units (running max m, sum l,
-// O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input dtype, any
+// stride differ): S = Q K^T; online softmax in log2 units, two lanes per row, all 16 rows
+// of a warp at once (running max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input dtype, any
 // strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
 // Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
@@ -56,6 +56,10 @@
 //   atomicAdd into the un-broadcast fp32 buffer (its broadcast strides are 0), or, with
 //   deterministic=True, a plain store into a (*batch, P, d) fp32 buffer that the caller
 //   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
+//
+// Testing without a GPU.  cpu_emulation.h runs this very code on the CPU (threads as
+// fibers, WMMA emulated, launches through AVSTFP_LAUNCH); tests/test_cuda_build.py checks
+// it against the float64 reference.
 //
 // Error handling.  Launchers never throw: they return the first cudaError_t (including
 // cudaGetLastError() after every launch); the binding turns it into a TORCH_CHECK message.
