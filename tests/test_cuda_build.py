@@ -391,6 +391,13 @@ def _case(name, dtype):
         return (t(2, 22, 32), t(2, 22, 32), t(2, 22, 32),
                 [t(2, 32), t(1, 32), None, t(2, 5, 32)], [t(2, 32), t(1, 32), None, t(2, 5, 32)],
                 (1, 0, 18, 3))
+    if name == "short_d128":                 # 16-row tiles, head dim 128
+        return t(2, 3, 9, 128), t(2, 3, 11, 128), t(2, 3, 11, 128), [t(3, 2, 128)], [t(3, 2, 128)], None
+    if name == "four_batch_dims":            # 4 batch dims, permuted, prompt broadcast in one
+        return (strided((2, 3, 2, 2, 12, 32), dtype, "permuted"),
+                strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
+                strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
+                [t(3, 1, 2, 4, 32)], [t(3, 1, 2, 4, 32)], None)
     raise ValueError(name)
 
 
@@ -399,7 +406,8 @@ def _case(name, dtype):
     ("temporal_per_position", False, False), ("temporal_per_position", True, True),
     ("spatial_segments", False, True), ("spatial_segments", True, False),
     ("long_d128", False, False), ("sliced_odd", False, True),
-    ("prompts_only", True, False), ("four_segments", False, False)])
+    ("prompts_only", True, False), ("four_segments", False, False),
+    ("short_d128", True, True), ("four_batch_dims", False, True)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
     scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
