@@ -14,8 +14,12 @@ The kernels are registered as torch ops ``torch.ops.avstfp_cuda.fwd`` / ``.bwd``
 extension ``avstfp_fast._C`` (``csrc/binding.cpp``); their fake implementations are
 registered below so that they trace under ``torch.compile``.  The extension is built by
 ``pip install`` when nvcc is present, else JIT-compiled (ninja, cached; see
-:mod:`avstfp_fast._build`) on the first call of this backend.  ``AVSTFP_NO_JIT=1``
-forbids the JIT build.
+:mod:`avstfp_fast._build`) on the first call of this backend.  Environment:
+``AVSTFP_NO_JIT=1`` forbids the JIT build; ``AVSTFP_BUILD_DIR`` (default
+``~/.cache/avstfp_fast``) holds it; ``AVSTFP_CUDA_ARCHS`` / ``TORCH_CUDA_ARCH_LIST`` pick
+the architectures (default sm_80 + PTX, sm_90a; e.g. ``AVSTFP_CUDA_ARCHS=90a`` halves the
+build time on an H100); ``MAX_JOBS`` sets ninja's parallelism; ``CUDA_HOME`` the toolkit
+(default /usr/local/cuda).  ``load(verbose=True)`` builds now and shows the commands.
 
 Prompt gradients are reduced over the batch with fp32 atomics into a buffer of the
 prompt's own shape, or, when ``deterministic`` (``torch.use_deterministic_algorithms``),
