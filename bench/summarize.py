@@ -67,6 +67,9 @@ def load(paths):
             meta["machine_info"] = data["machine_info"]
         if "datetime" in data and "datetime" not in meta:
             meta["datetime"] = data["datetime"]
+        ci = data.get("commit_info") or {}
+        if ci.get("id") and "commit" not in meta:
+            meta["commit"] = ci["id"][:10] + (" (dirty)" if ci.get("dirty") else "")
     for k, v in partial.items():
         full.setdefault(k, v)
     meta["skipped"] = {k: v for k, v in skipped.items() if k not in full}
@@ -191,7 +194,9 @@ def build(benchmarks, meta):
             f"xformers {meta.get('xformers') or 'not installed'}",
             f"size: {meta.get('size', '?')}"]
     if meta.get("datetime"):
-        info.append(f"date: {meta['datetime']}")
+        info.append(f"date: {meta['datetime'][:19]}")
+    if meta.get("commit"):
+        info.append(f"commit: {meta['commit']}")
     md.append(" · ".join(info) + "\n")
     if ce:
         g = ce["gemm_flops"]
@@ -377,9 +382,10 @@ def build(benchmarks, meta):
             r_min = ratio(smin(cells.get("reference")), smin(cells.get("torch")))
             rows.append([arch, f"D={e.get('width')} L={e.get('layers')} H={e.get('heads')} "
                                f"N={e.get('tokens')} M={e.get('frames')}", batch,
-                         e.get("threads", "—"), fmt_ms(tr), fmt_ms(tt), fmt_x(r), fmt_x(r_min),
+                         f"{e.get('threads', '—')} / {e.get('timer', 'wall')}",
+                         fmt_ms(tr), fmt_ms(tt), fmt_x(r), fmt_x(r_min),
                          verdict(None if r is None else r >= CPU_RATIO)])
-        md.append(table(["model", "config", "B", "threads", "reference ms (median)",
+        md.append(table(["model", "config", "B", "threads / timer", "reference ms (median)",
                          "torch ms (median)", "ratio (medians)", "ratio (minima)",
                          f"≥ {CPU_RATIO}x (medians)"], rows) + "\n")
         md.append("On a shared machine the minima are the better estimate of uncontended "
@@ -474,6 +480,7 @@ def plot(benchmarks, path):
 
 def merged_json(benchmarks, meta):
     return {"avstfp": {k: v for k, v in meta.items() if k not in ("machine_info", "datetime")},
+            "commit_info": {"id": meta.get("commit")},
             # (avstfp.skipped: node id -> reason of every case that did not run)
             "machine_info": meta.get("machine_info", {}), "datetime": meta.get("datetime"),
             "benchmarks": benchmarks}

@@ -144,12 +144,11 @@ def test_kernel(case: Case, bench, device, ceilings):
                 shape=dict(tokens=shape.arch.tokens, frames=shape.arch.frames,
                            heads=shape.arch.heads, head_dim=shape.arch.head_dim,
                            prompts=list(shape.prompts), segments=shape.segments))
-    step()                                   # first call: compile / autotune
-    info.update(benchlib.peak_memory(step, device))
-    if bench.disabled:
+    if bench.disabled:                       # smoke run: one call
         bench.pedantic(step, rounds=1, iterations=1)
         return
-    step()
+    step()                                   # first call: compile / autotune
+    info.update(benchlib.peak_memory(step, device))
     iters = benchlib.calibrate(step, device, cfg["round_s"])
     info["iterations"] = iters
     bench.pedantic(step, rounds=cfg["rounds"], iterations=iters, warmup_rounds=1)
