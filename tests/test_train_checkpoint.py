@@ -98,7 +98,7 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(data, tmp_path, monkeypa
         return loss * float("nan") if calls["n"] == 3 else loss
     monkeypatch.setattr(loop.Trainer, "loss_fn", staticmethod(flaky))
     out = tmp_path / "nan"
-    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 2") as ei:
+    with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 3") as ei:
         train(small_cfg(data, str(out), ckpt_every=1, eval_every=0))
     assert "last.pt" in str(ei.value)
     ckpt = ck.load_checkpoint(str(out / "checkpoints" / "last.pt"))

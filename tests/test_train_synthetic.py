@@ -85,3 +85,27 @@ def test_avar_task_on_kinetics_sounds_layout(tmp_path):
                  "--threads", "1"]) == 0
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["steps"] == 2 and s["val_n"] == 2 and 0.0 <= s["val_acc"] <= s["val_top5"] <= 1.0
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_only_prompts_gates_and_head_train(tmp_path, full):
+    from avstfp_fast.train import TrainConfig
+    from avstfp_fast.train.loop import Trainer
+    from avstfp_fast.train.synthetic import make_synthetic_ave
+    data = str(tmp_path / "d")
+    make_synthetic_ave(data, n_events=2, n_train=2, n_val=0, n_test=0, seed=0)
+    t = Trainer(TrainConfig(task="synthetic", backbone="tiny", backend="torch", data_root=data,
+                            out=str(tmp_path / "run"), progress=False, full_finetune=full))
+    t.steps_per_epoch = 1
+    t._build_optimizer(1)
+    in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    names = {n for n, p in t.model.named_parameters() if id(p) in in_opt}
+    backbone = {n for n in names if n.startswith("visual.")}
+    assert bool(backbone) == full
+    assert {n for n in names if not n.startswith("visual.")} == \
+        {n for n, _ in t.model.named_parameters() if not n.startswith("visual.")}
+    assert any(n.startswith("beta_") for n in names) and any(n.startswith("head.") for n in names)
+    assert {g["name"] for g in t.optimizer.param_groups} >= {"prompts", "head"}
+    assert all(g["weight_decay"] == 0.2 for g in t.optimizer.param_groups)
+    assert isinstance(t.optimizer, __import__("torch").optim.Adam)
+    t.close()

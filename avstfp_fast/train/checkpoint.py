@@ -33,6 +33,7 @@ def atomic_save(obj, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
                                dir=folder)
     try:
+        os.chmod(tmp, 0o644)             # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train AV-STFP (prompt-tuned CLIP tower) on AVE, Kinetics-Sounds or "
                     "synthetic data.  Defaults are the paper's recipe; the synthetic task has "
                     "its own faster defaults (see config.SYNTHETIC_DEFAULTS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    )
     S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
     B = argparse.BooleanOptionalAction
     a = p.add_argument
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
     r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
                    default=S)
+    for act in p._actions:       # show the config default of every option not yet saying it
+        if hasattr(d, act.dest) and "default" not in (act.help or ""):
+            act.help = ((act.help + " ") if act.help else "") + \
+                f"(default {getattr(d, act.dest)})"
     return p
 
 

@@ -352,7 +352,7 @@ class Trainer:
                 log.info("resumed from %s at step %d", cfg.resume, step)
             self.metrics.write(kind="resume", step=step, path=cfg.resume)
         if self.is_main:
-            self.model.parameter_summary(print_it=cfg.progress)
+            print(self.model.parameter_summary(print_it=False), file=sys.stderr, flush=True)
 
         fwd_model = self.model
         if self.world > 1:
@@ -386,7 +386,6 @@ class Trainer:
                 self.model.train()
                 # loss*clips, correct, items, bad files, clips
                 sums = torch.zeros(5, dtype=torch.float64)
-                n_clips_epoch = 0
                 t_epoch = time.time()
                 bar = self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs}",
                                 self.steps_per_epoch - skip_batches, skip_batches)
@@ -419,10 +418,10 @@ class Trainer:
                         status = "nonfinite"
                         where = (f"the last good checkpoint is kept at {last_good_ckpt}"
                                  if last_good_ckpt else "no checkpoint had been written yet")
-                        message = (f"non-finite loss ({loss_val}) at step {step} (epoch "
-                                   f"{epoch + 1}); stopping without applying this update; "
-                                   f"{where}")
-                        self.metrics.write(kind="error", step=step, epoch=epoch,
+                        message = (f"non-finite loss ({loss_val}) at step {step + 1} (epoch "
+                                   f"{epoch + 1}); stopped without applying that update "
+                                   f"({step} steps done); {where}")
+                        self.metrics.write(kind="error", step=step + 1, epoch=epoch,
                                            message=message)
                         break
                     self.optimizer.zero_grad(set_to_none=True)
@@ -440,7 +439,6 @@ class Trainer:
                     clips = a.shape[0] * self.world
                     cps = clips / max(now - t_last, 1e-9)
                     t_last = now
-                    n_clips_epoch += a.shape[0]
                     with torch.no_grad():
                         pred = logits.detach().float().argmax(-1)
                         sums[0] += loss_val * a.shape[0]
@@ -500,8 +498,8 @@ class Trainer:
                                 f"train acc {ep['train_acc']:.3f}"
                                 + (f" val acc {ep['val_acc']:.3f}" if "val_acc" in ep else "")
                                 + f" skipped {ep['skipped_files']} ({ep['time_s']:.1f}s)")
-                if self.is_main and cfg.progress:
-                    print(history_line, file=sys.stderr)
+                if self.is_main:
+                    print(history_line, file=sys.stderr, flush=True)
                 if epoch_done:
                     epoch += 1
                 if last_saved != step:
@@ -596,8 +594,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
                 json.dump({k: v for k, v in r.items() if k not in ("losses", "summary")}, f,
                           indent=2, default=str)
-            if self.cfg.progress:
-                print(table)
+            print(table, flush=True)
 
     def close(self):
         if self._own_pg and dist.is_initialized():
