@@ -504,6 +504,7 @@ def flex():
             dev = qkv.device
             if dev.type == "cuda":
                 if "compiled" not in _FLEX:
+                    raise_dynamo_limits()
                     _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
                 fa = _FLEX["compiled"]
             else:
@@ -756,3 +757,14 @@ def infer_fn(forward, audio, video, autocast_dtype=None):
                                              enabled=autocast_dtype is not None):
             forward(audio, video)
     return run
+
+
+# --------------------------------------------------------------------------- compile
+def raise_dynamo_limits(n: int = 256) -> None:
+    """Every benchmark shape compiles its own graph: lift dynamo's recompile limits so
+    that no case silently falls back to eager."""
+    import torch._dynamo as dynamo
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), n))

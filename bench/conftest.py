@@ -30,6 +30,7 @@ import torch
 
 import benchcfg
 import benchlib
+from summarize import autotable_records
 from benchcfg import STATE as _STATE, SIZES, size_config
 
 def pytest_addoption(parser):
@@ -102,6 +103,8 @@ def _meta() -> dict:
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["avstfp"] = _meta()
+    # for bench/make_autotable.py: {"case", "backend", "stage", "median_s"} of ours-*
+    output_json["records"] = autotable_records(output_json.get("benchmarks", []))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -478,12 +478,28 @@ def plot(benchmarks, path):
     plt.close(fig)
 
 
+def autotable_records(benchmarks):
+    """Kernel timings of our two kernel backends in the record format that
+    bench/make_autotable.py reads: {"case", "backend", "stage", "median_s"}."""
+    out = []
+    for b in benchmarks:
+        e = b.get("extra_info") or {}
+        c = e.get("contender", "")
+        med = median(b)
+        if e.get("kind") != "kernel" or c not in OURS or not med:
+            continue
+        out.append({"case": f"{e['stage']} {e['arch']} B={e['batch']} {e['dtype']} {e['passes']}",
+                    "backend": c.split("-", 1)[1], "stage": e["stage"], "median_s": med})
+    return out
+
+
 def merged_json(benchmarks, meta):
     return {"avstfp": {k: v for k, v in meta.items() if k not in ("machine_info", "datetime")},
             "commit_info": {"id": meta.get("commit")},
             # (avstfp.skipped: node id -> reason of every case that did not run)
             "machine_info": meta.get("machine_info", {}), "datetime": meta.get("datetime"),
-            "benchmarks": benchmarks}
+            "benchmarks": benchmarks,
+            "records": autotable_records(benchmarks)}   # input of bench/make_autotable.py
 
 
 def main(argv=None):

@@ -73,11 +73,7 @@ def _model(arch, device):
 
 def _compiled(entry, model):
     if "compiled" not in entry:
-        import torch._dynamo as dynamo
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
-            if hasattr(dynamo.config, name):
-                setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+        benchlib.raise_dynamo_limits()
         entry["compiled"] = torch.compile(model)
     return entry["compiled"]
 

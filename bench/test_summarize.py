@@ -102,6 +102,13 @@ def test_summarize_tables_targets_plot(tmp_path, capsys):
     assert os.path.getsize(png) > 10_000
     m = json.load(open(merged))
     assert len(m["benchmarks"]) == 18 and m["avstfp"]["ceilings"]["copy_Bps"] == 3e12
+    # records for bench/make_autotable.py: ours-triton / ours-cuda kernel medians
+    recs = m["records"]
+    assert {(r["stage"], r["backend"]) for r in recs} == {
+        ("temporal", "triton"), ("temporal", "cuda"), ("spatial", "cuda"), ("fusion", "triton")}
+    import make_autotable
+    t = make_autotable.make_table(m)
+    assert t["order"] == {"short": ["triton", "cuda"]}      # only temporal has both backends
 
 
 def test_summarize_empty_and_missing(tmp_path, capsys):
