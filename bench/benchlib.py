@@ -221,10 +221,11 @@ def make_inputs(shape: KernelShape, device, grad: bool, seed: int, dtype=None) -
     """Fresh random inputs (normal, never zeros) for a kernel case."""
     a = shape.arch
     dt = dtype or shape.dtype
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)      # generated where it is used
 
-    def rnd(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt)
+    def rnd(*s):
+        return torch.randn(*s, generator=g, device=dev, dtype=dt)
 
     qkv = rnd(shape.batch, a.frames, a.tokens, 3, a.heads, a.head_dim)
     ps = shape.prompt_shape()
@@ -239,15 +240,26 @@ def make_inputs(shape: KernelShape, device, grad: bool, seed: int, dtype=None) -
     return KernelInputs(qkv, pks, pvs, dout)
 
 
+_SETS: Dict[tuple, List["KernelInputs"]] = {}
+
+
 def input_sets(shape: KernelShape, device, grad: bool, seed: int,
                min_total: int = 256 * MB, max_sets: int = 8) -> List[KernelInputs]:
     """Several input sets, cycled through while timing, so that repeated calls do not
-    just re-read the last-level cache (GPU only; one set on CPU)."""
+    just re-read the last-level cache (GPU only; one set on CPU).  The contenders of one
+    shape share them (the last shape's sets are kept; leaves are never modified: the
+    timed steps use autograd.grad, which accumulates nothing)."""
+    key = (shape.key, str(device), grad, seed)
+    if key in _SETS:
+        return _SETS[key]
+    _SETS.clear()
     first = make_inputs(shape, device, grad, seed)
-    if torch.device(device).type != "cuda":
-        return [first]
-    n = max(1, min(max_sets, math.ceil(min_total / max(1, first.nbytes()))))
-    return [first] + [make_inputs(shape, device, grad, seed + 1000 * i) for i in range(1, n)]
+    sets = [first]
+    if torch.device(device).type == "cuda":
+        n = max(1, min(max_sets, math.ceil(min_total / max(1, first.nbytes()))))
+        sets += [make_inputs(shape, device, grad, seed + 1000 * i) for i in range(1, n)]
+    _SETS[key] = sets
+    return sets
 
 
 # --------------------------------------------------------------------------- contenders

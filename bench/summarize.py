@@ -315,10 +315,11 @@ def build(benchmarks, meta):
         md.append(table(["case", "MB", "GFLOP", "floor µs", "ours µs", "ours GB/s",
                          "ours % copy BW", "ours fraction", "sdpa fraction"], rows) + "\n")
 
-        md.append("## Kernels: peak memory during one call (MiB, max_memory_allocated)\n")
+        md.append("## Kernels: memory of one call (MiB: peak max_memory_allocated minus what "
+                  "was allocated before the call: outputs, saved tensors, workspace, gradients)\n")
         rows = []
         for key, cells in kr.items():
-            rows.append([case_name(key)] + [fmt_mib((cells[c].get("extra_info") or {}).get("peak_mem"))
+            rows.append([case_name(key)] + [fmt_mib((cells[c].get("extra_info") or {}).get("peak_mem_delta"))
                                             if c in cells else "—" for c in cols])
         md.append(table(["case"] + cols, rows) + "\n")
 

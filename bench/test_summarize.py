@@ -19,7 +19,7 @@ def _b(group, name, median, extra, mn=None):
 def _kernel(stage, contender, t, passes="fwdbwd", peak=100 << 20):
     e = dict(kind="kernel", stage=stage, arch="B16", batch=8, dtype="bf16", passes=passes,
              contender=contender, bytes=3e8, flops=1e10, floor_s=1e-4, copy_Bps=3e12,
-             peak_mem=peak)
+             peak_mem=peak + (1 << 30), peak_mem_delta=peak)
     return _b(f"kernel {stage}", f"test_kernel[{stage}-{passes}-{contender}]", t, e)
 
 
@@ -95,7 +95,8 @@ def test_summarize_tables_targets_plot(tmp_path, capsys):
     # tables: time, speedups (peer / ours), roofline, memory, e2e, inference, CPU
     assert "100" in row("temporal B16 B=8 bf16 fwd+bwd", "250")
     assert "2.00x" in row("spatial B16 B=8 bf16 fwd+bwd", "ours-cuda", "1.20x")   # xformers-split
-    assert "## Kernels: roofline" in text and "## Kernels: peak memory" in text
+    assert "## Kernels: roofline" in text and "## Kernels: memory of one call" in text
+    assert "| 100 | 100 |" in row("temporal B16 B=8 bf16 fwd+bwd | 100 | 100")   # delta, MiB
     assert "100%" in row("temporal B16 B=8 bf16 fwd+bwd", "300.0")    # floor == ours time
     assert "clips/s" in text and "800.0" in row("triton-eager", "10.00")  # 8 clips / 10 ms
     assert "1.67x" in row("small", "D=256")                            # ratio of minima
