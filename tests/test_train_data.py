@@ -104,15 +104,22 @@ def test_loader_skips_bad_files(data, tmp_path, caplog):
     write_clip(str(silent), frames, 4, np.zeros(160000, np.float32))
     noaudio = tmp_path / "noaudio.mp4"
     write_clip(str(noaudio), frames, 4, None)
+    # index first (faststart), then cut: opens fine, the media data ends early
+    fs = tmp_path / "faststart.mp4"
+    fr, wave = decode_clip(src)
+    write_clip(str(fs), np.repeat(fr, 4, axis=0), 4, wave, faststart=True)
+    assert decode_clip(str(fs))[0].shape == (10, 64, 64, 3)
+    raw = fs.read_bytes()
+    fs.write_bytes(raw[: len(raw) * 35 // 100])
     lab = good[0][1]
-    bad = [(str(trunc), lab, "trunc"), (str(garbage), lab, "garbage"),
+    bad = [(str(trunc), lab, "trunc"), (str(garbage), lab, "garbage"), (str(fs), lab, "fs"),
            (str(silent), lab, "silent"), (str(noaudio), lab, "noaudio"),
            (str(tmp_path / "missing.mp4"), lab, "missing")]
-    items = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4]]
+    items = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4], bad[5]]
     ds = ClipDataset(items, image_size=64)
     with caplog.at_level("WARNING", logger="avstfp_fast.train"):
         batches = list(DataLoader(ds, batch_size=4, collate_fn=collate_skip_bad))
-    assert sum(len(b["bad"]) for b in batches) == 5
+    assert sum(len(b["bad"]) for b in batches) == 6
     assert sorted(os.path.basename(p) for b in batches for p in b["bad"]) == \
         sorted(os.path.basename(p) for p, _, _ in bad)
     ids = [i for b in batches for i in b["id"]]
@@ -172,3 +179,24 @@ def test_synthetic_deterministic(tmp_path):
     fc, wc = decode_clip(os.path.join(c, "AVE", "syn_train_0000.mp4"))
     assert np.array_equal(fa, fb) and np.array_equal(wa, wb)
     assert not np.array_equal(wa, wc)
+
+
+def test_training_epoch_counts_bad_files(tmp_path):
+    """Bad files inside the training split: the epoch runs and its summary counts them."""
+    import json
+    from avstfp_fast.train import TrainConfig, train
+    root = tmp_path / "d"
+    make_synthetic_ave(str(root), n_events=2, n_train=6, n_val=2, n_test=0, seed=1)
+    (root / "AVE" / "syn_train_0001.mp4").write_bytes(os.urandom(3000))
+    write_clip(str(root / "AVE" / "syn_train_0004.mp4"),
+               np.full((40, 64, 64, 3), 90, np.uint8), 4, np.zeros(160000, np.float32))
+    out = tmp_path / "run"
+    res = train(TrainConfig(task="synthetic", backbone="tiny", backend="torch",
+                            data_root=str(root), out=str(out), epochs=2, batch_size=2,
+                            num_workers=0, progress=False, final_eval=False, threads=1,
+                            cache=True))
+    assert res["status"] == "finished" and res["steps"] == 6
+    assert res["skipped_train_files"] == 4                  # 2 files x 2 epochs
+    epochs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert [e["skipped_files"] for e in epochs] == [2, 2]

@@ -32,14 +32,16 @@ def synthetic_class_names(n_events: int) -> list[str]:
 
 
 def write_clip(path: str, frames: np.ndarray, fps: int, wave: np.ndarray | None,
-               sample_rate: int = 16000) -> None:
+               sample_rate: int = 16000, faststart: bool = False) -> None:
     """Write an .mp4 with H.264 video (frames: (N, H, W, 3) uint8) and AAC mono audio
-    (wave: (samples,) float in [-1, 1]; None = no audio stream)."""
+    (wave: (samples,) float in [-1, 1]; None = no audio stream).  ``faststart`` puts the
+    index (moov) before the media data, as streaming sites do."""
     import av
 
     n, h, w, _ = frames.shape
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w", format="mp4") as out:
+    opts = {"movflags": "faststart"} if faststart else {}
+    with av.open(path, mode="w", format="mp4", options=opts) as out:
         vs = out.add_stream("libx264", rate=fps)
         vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         vs.options = {"preset": "ultrafast", "crf": "12"}
