@@ -81,6 +81,8 @@ def test_decode_and_labels_match_content(data):
     frames, wave = decode_clip(path)
     assert frames.shape == (10, 64, 64, 3) and frames.dtype == np.uint8
     assert wave.shape == (160000,) and wave.dtype == np.float32
+    small, wave2 = decode_clip(path, short_side=32)           # downscaled while converting
+    assert small.shape == (10, 32, 32, 3) and np.array_equal(wave, wave2)
     rms = np.sqrt((wave.reshape(10, -1) ** 2).mean(1))
     sat = frames.reshape(10, -1, 3).astype(float).mean(1).std(1)   # grey bg: no colour
     for s in range(10):

@@ -173,9 +173,12 @@ def ks_classes(root: str, splits: dict[str, str]) -> list[str]:
 # Decoding
 # --------------------------------------------------------------------------------------
 def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
-                sample_rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+                sample_rate: int = 16000, short_side: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Decode one file: ``(frames (segments, H, W, 3) uint8, wave (samples,) float32)``.
 
+    ``short_side``: frames whose shorter side is larger are downscaled (area filter,
+    aspect kept) while converting, so HD sources cost little later.
     Raises BadSample for anything unusable.
     """
     import av
@@ -215,9 +218,9 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
                         last_video_t = max(last_video_t, t)
                         s = min(int(t // seg_len), segments - 1)
                         d = abs(t - centres[s])
-                        if d < best_d[s]:
+                        if d < best_d[s]:      # keep the frame; convert the winners only
                             best_d[s] = d
-                            best[s] = frame.to_ndarray(format="rgb24")
+                            best[s] = frame
                 elif packet.stream.index == aus.index:
                     if audio_done:
                         continue
@@ -242,6 +245,10 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
 
     if all(b is None for b in best):
         raise BadSample("no decodable video frames")
+    try:
+        best = [None if f is None else _to_rgb(f, short_side) for f in best]
+    except Exception as e:
+        raise BadSample(f"unreadable frame ({type(e).__name__}: {e})") from None
     if n_audio < MIN_COVERAGE * n_samples:
         raise BadSample(f"truncated: {n_audio / sample_rate:.2f} s of audio, "
                         f"expected {clip_seconds:g} s")
@@ -265,6 +272,15 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
     if len(shapes) != 1:
         raise BadSample(f"frame size changes within the clip: {sorted(shapes)}")
     return np.stack(best), wave
+
+
+def _to_rgb(frame, short_side):
+    w, h = frame.width, frame.height
+    if short_side and min(w, h) > short_side:
+        r = short_side / min(w, h)
+        w, h = max(2, round(w * r)), max(2, round(h * r))
+        return frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
+    return frame.to_ndarray(format="rgb24")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,7 +321,8 @@ class ClipDataset(Dataset):
         try:
             frames, wave = decode_clip(path, segments=self.segments,
                                        clip_seconds=self.clip_seconds,
-                                       sample_rate=self.sample_rate)
+                                       sample_rate=self.sample_rate,
+                                       short_side=math.ceil(1.25 * self.image_size))
         except BadSample as e:
             if self.cache:
                 self._cache[idx] = e
