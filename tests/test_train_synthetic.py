@@ -25,7 +25,7 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
     args = ["--task", "synthetic", "--out", out, "--backend", "torch", "--epochs", "4",
             "--batch-size", "4", "--synthetic-train", "16", "--synthetic-val", "8",
             "--synthetic-test", "4", "--synthetic-events", "3", "--no-progress",
-            "--seed", "0", "--threads", "1"]
+            "--n-spatial", "4", "--seed", "0", "--threads", "1"]
     assert main(args) == 0
     for f in ("config.json", "metrics.jsonl", "summary.json", "confusion_val.png",
               "confusion_test.png", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -48,7 +48,7 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
                  "--out", ev, "--eval-only", "--resume",
                  os.path.join(out, "checkpoints", "best.pt"), "--backend", "reference",
                  "--no-progress", "--threads", "1"]) == 0
-    ref = json.load(open(os.path.join(ev, "summary.json")))
+    ref = json.load(open(os.path.join(ev, "summary.json")))      # (n_spatial from the ckpt)
     assert ref["backend"] == "reference"
     assert abs(ref["val_acc"] - summary["val_acc"]) <= 1 / summary["val_n"]
 

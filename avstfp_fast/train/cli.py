@@ -112,15 +112,34 @@ def config_from_args(argv=None) -> TrainConfig:
     unknown = set(ns) - fields
     if unknown:
         raise SystemExit(f"internal error: options without config fields {sorted(unknown)}")
-    merged = {**task_defaults(ns["task"]), **ns}
+    merged = {**task_defaults(ns["task"]), **_model_fields_from_checkpoint(ns), **ns}
     return TrainConfig(**merged)
+
+
+# Fields that shape the model: when resuming or evaluating a checkpoint, these default to
+# the checkpoint's values (an explicit option still wins), so that e.g.
+# ``--eval-only --resume best.pt --backend reference`` needs no other model options.
+MODEL_FIELDS = ("backbone", "pretrained", "n_temporal", "n_spatial", "n_fusion", "stages",
+                "modalities", "full_finetune", "segments", "clip_seconds")
+
+
+def _model_fields_from_checkpoint(ns: dict) -> dict:
+    path = ns.get("resume")
+    if not path:
+        return {}
+    from .checkpoint import load_checkpoint
+    saved = load_checkpoint(path).get("config") or {}
+    if saved.get("task") not in (None, ns["task"]):
+        raise ValueError(f"resume: checkpoint {path} was trained for task "
+                         f"{saved.get('task')!r}, not {ns['task']!r}")
+    return {k: saved[k] for k in MODEL_FIELDS if k in saved}
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_args(argv)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"avstfp-train: error: {e}", file=sys.stderr)
         return 2
     from .loop import NonFiniteLoss, train
