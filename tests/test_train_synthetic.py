@@ -51,6 +51,14 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
     ref = json.load(open(os.path.join(ev, "summary.json")))      # (n_spatial from the ckpt)
     assert ref["backend"] == "reference"
     assert abs(ref["val_acc"] - summary["val_acc"]) <= 1 / summary["val_n"]
+    # ... and training continues from it with another backend
+    more = str(tmp_path / "more")
+    assert main(["--task", "synthetic", "--data-root", os.path.join(out, "synthetic_data"),
+                 "--out", more, "--resume", os.path.join(out, "checkpoints", "last.pt"),
+                 "--backend", "reference", "--epochs", "5", "--max-steps", "17",
+                 "--batch-size", "4", "--no-progress", "--threads", "1", "--no-final-eval"]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(more, "metrics.jsonl"))]
+    assert [r["step"] for r in recs if r["kind"] == "step"] == [17]
 
 
 @pytest.mark.slow
