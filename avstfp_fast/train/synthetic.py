@@ -49,7 +49,7 @@ def write_clip(path: str, frames: np.ndarray, fps: int, wave: np.ndarray | None,
         aus = None
         if wave is not None:
             aus = out.add_stream("aac", rate=sample_rate)
-            aus.layout = "mono"
+            aus.codec_context.layout = "mono"
         for i in range(n):
             fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             fr.pts = i
