@@ -19,17 +19,19 @@ def accuracy_from_confusion(cm: torch.Tensor) -> float:
 
 
 def plot_confusion(cm: torch.Tensor, classes: list[str], path: str, title: str) -> str:
-    """Row-normalised confusion matrix as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    """Row-normalised confusion matrix as a PNG (matplotlib's Agg canvas; pyplot and the
+    process-wide backend are left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     cmf = cm.double()
     rows = cmf.sum(dim=1, keepdim=True).clamp_min(1)
     norm = (cmf / rows).numpy()
     n = len(classes)
     side = max(4.0, 0.32 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(side, side), dpi=110)
+    fig = Figure(figsize=(side, side), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="Blues")
     ax.set_xticks(range(n))
     ax.set_yticks(range(n))
@@ -48,7 +50,6 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: str, title: str) 
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
