@@ -8,13 +8,16 @@ cuda) eager and compiled.  Every case records the peak GPU memory of one steady-
 step (``torch.cuda.max_memory_allocated`` after a reset) and its roofline floor
 (benchlib.e2e_cost / e2e_floor) in ``extra_info``.
 
-"compiled" is ``torch.compile(model)`` (default mode, whole model).  Its first call
+"compiled" is ``torch.compile(model)`` (default mode, whole model).  On a CPU the
+compiled cases skip unless AVSTFP_BENCH_CPU_COMPILE=1 (inductor on a few cores takes
+minutes).  Its first call
 compiles and is excluded from the timing (it is the warm-up); the case records it as
 ``compile_s``.
 """
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 
@@ -86,7 +89,7 @@ def test_e2e(case: Case, bench, device, ceilings):
         pytest.skip("ViT-B/16 and ViT-L/14 training steps are GPU cases (no CUDA device here)")
     if case.backend in ("triton", "cuda") and not cuda:
         pytest.skip(f"backend {case.backend!r} needs a CUDA device")
-    if case.compiled and not cuda:
+    if case.compiled and not cuda and os.environ.get("AVSTFP_BENCH_CPU_COMPILE") != "1":
         pytest.skip("compiled end-to-end cases are GPU cases (inductor on a few CPU cores "
                     "takes minutes per variant)")
     big = case.arch == "L14"
