@@ -176,6 +176,10 @@ class Trainer:
         self.stop_signal = None
 
         run_dir = cfg.out or os.path.join("runs", f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.world > 1:          # one folder for all ranks (their clocks may disagree)
+            box = [run_dir]
+            dist.broadcast_object_list(box, src=0)
+            run_dir = box[0]
         self.run_dir = run_dir
         self.ckpt_dir = os.path.join(run_dir, "checkpoints")
         if self.is_main:
