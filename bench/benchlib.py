@@ -482,7 +482,7 @@ def xformers_split():
                     if part_ag is None:
                         raise Unavailable("this xformers has no autograd for partial attention "
                                           "(xformers.ops.fmha.merge_training)")
-                    outs.append(merge_ag(part_ag(q, k, v), part_ag(q, pk, pv)))
+                    outs.append(merge_ag(part_ag(q, k, v), part_ag(q, pk, pv)).to(q.dtype))
                 else:
                     o1, l1 = fmha.memory_efficient_attention_partial(q, k, v)
                     o2, l2 = fmha.memory_efficient_attention_partial(q, pk, pv)

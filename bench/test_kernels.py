@@ -149,9 +149,14 @@ def test_kernel(case: Case, bench, device, ceilings):
     if bench.disabled:                       # smoke run: one call
         bench.pedantic(step, rounds=1, iterations=1)
         return
-    step()                                   # first call: compile / autotune
-    info.update(benchlib.peak_memory(step, device))
-    iters = benchlib.calibrate(step, device, cfg["round_s"])
-    info["iterations"] = iters
-    bench.pedantic(step, rounds=cfg["rounds"], iterations=iters, warmup_rounds=1)
-    del sets, it
+    try:
+        step()                               # first call: compile / autotune
+        info.update(benchlib.peak_memory(step, device))
+        iters = benchlib.calibrate(step, device, cfg["round_s"])
+        info["iterations"] = iters
+        bench.pedantic(step, rounds=cfg["rounds"], iterations=iters, warmup_rounds=1)
+    except torch.cuda.OutOfMemoryError as e:
+        del sets, it, step
+        benchlib._SETS.clear()
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of GPU memory: {str(e).splitlines()[0][:160]}")
