@@ -148,6 +148,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         print(f"avstfp-train: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as e:     # bad options or data layout
+        print(f"avstfp-train: error: {e}", file=sys.stderr)
+        return 2
     if res.get("status") == "interrupted":
         print(f"avstfp-train: {res['message']}", file=sys.stderr)
     return 0
