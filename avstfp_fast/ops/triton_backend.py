@@ -99,19 +99,23 @@ def _p2(n: int) -> int:
 
 
 class _Tiles:
-    """Tile shape for a problem; see the design note."""
+    """Tile shape for a problem; see the design note.  fp32 (IEEE FMA dots, no tensor
+    cores) and head dim 128 use key tiles of at most 64 rows and fp32 a single pipeline
+    stage, which keeps shared memory under ~160 KB (fits sm_80 and sm_90)."""
 
-    def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int):
+    def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
+        wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
         if max_q <= 32:                         # pack G short sequences per 64-row tile
             self.slot_m = _p2(max(max_q, 1))
             self.g = 64 // self.slot_m
-            lo, hi = max(1, 16 // self.g), max(1, 128 // self.g)
+            lo, hi = max(1, 16 // self.g), max(1, wide // self.g)
         else:
             self.slot_m, self.g, lo, hi = 64, 1, 16, 64
         clamp = lambda n: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
         self.slot_n = clamp(max_k)
         self.slot_p = clamp(max_p)
         self.num_warps = 8 if head_dim >= 128 else 4
+        self.num_stages = 1 if dtype == torch.float32 else 2
 
 
 def _coalesce(batch: Sequence[int], strides: List[List[int]]):
@@ -164,12 +168,6 @@ def _sargs(bstr, t):
     return list(bstr) + [t.stride(-2)]
 
 
-def _check_head(t: torch.Tensor, name: str):
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the triton backend needs stride 1 along the last dim, got "
-                         f"strides {t.stride()} for shape {tuple(t.shape)}")
-
-
 def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
     K = _kernels()
     batch, Lq, E = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
@@ -177,7 +175,7 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
     lse = torch.empty((*batch, Lq), dtype=torch.float32, device=q.device)
     Bt = int(torch.Size(batch).numel())
     t = _Tiles(max(q_segments), max(k_segments),
-               max([0] + [p.shape[-2] for p in pks if p is not None]), E)
+               max([0] + [p.shape[-2] for p in pks if p is not None]), E, q.dtype)
     grid = (triton_cdiv(Bt, t.g), max(triton_cdiv(n, t.slot_m) for n in q_segments),
             len(q_segments))
     if min(grid) == 0:
@@ -194,7 +192,7 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
     args += _seg_info(q_segments, k_segments) + S + [Bt, Lq, scale * 1.4426950408889634]
     K.prompted_attn_fwd[grid](
         *args, G=t.g, SLOT_M=t.slot_m, SLOT_N=t.slot_n, SLOT_P=t.slot_p, D=E,
-        PREC=_prec(q), num_warps=t.num_warps, num_stages=2)
+        PREC=_prec(q), num_warps=t.num_warps, num_stages=t.num_stages)
     return lse
 
 
@@ -234,7 +232,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     nb = len(batch)
     Bt = int(torch.Size(batch).numel())
     t = _Tiles(max(q_segments), max(k_segments),
-               max([0] + [p.shape[-2] for p in pks if p is not None]), E)
+               max([0] + [p.shape[-2] for p in pks if p is not None]), E, q.dtype)
     pr = _prompt_views(pks, pvs, batch, E, q)
     n_blocks = [triton_cdiv(n, t.slot_m) for n in q_segments]
     bufs = []
@@ -250,7 +248,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
               len(k_segments))
     seg = _seg_info(q_segments, k_segments)
     common = dict(G=t.g, SLOT_M=t.slot_m, SLOT_N=t.slot_n, D=E, PREC=_prec(q),
-                  num_warps=t.num_warps, num_stages=2)
+                  num_warps=t.num_warps, num_stages=t.num_stages)
     if min(grid_q) > 0:
         tens = [q, k, v, out, dout, dq] + [x for s in pr for x in (s[2], s[3])]
         strides = [list(x.stride()[:nb]) for x in tens] + [b[1] for b in bufs]
