@@ -10,13 +10,13 @@
 #      gpu_check.log; print the Markdown summary last.
 # Every phase runs under `timeout`; the benchmark phases also get a soft budget
 # (--bench-budget) so that pytest still writes its JSON, and a JSON-lines record of each
-# finished case survives a hard kill.  Total budget: AVSTFP_CHECK_BUDGET seconds (470).
+# finished case survives a hard kill.  Total budget: AVSTFP_CHECK_BUDGET seconds (450).
 # AVSTFP_CHECK_SIZE=tiny|short|full (default short).  AVSTFP_CHECK_ALLOW_CPU=1 runs the
 # plumbing on a CPU machine (no wheels, no build; GPU cases skip) -- for testing this script.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-TOTAL=${AVSTFP_CHECK_BUDGET:-470}
+TOTAL=${AVSTFP_CHECK_BUDGET:-450}
 PY=${PYTHON:-python3}
 RES=${OUT:-bench/results}
 mkdir -p "$RES"
