@@ -315,6 +315,14 @@ def build(benchmarks, meta):
         md.append(table(["case", "MB", "GFLOP", "floor µs", "ours µs", "ours GB/s",
                          "ours % copy BW", "ours fraction", "sdpa fraction"], rows) + "\n")
 
+        md.append("## Kernels: fraction of the floor reached by each contender (floor / time)\n")
+        rows = []
+        for key, cells in kr.items():
+            fl = next(((b.get("extra_info") or {}).get("floor_s") for b in cells.values()), None)
+            rows.append([case_name(key)] + [fmt_pct(ratio(fl, median(cells[c]))) if c in cells
+                                            else "—" for c in cols])
+        md.append(table(["case"] + cols, rows) + "\n")
+
         md.append("## Kernels: memory of one call (MiB: peak max_memory_allocated minus what "
                   "was allocated before the call: outputs, saved tensors, workspace, gradients)\n")
         rows = []

@@ -95,6 +95,8 @@ def test_summarize_tables_targets_plot(tmp_path, capsys):
     # tables: time, speedups (peer / ours), roofline, memory, e2e, inference, CPU
     assert "100" in row("temporal B16 B=8 bf16 fwd+bwd", "250")
     assert "2.00x" in row("spatial B16 B=8 bf16 fwd+bwd", "ours-cuda", "1.20x")   # xformers-split
+    frac = text.split("## Kernels: fraction")[1].split("##")[0]
+    assert "| temporal B16 B=8 bf16 fwd+bwd | 100% | 83% |" in frac     # triton, cuda
     assert "## Kernels: roofline" in text and "## Kernels: memory of one call" in text
     assert "| 100 | 100 |" in row("temporal B16 B=8 bf16 fwd+bwd | 100 | 100")   # delta, MiB
     assert "100%" in row("temporal B16 B=8 bf16 fwd+bwd", "300.0")    # floor == ours time
