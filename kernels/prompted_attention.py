@@ -30,15 +30,16 @@ def _pick(seg, a, b):
 
 @triton.jit
 def _boff(b, S1, S2, S3, s0, s1, s2, s3):
-    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * s_d   (int64)
-    b = b.to(tl.int64)
+    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * s_d
+    # (div/mod in int32 -- the flat batch index is < 2^31 -- products in int64)
     i3 = b % S3
     b = b // S3
     i2 = b % S2
     b = b // S2
     i1 = b % S1
     i0 = b // S1
-    return i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3
+    return (i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
+            + i3.to(tl.int64) * s3)
 
 
 @triton.jit

@@ -155,6 +155,15 @@ def test_segments_with_one_unprompted_segment():
           "segments (None, per-sample prompts)")
 
 
+def test_segments_with_an_empty_segment():
+    q, k, v = rnd(3, 17, 32), rnd(3, 17, 32), rnd(3, 17, 32)
+
+    def fn(q, k, v, pk0, pk1, pv0, pv1, backend):
+        return prompted_attention(q, k, v, [pk0, pk1], [pv0, pv1], segments=(0, 17),
+                                  backend=backend)
+    check(fn, [q, k, v, *(rnd(2, 32) for _ in range(4))], torch.float32, "segments (0, 17)")
+
+
 def test_stride0_grad_output():
     # out.sum() hands the backward a gradient with all-zero strides
     q, k, v = (leaf(rnd(2, 11, 32)) for _ in range(3))
