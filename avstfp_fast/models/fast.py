@@ -19,19 +19,43 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ops.attention import prompted_attention_qkv
+from ..ops.attention import prompted_attention, prompted_attention_qkv
 
 
-def _prompt_kv(blk, pk: Optional[torch.Tensor], pv: Optional[torch.Tensor], H: int):
-    """Prompt tokens (n, D) -> keys/values (H, n, d) through ln_1 and the frozen k/v proj."""
-    if pk is None:
-        return None, None
+def _layer_prompt_kv(model, blk, layer: int, mods, H: int) -> dict:
+    """All prompt keys/values of one layer from ONE LayerNorm and ONE k|v projection.
+
+    Returns {name: (k, v)} with k, v of shape (H, n, d) (views), for names
+    ("t", m) temporal (keys from the key prompts, values from the value prompts),
+    ("s", m) spatial and ("f",) fusion; absent prompts are missing from the dict.
+    """
+    c = model.config
+    named = []
+    for m in mods:
+        if c.has("temporal"):
+            named += [(("tk", m), model.layer_prompts(layer, "tkey", m)),
+                      (("tv", m), model.layer_prompts(layer, "tval", m))]
+        if c.has("spatial"):
+            named.append((("s", m), model.layer_prompts(layer, "spatial", m)))
+    if c.has("fusion"):
+        named.append((("f",), model.layer_prompts(layer, "fusion")))
+    named = [(n, p) for n, p in named if p is not None]
+    if not named:
+        return {}
     W, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
     D = W.shape[1]
     d = D // H
-    k = F.linear(blk.ln_1(pk), W[D:2 * D], b[D:2 * D])
-    v = F.linear(blk.ln_1(pv), W[2 * D:], b[2 * D:])
-    return (k.view(-1, H, d).transpose(0, 1), v.view(-1, H, d).transpose(0, 1))
+    rows = torch.cat([p for _, p in named])                     # (sum n, D): parameters only
+    kv = F.linear(blk.ln_1(rows), W[D:], b[D:]).view(-1, 2, H, d)
+    out, start = {}, 0
+    for name, p in named:
+        part = kv[start:start + p.shape[0]].permute(1, 2, 0, 3)   # (2, H, n, d)
+        start += p.shape[0]
+        out[name] = (part[0], part[1])
+    for m in mods:       # temporal: keys of the key prompts, values of the value prompts
+        if ("tk", m) in out:
+            out[("t", m)] = (out.pop(("tk", m))[0], out.pop(("tv", m))[1])
+    return out
 
 
 def _gate(betas, sizes, like):
@@ -41,59 +65,80 @@ def _gate(betas, sizes, like):
     return g.unsqueeze(-1)
 
 
-def _attend(blk, x, seq_dim, pk, pv, segments, backend):
-    """One prompted attention stage; returns ls_1(out_proj(attn)) in (B, M, N, D)."""
+def _qkv(blk, x):
     B, M, N, D = x.shape
     H = blk.attn.num_heads
     qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-    qkv = qkv.view(B, M, N, 3, H, D // H)
-    o = prompted_attention_qkv(qkv, pk, pv, qkv_dim=3, seq_dim=seq_dim, segments=segments,
-                               backend=backend)
+    return qkv.view(B, M, N, 3, H, D // H)
+
+
+def _attend(blk, x, seq_dim, pk, pv, segments, backend):
+    """One prompted attention stage; returns ls_1(out_proj(attn)) in (B, M, N, D)."""
+    B, M, N, D = x.shape
+    o = prompted_attention_qkv(_qkv(blk, x), pk, pv, qkv_dim=3, seq_dim=seq_dim,
+                               segments=segments, backend=backend)
     # o is (batch..., L, d) in q's memory order: move the sequence back, free for kernels
     o = o.movedim(-2, seq_dim).reshape(B, M, N, D)
     return blk.ls_1(blk.attn.out_proj(o))
 
 
+def _attend_rows(blk, x, rows, pk, pv, backend):
+    """Fusion-style attention (sequence over tokens) for the query rows ``rows`` only."""
+    B, M, N, D = x.shape
+    qkv = _qkv(blk, x)
+    q = qkv[:, :, rows, 0].movedim(2, -2)                          # (B, M, H, R, d)
+    k, v = (qkv.select(3, i).movedim(2, -2) for i in (1, 2))       # (B, M, H, N, d)
+    o = prompted_attention(q, k, v, pk, pv, backend=backend)
+    o = o.movedim(-2, 2).reshape(B, M, len(rows), D)
+    return blk.ls_1(blk.attn.out_proj(o))
+
+
 def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
                   backend: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """All layers on the joint buffer; returns ln_post(CLS) per modality, (B, M, D).
+
+    Only the CLS rows feed the output, so the last layer runs its FFN — and, when the
+    fusion stage comes last, the fusion queries — on the CLS rows alone (exact).
+    """
     c = model.config
     mods = [m for m, t in (("audio", a), ("visual", v)) if t is not None]
     sizes = [t.shape[2] for t in (a, v) if t is not None]
+    cls_rows = [0] if len(mods) == 1 else [0, sizes[0]]
     x = torch.cat([t for t in (a, v) if t is not None], dim=2) if len(mods) == 2 else (a if a is not None else v)
     H = model.num_heads
-    for layer, blk in enumerate(model.visual.transformer.resblocks):
+    blocks = model.visual.transformer.resblocks
+    for layer, blk in enumerate(blocks):
+        last = layer == len(blocks) - 1
+        kv = _layer_prompt_kv(model, blk, layer, mods, H)
         if c.has("temporal"):
-            kv = [_prompt_kv(blk, model.layer_prompts(layer, "tkey", m),
-                             model.layer_prompts(layer, "tval", m), H) for m in mods]
-            if kv[0][0] is None:
+            if ("t", mods[0]) not in kv:
                 pk = pv = None
             elif len(mods) == 1:
-                pk, pv = kv[0]
+                pk, pv = kv[("t", mods[0])]
             else:       # per-position prompts (N, H, Nt, d): audio rows then visual rows
-                pk = torch.cat([k.expand(n, *k.shape) for (k, _), n in zip(kv, sizes)])
-                pv = torch.cat([p.expand(n, *p.shape) for (_, p), n in zip(kv, sizes)])
+                pk = torch.cat([kv[("t", m)][0].expand(n, -1, -1, -1) for m, n in zip(mods, sizes)])
+                pv = torch.cat([kv[("t", m)][1].expand(n, -1, -1, -1) for m, n in zip(mods, sizes)])
             gate = _gate([getattr(model, f"beta_{m}")[layer] for m in mods], sizes, x)
             x = x + gate * _attend(blk, x, 1, pk, pv, None, backend)
         if c.has("spatial"):
-            kv = [_prompt_kv(blk, model.layer_prompts(layer, "spatial", m),
-                             model.layer_prompts(layer, "spatial", m), H) for m in mods]
+            pairs = [kv.get(("s", m), (None, None)) for m in mods]
             if len(mods) == 1:
-                pk, pv = kv[0]
-                segs = None
+                (pk, pv), segs = pairs[0], None
             else:
                 segs = sizes
-                pk, pv = ([k for k, _ in kv], [p for _, p in kv])
+                pk, pv = [k for k, _ in pairs], [p for _, p in pairs]
                 if all(k is None for k in pk):
                     pk = pv = None
             x = x + _attend(blk, x, 2, pk, pv, segs, backend)
+        if last:
+            x = x[:, :, cls_rows] if not c.has("fusion") else x
         if c.has("fusion"):
-            p = model.layer_prompts(layer, "fusion")
-            pk, pv = _prompt_kv(blk, p, p, H)
-            x = x + model.beta_fusion[layer].to(x.dtype) * _attend(blk, x, 2, pk, pv, None, backend)
+            pk, pv = kv.get(("f",), (None, None))
+            beta = model.beta_fusion[layer].to(x.dtype)
+            if last:
+                x = x[:, :, cls_rows] + beta * _attend_rows(blk, x, cls_rows, pk, pv, backend)
+            else:
+                x = x + beta * _attend(blk, x, 2, pk, pv, None, backend)
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-    feats = {}
-    start = 0
-    for m, n in zip(mods, sizes):
-        feats[m] = model.visual.ln_post(x[:, :, start])
-        start += n
+    feats = {m: model.visual.ln_post(x[:, :, i]) for i, m in enumerate(mods)}
     return feats.get("audio"), feats.get("visual")

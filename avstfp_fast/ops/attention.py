@@ -177,7 +177,12 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
     (qkv,), prompt_k, prompt_v = _prep([qkv], prompt_k, prompt_v, segments)
     q, k, v = qkv_views(qkv, qkv_dim, seq_dim)
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
-    return _run(p, backend, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
+    b = _b.select(p, backend)
+    if b.kind != "kernel":
+        # autograd-native backends: views from unbind, whose backward stacks the three
+        # gradients (select would zero-fill a qkv-sized buffer per view)
+        p.q, p.k, p.v = (t.movedim(seq_dim % t.dim(), -2) for t in qkv.unbind(qkv_dim))
+    return _run(p, b.name, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
 
 
 def explain(q, k, v, prompt_k=None, prompt_v=None, *, scale=None, segments=None) -> str:

@@ -130,28 +130,50 @@ def explain_problem(p: AttnProblem) -> str:
     return "\n".join(lines)
 
 
+def _pieces(p: AttnProblem):
+    """(q, k, v, pk, pv) per segment, with the prompts appended to k/v (expanded views).
+
+    ``split`` (not slicing) so that autograd joins the pieces' gradients with one cat
+    instead of zero-filling a full-size buffer per piece.
+    """
+    qs = p.q.split(list(p.q_segments), dim=-2)
+    ks = p.k.split(list(p.k_segments), dim=-2)
+    vs = p.v.split(list(p.k_segments), dim=-2)
+    for s, (q, k, v) in enumerate(zip(qs, ks, vs)):
+        pk, pv = p.expanded_prompts(s)
+        if pk is not None:
+            k = torch.cat([k, pk], dim=-2)
+            v = torch.cat([v, pv], dim=-2)
+        yield q, k, v
+
+
+def _join(outs):
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+
+
 # --------------------------------------------------------------------------- reference
 class ReferenceBackend(Backend):
-    """The oracle: concatenate prompts (expanded to the batch) and run SDPA, per segment."""
+    """The oracle: concatenate prompts (expanded to the batch), softmax(q k^T) v, per segment."""
     name = "reference"
 
     def run(self, p: AttnProblem) -> torch.Tensor:
-        outs, q0, k0 = [], 0, 0
-        for s, (nq, nk) in enumerate(zip(p.q_segments, p.k_segments)):
-            q = p.q[..., q0:q0 + nq, :]
-            k = p.k[..., k0:k0 + nk, :]
-            v = p.v[..., k0:k0 + nk, :]
-            pk, pv = p.expanded_prompts(s)
-            if pk is not None:
-                k = torch.cat([k, pk], dim=-2)
-                v = torch.cat([v, pv], dim=-2)
-            attn = torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1)
-            outs.append(attn @ v)
-            q0, k0 = q0 + nq, k0 + nk
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        return _join([torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1) @ v
+                      for q, k, v in _pieces(p)])
 
 
 # --------------------------------------------------------------------------- torch
+def _sdpa(q, k, v, scale):
+    """SDPA with the batch folded to exactly 4 dims: PyTorch's fused CPU (flash) kernel
+    takes only 4-D inputs and otherwise falls back to the unfused math path."""
+    batch = q.shape[:-2]
+    if q.dim() == 4:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    lead = (-1, *batch[-1:]) if q.dim() > 4 else (1,) * (4 - q.dim()) + tuple(batch)
+    q4, k4, v4 = (t.reshape(*lead, *t.shape[-2:]) for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
+    return o.reshape(*batch, *o.shape[-2:])
+
+
 class TorchBackend(Backend):
     """Pure-PyTorch fast path: SDPA (fused kernels where PyTorch has them) on the strided
     views.  Prompts are appended to K/V by a concatenation whose cost is P rows per
@@ -159,18 +181,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def run(self, p: AttnProblem) -> torch.Tensor:
-        outs, q0, k0 = [], 0, 0
-        for s, (nq, nk) in enumerate(zip(p.q_segments, p.k_segments)):
-            q = p.q[..., q0:q0 + nq, :]
-            k = p.k[..., k0:k0 + nk, :]
-            v = p.v[..., k0:k0 + nk, :]
-            pk, pv = p.expanded_prompts(s)
-            if pk is not None:
-                k = torch.cat([k, pk], dim=-2)
-                v = torch.cat([v, pv], dim=-2)
-            outs.append(F.scaled_dot_product_attention(q, k, v, scale=p.scale))
-            q0, k0 = q0 + nq, k0 + nk
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+        return _join([_sdpa(q, k, v, p.scale) for q, k, v in _pieces(p)])
 
 
 register(ReferenceBackend())
