@@ -4,7 +4,7 @@ import torch
 
 from avstfp_fast import PromptedCLIP, ReferenceAVSTFP
 from avstfp_fast.models import backbone as bb
-from helpers import assert_close
+from helpers import assert_close, rel_err
 
 
 def randomize_(model, scale=0.5):
@@ -23,31 +23,40 @@ def inputs(model, B, M, dtype=torch.float64, audio=True, video=True):
     return a, v
 
 
-def compare(model, a, v, what=""):
-    """Fast path in fp32 vs reference in fp64: logits and every trainable gradient."""
-    model = model.double()
-    model.set_backend("reference")
-    ref = model(a, v)
-    ref = ref if isinstance(ref, torch.Tensor) else torch.cat([t for t in ref if t is not None], -1)
-    go = torch.randn_like(ref)
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref_g = torch.autograd.grad(ref, params, go, allow_unused=True)
-
-    model = model.float()
-    model.set_backend("torch")
-    a32 = None if a is None else a.float()
-    v32 = None if v is None else v.float()
-    out = model(a32, v32)
+def _run(model, backend, dtype, a, v, go):
+    model = model.to(dtype)
+    model.set_backend(backend)
+    out = model(None if a is None else a.to(dtype), None if v is None else v.to(dtype))
     out = out if isinstance(out, torch.Tensor) else torch.cat([t for t in out if t is not None], -1)
+    if go is None:
+        go = torch.randn_like(out)
     params = [p for p in model.parameters() if p.requires_grad]
-    g = torch.autograd.grad(out, params, go.float(), allow_unused=True)
-    assert_close(out, ref, torch.float32, f"{what} logits")
-    for n, x, y in zip(names, g, ref_g):
-        assert (x is None) == (y is None), n      # e.g. the unused visual.proj
-        if x is None:
-            continue
-        assert_close(x, y, torch.float32, f"{what} grad {n}")
+    return out, torch.autograd.grad(out, params, go.to(dtype), allow_unused=True), go
+
+
+# The gates β are scalars per layer whose gradient sums ~B*M*N*D products with heavy
+# cancellation; in fp32 that sum alone carries ~1e-5 relative rounding, so they get 5e-5.
+# Every gradient (gates included) is also checked in float64 against 1e-10, which is what
+# proves the fast path computes the same function.
+GATE_TOL32 = 5e-5
+
+
+def compare(model, a, v, what="", backend="torch"):
+    """Fast path vs the reference in fp64: logits and every trainable gradient, in
+    float64 (exact rewrite, 1e-10) and float32 (SPEC §5)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref, ref_g, go = _run(model, "reference", torch.float64, a, v, None)
+    for dtype in (torch.float64, torch.float32):
+        out, g, _ = _run(model, backend, dtype, a, v, go)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        assert rel_err(out, ref) <= tol, f"{what} logits {dtype}: {rel_err(out, ref):.3g}"
+        for n, x, y in zip(names, g, ref_g):
+            assert (x is None) == (y is None), n      # e.g. the unused visual.proj
+            if x is None:
+                continue
+            t = GATE_TOL32 if dtype == torch.float32 and n.startswith("beta_") else tol
+            e = rel_err(x, y)
+            assert e <= t, f"{what} grad {n} {dtype}: relative error {e:.3g} > {t:g}"
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -27,7 +27,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.backends import available_backends
+from ..ops.backends import get_backend
 from . import backbone as bb
 from .config import AVSTFPConfig
 
@@ -103,8 +103,19 @@ class PromptedCLIP(nn.Module):
     def set_backend(self, backend: str) -> "PromptedCLIP":
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if backend not in ("reference", "auto") and backend not in available_backends():
-            raise ValueError(f"backend: {backend!r} is not available; have {available_backends()}")
+        # Import kernel backends now, outside any torch.compile region (a lazy import
+        # while tracing would break the graph).
+        if backend in ("triton", "cuda"):
+            try:
+                get_backend(backend)
+            except ImportError as e:
+                raise ValueError(f"backend: {backend!r} is not available: {e}") from e
+        elif backend == "auto":
+            for name in ("triton", "cuda"):
+                try:
+                    get_backend(name)
+                except ImportError:
+                    pass
         self.backend = backend
         return self
 

@@ -168,7 +168,13 @@ def _sdpa(q, k, v, scale):
     batch = q.shape[:-2]
     if q.dim() == 4:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    lead = (-1, *batch[-1:]) if q.dim() > 4 else (1,) * (4 - q.dim()) + tuple(batch)
+    if q.dim() > 4:
+        n = 1
+        for x in batch[:-1]:
+            n *= x
+        lead = (n, batch[-1])
+    else:
+        lead = (1,) * (4 - q.dim()) + tuple(batch)
     q4, k4, v4 = (t.reshape(*lead, *t.shape[-2:]) for t in (q, k, v))
     o = F.scaled_dot_product_attention(q4, k4, v4, scale=scale)
     return o.reshape(*batch, *o.shape[-2:])
