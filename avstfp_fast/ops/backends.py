@@ -55,6 +55,31 @@ class KernelBackend(Backend):
         raise NotImplementedError
 
 
+def kernel_limits(p: AttnProblem, name: str, *, dtypes, head_dims, max_segments: int,
+                  max_batch_dims: int) -> Optional[str]:
+    """The checks every kernel backend shares; None when ``p`` is within its limits."""
+    if p.dtype not in dtypes:
+        return (f"dtype {p.dtype} is not supported by the {name} backend; expected one of "
+                f"{[str(d) for d in dtypes]}")
+    if p.head_dim not in head_dims:
+        return (f"head dim {p.head_dim} is not supported by the {name} backend: expected one "
+                f"of {tuple(head_dims)} (q shape {tuple(p.q.shape)})")
+    if p.value_dim != p.head_dim:
+        return (f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported by "
+                f"the {name} backend (q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
+    for arg, t in (("q", p.q), ("k", p.k), ("v", p.v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return (f"{arg}: last-dim stride must be 1 for the {name} backend, got strides "
+                    f"{t.stride()} for shape {tuple(t.shape)}")
+    if len(p.q_segments) > max_segments:
+        return (f"segments: at most {max_segments} segments are supported by the {name} "
+                f"backend, got {len(p.q_segments)} ({p.q_segments})")
+    if sum(1 for n in p.batch_shape if n != 1) > max_batch_dims:
+        return (f"q: at most {max_batch_dims} batch dims of size > 1 are supported by the "
+                f"{name} backend, got batch shape {tuple(p.batch_shape)}")
+    return None
+
+
 def register(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
     return backend

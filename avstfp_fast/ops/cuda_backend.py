@@ -36,7 +36,7 @@ from typing import List, Optional
 import torch
 
 from .. import _build
-from .backends import KernelBackend, register
+from .backends import KernelBackend, kernel_limits, register
 from .contract import AttnProblem
 
 MAX_SEGMENTS = 4
@@ -143,25 +143,10 @@ class CudaBackend(KernelBackend):
     name = "cuda"
 
     def why_not(self, p: AttnProblem) -> Optional[str]:
-        if p.dtype not in DTYPES:
-            return (f"dtype {p.dtype} is not supported by the cuda backend; expected one of "
-                    f"{[str(d) for d in DTYPES]}")
-        if p.head_dim not in HEAD_DIMS:
-            return (f"head dim {p.head_dim} is not supported by the cuda backend: expected one "
-                    f"of {HEAD_DIMS} (q shape {tuple(p.q.shape)})")
-        if p.value_dim != p.head_dim:
-            return (f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported by "
-                    f"the cuda backend (q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
-        if len(p.q_segments) > MAX_SEGMENTS:
-            return (f"segments: at most {MAX_SEGMENTS} segments are supported by the cuda "
-                    f"backend, got {len(p.q_segments)} ({p.q_segments})")
-        if sum(1 for n in p.batch_shape if n != 1) > MAX_BATCH_DIMS:
-            return (f"q: at most {MAX_BATCH_DIMS} batch dims of size > 1 are supported by the "
-                    f"cuda backend, got batch shape {tuple(p.batch_shape)}")
-        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
-            if t.stride(-1) != 1:
-                return (f"{name}: last-dim stride must be 1 for the cuda backend, got strides "
-                        f"{t.stride()} for shape {tuple(t.shape)}")
+        reason = kernel_limits(p, "cuda", dtypes=DTYPES, head_dims=HEAD_DIMS,
+                               max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS)
+        if reason is not None:
+            return reason
         nseq = 1
         for n in p.batch_shape:
             nseq *= n

@@ -76,10 +76,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .backends import KernelBackend, register
+from .backends import KernelBackend, kernel_limits, register
 from .contract import AttnProblem
 
 MAX_SEGMENTS = 2
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BATCH_DIMS = 4
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -350,29 +351,17 @@ class TritonBackend(KernelBackend):
                         "for the GPU; set it before the first use of the triton backend")
         elif dev != "cuda":
             return f"q is on device {p.device}; the triton backend runs on cuda (or cpu when interpreting)"
-        if p.dtype == torch.float64:
-            return "dtype torch.float64 is not supported (float16, bfloat16, float32)"
         if p.dtype == torch.bfloat16 and (interp or _kernels_interpreted()):
             return "dtype torch.bfloat16 is not supported by the Triton CPU interpreter (float16, float32)"
-        if p.head_dim not in HEAD_DIMS:
-            return f"head dim {p.head_dim} is not supported: expected one of {HEAD_DIMS} (q shape {tuple(p.q.shape)})"
-        if p.value_dim != p.head_dim:
-            return (f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported "
-                    f"(q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
-        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
-            if t.stride(-1) != 1:
-                return f"{name}: last-dim stride must be 1, got strides {t.stride()} for shape {tuple(t.shape)}"
+        reason = kernel_limits(p, "triton", dtypes=DTYPES, head_dims=HEAD_DIMS,
+                               max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS)
+        if reason is not None:
+            return reason
         for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             for name, t in (("prompt_k", pk), ("prompt_v", pv)):
                 if t is not None and t.stride(-1) != 1:
                     return (f"{name}[{s}]: last-dim stride must be 1, got strides {t.stride()} "
                             f"for shape {tuple(t.shape)}")
-        if len(p.q_segments) > MAX_SEGMENTS:
-            return (f"segments: at most {MAX_SEGMENTS} segments are supported, got "
-                    f"{len(p.q_segments)} ({p.q_segments})")
-        if sum(1 for n in p.batch_shape if n != 1) > MAX_BATCH_DIMS:
-            return (f"q: at most {MAX_BATCH_DIMS} batch dims of size > 1 are supported, got "
-                    f"batch shape {tuple(p.batch_shape)}")
         return None
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
