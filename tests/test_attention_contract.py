@@ -253,3 +253,15 @@ def test_qkv_must_be_contiguous():
         prompted_attention_qkv(qkv, qkv_dim=3, seq_dim=1)
     with pytest.raises(ValueError, match="qkv: expected size 3 at qkv_dim=2"):
         prompted_attention_qkv(torch.randn(2, 3, 4, 8), qkv_dim=2, seq_dim=1)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v, pk, pv = _ok()
+    want = prompted_attention(q.double(), k.double(), v.double(), pk.double(), pv.double(),
+                              backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prompted_attention(q, k, v, pk, pv, backend="torch")
+        qkv = torch.randn(2, 4, 3, 2, 8)
+        packed = prompted_attention_qkv(qkv, pk[:2], pv[:2], qkv_dim=2, seq_dim=1)
+    assert out.dtype == torch.bfloat16 and packed.dtype == torch.bfloat16
+    assert_close(out, want, torch.bfloat16)

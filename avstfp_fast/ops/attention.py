@@ -92,25 +92,22 @@ class _KernelAttention(torch.autograd.Function):
         return (None, *grads)
 
 
-def _autocast(tensors):
+def _autocast(tensors, prompt_k, prompt_v):
     """Under autocast, attention runs in the autocast dtype (as SDPA does)."""
-    ref = next(t for t in tensors if isinstance(t, torch.Tensor))
-    dev = ref.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        return [t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                for t in tensors]
-    return list(tensors)
+    dev = tensors[0].device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return tensors, prompt_k, prompt_v
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def cast_prompts(pr):
+        return [cast(t) for t in pr] if isinstance(pr, (list, tuple)) else cast(pr)
+    return [cast(t) for t in tensors], cast_prompts(prompt_k), cast_prompts(prompt_v)
 
 
-def _cast_prompts(prompt):
-    if isinstance(prompt, (list, tuple)):
-        return list(prompt)
-    return [prompt]
-
-
-def _run(p: AttnProblem, backend: str, packed=None, qkv=None) -> torch.Tensor:
-    b = _b.select(p, backend)
+def _run(p: AttnProblem, b: "_b.Backend", packed=None, qkv=None) -> torch.Tensor:
     if b.kind != "kernel":
         return b.run(p)
     meta = _Meta(b.name, packed, tuple(pk is not None for pk in p.prompt_k),
@@ -118,25 +115,6 @@ def _run(p: AttnProblem, backend: str, packed=None, qkv=None) -> torch.Tensor:
     lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
     prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]
     return _KernelAttention.apply(meta, *lead, *prompts)
-
-
-def _prep(q_like, prompt_k, prompt_v, segments):
-    """Apply autocast to every tensor argument, keeping the per-segment structure."""
-    seq = isinstance(prompt_k, (list, tuple))
-    pk = _cast_prompts(prompt_k)
-    pv = _cast_prompts(prompt_v)
-    flat = _autocast(list(q_like) + pk + pv)
-    n = len(q_like)
-    qs, pk, pv = flat[:n], flat[n:n + len(pk)], flat[n + len(pk):]
-    if prompt_k is None:
-        pk = None
-    elif not seq:
-        pk = pk[0]
-    if prompt_v is None:
-        pv = None
-    elif not isinstance(prompt_v, (list, tuple)):
-        pv = pv[0]
-    return qs, pk, pv
 
 
 def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional[float] = None,
@@ -152,9 +130,9 @@ def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-    (q, k, v), prompt_k, prompt_v = _prep([q, k, v], prompt_k, prompt_v, segments)
+    (q, k, v), prompt_k, prompt_v = _autocast([q, k, v], prompt_k, prompt_v)
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
-    return _run(p, backend)
+    return _run(p, _b.select(p, backend))
 
 
 def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, qkv_dim: int,
@@ -174,7 +152,7 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
     if not qkv.is_contiguous():
         raise ValueError(f"qkv: must be contiguous (the projection output), got strides "
                          f"{qkv.stride()} for shape {tuple(qkv.shape)}")
-    (qkv,), prompt_k, prompt_v = _prep([qkv], prompt_k, prompt_v, segments)
+    (qkv,), prompt_k, prompt_v = _autocast([qkv], prompt_k, prompt_v)
     q, k, v = qkv_views(qkv, qkv_dim, seq_dim)
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
     b = _b.select(p, backend)
@@ -182,7 +160,7 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
         # autograd-native backends: views from unbind, whose backward stacks the three
         # gradients (select would zero-fill a qkv-sized buffer per view)
         p.q, p.k, p.v = (t.movedim(seq_dim % t.dim(), -2) for t in qkv.unbind(qkv_dim))
-    return _run(p, b.name, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
+    return _run(p, b, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
 
 
 def explain(q, k, v, prompt_k=None, prompt_v=None, *, scale=None, segments=None) -> str:
