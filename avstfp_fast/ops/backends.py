@@ -151,7 +151,11 @@ def explain_problem(p: AttnProblem) -> str:
             r = f"not available: {e}"
         lines.append(f"  {name:9s} {'OK' if r is None else r}")
     auto = preference(p.device, p)
-    lines.append(f"  auto order on {p.device.type}: {auto}")
+    how = ""
+    if p.device.type == "cuda":
+        from . import autotable
+        how = f" ({autotable.source(p)})"
+    lines.append(f"  auto order on {p.device.type}: {auto}{how}")
     return "\n".join(lines)
 
 
