@@ -223,3 +223,15 @@ def test_fast_path_traces_without_graph_breaks():
     out.sum().backward()
     with torch.no_grad():
         assert torch.allclose(out, m(a, v), atol=1e-6)
+
+
+def test_built_from_a_loaded_open_clip_model_shares_its_tower():
+    import open_clip
+    clip = open_clip.create_model("ViT-S-32", pretrained=None)
+    m = PromptedCLIP(clip, n_spatial=1)
+    assert m.visual is clip.visual
+    assert m.visual.conv1.weight.data_ptr() == clip.visual.conv1.weight.data_ptr()
+    with pytest.raises(ValueError, match="pretrained"):
+        PromptedCLIP(clip, pretrained="/some/file.pt")
+    with pytest.raises(TypeError, match="model"):
+        PromptedCLIP(42)
