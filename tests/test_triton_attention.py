@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from avstfp_fast import prompted_attention, prompted_attention_qkv  # noqa: E402
 from avstfp_fast.ops import get_backend, make_problem  # noqa: E402
-from helpers import TOL, leaf, rel_err, strided  # noqa: E402
+from helpers import TOL, leaf, rel_err, strided, check_vs_reference  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEV = "cpu" if INTERP else "cuda"
@@ -31,21 +31,7 @@ def rnd(*shape, dtype=torch.float32):
 
 def check(fn, inputs, dtype, what=""):
     """fn(*inputs, backend) with triton vs reference in float64: output and every grad."""
-    inputs = [leaf(t) for t in inputs]
-    out = fn(*inputs, "triton")
-    assert out.dtype == dtype
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref_in = [leaf(t.detach().double()) for t in inputs]
-    ref = fn(*ref_in, "reference")
-    ref.backward(g.double())
-    errs = {"out": rel_err(out, ref)}
-    for i, (a, b) in enumerate(zip(inputs, ref_in)):
-        assert a.grad is not None, f"{what}: no gradient for input {i}"
-        assert a.grad.shape == b.shape, f"{what}: grad {i} shape {tuple(a.grad.shape)}"
-        errs[f"grad{i}"] = rel_err(a.grad, b.grad)
-    bad = {k: f"{e:.3g}" for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{what} ({dtype}): relative errors above {TOL[dtype]}: {bad}"
+    check_vs_reference(fn, inputs, dtype, "triton", what)
 
 
 def _qkv_fn(seq_dim, segments=None):

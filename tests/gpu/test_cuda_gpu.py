@@ -14,7 +14,7 @@ from avstfp_fast import prompted_attention, prompted_attention_qkv
 from avstfp_fast.ops import get_backend, make_problem
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import TOL, rel_err, strided  # noqa: E402
+from helpers import TOL, rel_err, strided, check_vs_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -38,21 +38,7 @@ def _leaf(t):
 
 
 def _check(fn, inputs, dtype, what):
-    """fn(*inputs) with backend cuda vs reference in float64: out and every grad."""
-    out = fn(*inputs, "cuda")
-    g = torch.randn_like(out)
-    out.backward(g)
-    grads = [t.grad for t in inputs]
-    ref_in = [_leaf(t.detach().double()) for t in inputs]
-    ref = fn(*ref_in, "reference")
-    ref.backward(g.double())
-    errs = {"out": rel_err(out, ref)}
-    for i, (a, b) in enumerate(zip(grads, ref_in)):
-        assert a is not None, f"{what}: no gradient for input {i}"
-        assert a.shape == b.shape, f"{what}: grad {i} shape {tuple(a.shape)} != {tuple(b.shape)}"
-        errs[f"grad{i}"] = rel_err(a, b.grad)
-    bad = {k: e for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{what} ({dtype}): relative errors above {TOL[dtype]}: {bad}"
+    check_vs_reference(fn, inputs, dtype, "cuda", what)
 
 
 # --------------------------------------------------------------------------- SPEC §4 stages

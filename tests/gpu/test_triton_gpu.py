@@ -12,7 +12,7 @@ from avstfp_fast import prompted_attention, prompted_attention_qkv
 from avstfp_fast.ops import get_backend, make_problem
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import TOL, rel_err  # noqa: E402
+from helpers import TOL, rel_err, check_vs_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -35,20 +35,7 @@ def _leaf(t):
 
 
 def _check(fn, inputs, dtype, what):
-    """fn(*inputs, backend) with triton vs reference in float64: out and every grad."""
-    inputs = [_leaf(t) for t in inputs]
-    out = fn(*inputs, "triton")
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref_in = [_leaf(t.detach().double()) for t in inputs]
-    ref = fn(*ref_in, "reference")
-    ref.backward(g.double())
-    errs = {"out": rel_err(out, ref)}
-    for i, (a, b) in enumerate(zip(inputs, ref_in)):
-        assert a.grad is not None, f"{what}: no gradient for input {i}"
-        errs[f"grad{i}"] = rel_err(a.grad, b.grad)
-    bad = {k: f"{e:.3g}" for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{what} ({dtype}): relative errors above {TOL[dtype]}: {bad}"
+    check_vs_reference(fn, inputs, dtype, "triton", what)
 
 
 def _qkv(B, M, N, H, d, dtype):
