@@ -21,10 +21,8 @@ def problems(draw):
         segs = tuple(draw(st.lists(st.integers(0, 5), min_size=1, max_size=3)))
         Lq = Lk = sum(segs)
         Ps = [draw(st.integers(0, 3)) for _ in segs]
-        for i, n in enumerate(segs):           # every segment with queries needs a key
-            if n == 0 and Ps[i] == 0:
-                pass
-            elif n > 0 and Ps[i] == 0 and draw(st.booleans()):
+        for i, n in enumerate(segs):     # often give unprompted non-empty segments a prompt
+            if n > 0 and Ps[i] == 0 and draw(st.booleans()):
                 Ps[i] = 1
     else:
         segs = None

@@ -49,23 +49,12 @@ class AttnProblem:
         return self.v.shape[-1]
 
     @property
-    def num_prompts(self) -> Tuple[int, ...]:
-        return tuple(0 if p is None else p.shape[-2] for p in self.prompt_k)
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
     @property
     def device(self) -> torch.device:
         return self.q.device
-
-    def tensors(self):
-        """All tensor inputs, in a fixed order (q, k, v, pk_0.., pv_0..; None skipped)."""
-        out = [self.q, self.k, self.v]
-        out += [p for p in self.prompt_k if p is not None]
-        out += [p for p in self.prompt_v if p is not None]
-        return out
 
     def expanded_prompts(self, s: int):
         """Prompts of segment s as stride-0 views of shape (*batch, P, E) (no copy)."""
