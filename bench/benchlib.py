@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from avstfp_fast.testing import TOL, rel_err
+
 # --------------------------------------------------------------------------- shapes
 MB = 1 << 20
 
@@ -63,7 +65,6 @@ ARCHS: Dict[str, Arch] = {
 
 STAGES = ("temporal", "spatial", "fusion")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}   # SPEC §5
 
 
 @dataclass(frozen=True)
@@ -581,14 +582,6 @@ def build_contender(name: str, shape: KernelShape, device) -> Callable:
 
 
 # --------------------------------------------------------------------------- correctness
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return float("nan")
-    den = ref.norm().item()
-    return (x - ref).norm().item() / (den if den > 0 else 1.0)
-
-
 def reference_results(shape: KernelShape, device, seed: int):
     """Output and gradients of the reference backend in float64 on the case's inputs."""
     from avstfp_fast import prompted_attention_qkv

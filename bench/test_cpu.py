@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import benchlib
+from avstfp_fast.testing import rel_err
 from benchcfg import require_time, size_config
 
 _MODELS = {}
@@ -70,8 +71,8 @@ def test_cpu_fwd_bwd(model, backend, bench):
         ref_logits, ref_grads = _fwd_bwd(m, audio, video, labels)
         m.set_backend(backend)
         logits, grads = _fwd_bwd(m, audio, video, labels)
-        errs = [benchlib.rel_err(logits, ref_logits)] + \
-            [benchlib.rel_err(g, r) for g, r in zip(grads, ref_grads)]
+        errs = [rel_err(logits, ref_logits)] + \
+            [rel_err(g, r) for g, r in zip(grads, ref_grads)]
         assert max(errs) <= 1e-4, f"{backend} differs from reference: max rel err {max(errs):.3g}"
         bench.extra_info["max_rel_err_vs_reference"] = max(errs)
     a = benchlib.model_arch(m)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from avstfp_fast import explain, prompted_attention, prompted_attention_qkv
-from helpers import assert_close, leaf, strided
+from avstfp_fast.testing import assert_close, leaf, strided
 
 LAYOUTS = ("contiguous", "permuted", "sliced")
 

@@ -199,7 +199,7 @@ def test_make_autotable(tmp_path):
 import ctypes as C  # noqa: E402
 import math  # noqa: E402
 
-from helpers import TOL, rel_err, strided  # noqa: E402
+from avstfp_fast.testing import TOL, rel_err, strided  # noqa: E402
 
 _MAXB, _MAXS = 4, 4
 

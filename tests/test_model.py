@@ -4,7 +4,7 @@ import torch
 
 from avstfp_fast import PromptedCLIP, ReferenceAVSTFP
 from avstfp_fast.models import backbone as bb
-from helpers import assert_close, rel_err
+from avstfp_fast.testing import assert_close, rel_err
 
 
 def randomize_(model, scale=0.5):

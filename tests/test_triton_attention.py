@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 
 from avstfp_fast import prompted_attention, prompted_attention_qkv  # noqa: E402
 from avstfp_fast.ops import get_backend, make_problem  # noqa: E402
-from helpers import TOL, leaf, rel_err, strided, check_vs_reference  # noqa: E402
+from avstfp_fast.testing import TOL, leaf, rel_err, strided, check_vs_reference  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEV = "cpu" if INTERP else "cuda"

@@ -11,8 +11,7 @@ import torch
 from avstfp_fast import prompted_attention, prompted_attention_qkv
 from avstfp_fast.ops import get_backend, make_problem
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from helpers import TOL, rel_err, check_vs_reference  # noqa: E402
+from avstfp_fast.testing import TOL, rel_err, check_vs_reference  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
