@@ -11,11 +11,11 @@ SIZES = {
     "tiny": dict(archs=["tiny"], batches=[1], dtypes=["bf16", "fp16"], e2e_archs=["tiny"],
                  e2e_batches=[1], rounds=2, round_s=0.002, e2e_rounds=1, e2e_warmup=1,
                  cpu_model="tiny", cpu_batch=1, cpu_rounds=1),
-    # short: SPEC shapes, few short rounds (bench/gpu_check.sh).
+    # short: ViT-B/16 and ViT-L/14 shapes, few short rounds (bench/gpu_check.sh).
     "short": dict(archs=["B16", "L14"], batches=[2, 8], dtypes=["bf16", "fp16"],
                   e2e_archs=["B16", "L14"], e2e_batches=[2, 8], rounds=3, round_s=0.01,
                   e2e_rounds=3, e2e_warmup=2, cpu_model="small", cpu_batch=2, cpu_rounds=3),
-    # full: SPEC shapes, more rounds.
+    # full: the same shapes, more rounds.
     "full": dict(archs=["B16", "L14"], batches=[2, 8], dtypes=["bf16", "fp16"],
                  e2e_archs=["B16", "L14"], e2e_batches=[2, 8], rounds=15, round_s=0.05,
                  e2e_rounds=10, e2e_warmup=3, cpu_model="small", cpu_batch=2, cpu_rounds=11),

@@ -5,9 +5,9 @@ Options (each also settable by environment variable):
   --bench-size tiny|short|full   AVSTFP_BENCH_SIZE    default: full
       tiny:  CI smoke sizes (a few tokens, 3 frames); every case that can run on the
              machine runs once with --benchmark-disable in well under two minutes on CPU.
-      short: the SPEC §4 / ViT-B/16 and ViT-L/14 shapes with few, short rounds
-             (bench/gpu_check.sh uses it).
-      full:  the SPEC §4 shapes, more rounds.
+      short: the ViT-B/16 and ViT-L/14 shapes (bench/geometry.py) with few, short
+             rounds (bench/gpu_check.sh uses it).
+      full:  the same shapes, more rounds.
   --bench-budget SECONDS         AVSTFP_BENCH_BUDGET  default: none
       soft time budget of this pytest run: once spent, the remaining cases skip with
       the reason "time budget spent" (the JSON is still written).
@@ -16,8 +16,8 @@ Options (each also settable by environment variable):
   --bench-partial PATH           AVSTFP_BENCH_PARTIAL default: none
       append each finished case as one JSON line to PATH (survives a hard kill).
 
-Kernel and end-to-end cases at SPEC sizes are GPU cases: on a machine without CUDA they
-skip with a reason; the CPU case (test_cpu.py) runs everywhere.
+Kernel and end-to-end cases at ViT-B/16 and ViT-L/14 sizes are GPU cases: on a machine
+without CUDA they skip with a reason; the CPU case (test_cpu.py) runs everywhere.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ import time
 import pytest
 import torch
 
-import benchcfg
-import benchlib
-from summarize import autotable_records
+import timing
 from benchcfg import STATE as _STATE, SIZES, size_config
+from summarize import autotable_records
+
 
 def pytest_addoption(parser):
     g = parser.getgroup("avstfp-bench")
@@ -75,7 +75,7 @@ def device() -> torch.device:
 @pytest.fixture(scope="session")
 def ceilings(device):
     """Copy bandwidth and GEMM rate of this device, measured once per run."""
-    c = benchlib.measure_ceilings(device, quick=size_config()["name"] == "tiny")
+    c = timing.measure_ceilings(device, quick=size_config()["name"] == "tiny")
     _STATE["ceilings"] = c
     return c
 
@@ -85,7 +85,7 @@ def bench(benchmark, device):
     """The pytest-benchmark fixture, set up for asynchronous CUDA work: its timer
     synchronizes the device before reading the clock."""
     if device.type == "cuda" and hasattr(benchmark, "_timer"):
-        benchmark._timer = benchlib.sync_timer
+        benchmark._timer = timing.sync_timer
     benchmark.extra_info["size"] = size_config()["name"]
     return benchmark
 
@@ -95,7 +95,7 @@ def _meta() -> dict:
     return {
         "size": _STATE["size"], "ceilings": _STATE["ceilings"],
         "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": benchlib.device_name(torch.device("cuda" if torch.cuda.is_available()
+        "device": timing.device_name(torch.device("cuda" if torch.cuda.is_available()
                                                     else "cpu")),
         "triton": _version("triton"), "xformers": _version("xformers"),
     }
@@ -108,7 +108,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["avstfp_device"] = benchlib.device_name(
+    machine_info["avstfp_device"] = timing.device_name(
         torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -2,7 +2,7 @@
 ``backend="reference"`` vs ``backend="torch"``, same weights, same inputs, float32, on
 the CPU (also on a machine that has a GPU).  Target: torch >= 1.3x faster than reference.
 
-Models (benchlib.SMALL_MODELS): "tiny" = PromptedCLIP.tiny() defaults (width 64, 2 layers,
+Models (models.SMALL_MODELS): "tiny" = PromptedCLIP.tiny() defaults (width 64, 2 layers,
 2 heads, 64x64 frames); "small" = width 256, 4 layers, 4 heads of 64, 112x112 frames.
 Both take 10 one-second segments of 98x128 fbank and frames; batch 2 (1 at tiny size).
 
@@ -24,9 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import benchlib
+import models
 from avstfp_fast.testing import rel_err
 from benchcfg import require_time, size_config
+from geometry import model_arch
 
 _MODELS = {}
 
@@ -43,9 +44,9 @@ CASES = _cases()
 def _setup(name, batch):
     if name not in _MODELS:
         torch.manual_seed(0)
-        m = benchlib.make_model(name, "cpu")
+        m = models.make_model(name, "cpu")
         m.train()
-        audio, video, labels = benchlib.make_batch(m, batch, "cpu", seed=1)
+        audio, video, labels = models.make_batch(m, batch, "cpu", seed=1)
         _MODELS[name] = (m, audio, video, labels)
     return _MODELS[name]
 
@@ -75,7 +76,7 @@ def test_cpu_fwd_bwd(model, backend, bench):
             [rel_err(g, r) for g, r in zip(grads, ref_grads)]
         assert max(errs) <= 1e-4, f"{backend} differs from reference: max rel err {max(errs):.3g}"
         bench.extra_info["max_rel_err_vs_reference"] = max(errs)
-    a = benchlib.model_arch(m)
+    a = model_arch(m)
     bench.group = f"cpu fwd+bwd {model} B={batch} fp32"
     bench.extra_info.update(kind="cpu", arch=model, batch=batch, backend=backend,
                             contender=backend, threads=torch.get_num_threads(),

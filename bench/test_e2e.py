@@ -6,7 +6,7 @@ the reference model (``backend="reference"``: the paper's math written literally
 and under ``torch.compile``, and PromptedCLIP with each fast backend (torch, triton,
 cuda) eager and compiled.  Every case records the peak GPU memory of one steady-state
 step (``torch.cuda.max_memory_allocated`` after a reset) and its roofline floor
-(benchlib.e2e_cost / e2e_floor) in ``extra_info``.
+(roofline.e2e_cost / e2e_floor) in ``extra_info``.
 
 "compiled" is ``torch.compile(model)`` (default mode, whole model).  On a CPU the
 compiled cases skip unless AVSTFP_BENCH_CPU_COMPILE=1 (inductor on a few cores takes
@@ -24,8 +24,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import benchlib
+import models
+import roofline
+import timing
 from benchcfg import require_time, size_config
+from contenders import Unavailable, build_contender
+from geometry import ARCHS, FRAMES, KernelShape
 
 BACKENDS = ("reference", "triton", "cuda", "torch")
 _MODEL = {}      # LRU-1: arch -> model (weights are shared by every variant of that arch)
@@ -70,13 +74,13 @@ def _model(arch, device):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         torch.manual_seed(0)
-        _MODEL[arch] = {"eager": benchlib.make_model(arch, device)}
+        _MODEL[arch] = {"eager": models.make_model(arch, device)}
     return _MODEL[arch]
 
 
 def _compiled(entry, model):
     if "compiled" not in entry:
-        benchlib.raise_dynamo_limits()
+        models.raise_dynamo_limits()
         entry["compiled"] = torch.compile(model)
     return entry["compiled"]
 
@@ -85,7 +89,7 @@ def _compiled(entry, model):
 def test_e2e(case: Case, bench, device, ceilings):
     cfg = size_config()
     cuda = device.type == "cuda"
-    if not cuda and case.arch in benchlib.OPEN_CLIP_NAMES:
+    if not cuda and case.arch in models.OPEN_CLIP_NAMES:
         pytest.skip("ViT-B/16 and ViT-L/14 training steps are GPU cases (no CUDA device here)")
     if case.backend in ("triton", "cuda") and not cuda:
         pytest.skip(f"backend {case.backend!r} needs a CUDA device")
@@ -96,37 +100,37 @@ def test_e2e(case: Case, bench, device, ceilings):
     require_time((240 if big else 120) if case.compiled else (40 if big else 20), case.id)
     if case.backend in ("triton", "cuda"):
         try:
-            benchlib.build_contender(f"ours-{case.backend}", benchlib.KernelShape(
-                benchlib.ARCHS["tiny"], 1, "fusion", torch.bfloat16), device)
-        except benchlib.Unavailable as e:
+            build_contender(f"ours-{case.backend}", KernelShape(
+                ARCHS["tiny"], 1, "fusion", torch.bfloat16), device)
+        except Unavailable as e:
             pytest.skip(str(e))
 
     entry = _model(case.arch, device)
     model = entry["eager"]
     model.set_backend(case.backend)
     forward = _compiled(entry, model) if case.compiled else model
-    audio, video, labels = benchlib.make_batch(model, case.batch, device, seed=case.batch)
+    audio, video, labels = models.make_batch(model, case.batch, device, seed=case.batch)
     amp = torch.bfloat16 if cuda else None
     if case.mode == "train":
         model.train()
-        fn = benchlib.train_step_fn(model, forward, audio, video, labels, amp)
+        fn = models.train_step_fn(model, forward, audio, video, labels, amp)
     else:
         model.eval()
-        fn = benchlib.infer_fn(forward, audio, video, amp)
+        fn = models.infer_fn(forward, audio, video, amp)
 
     info = bench.extra_info
-    cost = benchlib.e2e_cost(model, case.batch, case.mode)
+    cost = roofline.e2e_cost(model, case.batch, case.mode)
     bench.group = f"e2e {case.mode} {case.arch} B={case.batch}"
     info.update(kind="e2e", arch=case.arch, batch=case.batch, mode=case.mode,
                 backend=case.backend, compiled=case.compiled, variant=case.variant,
-                contender=case.variant, clips=case.batch, frames=benchlib.FRAMES,
+                contender=case.variant, clips=case.batch, frames=FRAMES,
                 autocast="bf16" if amp else "fp32", flops=cost["flops"], bytes=cost["bytes"],
-                tokens=cost["tokens"], floor_s=benchlib.e2e_floor(cost, ceilings),
+                tokens=cost["tokens"], floor_s=roofline.e2e_floor(cost, ceilings),
                 copy_Bps=ceilings["copy_Bps"], gemm_flops=ceilings["gemm_flops"])
     try:
         t0 = time.perf_counter()
         fn()                                            # warm-up (compiles when compiled)
-        benchlib.sync(device)
+        timing.sync(device)
         info["first_call_s"] = time.perf_counter() - t0
         if case.compiled:
             info["compile_s"] = info["first_call_s"]
@@ -134,7 +138,7 @@ def test_e2e(case: Case, bench, device, ceilings):
             fn()
         if cuda:
             info["base_mem"] = int(torch.cuda.memory_allocated(device))
-        info.update(benchlib.peak_memory(fn, device))
+        info.update(timing.peak_memory(fn, device))
         if bench.disabled:
             bench.pedantic(fn, rounds=1, iterations=1)
         else:

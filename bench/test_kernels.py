@@ -1,8 +1,8 @@
-"""Kernel cases: the three AV-STFP attention stages at the SPEC §4 shapes.
+"""Kernel cases: the three AV-STFP attention stages at the ViT-B/16 and ViT-L/14 shapes.
 
 One benchmark group per (stage, backbone, batch, dtype, pass); inside a group every
 contender does the same work, starting from the packed QKV buffer (B, M, N, 3, H, d)
-and delivering (B, M, N, H*d) (see benchlib's module docstring).  Each contender is
+and delivering (B, M, N, H*d) (see geometry.py's module docstring).  Each contender is
 checked once against the float64 reference backend before it is timed.
 
 Order of the cases = priority when a time budget is set (gpu_check.sh): bf16 fwd+bwd
@@ -18,9 +18,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import benchlib
+import contenders
+import roofline
+import timing
 from benchcfg import require_time, size_config
-from benchlib import ARCHS, DTYPES, KernelShape, Unavailable
+from contenders import Unavailable
+from geometry import ARCHS, DTYPES, STAGES, KernelShape, drop_input_sets, input_sets
 
 MAIN = ["ours-triton", "ours-cuda", "sdpa", "xformers-cat", "xformers-split", "sdpa-flash",
         "sdpa-efficient", "sdpa-cudnn", "naive"]
@@ -44,7 +47,7 @@ def _cases():
     cfg = size_config()
     # batch 8 first: under a time budget the training-size cases come first
     grid = [(a, b, s) for b in sorted(cfg["batches"], reverse=True) for a in cfg["archs"]
-            for s in benchlib.STAGES]
+            for s in STAGES]
     out = []
 
     def add(dtype, passes, contenders):
@@ -74,7 +77,7 @@ def _reference(shape, device, seed):
     key = (shape.key, seed)
     if key not in _REF:
         _REF.clear()
-        _REF[key] = benchlib.reference_results(shape, device, seed)
+        _REF[key] = contenders.reference_results(shape, device, seed)
     return _REF[key]
 
 
@@ -90,16 +93,16 @@ def _runtime_error_is_unsupported(name: str, e: Exception) -> bool:
 def test_kernel(case: Case, bench, device, ceilings):
     cfg = size_config()
     if device.type != "cuda" and cfg["name"] != "tiny":
-        pytest.skip("SPEC §4 kernel shapes are GPU cases (no CUDA device here); "
+        pytest.skip("ViT-B/16 and ViT-L/14 kernel shapes are GPU cases (no CUDA device here); "
                     "--bench-size tiny runs them at smoke sizes on CPU")
-    compiled = benchlib.CONTENDERS[case.contender][2] and device.type == "cuda"
+    compiled = contenders.CONTENDERS[case.contender][2] and device.type == "cuda"
     require_time(40 if compiled else 3, case.contender)
     shape = KernelShape(ARCHS[case.arch], case.batch, case.stage, DTYPES[case.dtype])
     grad = case.passes == "fwdbwd"
     seed = zlib.crc32(f"{case.arch}{case.batch}{case.stage}{case.dtype}".encode())
 
     try:
-        fn = benchlib.build_contender(case.contender, shape, device)
+        fn = contenders.build_contender(case.contender, shape, device)
     except Unavailable as e:
         pytest.skip(str(e))
 
@@ -108,7 +111,7 @@ def test_kernel(case: Case, bench, device, ceilings):
     if ck not in _CHECKED or (grad and "dqkv" not in _CHECKED[ck]):
         ref = _reference(shape, device, seed)
         try:
-            _CHECKED[ck] = benchlib.check_contender(fn, shape, ref, grad)
+            _CHECKED[ck] = contenders.check_contender(fn, shape, ref, grad)
         except Unavailable as e:
             pytest.skip(str(e))
         except AssertionError:
@@ -120,7 +123,7 @@ def test_kernel(case: Case, bench, device, ceilings):
             raise
 
     # -- timing
-    sets = benchlib.input_sets(shape, device, grad, seed + 1)
+    sets = input_sets(shape, device, grad, seed + 1)
     it = itertools.cycle(sets)
 
     if grad:
@@ -134,13 +137,13 @@ def test_kernel(case: Case, bench, device, ceilings):
             with torch.no_grad():
                 fn(s.qkv, s.pks, s.pvs)
 
-    cost = benchlib.kernel_cost(shape, case.passes)
+    cost = roofline.kernel_cost(shape, case.passes)
     bench.group = f"kernel {shape.key} {case.passes}"
     info = bench.extra_info
     info.update(kind="kernel", arch=case.arch, batch=case.batch, stage=case.stage,
                 dtype=case.dtype, passes=case.passes, contender=case.contender,
-                bytes=cost["bytes"], flops=cost["flops"],
-                floor_s=benchlib.floor_time(cost, ceilings),
+                bytes=cost["bytes"], flops=cost["flops"], executed_flops=cost["executed_flops"],
+                floor_s=roofline.floor_time(cost, ceilings),
                 copy_Bps=ceilings["copy_Bps"], gemm_flops=ceilings["gemm_flops"],
                 rel_err=_CHECKED[ck], input_sets=len(sets),
                 shape=dict(tokens=shape.arch.tokens, frames=shape.arch.frames,
@@ -151,12 +154,12 @@ def test_kernel(case: Case, bench, device, ceilings):
         return
     try:
         step()                               # first call: compile / autotune
-        info.update(benchlib.peak_memory(step, device))
-        iters = benchlib.calibrate(step, device, cfg["round_s"])
+        info.update(timing.peak_memory(step, device))
+        iters = timing.calibrate(step, device, cfg["round_s"])
         info["iterations"] = iters
         bench.pedantic(step, rounds=cfg["rounds"], iterations=iters, warmup_rounds=1)
     except torch.cuda.OutOfMemoryError as e:
         del sets, it, step
-        benchlib._SETS.clear()
+        drop_input_sets()
         torch.cuda.empty_cache()
         pytest.skip(f"out of GPU memory: {str(e).splitlines()[0][:160]}")
