@@ -21,11 +21,8 @@ import os
 import sys
 from collections import OrderedDict, defaultdict
 
-OURS = ("ours-triton", "ours-cuda")
-KERNEL_COLS = ("ours-triton", "ours-cuda", "ours-torch", "sdpa", "sdpa-flash", "sdpa-efficient",
-               "sdpa-cudnn", "xformers-cat", "xformers-split", "flex", "naive")
-PEERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers-cat",
-         "xformers-split", "flex", "naive")
+from names import CONTENDERS as KERNEL_COLS, OURS, PEERS
+
 STAGE_ORDER = {"temporal": 0, "spatial": 1, "fusion": 2}
 ARCH_ORDER = {"tiny": 0, "small": 1, "B16": 2, "L14": 3}
 SDPA_TARGET = {"temporal": 2.0, "spatial": 1.5, "fusion": 1.5}
@@ -185,10 +182,18 @@ def case_name(key):
 
 
 # --------------------------------------------------------------------------- report
-def build(benchmarks, meta):
-    md = []
+def _e(b):
+    return (b or {}).get("extra_info") or {}
+
+
+def _floor(cells):
+    return next((_e(b).get("floor_s") for b in cells.values()), None)
+
+
+def header(meta):
+    """Title, versions, the measured ceilings, what the times mean."""
     ce = meta.get("ceilings") or {}
-    md.append("# AV-STFP benchmark summary\n")
+    md = ["# AV-STFP benchmark summary\n"]
     info = [f"device: {meta.get('device') or ce.get('device', '?')}",
             f"torch {meta.get('torch', '?')}", f"triton {meta.get('triton') or '—'}",
             f"xformers {meta.get('xformers') or 'not installed'}",
@@ -208,13 +213,12 @@ def build(benchmarks, meta):
               "buffer (B, M, N, 3, H, d) and delivers (B, M, N, H·d); fwd+bwd also produces "
               "the gradients of that buffer and of the prompts. \"ours\" = the faster of the "
               "triton and cuda backends.\n")
+    return md
 
+
+def kernel_targets(kr):
+    """ours vs SDPA-over-cat (fwd+bwd) and vs xformers / FlexAttention, per kernel case."""
     targets = []
-    kr = kernel_rows(benchmarks)
-    er = e2e_rows(benchmarks)
-    cr = cpu_rows(benchmarks)
-
-    # ---- kernel targets
     for key, cells in kr.items():
         stage, arch, batch, dtype, passes = key
         t_ours, which = best_ours(cells)
@@ -231,8 +235,12 @@ def build(benchmarks, meta):
             who = min(peers, key=peers.get)
             targets.append(("ours faster than xformers and FlexAttention", case_name(key),
                             f"{fmt_x(r)} vs {who}", verdict(None if r is None else r > 1.0)))
+    return targets
 
-    # ---- e2e targets
+
+def e2e_targets(er):
+    """Training step vs the eager and compiled reference, its memory, its floor."""
+    targets = []
     for (mode, arch, batch), cells in er.items():
         if mode != "train":
             continue
@@ -247,179 +255,227 @@ def build(benchmarks, meta):
         targets.append((f"training step ≥ {TRAIN_VS_COMPILED}x compiled reference", name,
                         fmt_x(r), verdict(None if r is None else r >= TRAIN_VS_COMPILED)))
         if v_fast and ref_e:
-            m_f = (cells[v_fast].get("extra_info") or {}).get("peak_mem")
-            m_r = (ref_e.get("extra_info") or {}).get("peak_mem")
-            r = ratio(m_f, m_r)
+            r = ratio(_e(cells[v_fast]).get("peak_mem"), _e(ref_e).get("peak_mem"))
             targets.append((f"peak training memory ≤ {MEM_RATIO}x eager reference", name,
                             fmt_x(r), verdict(None if r is None else r <= MEM_RATIO)))
         if v_fast:
-            fl = (cells[v_fast].get("extra_info") or {}).get("floor_s")
-            r = ratio(t_fast, fl)
+            r = ratio(t_fast, _e(cells[v_fast]).get("floor_s"))
             targets.append((f"step time ≤ {FLOOR_RATIO}x floor", name, fmt_x(r),
                             verdict(None if r is None else r <= FLOOR_RATIO)))
-    # ---- CPU target
+    return targets
+
+
+def cpu_targets(cr):
+    """torch vs reference backend, forward+backward on the CPU."""
+    targets = []
     for (arch, batch), cells in cr.items():
         r = ratio(median(cells["reference"]) if "reference" in cells else None,
                   median(cells["torch"]) if "torch" in cells else None)
         targets.append((f"CPU fwd+bwd: torch ≥ {CPU_RATIO}x reference", f"{arch} B={batch}",
                         fmt_x(r), verdict(None if r is None else r >= CPU_RATIO)))
+    return targets
 
-    md.append("## Targets\n")
-    if targets:
-        n_pass = sum(t[3] == "PASS" for t in targets)
-        n_miss = sum(t[3] == "MISS" for t in targets)
-        md.append(f"{n_pass} PASS, {n_miss} MISS, {len(targets) - n_pass - n_miss} N/A "
-                  f"(N/A: a side of the comparison was not measured).\n")
-        md.append(table(["target", "case", "measured", "verdict"], targets) + "\n")
-    else:
-        md.append("No cases with targets in these results.\n")
 
-    # ---- kernel tables
+def targets_section(targets):
+    md = ["## Targets\n"]
+    if not targets:
+        return md + ["No cases with targets in these results.\n"]
+    n_pass = sum(t[3] == "PASS" for t in targets)
+    n_miss = sum(t[3] == "MISS" for t in targets)
+    md.append(f"{n_pass} PASS, {n_miss} MISS, {len(targets) - n_pass - n_miss} N/A "
+              f"(N/A: a side of the comparison was not measured).\n")
+    md.append(table(["target", "case", "measured", "verdict"], targets) + "\n")
+    return md
+
+
+def kernel_columns(kr):
+    """The contenders measured in at least one kernel case, in report order."""
+    return [c for c in KERNEL_COLS if any(c in cells for cells in kr.values())]
+
+
+def kernel_times(kr, cols):
+    rows = [[case_name(key)] + [fmt_us(median(cells[c])) if c in cells else "—" for c in cols]
+            + [fmt_us(_floor(cells))] for key, cells in kr.items()]
+    return ["## Kernels: median time per call (µs)\n",
+            table(["case"] + cols + ["floor"], rows) + "\n"]
+
+
+def kernel_speedups(kr, cols):
+    peers = [c for c in PEERS + ("ours-torch",) if c in cols]
+    if not any(c in cols for c in OURS) and "ours-torch" in peers:
+        peers.remove("ours-torch")          # it is "ours" here
+    rows = []
+    for key, cells in kr.items():
+        t, which = best_ours(cells, fallback=True)
+        rows.append([case_name(key), which or "—"] +
+                    [fmt_x(ratio(median(cells[p]), t)) if p in cells else "—" for p in peers])
+    return ["## Kernels: speedup of ours over each peer (peer time / ours)\n",
+            table(["case", "ours"] + peers, rows) + "\n"]
+
+
+def kernel_roofline(kr):
+    """Floor ingredients per case (min bytes, useful and executed FLOPs) and how close
+    ours and SDPA come to the floor."""
+    rows = []
+    for key, cells in kr.items():
+        e = _e(next(iter(cells.values())))
+        fl, by, fo, ex = e.get("floor_s"), e.get("bytes"), e.get("flops"), e.get("executed_flops")
+        t, which = best_ours(cells, fallback=True)
+        t_s = median(cells["sdpa"]) if "sdpa" in cells else None
+        bw = ratio(by, t)
+        rows.append([case_name(key), f"{by / 1e6:.1f}" if by else "—",
+                     f"{fo / 1e9:.2f}" if fo else "—", f"{ex / 1e9:.2f}" if ex else "—",
+                     fmt_x(ratio(ex, fo)), fmt_us(fl), fmt_us(t),
+                     f"{bw / 1e9:.0f}" if bw else "—",
+                     fmt_pct(ratio(bw, e.get("copy_Bps"))), fmt_pct(ratio(fl, t)),
+                     fmt_pct(ratio(fl, t_s))])
+    return ["## Kernels: roofline (floor = max(min bytes / copy BW, executed FLOPs / GEMM rate))\n",
+            "Fraction = floor / measured time (1.0 = at the floor). Min bytes and useful FLOPs "
+            "as in docs/design.md, \"Floors: bytes and FLOPs\" (roofline.kernel_cost); executed "
+            "FLOPs are those of the triton kernels, tile padding and backward recomputation "
+            "included (roofline.executed_flops), so a peer that pads less can pass the floor "
+            "(fraction > 100%); results without them used the useful FLOPs.\n",
+            table(["case", "MB", "useful GFLOP", "executed GFLOP", "executed / useful",
+                   "floor µs", "ours µs", "ours GB/s", "ours % copy BW", "ours fraction",
+                   "sdpa fraction"], rows) + "\n"]
+
+
+def kernel_fractions(kr, cols):
+    rows = [[case_name(key)] + [fmt_pct(ratio(_floor(cells), median(cells[c])))
+                                if c in cells else "—" for c in cols]
+            for key, cells in kr.items()]
+    return ["## Kernels: fraction of the floor reached by each contender (floor / time)\n",
+            table(["case"] + cols, rows) + "\n"]
+
+
+def kernel_memory(kr, cols):
+    rows = [[case_name(key)] + [fmt_mib(_e(cells[c]).get("peak_mem_delta")) if c in cells
+                                else "—" for c in cols]
+            for key, cells in kr.items()]
+    return ["## Kernels: memory of one call (MiB: peak max_memory_allocated minus what "
+            "was allocated before the call: outputs, saved tensors, workspace, gradients)\n",
+            table(["case"] + cols, rows) + "\n"]
+
+
+def e2e_training(er):
+    amps = sorted({_e(b).get("autocast", "?") for c in er.values() for b in c.values()})
+    rows = []
+    for (mode, arch, batch), cells in er.items():
+        if mode != "train":
+            continue
+        ref_e = median(cells["reference-eager"]) if "reference-eager" in cells else None
+        ref_c = median(cells["reference-compiled"]) if "reference-compiled" in cells else None
+        mem_r = _e(cells.get("reference-eager")).get("peak_mem")
+        for v in E2E_VARIANTS:
+            if v not in cells:
+                continue
+            e = _e(cells[v])
+            t = median(cells[v])
+            rows.append([f"{arch} B={batch}", v, fmt_ms(t), fmt_x(ratio(ref_e, t)),
+                         fmt_x(ratio(ref_c, t)), fmt_mib(e.get("peak_mem")),
+                         fmt_x(ratio(e.get("peak_mem"), mem_r)), fmt_ms(e.get("floor_s")),
+                         fmt_x(ratio(t, e.get("floor_s"))),
+                         f"{e['compile_s']:.0f}" if e.get("compile_s") else "—"])
+    return [f"## End to end: training step (forward, backward, Adam), autocast "
+            f"{'/'.join(amps)}\n",
+            table(["model", "variant", "step ms", "vs ref eager", "vs ref compiled",
+                   "peak MiB", "mem / ref eager", "floor ms", "step / floor",
+                   "compile s"], rows) + "\n",
+            "Floor = GEMM FLOPs (projections, MLP, patch embedding, attention products; "
+            "input gradients only, the backbone is frozen) at the measured GEMM rate "
+            "+ minimum bytes (weights once per pass, inputs, attention floor bytes) at "
+            "the measured copy bandwidth.\n"]
+
+
+def e2e_inference(er):
+    rows = []
+    for (mode, arch, batch), cells in er.items():
+        if mode != "infer":
+            continue
+        ref_e = median(cells["reference-eager"]) if "reference-eager" in cells else None
+        for v in E2E_VARIANTS:
+            if v not in cells:
+                continue
+            e = _e(cells[v])
+            t = median(cells[v])
+            rows.append([f"{arch} B={batch}", v, fmt_ms(t),
+                         f"{batch / t:.1f}" if t else "—", fmt_x(ratio(ref_e, t)),
+                         fmt_mib(e.get("peak_mem")), fmt_x(ratio(t, e.get("floor_s")))])
+    if not rows:
+        return []
+    return ["## End to end: inference (forward, no grad), clips/s\n",
+            table(["model", "variant", "ms", "clips/s", "vs ref eager", "peak MiB",
+                   "time / floor"], rows) + "\n"]
+
+
+def cpu_section(cr):
+    rows = []
+    for (arch, batch), cells in cr.items():
+        e = _e(next(iter(cells.values())))
+        tr = median(cells["reference"]) if "reference" in cells else None
+        tt = median(cells["torch"]) if "torch" in cells else None
+        r = ratio(tr, tt)
+        r_min = ratio(smin(cells.get("reference")), smin(cells.get("torch")))
+        rows.append([arch, f"D={e.get('width')} L={e.get('layers')} H={e.get('heads')} "
+                           f"N={e.get('tokens')} M={e.get('frames')}", batch,
+                     f"{e.get('threads', '—')} / {e.get('timer', 'wall')}",
+                     fmt_ms(tr), fmt_ms(tt), fmt_x(r), fmt_x(r_min),
+                     verdict(None if r is None else r >= CPU_RATIO)])
+    return ["## CPU: forward+backward of a small PromptedCLIP, fp32, reference vs torch\n",
+            table(["model", "config", "B", "threads / timer", "reference ms (median)",
+                   "torch ms (median)", "ratio (medians)", "ratio (minima)",
+                   f"≥ {CPU_RATIO}x (medians)"], rows) + "\n",
+            "On a shared machine the minima are the better estimate of uncontended "
+            "speed; the verdict uses the medians.\n"]
+
+
+def skipped_section(skipped):
+    """Cases that did not run, grouped by reason."""
+    if not skipped:
+        return []
+    by = defaultdict(list)
+    for node, reason in skipped.items():
+        by[reason].append(node.split("[", 1)[-1].rstrip("]"))
+    rows = [[len(v), reason.replace("|", "/"), ", ".join(v[:3]) + (" …" if len(v) > 3 else "")]
+            for reason, v in sorted(by.items(), key=lambda kv: -len(kv[1]))]
+    return [f"## Cases not run ({len(skipped)})\n", table(["cases", "reason", "e.g."], rows) + "\n"]
+
+
+def build(benchmarks, meta):
+    """-> (Markdown text, targets): the report's sections in order."""
+    kr, er, cr = kernel_rows(benchmarks), e2e_rows(benchmarks), cpu_rows(benchmarks)
+    targets = kernel_targets(kr) + e2e_targets(er) + cpu_targets(cr)
+    md = header(meta) + targets_section(targets)
     if kr:
-        cols = [c for c in KERNEL_COLS if any(c in cells for cells in kr.values())]
-        md.append("## Kernels: median time per call (µs)\n")
-        rows = []
-        for key, cells in kr.items():
-            fl = next(((b.get("extra_info") or {}).get("floor_s") for b in cells.values()), None)
-            rows.append([case_name(key)] + [fmt_us(median(cells[c])) if c in cells else "—"
-                                            for c in cols] + [fmt_us(fl)])
-        md.append(table(["case"] + cols + ["floor"], rows) + "\n")
-
-        peers = [c for c in PEERS + ("ours-torch",) if c in cols]
-        if not any(c in cols for c in OURS) and "ours-torch" in peers:
-            peers.remove("ours-torch")          # it is "ours" here
-        md.append("## Kernels: speedup of ours over each peer (peer time / ours)\n")
-        rows = []
-        for key, cells in kr.items():
-            t, which = best_ours(cells, fallback=True)
-            rows.append([case_name(key), which or "—"] +
-                        [fmt_x(ratio(median(cells[p]), t)) if p in cells else "—" for p in peers])
-        md.append(table(["case", "ours"] + peers, rows) + "\n")
-
-        md.append("## Kernels: roofline (floor = max(min bytes / copy BW, FLOPs / GEMM rate))\n")
-        md.append("Fraction = floor / measured time (1.0 = at the floor). Bytes and FLOPs "
-                  "are the SPEC §4 minimum (benchlib.kernel_cost).\n")
-        rows = []
-        for key, cells in kr.items():
-            any_b = next(iter(cells.values()))
-            e = any_b.get("extra_info") or {}
-            fl, by, fo = e.get("floor_s"), e.get("bytes"), e.get("flops")
-            t, which = best_ours(cells, fallback=True)
-            t_s = median(cells["sdpa"]) if "sdpa" in cells else None
-            bw = ratio(by, t)
-            rows.append([case_name(key), f"{by / 1e6:.1f}" if by else "—",
-                         f"{fo / 1e9:.2f}" if fo else "—", fmt_us(fl), fmt_us(t),
-                         f"{bw / 1e9:.0f}" if bw else "—",
-                         fmt_pct(ratio(bw, e.get("copy_Bps"))), fmt_pct(ratio(fl, t)),
-                         fmt_pct(ratio(fl, t_s))])
-        md.append(table(["case", "MB", "GFLOP", "floor µs", "ours µs", "ours GB/s",
-                         "ours % copy BW", "ours fraction", "sdpa fraction"], rows) + "\n")
-
-        md.append("## Kernels: fraction of the floor reached by each contender (floor / time)\n")
-        rows = []
-        for key, cells in kr.items():
-            fl = next(((b.get("extra_info") or {}).get("floor_s") for b in cells.values()), None)
-            rows.append([case_name(key)] + [fmt_pct(ratio(fl, median(cells[c]))) if c in cells
-                                            else "—" for c in cols])
-        md.append(table(["case"] + cols, rows) + "\n")
-
-        md.append("## Kernels: memory of one call (MiB: peak max_memory_allocated minus what "
-                  "was allocated before the call: outputs, saved tensors, workspace, gradients)\n")
-        rows = []
-        for key, cells in kr.items():
-            rows.append([case_name(key)] + [fmt_mib((cells[c].get("extra_info") or {}).get("peak_mem_delta"))
-                                            if c in cells else "—" for c in cols])
-        md.append(table(["case"] + cols, rows) + "\n")
-
-    # ---- end to end
+        cols = kernel_columns(kr)
+        md += (kernel_times(kr, cols) + kernel_speedups(kr, cols) + kernel_roofline(kr)
+               + kernel_fractions(kr, cols) + kernel_memory(kr, cols))
     if er:
-        amps = sorted({(b.get("extra_info") or {}).get("autocast", "?") for c in er.values()
-                       for b in c.values()})
-        md.append(f"## End to end: training step (forward, backward, Adam), autocast "
-                  f"{'/'.join(amps)}\n")
-        rows = []
-        for (mode, arch, batch), cells in er.items():
-            if mode != "train":
-                continue
-            ref_e = median(cells["reference-eager"]) if "reference-eager" in cells else None
-            ref_c = median(cells["reference-compiled"]) if "reference-compiled" in cells else None
-            mem_r = (cells.get("reference-eager", {}).get("extra_info") or {}).get("peak_mem")
-            for v in E2E_VARIANTS:
-                if v not in cells:
-                    continue
-                e = cells[v].get("extra_info") or {}
-                t = median(cells[v])
-                rows.append([f"{arch} B={batch}", v, fmt_ms(t), fmt_x(ratio(ref_e, t)),
-                             fmt_x(ratio(ref_c, t)), fmt_mib(e.get("peak_mem")),
-                             fmt_x(ratio(e.get("peak_mem"), mem_r)), fmt_ms(e.get("floor_s")),
-                             fmt_x(ratio(t, e.get("floor_s"))),
-                             f"{e['compile_s']:.0f}" if e.get("compile_s") else "—"])
-        md.append(table(["model", "variant", "step ms", "vs ref eager", "vs ref compiled",
-                         "peak MiB", "mem / ref eager", "floor ms", "step / floor",
-                         "compile s"], rows) + "\n")
-        md.append("Floor = GEMM FLOPs (projections, MLP, patch embedding, attention products; "
-                  "input gradients only, the backbone is frozen) at the measured GEMM rate "
-                  "+ minimum bytes (weights once per pass, inputs, attention floor bytes) at "
-                  "the measured copy bandwidth.\n")
-        rows = []
-        for (mode, arch, batch), cells in er.items():
-            if mode != "infer":
-                continue
-            ref_e = median(cells["reference-eager"]) if "reference-eager" in cells else None
-            for v in E2E_VARIANTS:
-                if v not in cells:
-                    continue
-                e = cells[v].get("extra_info") or {}
-                t = median(cells[v])
-                rows.append([f"{arch} B={batch}", v, fmt_ms(t),
-                             f"{batch / t:.1f}" if t else "—", fmt_x(ratio(ref_e, t)),
-                             fmt_mib(e.get("peak_mem")), fmt_x(ratio(t, e.get("floor_s")))])
-        if rows:
-            md.append("## End to end: inference (forward, no grad), clips/s\n")
-            md.append(table(["model", "variant", "ms", "clips/s", "vs ref eager", "peak MiB",
-                             "time / floor"], rows) + "\n")
-
-    # ---- CPU
+        md += e2e_training(er) + e2e_inference(er)
     if cr:
-        md.append("## CPU: forward+backward of a small PromptedCLIP, fp32, reference vs torch\n")
-        rows = []
-        for (arch, batch), cells in cr.items():
-            e = next(iter(cells.values())).get("extra_info") or {}
-            tr = median(cells["reference"]) if "reference" in cells else None
-            tt = median(cells["torch"]) if "torch" in cells else None
-            r = ratio(tr, tt)
-            r_min = ratio(smin(cells.get("reference")), smin(cells.get("torch")))
-            rows.append([arch, f"D={e.get('width')} L={e.get('layers')} H={e.get('heads')} "
-                               f"N={e.get('tokens')} M={e.get('frames')}", batch,
-                         f"{e.get('threads', '—')} / {e.get('timer', 'wall')}",
-                         fmt_ms(tr), fmt_ms(tt), fmt_x(r), fmt_x(r_min),
-                         verdict(None if r is None else r >= CPU_RATIO)])
-        md.append(table(["model", "config", "B", "threads / timer", "reference ms (median)",
-                         "torch ms (median)", "ratio (medians)", "ratio (minima)",
-                         f"≥ {CPU_RATIO}x (medians)"], rows) + "\n")
-        md.append("On a shared machine the minima are the better estimate of uncontended "
-                  "speed; the verdict uses the medians.\n")
-    sk = meta.get("skipped") or {}
-    if sk:
-        md.append(f"## Cases not run ({len(sk)})\n")
-        by = defaultdict(list)
-        for node, reason in sk.items():
-            by[reason].append(node.split("[", 1)[-1].rstrip("]"))
-        rows = [[len(v), reason.replace("|", "/"), ", ".join(v[:3]) + (" …" if len(v) > 3 else "")]
-                for reason, v in sorted(by.items(), key=lambda kv: -len(kv[1]))]
-        md.append(table(["cases", "reason", "e.g."], rows) + "\n")
+        md += cpu_section(cr)
+    md += skipped_section(meta.get("skipped"))
     return "\n".join(md), targets
 
 
 # --------------------------------------------------------------------------- plot
 def plot(benchmarks, path):
+    """A PNG with three panels: kernel speedups, training-step times, the CPU ratio."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 6), gridspec_kw={"width_ratios": [3, 2, 1]})
-    # (a) kernels fwd+bwd: speedup of ours over peers
-    ax = axes[0]
+    plot_kernel_speedups(axes[0], benchmarks)
+    plot_training_steps(axes[1], benchmarks)
+    plot_cpu_ratio(axes[2], benchmarks)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kernel_speedups(ax, benchmarks):
+    """Kernels fwd+bwd: speedup of ours over each peer."""
     kr = [(k, c) for k, c in kernel_rows(benchmarks).items() if k[4] == "fwdbwd"]
     peers = [p for p in ("sdpa", "xformers-cat", "xformers-split", "flex", "naive")
              if any(p in c for _, c in kr)]
@@ -444,8 +500,9 @@ def plot(benchmarks, path):
     else:
         ax.text(0.5, 0.5, "no kernel fwd+bwd results with ours", ha="center", va="center")
     ax.set_title("kernels, fwd+bwd")
-    # (b) training step times
-    ax = axes[1]
+
+
+def plot_training_steps(ax, benchmarks):
     er = [(k, c) for k, c in e2e_rows(benchmarks).items() if k[0] == "train"]
     if er:
         variants = [v for v in E2E_VARIANTS if any(v in c for _, c in er)]
@@ -461,11 +518,11 @@ def plot(benchmarks, path):
     else:
         ax.text(0.5, 0.5, "no end-to-end results", ha="center", va="center")
     ax.set_title("training step (bf16 autocast)")
-    # (c) CPU ratio
-    ax = axes[2]
-    cr = list(cpu_rows(benchmarks).items())
+
+
+def plot_cpu_ratio(ax, benchmarks):
     xs, ys, names = [], [], []
-    for j, ((arch, batch), cells) in enumerate(cr):
+    for j, ((arch, batch), cells) in enumerate(cpu_rows(benchmarks).items()):
         r = ratio(median(cells.get("reference")) if "reference" in cells else None,
                   median(cells.get("torch")) if "torch" in cells else None)
         if r:
@@ -482,9 +539,6 @@ def plot(benchmarks, path):
     else:
         ax.text(0.5, 0.5, "no CPU results", ha="center", va="center")
     ax.set_title("CPU fwd+bwd")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def autotable_records(benchmarks):

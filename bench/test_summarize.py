@@ -18,7 +18,8 @@ def _b(group, name, median, extra, mn=None):
 
 def _kernel(stage, contender, t, passes="fwdbwd", peak=100 << 20):
     e = dict(kind="kernel", stage=stage, arch="B16", batch=8, dtype="bf16", passes=passes,
-             contender=contender, bytes=3e8, flops=1e10, floor_s=1e-4, copy_Bps=3e12,
+             contender=contender, bytes=3e8, flops=1e10, executed_flops=2.5e10, floor_s=1e-4,
+             copy_Bps=3e12,
              peak_mem=peak + (1 << 30), peak_mem_delta=peak)
     return _b(f"kernel {stage}", f"test_kernel[{stage}-{passes}-{contender}]", t, e)
 
@@ -100,6 +101,8 @@ def test_summarize_tables_targets_plot(tmp_path, capsys):
     assert "## Kernels: roofline" in text and "## Kernels: memory of one call" in text
     assert "| 100 | 100 |" in row("temporal B16 B=8 bf16 fwd+bwd | 100 | 100")   # delta, MiB
     assert "100%" in row("temporal B16 B=8 bf16 fwd+bwd", "300.0")    # floor == ours time
+    roof = text.split("## Kernels: roofline")[1].split("##")[0]
+    assert "| temporal B16 B=8 bf16 fwd+bwd | 300.0 | 10.00 | 25.00 | 2.50x | 100 |" in roof
     assert "clips/s" in text and "800.0" in row("triton-eager", "10.00")  # 8 clips / 10 ms
     assert "1.67x" in row("small", "D=256")                            # ratio of minima
     assert os.path.getsize(png) > 10_000
