@@ -340,7 +340,6 @@ def build_contender(name: str, shape: KernelShape, device) -> Callable:
 # --------------------------------------------------------------------------- correctness
 def reference_results(shape: KernelShape, device, seed: int):
     """Output and gradients of the reference backend in float64 on the case's inputs."""
-    from avstfp_fast import prompted_attention_qkv
     inp = make_inputs(shape, device, grad=True, seed=seed)
     leaves64 = [t.detach().double().requires_grad_(True) for t in inp.leaves()]
     qkv64, rest = leaves64[0], leaves64[1:]
