@@ -2,6 +2,9 @@
 
 ``kernels/`` (pure Triton) is mapped into the package as ``avstfp_fast.kernels`` — we never
 install a top-level module called ``kernels`` (a PyPI package of that name exists).
+``csrc/`` (the CUDA sources) ships inside the package as ``avstfp_fast/csrc`` (data files,
+not a module), so that an installed wheel can JIT-build the extension
+(``avstfp_fast._build.CSRC`` looks there first).
 
 The CUDA extension ``avstfp_fast._C`` is optional at install time: it is built when torch
 is importable in the build environment and nvcc is found, unless AVSTFP_NO_CUDA=1.
@@ -14,8 +17,11 @@ import shutil
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["avstfp_fast", "avstfp_fast.*"]) + ["avstfp_fast.kernels"]
-package_dir = {"avstfp_fast.kernels": "kernels"}
+packages = find_packages(include=["avstfp_fast", "avstfp_fast.*"]) + ["avstfp_fast.kernels",
+                                                                       "avstfp_fast.csrc"]
+package_dir = {"avstfp_fast.kernels": "kernels", "avstfp_fast.csrc": "csrc"}
+package_data = {"avstfp_fast.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"],
+                "avstfp_fast.ops": ["autotable.json"]}     # the measured GPU order, if any
 ext_modules, cmdclass = [], {}
 
 
@@ -41,4 +47,5 @@ if _want_cuda():
     _spec.loader.exec_module(_build)
     ext_modules, cmdclass = _build.cuda_extension()
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, package_data=package_data,
+      ext_modules=ext_modules, cmdclass=cmdclass)

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PromptedCLIP": "avstfp_fast.models.prompted_clip",
     "AVSTFPConfig": "avstfp_fast.models.config",
-    "ReferenceAVSTFP": "avstfp_fast.reference",
+    "ReferenceAVSTFP": "avstfp_fast.models.prompted_clip",
 }
 
 

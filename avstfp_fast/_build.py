@@ -4,7 +4,8 @@ setup.py loads this file by path (the package is not importable at build time) a
 :func:`cuda_extension`; :mod:`avstfp_fast.ops.cuda_backend` calls :func:`jit_load` when the
 extension was not installed.  Both compile the same sources with the same flags:
 
-- sources: ``csrc/*.cu`` (kernels, no torch headers) + ``csrc/binding.cpp`` (torch ops);
+- sources: ``csrc/*.cu`` (kernels, no torch headers) + ``csrc/binding.cpp`` (torch ops),
+  found in the installed package (``avstfp_fast/csrc``) or the source tree (:data:`CSRC`);
 - architectures: ``AVSTFP_CUDA_ARCHS`` (e.g. ``"80;90a"``), else ``TORCH_CUDA_ARCH_LIST``
   (e.g. ``"8.0;9.0a"``; ``+PTX`` adds PTX of that arch), else sm_80 (+PTX) and sm_90a.  The
   explicit ``-gencode`` flags stop torch from adding its own guess;
@@ -20,8 +21,12 @@ import hashlib
 import os
 from typing import List, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
+_PKG = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(_PKG)
+# The CUDA sources: shipped inside an installed wheel as avstfp_fast/csrc (see setup.py);
+# in a source tree (setup.py, editable installs) the top-level csrc/.
+CSRC = (os.path.join(_PKG, "csrc") if os.path.isdir(os.path.join(_PKG, "csrc"))
+        else os.path.join(ROOT, "csrc"))
 EXT_NAME = "avstfp_fast._C"
 JIT_NAME = "avstfp_fast_C"
 # sm_80 SASS (runs on 8.x), sm_90a SASS (H100/H200), and compute_80 PTX so that newer

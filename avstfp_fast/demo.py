@@ -15,20 +15,31 @@ import time
 
 import torch
 
-from .models.prompted_clip import PromptedCLIP
-from .ops.backends import get_backend
+from .models.prompted_clip import LITERAL_BACKEND, PromptedCLIP
+from .ops.backends import KernelBackend, backend_names, get_backend
+from .ops.contract import make_problem
 
 
-def _backends_here(device: torch.device):
-    """Backends that can run the model on this device (kernel backends need a GPU)."""
-    out = ["reference", "torch"]
-    if device.type == "cuda":
-        for name in ("triton", "cuda"):
-            try:
-                get_backend(name)
+def _backends_here(model, device: torch.device):
+    """Backends that can run the model on this device, the literal reference first.
+    Kernel backends are tried on a GPU only (the Triton interpreter is far too slow for
+    a demo), and only when they accept an attention problem shaped like the model's."""
+    d = model.width // model.num_heads
+    q = torch.randn(1, model.num_heads, 4, d, device=device)
+    pk = [torch.randn(model.num_heads, 2, d, device=device) for _ in range(2)]
+    probe = make_problem(q, q, q, pk, pk, segments=(2, 2))
+    out = [LITERAL_BACKEND]
+    for name in backend_names():
+        if name == LITERAL_BACKEND:
+            continue
+        try:
+            b = get_backend(name)
+            if isinstance(b, KernelBackend) and device.type != "cuda":
+                continue
+            if b.why_not(probe) is None:
                 out.append(name)
-            except (ImportError, ValueError, RuntimeError):
-                pass
+        except (ImportError, ValueError, RuntimeError):
+            pass
     return out
 
 
@@ -72,10 +83,10 @@ def main(argv=None):
     print(f"\n== parity: fast path vs reference ({device.type}, fp32, B={args.batch}, "
           f"M={args.frames}, {model.visual.positional_embedding.shape[0]} visual tokens)")
     with torch.no_grad():
-        model.set_backend("reference")
+        model.set_backend(LITERAL_BACKEND)
         ref = model(a, v)
         parity = {}
-        for name in _backends_here(device)[1:]:
+        for name in _backends_here(model, device)[1:]:
             model.set_backend(name)
             out = model(a, v)
             parity[name] = float((out - ref).norm() / ref.norm())
@@ -89,7 +100,7 @@ def main(argv=None):
           f"M={a.shape[1]}, Adam on prompts + head)")
     init = {k: t.clone() for k, t in model.state_dict().items() if not k.startswith("visual.")}
     rows = []
-    for name in _backends_here(device):
+    for name in _backends_here(model, device):
         model.load_state_dict(init, strict=False)
         model.set_backend(name)
         opt = torch.optim.Adam(model.param_groups(3e-4, 3e-4), weight_decay=0.0)

@@ -43,7 +43,7 @@ GATE_TOL32 = 5e-5
 
 def compare(model, a, v, what="", backend="torch"):
     """Fast path vs the reference in fp64: logits and every trainable gradient, in
-    float64 (exact rewrite, 1e-10) and float32 (SPEC §5)."""
+    float64 (exact rewrite, 1e-10) and float32 (docs/design.md, "Tolerances")."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref, ref_g, go = _run(model, "reference", torch.float64, a, v, None)
     for dtype in (torch.float64, torch.float32):
@@ -235,3 +235,51 @@ def test_built_from_a_loaded_open_clip_model_shares_its_tower():
         PromptedCLIP(clip, pretrained="/some/file.pt")
     with pytest.raises(TypeError, match="model"):
         PromptedCLIP(42)
+
+
+def test_audio_pos_embed_resizes_in_the_tower_dtype():
+    """A float64 tower resizes its positional embedding in float64 (no float32 detour);
+    half towers resize in float32 and return their own dtype."""
+    import torch.nn.functional as F
+    vis = bb.tiny_visual().double()
+    with torch.no_grad():
+        vis.positional_embedding.copy_(torch.randn_like(vis.positional_embedding))
+    pos = vis.positional_embedding
+    g = int(round((pos.shape[0] - 1) ** 0.5))
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False)
+    want = torch.cat([pos[:1], want.flatten(2).transpose(1, 2)[0]])
+    got = bb.audio_pos_embed(vis, 6, 8)
+    assert got.dtype == torch.float64
+    assert rel_err(got, want) <= 1e-15, rel_err(got, want)
+    half = bb.audio_pos_embed(bb.tiny_visual().to(torch.bfloat16), 6, 8)
+    assert half.dtype == torch.bfloat16 and half.shape == got.shape
+
+
+def test_layer_paths_side_by_side_without_an_import_cycle():
+    """models/reference.py (literal) and models/fast.py do not import the model class; the
+    model picks one through LAYER_PATHS; "reference" names the op backend too."""
+    import ast
+    import inspect
+
+    from avstfp_fast.models import fast, prompted_clip, reference
+    for mod in (fast, reference):
+        tree = ast.parse(inspect.getsource(mod))
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not any("prompted_clip" in m for m in imported), (mod.__name__, imported)
+    assert prompted_clip.LAYER_PATHS == {"literal": reference.encode_tokens,
+                                         "fast": fast.encode_tokens}
+    assert prompted_clip.layer_path("reference") == "literal"
+    assert {prompted_clip.layer_path(b) for b in ("torch", "triton", "cuda", "auto")} == {"fast"}
+
+
+def test_prompt_keys_name_the_parameters():
+    from avstfp_fast.models.config import PromptKey, PromptKind
+    m = PromptedCLIP.tiny()
+    for key, name in [(PromptKey(PromptKind.TEMPORAL_KEY, "audio"), "temporal_key_audio"),
+                      (PromptKey(PromptKind.TEMPORAL_VALUE, "visual"), "temporal_value_visual"),
+                      (PromptKey(PromptKind.SPATIAL, "audio"), "spatial_audio"),
+                      (PromptKey(PromptKind.FUSION), "fusion_prompts")]:
+        assert key.param_name == name
+        assert torch.equal(m.layer_prompts(1, key), getattr(m, name)[1])
+    assert PromptedCLIP.tiny(n_fusion=0).layer_prompts(0, PromptKey(PromptKind.FUSION)) is None

@@ -1,4 +1,5 @@
-"""Trainable parameter counts with the AVE head match the paper (SPEC §2), ±0.05M."""
+"""Trainable parameter counts with the AVE head match the paper (docs/design.md,
+"The model"), ±0.05M."""
 import pytest
 import torch
 

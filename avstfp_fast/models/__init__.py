@@ -1,5 +1,6 @@
-"""AV-STFP models: configuration, the frozen tower helpers, PromptedCLIP."""
+"""AV-STFP models: configuration, the frozen tower helpers, the literal (reference.py) and
+fast (fast.py) layers side by side, and PromptedCLIP, which runs either."""
 from .config import AVSTFPConfig
-from .prompted_clip import PromptedCLIP
+from .prompted_clip import PromptedCLIP, ReferenceAVSTFP
 
-__all__ = ["AVSTFPConfig", "PromptedCLIP"]
+__all__ = ["AVSTFPConfig", "PromptedCLIP", "ReferenceAVSTFP"]

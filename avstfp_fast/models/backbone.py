@@ -6,7 +6,7 @@ the transformer layers.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -56,7 +56,8 @@ def tiny_visual(width: int = 64, layers: int = 2, heads: int = 2, patch_size: in
 
 
 def check_visual(visual: nn.Module) -> None:
-    """Refuse towers whose blocks do not have the structure SPEC §1 assumes."""
+    """Refuse towers whose blocks do not have the structure the model assumes
+    (docs/design.md, "The model")."""
     need = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post")
     missing = [n for n in need if not hasattr(visual, n)]
     if missing:
@@ -93,18 +94,17 @@ def embed_video(visual, video: torch.Tensor) -> torch.Tensor:
     return _tokens(visual, p, visual.positional_embedding).unflatten(0, (B, M))
 
 
-def audio_grid(visual, t: int, f: int) -> Tuple[int, int]:
-    ps = patch_size(visual)
-    return t // ps, f // ps
-
-
 def audio_pos_embed(visual, gh: int, gw: int) -> torch.Tensor:
-    """CLIP's grid positional embedding resized (bicubic) to the audio grid; CLS kept."""
+    """CLIP's grid positional embedding resized (bicubic) to the audio grid; CLS kept.
+
+    The resize runs in the tower's dtype (float32 or float64); only half types are
+    upcast to float32 for it, so a float64 model stays float64 end to end."""
     pos = visual.positional_embedding
     g = int(round((pos.shape[0] - 1) ** 0.5))
     grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
     if (gh, gw) != (g, g):
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic",
+        work = torch.float32 if pos.dtype in (torch.float16, torch.bfloat16) else pos.dtype
+        grid = F.interpolate(grid.to(work), size=(gh, gw), mode="bicubic",
                              align_corners=False).to(pos.dtype)
     return torch.cat([pos[:1], grid.flatten(2).transpose(1, 2)[0]], dim=0)
 
@@ -123,7 +123,3 @@ def embed_audio(visual, audio: torch.Tensor) -> torch.Tensor:
     pos = audio_pos_embed(visual, p.shape[-2], p.shape[-1])
     return _tokens(visual, p, pos).unflatten(0, (B, M))
 
-
-def cls_features(visual, x: torch.Tensor) -> torch.Tensor:
-    """ln_post of the CLS token: (B, M, N, D) -> (B, M, D)."""
-    return visual.ln_post(x[:, :, 0])

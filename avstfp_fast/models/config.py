@@ -2,16 +2,39 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Tuple
+from enum import Enum
+from typing import NamedTuple, Optional, Tuple
 
 STAGES = ("temporal", "spatial", "fusion")
 MODALITIES = ("audio", "visual")
 TASK_CLASSES = {"ave": 29, "avar": 32}
 
 
+class PromptKind(str, Enum):
+    """The four kinds of learnable prompt (the value is the parameter-name prefix)."""
+    TEMPORAL_KEY = "temporal_key"
+    TEMPORAL_VALUE = "temporal_value"
+    SPATIAL = "spatial"
+    FUSION = "fusion"
+
+
+class PromptKey(NamedTuple):
+    """One prompt tensor of the model: its kind and modality ("audio"/"visual"; None for
+    the fusion prompts, which both modalities share).  Hashable, so it keys dicts."""
+    kind: PromptKind
+    modality: Optional[str] = None
+
+    @property
+    def param_name(self) -> str:
+        """The parameter holding these prompts for every layer, shape (L, n, D)."""
+        if self.kind is PromptKind.FUSION:
+            return "fusion_prompts"
+        return f"{self.kind.value}_{self.modality}"
+
+
 @dataclass
 class AVSTFPConfig:
-    """Every switch of the paper's ablations (SPEC §1, Tables 4–5).
+    """Every switch of the paper's ablations (docs/design.md, "The model").
 
     n_temporal / n_spatial / n_fusion: prompts per layer of each kind (0 = the stage still
     runs, unprompted).  ``stages``: which stages run at all.  ``modalities``: audio-only,

@@ -1,4 +1,5 @@
-"""The fast AV-STFP layers: the exact rewrites of SPEC §1 on one joint token buffer.
+"""The fast AV-STFP layers: the exact rewrites of docs/design.md ("Exact rewrites") on one
+joint token buffer.
 
 x has shape (B, M, N, D) with N = Na+1 (audio, CLS first) + Nv+1 (visual, CLS first).
 Per layer and stage:
@@ -14,32 +15,40 @@ Per layer and stage:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.attention import prompted_attention, prompted_attention_qkv
+from .config import PromptKey, PromptKind
 
 
-def _layer_prompt_kv(model, blk, layer: int, mods, H: int) -> dict:
+def _prompt_keys(config, mods) -> List[PromptKey]:
+    """The prompts one layer uses, in a fixed order (absent ones are dropped later)."""
+    keys = []
+    for m in mods:
+        if config.has("temporal"):
+            keys += [PromptKey(PromptKind.TEMPORAL_KEY, m), PromptKey(PromptKind.TEMPORAL_VALUE, m)]
+        if config.has("spatial"):
+            keys.append(PromptKey(PromptKind.SPATIAL, m))
+    if config.has("fusion"):
+        keys.append(PromptKey(PromptKind.FUSION))
+    return keys
+
+
+KV = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _layer_prompt_kv(model, blk, layer: int, mods, H: int) -> Dict[PromptKey, KV]:
     """All prompt keys/values of one layer from ONE LayerNorm and ONE k|v projection.
 
-    Returns {name: (k, v)} with k, v of shape (H, n, d) (views), for names
-    ("t", m) temporal (keys from the key prompts, values from the value prompts),
-    ("s", m) spatial and ("f",) fusion; absent prompts are missing from the dict.
+    Returns {PromptKey: (k, v)} with k, v of shape (H, n, d) (views); absent prompts are
+    missing from the dict.  The temporal stage takes the keys of the TEMPORAL_KEY prompts
+    and the values of the TEMPORAL_VALUE prompts (:func:`_temporal_kv`).
     """
-    c = model.config
-    named = []
-    for m in mods:
-        if c.has("temporal"):
-            named += [(("tk", m), model.layer_prompts(layer, "tkey", m)),
-                      (("tv", m), model.layer_prompts(layer, "tval", m))]
-        if c.has("spatial"):
-            named.append((("s", m), model.layer_prompts(layer, "spatial", m)))
-    if c.has("fusion"):
-        named.append((("f",), model.layer_prompts(layer, "fusion")))
-    named = [(n, p) for n, p in named if p is not None]
+    named = [(key, model.layer_prompts(layer, key)) for key in _prompt_keys(model.config, mods)]
+    named = [(key, p) for key, p in named if p is not None]
     if not named:
         return {}
     W, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
@@ -48,14 +57,20 @@ def _layer_prompt_kv(model, blk, layer: int, mods, H: int) -> dict:
     rows = torch.cat([p for _, p in named])                     # (sum n, D): parameters only
     kv = F.linear(blk.ln_1(rows), W[D:], b[D:]).view(-1, 2, H, d)
     out, start = {}, 0
-    for name, p in named:
+    for key, p in named:
         part = kv[start:start + p.shape[0]].permute(1, 2, 0, 3)   # (2, H, n, d)
         start += p.shape[0]
-        out[name] = (part[0], part[1])
-    for m in mods:       # temporal: keys of the key prompts, values of the value prompts
-        if ("tk", m) in out:
-            out[("t", m)] = (out.pop(("tk", m))[0], out.pop(("tv", m))[1])
+        out[key] = (part[0], part[1])
     return out
+
+
+def _temporal_kv(kv: Dict[PromptKey, KV], m: str) -> Optional[KV]:
+    """Temporal prompt (keys, values) of modality m: keys of the key prompts, values of
+    the value prompts; None without temporal prompts."""
+    tk = kv.get(PromptKey(PromptKind.TEMPORAL_KEY, m))
+    if tk is None:
+        return None
+    return tk[0], kv[PromptKey(PromptKind.TEMPORAL_VALUE, m)][1]
 
 
 def _gate(betas, sizes, like):
@@ -111,17 +126,18 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
         last = layer == len(blocks) - 1
         kv = _layer_prompt_kv(model, blk, layer, mods, H)
         if c.has("temporal"):
-            if ("t", mods[0]) not in kv:
+            tkv = [_temporal_kv(kv, m) for m in mods]
+            if tkv[0] is None:
                 pk = pv = None
             elif len(mods) == 1:
-                pk, pv = kv[("t", mods[0])]
+                pk, pv = tkv[0]
             else:       # per-position prompts (N, H, Nt, d): audio rows then visual rows
-                pk = torch.cat([kv[("t", m)][0].expand(n, -1, -1, -1) for m, n in zip(mods, sizes)])
-                pv = torch.cat([kv[("t", m)][1].expand(n, -1, -1, -1) for m, n in zip(mods, sizes)])
+                pk = torch.cat([t[0].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
+                pv = torch.cat([t[1].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
             gate = _gate([getattr(model, f"beta_{m}")[layer] for m in mods], sizes, x)
             x = x + gate * _attend(blk, x, 1, pk, pv, None, backend)
         if c.has("spatial"):
-            pairs = [kv.get(("s", m), (None, None)) for m in mods]
+            pairs = [kv.get(PromptKey(PromptKind.SPATIAL, m), (None, None)) for m in mods]
             if len(mods) == 1:
                 (pk, pv), segs = pairs[0], None
             else:
@@ -133,7 +149,7 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
         if last:
             x = x[:, :, cls_rows] if not c.has("fusion") else x
         if c.has("fusion"):
-            pk, pv = kv.get(("f",), (None, None))
+            pk, pv = kv.get(PromptKey(PromptKind.FUSION), (None, None))
             beta = model.beta_fusion[layer].to(x.dtype)
             if last:
                 x = x[:, :, cls_rows] + beta * _attend_rows(blk, x, cls_rows, pk, pv, backend)

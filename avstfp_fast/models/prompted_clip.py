@@ -1,14 +1,16 @@
 """``PromptedCLIP``: the AV-STFP model with a runtime-switchable backend.
 
 One module, one parameter set, one ``state_dict`` layout.  ``backend`` only chooses how
-the layers are computed:
+the layers are computed, through one table, :data:`LAYER_PATHS`:
 
-- ``"reference"``: the paper's math written literally (avstfp_fast/reference.py) —
-  prompts as real tokens with query rows, torch.cat, permutes, per-modality attention;
-- ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``: the fast path (models/fast.py) with
-  the exact rewrites of SPEC §1 (one joint audio|visual token buffer per frame,
-  batch-shared prompt K/V computed once per forward, no prompt query rows, strided views
-  instead of permute copies); the name is passed to ``prompted_attention``.
+- "literal" (backend ``"reference"``): the paper's math written literally
+  (:mod:`avstfp_fast.models.reference`): prompts as real tokens with query rows,
+  torch.cat, permutes, per-modality attention; it never calls ``prompted_attention``;
+- "fast" (every other backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``):
+  :mod:`avstfp_fast.models.fast` with the exact rewrites of docs/design.md ("Exact
+  rewrites": one joint audio|visual token buffer per frame, batch-shared prompt K/V
+  computed once per forward, no prompt query rows, strided views instead of permute
+  copies); the backend name is passed to ``prompted_attention``.
 
 Parameter names (identical for every backend)::
 
@@ -27,11 +29,19 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.backends import get_backend
+from ..ops.backends import AUTO, backend_names, check_backend_name, get_backend
 from . import backbone as bb
-from .config import AVSTFPConfig
+from . import fast, reference
+from .config import AVSTFPConfig, PromptKey, PromptKind
 
-BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
+# The two implementations of the layers, side by side: same parameters, same function.
+LAYER_PATHS = {"literal": reference.encode_tokens, "fast": fast.encode_tokens}
+LITERAL_BACKEND = "reference"    # the backend name that selects the literal layers
+
+
+def layer_path(backend: str) -> str:
+    """Which entry of :data:`LAYER_PATHS` a backend name runs."""
+    return "literal" if backend == LITERAL_BACKEND else "fast"
 
 
 class PromptedCLIP(nn.Module):
@@ -72,15 +82,17 @@ class PromptedCLIP(nn.Module):
         def gate():
             return nn.Parameter(torch.full((L,), float(c.beta_init), device=dev))
 
-        for m in ("audio", "visual"):
+        def add(kind, m, n, on):
+            self.register_parameter(PromptKey(kind, m).param_name, prompts(n) if on else None)
+
+        for m in ("audio", "visual"):          # registration order = state_dict order
             on = m in c.modalities
             t = on and c.has("temporal")
-            self.register_parameter(f"temporal_key_{m}", prompts(c.n_temporal) if t else None)
-            self.register_parameter(f"temporal_value_{m}", prompts(c.n_temporal) if t else None)
+            add(PromptKind.TEMPORAL_KEY, m, c.n_temporal, t)
+            add(PromptKind.TEMPORAL_VALUE, m, c.n_temporal, t)
             self.register_parameter(f"beta_{m}", gate() if t else None)
-            self.register_parameter(f"spatial_{m}",
-                                    prompts(c.n_spatial) if on and c.has("spatial") else None)
-        self.register_parameter("fusion_prompts", prompts(c.n_fusion) if c.has("fusion") else None)
+            add(PromptKind.SPATIAL, m, c.n_spatial, on and c.has("spatial"))
+        add(PromptKind.FUSION, None, c.n_fusion, c.has("fusion"))
         self.register_parameter("beta_fusion", gate() if c.has("fusion") else None)
 
         self.head = None
@@ -101,23 +113,27 @@ class PromptedCLIP(nn.Module):
         return cls(visual, backend=backend, **config_kw)
 
     def set_backend(self, backend: str) -> "PromptedCLIP":
-        if not isinstance(backend, str) or backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        # Import kernel backends now, outside any torch.compile region (a lazy import
-        # while tracing would break the graph).
-        if backend in ("triton", "cuda"):
+        check_backend_name(backend)
+        # Import lazily registered (kernel) backends now, outside any torch.compile region
+        # (a lazy import while tracing would break the graph).
+        if backend != AUTO:
             try:
                 get_backend(backend)
             except ImportError as e:
                 raise ValueError(f"backend: {backend!r} is not available: {e}") from e
-        elif backend == "auto":
-            for name in ("triton", "cuda"):
+        else:
+            for name in backend_names():
                 try:
                     get_backend(name)
                 except ImportError:
                     pass
         self.backend = backend
         return self
+
+    @property
+    def layer_path(self) -> str:
+        """"literal" or "fast": the layers the current backend runs (:data:`LAYER_PATHS`)."""
+        return layer_path(self.backend)
 
     @property
     def image_size(self) -> int:
@@ -211,11 +227,7 @@ class PromptedCLIP(nn.Module):
         self._check_inputs(audio, video)
         a = bb.embed_audio(self.visual, audio) if audio is not None else None
         v = bb.embed_video(self.visual, video) if video is not None else None
-        if self.backend == "reference":
-            from ..reference import encode_tokens
-            return encode_tokens(self, a, v)
-        from .fast import encode_tokens
-        return encode_tokens(self, a, v, self.backend)
+        return LAYER_PATHS[self.layer_path](self, a, v, self.backend)
 
     def forward(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor] = None):
         a, v = self.encode(audio, video)
@@ -227,9 +239,15 @@ class PromptedCLIP(nn.Module):
         return self.head(feat)
 
     # ------------------------------------------------------------------ per-layer params
-    def layer_prompts(self, layer: int, kind: str, modality: Optional[str] = None):
-        """The prompt tensor (n, D) of one layer, or None when absent/zero."""
-        name = {"tkey": f"temporal_key_{modality}", "tval": f"temporal_value_{modality}",
-                "spatial": f"spatial_{modality}", "fusion": "fusion_prompts"}[kind]
-        p = getattr(self, name)
+    def layer_prompts(self, layer: int, key: PromptKey) -> Optional[torch.Tensor]:
+        """The prompts ``key`` of one layer, (n, D), or None when absent/zero."""
+        p = getattr(self, key.param_name)
         return None if p is None else p[layer]
+
+
+class ReferenceAVSTFP(PromptedCLIP):
+    """``PromptedCLIP`` pinned to the literal layers (backend "reference"); same state_dict."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("backend", LITERAL_BACKEND)
+        super().__init__(*args, **kw)

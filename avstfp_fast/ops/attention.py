@@ -108,7 +108,7 @@ def _autocast(tensors, prompt_k, prompt_v):
 
 
 def _run(p: AttnProblem, b: "_b.Backend", packed=None, qkv=None) -> torch.Tensor:
-    if b.kind != "kernel":
+    if not isinstance(b, _b.KernelBackend):
         return b.run(p)
     meta = _Meta(b.name, packed, tuple(pk is not None for pk in p.prompt_k),
                  p.q_segments, p.k_segments, p.scale)
@@ -123,10 +123,11 @@ def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional
     """Attention whose keys/values are extended with (batch-shared) prompt tokens.
 
     Equals ``SDPA(q, cat([k, pk]), cat([v, pv]), scale=scale)`` with the prompts
-    broadcast to q's batch dims (SPEC §3), without materialising the concatenation in the
+    broadcast to q's batch dims (docs/design.md, "The op contract"), without materialising the concatenation in the
     kernel backends.  ``segments=(n_0, n_1, ...)`` makes it block-diagonal with one prompt
     pair per block (``prompt_k``/``prompt_v`` then are sequences).  Output memory follows
-    q's stride order.  ``backend``: "auto", "reference", "torch", "triton", "cuda".
+    q's stride order.  ``backend``: one of :func:`~avstfp_fast.ops.backends.backend_choices`
+    ("reference", "torch", "triton", "cuda", "auto").
     """
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
@@ -156,7 +157,7 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
     q, k, v = qkv_views(qkv, qkv_dim, seq_dim)
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
     b = _b.select(p, backend)
-    if b.kind != "kernel":
+    if not isinstance(b, _b.KernelBackend):
         # autograd-native backends: views from unbind, whose backward stacks the three
         # gradients (select would zero-fill a qkv-sized buffer per view)
         p.q, p.k, p.v = (t.movedim(seq_dim % t.dim(), -2) for t in qkv.unbind(qkv_dim))
@@ -164,7 +165,8 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
 
 
 def explain(q, k, v, prompt_k=None, prompt_v=None, *, scale=None, segments=None) -> str:
-    """Which backends can run this input, why the others cannot, and what "auto" picks."""
+    """Which backends can run this input, every reason the others cannot, and what "auto"
+    picks."""
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
     text = _b.explain_problem(p)
     try:

@@ -1,39 +1,162 @@
-"""Backends of ``prompted_attention`` and the dispatcher that chooses between them.
+"""Backends of ``prompted_attention``, what each can run, and the dispatcher.
 
-Each backend states what it supports: ``why_not(problem)`` returns None when it can run
-the problem, else a sentence saying why not.  ``backend="auto"`` takes the first backend
-of the device's preference list that fits; an explicitly named backend that does not fit
-raises (no silent fallback that hides slowness).  ``explain(...)`` prints every verdict.
+Each backend describes what it supports as data, a :class:`Capabilities` record
+(devices, dtypes, head dims, segments, ...).  ``reasons(problem)`` lists EVERY reason the
+backend refuses a problem (empty: it can run it): the capability checks plus whatever the
+backend adds about its environment (a missing compiler, the Triton interpreter, grid
+limits).  ``why_not(problem)`` is the same as one sentence, or None.  ``backend="auto"``
+takes the first backend of the device's preference list that fits; an explicitly named
+backend that does not fit raises with its reasons (no silent fallback that hides
+slowness).  ``explain(...)`` prints every backend's reasons.
 
-Two kinds of backend:
-- *autograd-native* (``reference``, ``torch``): ``run(problem)`` returns a tensor built
-  from differentiable PyTorch ops;
-- *kernel* (``triton``, ``cuda``): ``forward``/``backward`` write into buffers that the
-  shared autograd function (:mod:`avstfp_fast.ops.autograd`) allocates in the caller's
-  layout.  See :class:`KernelBackend`.
+The class says how a backend computes:
+- :class:`Backend` (``reference``, ``torch``): autograd-native, ``run(problem)`` returns a
+  tensor built from differentiable PyTorch ops;
+- :class:`KernelBackend` (``triton``, ``cuda``): ``forward``/``backward`` write into
+  buffers that the shared autograd function (:mod:`avstfp_fast.ops.attention`) allocates
+  in the caller's layout.
+
+One registry holds the backend names; :func:`backend_choices` (the names plus "auto") is
+the list that the model, the trainer, the demo and the command line accept.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .contract import AttnProblem
+from .contract import SUPPORTED_DTYPES, AttnProblem
 
+AUTO = "auto"
 _REGISTRY: Dict[str, "Backend"] = {}
 _LAZY: Dict[str, str] = {}    # name -> module that registers it on import
+_ORDER: List[str] = []        # names in the order they were first registered
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run.  ``None`` means no limit.
+
+    - ``devices``: device types it runs on (``("cuda",)``); None: any device;
+    - ``dtypes``: element types of q/k/v/prompts;
+    - ``head_dims``: allowed q/k last dims; None: any;
+    - ``value_dim_is_head_dim``: v's last dim must equal q's;
+    - ``dense_last_dim``: arguments whose last dim must have stride 1
+      (names among "q", "k", "v", "prompt_k", "prompt_v");
+    - ``max_segments``: most ``segments=`` pieces;
+    - ``max_batch_dims``: most batch dims of size > 1;
+    - ``min_capability``: lowest CUDA compute capability (major, minor);
+    - ``deterministic``: honours ``torch.use_deterministic_algorithms(True)`` (bit-exact
+      results run to run, gradients included).
+    """
+    devices: Optional[Tuple[str, ...]] = None
+    dtypes: Tuple[torch.dtype, ...] = SUPPORTED_DTYPES
+    head_dims: Optional[Tuple[int, ...]] = None
+    value_dim_is_head_dim: bool = False
+    dense_last_dim: Tuple[str, ...] = ()
+    max_segments: Optional[int] = None
+    max_batch_dims: Optional[int] = None
+    min_capability: Optional[Tuple[int, int]] = None
+    deterministic: bool = True
+
+    def reasons(self, p: AttnProblem, name: str) -> List[str]:
+        """Every limit of these capabilities that ``p`` exceeds, one sentence each."""
+        out = []
+        dev = p.device.type
+        if self.devices is not None and dev not in self.devices:
+            needs = " or ".join(f"{d.upper()} tensors" for d in self.devices)
+            note = (f" (torch.cuda.is_available() = {torch.cuda.is_available()})"
+                    if "cuda" in self.devices else "")
+            out.append(f"q is on device {p.device}; the {name} backend needs {needs}{note}")
+        if self.min_capability is not None and dev == "cuda":
+            cap = torch.cuda.get_device_capability(p.device)
+            if cap < self.min_capability:
+                lo = self.min_capability
+                out.append(f"device {p.device} ({torch.cuda.get_device_name(p.device)}) has "
+                           f"compute capability {cap[0]}.{cap[1]}; the {name} backend needs "
+                           f">= {lo[0]}.{lo[1]}")
+        if p.dtype not in self.dtypes:
+            out.append(f"dtype {p.dtype} is not supported by the {name} backend; expected one "
+                       f"of {[str(d) for d in self.dtypes]}")
+        if self.head_dims is not None and p.head_dim not in self.head_dims:
+            out.append(f"head dim {p.head_dim} is not supported by the {name} backend: expected "
+                       f"one of {tuple(self.head_dims)} (q shape {tuple(p.q.shape)})")
+        if self.value_dim_is_head_dim and p.value_dim != p.head_dim:
+            out.append(f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported "
+                       f"by the {name} backend (q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
+        for arg, t in _named_tensors(p, self.dense_last_dim):
+            if t.stride(-1) != 1 and t.shape[-1] > 1:
+                out.append(f"{arg}: last-dim stride must be 1 for the {name} backend, got "
+                           f"strides {t.stride()} for shape {tuple(t.shape)}")
+        if self.max_segments is not None and len(p.q_segments) > self.max_segments:
+            out.append(f"segments: at most {self.max_segments} segments are supported by the "
+                       f"{name} backend, got {len(p.q_segments)} ({p.q_segments})")
+        if (self.max_batch_dims is not None
+                and sum(1 for n in p.batch_shape if n != 1) > self.max_batch_dims):
+            out.append(f"q: at most {self.max_batch_dims} batch dims of size > 1 are supported "
+                       f"by the {name} backend, got batch shape {tuple(p.batch_shape)}")
+        if not self.deterministic and torch.are_deterministic_algorithms_enabled():
+            out.append(f"torch.use_deterministic_algorithms(True) is set and the {name} backend "
+                       "has no deterministic mode")
+        return out
+
+    def summary(self) -> str:
+        """One line for :func:`explain`: the limits that are set."""
+        parts = [f"devices {'/'.join(self.devices) if self.devices else 'any'}",
+                 "dtypes " + "/".join(str(d).replace("torch.", "") for d in self.dtypes)]
+        if self.head_dims is not None:
+            parts.append("head dims " + "/".join(map(str, self.head_dims)))
+        if self.value_dim_is_head_dim:
+            parts.append("value dim == head dim")
+        if self.dense_last_dim:
+            parts.append("dense last dim (" + ", ".join(self.dense_last_dim) + ")")
+        if self.max_segments is not None:
+            parts.append(f"<= {self.max_segments} segments")
+        if self.max_batch_dims is not None:
+            parts.append(f"<= {self.max_batch_dims} batch dims > 1")
+        if self.min_capability is not None:
+            parts.append(f"sm >= {self.min_capability[0]}.{self.min_capability[1]}")
+        parts.append("deterministic" if self.deterministic else "not deterministic")
+        return ", ".join(parts)
+
+
+def _named_tensors(p: AttnProblem, names):
+    """(label, tensor) for the named arguments of ``p``; prompts per segment when segmented."""
+    for name in names:
+        if name in ("q", "k", "v"):
+            yield name, getattr(p, name)
+            continue
+        ts = getattr(p, name)
+        for s, t in enumerate(ts):
+            if t is not None:
+                yield (name if len(ts) == 1 else f"{name}[{s}]"), t
 
 
 class Backend:
+    """An autograd-native backend; subclasses set ``name`` and ``capabilities``, and
+    override :meth:`reasons` (calling ``super()``) to add limits that are not data."""
     name: str = ""
-    kind: str = "autograd"     # or "kernel"
+    capabilities: Capabilities = Capabilities()
+
+    def reasons(self, p: AttnProblem) -> List[str]:
+        """Every reason this backend cannot run ``p``; empty when it can."""
+        return self.capabilities.reasons(p, self.name)
 
     def why_not(self, p: AttnProblem) -> Optional[str]:
-        return None
+        """None when this backend can run ``p``, else all its reasons in one sentence."""
+        r = self.reasons(p)
+        return "; ".join(r) if r else None
+
+    @property
+    def kind(self) -> str:
+        """"kernel" or "autograd" (derived from the class; kept for older callers: test
+        ``isinstance(b, KernelBackend)`` instead)."""
+        return "kernel" if isinstance(self, KernelBackend) else "autograd"
 
     def run(self, p: AttnProblem) -> torch.Tensor:      # autograd-native backends
-        raise NotImplementedError(f"backend {self.name!r} is a kernel backend")
+        raise NotImplementedError(f"backend {self.name!r} does not implement run()")
 
 
 class KernelBackend(Backend):
@@ -46,7 +169,6 @@ class KernelBackend(Backend):
     and returns ``(dprompt_k, dprompt_v)``: tuples with one entry per segment, each of the
     prompt's own (un-broadcast) shape and dtype, or None for absent prompts.
     """
-    kind = "kernel"
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -55,39 +177,40 @@ class KernelBackend(Backend):
         raise NotImplementedError
 
 
-def kernel_limits(p: AttnProblem, name: str, *, dtypes, head_dims, max_segments: int,
-                  max_batch_dims: int) -> Optional[str]:
-    """The checks every kernel backend shares; None when ``p`` is within its limits."""
-    if p.dtype not in dtypes:
-        return (f"dtype {p.dtype} is not supported by the {name} backend; expected one of "
-                f"{[str(d) for d in dtypes]}")
-    if p.head_dim not in head_dims:
-        return (f"head dim {p.head_dim} is not supported by the {name} backend: expected one "
-                f"of {tuple(head_dims)} (q shape {tuple(p.q.shape)})")
-    if p.value_dim != p.head_dim:
-        return (f"v: value dim {p.value_dim} != head dim {p.head_dim} is not supported by "
-                f"the {name} backend (q {tuple(p.q.shape)}, v {tuple(p.v.shape)})")
-    for arg, t in (("q", p.q), ("k", p.k), ("v", p.v)):
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            return (f"{arg}: last-dim stride must be 1 for the {name} backend, got strides "
-                    f"{t.stride()} for shape {tuple(t.shape)}")
-    if len(p.q_segments) > max_segments:
-        return (f"segments: at most {max_segments} segments are supported by the {name} "
-                f"backend, got {len(p.q_segments)} ({p.q_segments})")
-    if sum(1 for n in p.batch_shape if n != 1) > max_batch_dims:
-        return (f"q: at most {max_batch_dims} batch dims of size > 1 are supported by the "
-                f"{name} backend, got batch shape {tuple(p.batch_shape)}")
-    return None
+# --------------------------------------------------------------------------- registry
+def _remember(name: str) -> None:
+    if name not in _ORDER:
+        _ORDER.append(name)
 
 
 def register(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
+    _remember(backend.name)
     return backend
 
 
 def register_lazy(name: str, module: str) -> None:
     """Backends with heavy imports (triton, the CUDA extension) load on first use."""
     _LAZY[name] = module
+    _remember(name)
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every registered backend, loaded or not, in registration order."""
+    return tuple(_ORDER)
+
+
+def backend_choices() -> Tuple[str, ...]:
+    """The names a user may pass as ``backend=``: every backend, then "auto"."""
+    return backend_names() + (AUTO,)
+
+
+def check_backend_name(name, arg: str = "backend") -> str:
+    """``name`` if it is one of :func:`backend_choices`, else a ValueError naming ``arg``."""
+    choices = backend_choices()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"{arg}: expected one of {choices}, got {name!r}")
+    return name
 
 
 def get_backend(name: str) -> Backend:
@@ -96,12 +219,12 @@ def get_backend(name: str) -> Backend:
         importlib.import_module(_LAZY[name])
     if name not in _REGISTRY:
         raise ValueError(f"backend: unknown name {name!r}; expected one of "
-                         f"{sorted(set(_REGISTRY) | set(_LAZY) | {'auto'})}")
+                         f"{sorted(backend_choices())}")
     return _REGISTRY[name]
 
 
 def available_backends() -> List[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY))
+    return sorted(backend_names())
 
 
 def preference(device: torch.device, p: Optional[AttnProblem] = None) -> List[str]:
@@ -112,44 +235,49 @@ def preference(device: torch.device, p: Optional[AttnProblem] = None) -> List[st
     return ["torch"]
 
 
-def select(p: AttnProblem, backend: str = "auto") -> Backend:
+def select(p: AttnProblem, backend: str = AUTO) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a name (str), got {type(backend).__name__}")
-    if backend != "auto":
+    if backend != AUTO:
         try:
             b = get_backend(backend)
         except ImportError as e:
             raise ValueError(f"backend={backend!r} is not available: {e}") from e
-        reason = _why_not(b, p)
-        if reason is not None:
-            raise ValueError(f"backend={backend!r} cannot run this input: {reason}")
+        reasons = _reasons(b, p)
+        if reasons:
+            raise ValueError(f"backend={backend!r} cannot run this input: {'; '.join(reasons)}")
         return b
     for name in preference(p.device, p):
         try:
             b = get_backend(name)
         except (ValueError, ImportError):
             continue
-        if _why_not(b, p) is None:
+        if not _reasons(b, p):
             return b
     raise ValueError("backend='auto': no backend supports this input:\n" + explain_problem(p))
 
 
-def _why_not(b: Backend, p: AttnProblem) -> Optional[str]:
+def _reasons(b: Backend, p: AttnProblem) -> List[str]:
     try:
-        return b.why_not(p)
+        return b.reasons(p)
     except ImportError as e:    # e.g. triton missing, extension not built
-        return f"not available: {e}"
+        return [f"not available: {e}"]
 
 
 def explain_problem(p: AttnProblem) -> str:
+    """Every backend's verdict: OK, or each reason on its own line followed by what the
+    backend supports; then the auto order."""
     lines = []
-    for name in available_backends():
+    for name in backend_names():
         try:
             b = get_backend(name)
-            r = _why_not(b, p)
+            rs = _reasons(b, p)
         except (ImportError, RuntimeError) as e:
-            r = f"not available: {e}"
-        lines.append(f"  {name:9s} {'OK' if r is None else r}")
+            b, rs = None, [f"not available: {e}"]
+        lines.append(f"  {name:9s} {rs[0] if rs else 'OK'}")
+        lines += [f"  {'':9s} {r}" for r in rs[1:]]
+        if rs and b is not None:
+            lines.append(f"  {'':9s} (supports: {b.capabilities.summary()})")
     auto = preference(p.device, p)
     how = ""
     if p.device.type == "cuda":
@@ -184,6 +312,7 @@ def _join(outs):
 class ReferenceBackend(Backend):
     """The oracle: concatenate prompts (expanded to the batch), softmax(q k^T) v, per segment."""
     name = "reference"
+    capabilities = Capabilities()           # any device, every supported dtype, any shape
 
     def run(self, p: AttnProblem) -> torch.Tensor:
         return _join([torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1) @ v
@@ -217,6 +346,7 @@ class TorchBackend(Backend):
     views.  Prompts are appended to K/V by a concatenation whose cost is P rows per
     sequence; the kernel backends avoid even that.  Segments run one SDPA each."""
     name = "torch"
+    capabilities = Capabilities()           # any device, every supported dtype, any shape
 
     def run(self, p: AttnProblem) -> torch.Tensor:
         return _join([_sdpa(q, k, v, p.scale) for q, k, v in _pieces(p)])

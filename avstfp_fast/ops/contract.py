@@ -4,7 +4,7 @@ Every backend receives an :class:`AttnProblem`, never raw user arguments, so the
 checks below are the single place where bad input is rejected.  Messages always name
 the argument, the expected and the actual shape/dtype/device.
 
-Semantics (SPEC §3).  With ``segments=None``::
+Semantics (docs/design.md, "The op contract").  With ``segments=None``::
 
     out = SDPA(q, cat([k, pk], -2), cat([v, pv], -2), scale)
 

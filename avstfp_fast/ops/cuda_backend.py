@@ -36,7 +36,7 @@ from typing import List, Optional
 import torch
 
 from .. import _build
-from .backends import KernelBackend, kernel_limits, register
+from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
 
 MAX_SEGMENTS = 4
@@ -141,28 +141,26 @@ def _num_q_tiles(p: AttnProblem) -> int:
 # --------------------------------------------------------------------------- backend
 class CudaBackend(KernelBackend):
     name = "cuda"
+    capabilities = Capabilities(
+        devices=("cuda",), min_capability=MIN_CAPABILITY,
+        dtypes=DTYPES, head_dims=HEAD_DIMS, value_dim_is_head_dim=True,
+        dense_last_dim=("q", "k", "v"),       # prompts are made dense by the backend
+        max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS, deterministic=True)
 
-    def why_not(self, p: AttnProblem) -> Optional[str]:
-        reason = kernel_limits(p, "cuda", dtypes=DTYPES, head_dims=HEAD_DIMS,
-                               max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS)
-        if reason is not None:
-            return reason
+    def reasons(self, p: AttnProblem) -> List[str]:
+        out = super().reasons(p)
         nseq = 1
         for n in p.batch_shape:
             nseq *= n
         if nseq > 2**31 - 1:
-            return f"q: batch product {nseq} exceeds the CUDA grid limit 2^31-1"
+            out.append(f"q: batch product {nseq} exceeds the CUDA grid limit 2^31-1")
         if _num_q_tiles(p) > 65535:
-            return f"q: sequence length {p.q.shape[-2]} is too long for the cuda backend"
-        if p.device.type != "cuda":
-            return (f"q is on device {p.device}; the cuda backend needs CUDA tensors "
-                    f"(torch.cuda.is_available() = {torch.cuda.is_available()})")
-        cap = torch.cuda.get_device_capability(p.device)
-        if cap < MIN_CAPABILITY:
-            return (f"device {p.device} ({torch.cuda.get_device_name(p.device)}) has compute "
-                    f"capability {cap[0]}.{cap[1]}; the cuda backend needs >= "
-                    f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
-        return extension_status()
+            out.append(f"q: sequence length {p.q.shape[-2]} is too long for the cuda backend")
+        if p.device.type == "cuda":             # the extension matters only where it runs
+            status = extension_status()
+            if status is not None:
+                out.append(status)
+        return out
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
         load()

@@ -76,7 +76,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .backends import KernelBackend, kernel_limits, register
+from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
 
 MAX_SEGMENTS = 2
@@ -334,35 +334,30 @@ def _attn_bwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, o
 # --------------------------------------------------------------------------- backend
 class TritonBackend(KernelBackend):
     name = "triton"
+    capabilities = Capabilities(
+        devices=("cuda", "cpu"),              # cpu: only under TRITON_INTERPRET=1 (reasons)
+        dtypes=DTYPES, head_dims=HEAD_DIMS, value_dim_is_head_dim=True,
+        dense_last_dim=("q", "k", "v", "prompt_k", "prompt_v"),
+        max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS, deterministic=True)
 
-    def why_not(self, p: AttnProblem) -> Optional[str]:
+    def reasons(self, p: AttnProblem) -> List[str]:
+        out = []
         try:
             import triton  # noqa: F401
         except ImportError as e:
-            return f"triton is not installed ({e})"
-        dev = p.device.type
+            out.append(f"triton is not installed ({e})")
         interp = interpreting()
-        if dev == "cpu":
+        if p.device.type == "cpu":
             if not interp:
-                return ("q is on the CPU: the triton backend needs a CUDA device "
-                        "(or TRITON_INTERPRET=1 for the CPU interpreter)")
-            if _kernels_interpreted() is False:
-                return ("TRITON_INTERPRET=1 was set after the Triton kernels were compiled "
-                        "for the GPU; set it before the first use of the triton backend")
-        elif dev != "cuda":
-            return f"q is on device {p.device}; the triton backend runs on cuda (or cpu when interpreting)"
+                out.append("q is on the CPU: the triton backend needs a CUDA device "
+                           "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+            elif _kernels_interpreted() is False:
+                out.append("TRITON_INTERPRET=1 was set after the Triton kernels were compiled "
+                           "for the GPU; set it before the first use of the triton backend")
         if p.dtype == torch.bfloat16 and (interp or _kernels_interpreted()):
-            return "dtype torch.bfloat16 is not supported by the Triton CPU interpreter (float16, float32)"
-        reason = kernel_limits(p, "triton", dtypes=DTYPES, head_dims=HEAD_DIMS,
-                               max_segments=MAX_SEGMENTS, max_batch_dims=MAX_BATCH_DIMS)
-        if reason is not None:
-            return reason
-        for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
-            for name, t in (("prompt_k", pk), ("prompt_v", pv)):
-                if t is not None and t.stride(-1) != 1:
-                    return (f"{name}[{s}]: last-dim stride must be 1, got strides {t.stride()} "
-                            f"for shape {tuple(t.shape)}")
-        return None
+            out.append("dtype torch.bfloat16 is not supported by the Triton CPU interpreter "
+                       "(float16, float32)")
+        return out + super().reasons(p)
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
         return torch.ops.avstfp_triton.attn_fwd(

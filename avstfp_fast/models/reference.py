@@ -1,10 +1,14 @@
-"""The reference AV-STFP: the paper's math (SPEC §1) written literally in PyTorch.
+"""The literal AV-STFP layers: the model of docs/design.md ("The model") written as
+the paper states it, in plain PyTorch.
 
-This is the model a careful PyTorch user would write, and the oracle for the fast path:
-prompts are real tokens (with query rows where the paper appends them), sequences are
-built with torch.cat and permutes, attention is the frozen ``nn.MultiheadAttention``
-(which uses ``F.scaled_dot_product_attention``).  Audio and visual run separately
-except in the fusion stage.  Clarity beats speed here.
+This is the model a careful PyTorch user would write, and the oracle for the fast path
+(:mod:`avstfp_fast.models.fast`): prompts are real tokens (with query rows where the
+paper appends them), sequences are built with torch.cat and permutes, attention is the
+frozen ``nn.MultiheadAttention`` (which uses ``F.scaled_dot_product_attention``).  Audio
+and visual run separately except in the fusion stage.  Clarity beats speed here.
+
+``PromptedCLIP`` runs these layers ("literal" path) when its backend is "reference"; they
+never call ``prompted_attention``, so no op backend is involved.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .models.prompted_clip import PromptedCLIP
+from .config import PromptKey, PromptKind
 
 
 def _mha(blk, q_in, k_in=None, v_in=None):
@@ -28,9 +32,9 @@ def temporal_stage(model, blk, layer: int, x: torch.Tensor, modality: str) -> to
     seq = x.permute(0, 2, 1, 3).reshape(B * N, M, D)          # (B*N, M, D): one row per position
     h = blk.ln_1(seq)
     k_in, v_in = h, h
-    pk = model.layer_prompts(layer, "tkey", modality)
+    pk = model.layer_prompts(layer, PromptKey(PromptKind.TEMPORAL_KEY, modality))
     if pk is not None:
-        pv = model.layer_prompts(layer, "tval", modality)
+        pv = model.layer_prompts(layer, PromptKey(PromptKind.TEMPORAL_VALUE, modality))
         k_in = torch.cat([h, blk.ln_1(pk).expand(B * N, -1, -1)], dim=1)
         v_in = torch.cat([h, blk.ln_1(pv).expand(B * N, -1, -1)], dim=1)
     out = blk.ls_1(_mha(blk, h, k_in, v_in))
@@ -42,7 +46,7 @@ def spatial_stage(model, blk, layer: int, x: torch.Tensor, modality: str) -> tor
     """Per frame, append spatial prompts as tokens, attend, drop the prompt rows."""
     B, M, N, D = x.shape
     xs = x.reshape(B * M, N, D)
-    p = model.layer_prompts(layer, "spatial", modality)
+    p = model.layer_prompts(layer, PromptKey(PromptKind.SPATIAL, modality))
     if p is not None:
         xs = torch.cat([xs, p.expand(B * M, -1, -1)], dim=1)
     xs = xs + blk.ls_1(_mha(blk, blk.ln_1(xs)))
@@ -54,7 +58,7 @@ def fusion_stage(model, blk, layer: int, a: torch.Tensor, v: torch.Tensor):
     B, M, Na, D = a.shape
     Nv = v.shape[2]
     parts = [a.reshape(B * M, Na, D)]
-    p = model.layer_prompts(layer, "fusion")
+    p = model.layer_prompts(layer, PromptKey(PromptKind.FUSION))
     nf = 0 if p is None else p.shape[0]
     if p is not None:
         parts.append(p.expand(B * M, -1, -1))
@@ -68,8 +72,11 @@ def ffn(blk, x: torch.Tensor) -> torch.Tensor:
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
-def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor]):
-    """Run every layer's three stages and the FFN; return ln_post(CLS) per frame."""
+def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor], backend=None):
+    """Run every layer's three stages and the FFN; return ln_post(CLS) per frame.
+
+    ``backend`` is accepted for a signature common with the fast path and ignored: these
+    layers use the tower's own attention module."""
     c = model.config
     xs = {"audio": a, "visual": v}
     for layer, blk in enumerate(model.visual.transformer.resblocks):
@@ -87,10 +94,3 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor]):
     feats = [None if x is None else model.visual.ln_post(x[:, :, 0]) for x in (xs["audio"], xs["visual"])]
     return feats[0], feats[1]
 
-
-class ReferenceAVSTFP(PromptedCLIP):
-    """``PromptedCLIP`` pinned to the literal reference computation (same state_dict)."""
-
-    def __init__(self, *args, **kw):
-        kw.setdefault("backend", "reference")
-        super().__init__(*args, **kw)
