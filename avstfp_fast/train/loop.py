@@ -47,6 +47,9 @@ log = logging.getLogger("avstfp_fast.train")
 __all__ = ["train", "evaluate", "Trainer", "NonFiniteLoss"]
 
 
+PROMPT_FILE = "best.prompts.safetensors"
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -193,7 +196,25 @@ class Trainer:
         path = os.path.join(self.ckpt_dir, name)
         if self.is_main:
             ck.atomic_save(self._ckpt_payload(step, best), path)
+            if name == "best.pt":
+                self.save_prompt_file()
         ddp.barrier()
+        return path
+
+    def save_prompt_file(self) -> str | None:
+        """The shareable part of the model beside best.pt (``best.prompts.safetensors``):
+        prompts, gates and head -- everything when the tower is fine-tuned or random."""
+        if not hasattr(self.model, "save_prompts"):
+            return None
+        cfg = self.cfg
+        path = os.path.join(self.ckpt_dir, PROMPT_FILE)
+        self.model.save_prompts(path, include_backbone=self.full_state, backbone=cfg.backbone,
+                                pretrained=cfg.pretrained, classes=self.classes,
+                                trainer_task=cfg.task,
+                                inputs={"segments": cfg.segments,
+                                        "clip_seconds": cfg.clip_seconds,
+                                        "sample_rate": cfg.sample_rate,
+                                        "image_size": self.image_size})
         return path
 
     def _load_model_from(self, ckpt: dict):
@@ -442,6 +463,12 @@ class Trainer:
             raise NonFiniteLoss(state.message)
         if state.status is Status.FINISHED and cfg.final_eval:
             result.update(self._final_eval())
+        prompts = os.path.join(self.ckpt_dir, PROMPT_FILE)
+        if os.path.isfile(prompts):
+            what = ("everything (the tower is " + ("fine-tuned" if cfg.model.full_finetune
+                                                   else "random") + ")"
+                    if self.full_state else "prompts, gates and head")
+            result.update(prompt_file=prompts, prompt_file_contents=what)
         result["wall_s"] = round(time.time() - t_start, 2)
         self._summary(result)
         self.metrics.close()
@@ -487,6 +514,9 @@ class Trainer:
                 rows.append((f"{split} skipped files", str(r[f"{split}_skipped"])))
         if "skipped_train_files" in r:
             rows.append(("skipped train files", str(r["skipped_train_files"])))
+        if r.get("prompt_file"):
+            rows += [("prompt file", r["prompt_file"]),
+                     ("prompt file holds", r["prompt_file_contents"])]
         rows.append(("wall time (s)", f"{r.get('wall_s', 0):.1f}"))
         rows.append(("run folder", self.run_dir))
         table = format_table(rows, "summary")
