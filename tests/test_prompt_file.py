@@ -127,3 +127,14 @@ def test_fingerprint_is_cached_until_a_weight_changes(monkeypatch):
     with torch.no_grad():
         m.visual.conv1.weight[0, 0, 0, 0] += 1.0
     assert fingerprint(m.visual) != fp and calls["n"] == 1          # recomputed
+
+
+def test_a_loaded_model_saves_an_equivalent_file(tmp_path):
+    m = _model()
+    a = m.save_prompts(str(tmp_path / "a.safetensors"), backbone="tiny", include_backbone=True,
+                       classes=["x", "y"], inputs={"segments": 10})
+    b = PromptedCLIP.from_prompts(a, backend="torch").save_prompts(str(tmp_path / "b.safetensors"))
+    pa, pb = pfm.read_prompt_file(a), pfm.read_prompt_file(b)
+    assert pa.meta == pb.meta
+    assert pa.tensors.keys() == pb.tensors.keys()
+    assert all(torch.equal(pa.tensors[k], pb.tensors[k]) for k in pa.tensors)

@@ -90,16 +90,23 @@ def _arch(visual: nn.Module) -> dict:
 # --------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------
-def save_prompts(model, path: str, *, include_backbone: bool = False,
+def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
                  backbone: Optional[str] = None, pretrained: Optional[str] = None,
                  classes: Optional[list] = None, inputs: Optional[dict] = None,
                  trainer_task: Optional[str] = None) -> str:
     """Write ``model``'s prompts, gates and head (and, with ``include_backbone`` or a
-    fully fine-tuned model, every weight) to ``path`` in safetensors format."""
+    fully fine-tuned model, every weight) to ``path`` in safetensors format.
+
+    ``backbone``: the tower's name to record (default: the name in the prompt file the
+    model came from, else ``model.model_name``; pass ``"tiny"`` for ``PromptedCLIP.tiny``).
+    ``include_backbone`` defaults to what the model's own prompt file held."""
     from safetensors.torch import save
 
     from .. import __version__
     from ..train.checkpoint import atomic_write
+    came_from = getattr(model, "prompt_metadata", None) or {}
+    if include_backbone is None:
+        include_backbone = came_from.get("contents") == "everything"
     everything = bool(include_backbone or model.config.full_finetune)
     if everything:
         state = model.state_dict()
@@ -110,7 +117,7 @@ def save_prompts(model, path: str, *, include_backbone: bool = False,
         "format": FORMAT,
         "library_version": __version__,
         "config": json.dumps(model.config.to_dict()),
-        "backbone": backbone or model.model_name,
+        "backbone": backbone or came_from.get("backbone") or model.model_name,
         "backbone_arch": json.dumps(_arch(model.visual)),
         "backbone_fingerprint": fingerprint(model.visual),
         "contents": "everything" if everything else "prompts",
@@ -123,6 +130,9 @@ def save_prompts(model, path: str, *, include_backbone: bool = False,
         meta["inputs"] = json.dumps(inputs)
     if trainer_task is not None:
         meta["trainer_task"] = trainer_task
+    for key in ("pretrained", "classes", "inputs", "trainer_task"):   # carried over
+        if key not in meta and key in came_from:
+            meta[key] = came_from[key]
     data = save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
     return os.fspath(path)
