@@ -27,9 +27,9 @@ import logging
 import os
 import sys
 
-__all__ = ["main", "build_parser"]
+from ..train.config import BACKENDS
 
-BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
