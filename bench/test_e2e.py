@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from avstfp_fast.ops import backend_names
+
 import models
 import roofline
 import timing
@@ -31,7 +33,7 @@ from benchcfg import require_time, size_config
 from contenders import Unavailable, build_contender
 from geometry import ARCHS, FRAMES, KernelShape
 
-BACKENDS = ("reference", "triton", "cuda", "torch")
+BACKENDS = backend_names()     # every registered attention backend
 _MODEL = {}      # LRU-1: arch -> model (weights are shared by every variant of that arch)
 
 

@@ -244,6 +244,20 @@ class PromptedCLIP(nn.Module):
         p = getattr(self, key.param_name)
         return None if p is None else p[layer]
 
+    # ------------------------------------------------------------------ prompt files
+    def save_prompts(self, path: str, **kw) -> str:
+        """Write prompts, gates and head (everything when fully fine-tuned) as a
+        safetensors prompt file; see ``models/prompt_file.py`` for options and format."""
+        from .prompt_file import save_prompts
+        return save_prompts(self, path, **kw)
+
+    @classmethod
+    def from_prompts(cls, path: str, **kw) -> "PromptedCLIP":
+        """Build a model from a prompt file onto ``backbone=`` (default: the file's) with
+        ``pretrained=`` weights; refuses a different backbone or configuration."""
+        from .prompt_file import from_prompts
+        return from_prompts(cls, path, **kw)
+
 
 class ReferenceAVSTFP(PromptedCLIP):
     """``PromptedCLIP`` pinned to the literal layers (backend "reference"); same state_dict."""

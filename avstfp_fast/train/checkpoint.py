@@ -19,14 +19,20 @@ import tempfile
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "atomic_save", "load_checkpoint", "capture_rng", "restore_rng",
+__all__ = ["FORMAT", "atomic_write", "atomic_save", "load_checkpoint", "capture_rng", "restore_rng",
            "model_state", "load_model_state"]
 
 FORMAT = "avstfp_fast.train/1"
 
 
 def atomic_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` atomically (temp file in the same folder + os.replace)."""
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync it, then move it
+    into place with os.replace: readers see the old file or the new one, never a part."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -35,7 +41,7 @@ def atomic_save(obj, path: str) -> None:
     try:
         os.chmod(tmp, 0o644)             # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

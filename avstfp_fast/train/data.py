@@ -40,7 +40,8 @@ log = logging.getLogger("avstfp_fast.train")
 
 __all__ = ["BadSample", "AVERow", "read_ave_rows", "ave_categories", "ave_segment_labels",
            "read_ks_rows", "decode_clip", "ClipDataset", "collate_skip_bad",
-           "ResumableDistributedSampler", "ShardSampler", "AVE_HEADER"]
+           "ResumableDistributedSampler", "ShardSampler", "AVE_HEADER", "ave_items",
+           "ave_splits", "ks_items", "ks_splits"]
 
 AVE_HEADER = ("Category", "VideoID", "Quality", "StartTime", "EndTime")
 SILENCE_PEAK = 1e-4          # peak |x| below this over the whole clip = silent file
@@ -410,44 +411,48 @@ AVE_SPLIT_FILES = {"train": "trainSet.txt", "val": "valSet.txt", "test": "testSe
 KS_SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 
 
+def ave_items(split_file: str, root: str, classes: list[str], *, segments: int = 10,
+              clip_seconds: float = 10.0, video_dir: str = "AVE") -> list:
+    """Dataset items ``(path, per-segment labels, video id)`` of one AVE split file."""
+    index = {c: i for i, c in enumerate(classes)}
+    return [(os.path.join(root, video_dir, r.video_id + ".mp4"),
+             ave_segment_labels(r, index, segments, clip_seconds), r.video_id)
+            for r in read_ave_rows(split_file)]
+
+
 def ave_splits(root: str, *, segments: int = 10, clip_seconds: float = 10.0,
                video_dir: str = "AVE"):
     """Return (classes, {split: items}) for an AVE-layout folder."""
-    ann = os.path.join(root, "Annotations.txt")
-    classes = ave_categories(ann)
-    index = {c: i for i, c in enumerate(classes)}
+    classes = ave_categories(os.path.join(root, "Annotations.txt"))
     splits = {}
     for split, fname in AVE_SPLIT_FILES.items():
         p = os.path.join(root, fname)
-        if not os.path.isfile(p):
-            continue
-        items = []
-        for r in read_ave_rows(p):
-            items.append((os.path.join(root, video_dir, r.video_id + ".mp4"),
-                          ave_segment_labels(r, index, segments, clip_seconds), r.video_id))
-        splits[split] = items
+        if os.path.isfile(p):
+            splits[split] = ave_items(p, root, classes, segments=segments,
+                                      clip_seconds=clip_seconds, video_dir=video_dir)
     if "train" not in splits:
         raise FileNotFoundError(f"{root}: no {AVE_SPLIT_FILES['train']}")
     return classes, splits
 
 
+def ks_items(csv_file: str, root: str, classes: list[str]) -> list:
+    """Dataset items ``(path, class id, video id)`` of one Kinetics-Sounds split file."""
+    index = {c: i for i, c in enumerate(classes)}
+    items = []
+    for video, lab in read_ks_rows(csv_file):
+        if lab not in index:
+            raise ValueError(f"{csv_file}: label {lab!r} is not one of the {len(classes)} "
+                             f"classes")
+        full = video if os.path.isabs(video) else os.path.join(root, video)
+        items.append((full, index[lab], os.path.splitext(os.path.basename(video))[0]))
+    return items
+
+
 def ks_splits(root: str):
     paths = {s: os.path.join(root, f) for s, f in KS_SPLIT_FILES.items()}
     classes = ks_classes(root, paths)
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split, p in paths.items():
-        if not os.path.isfile(p):
-            continue
-        items = []
-        for video, lab in read_ks_rows(p):
-            if lab in index:
-                y = index[lab]
-            else:
-                raise ValueError(f"{p}: label {lab!r} is not one of the {len(classes)} classes")
-            full = video if os.path.isabs(video) else os.path.join(root, video)
-            items.append((full, y, os.path.splitext(os.path.basename(video))[0]))
-        splits[split] = items
+    splits = {split: ks_items(p, root, classes) for split, p in paths.items()
+              if os.path.isfile(p)}
     if "train" not in splits:
         raise FileNotFoundError(f"{root}: no {KS_SPLIT_FILES['train']}")
     return classes, splits

@@ -1,7 +1,7 @@
 """Per-step learning-rate schedule: linear warm-up, then cosine decay to a floor.
 
-The paper's recipe (SPEC section 2): warm up linearly to the peak (3e-4) over the first
-2 epochs, then decay with a cosine to 2e-6.  The schedule is evaluated per optimiser
+The paper's recipe (see the trainer README): warm up linearly to the peak (3e-4) over
+the first 2 epochs, then decay with a cosine to 2e-6.  The schedule is evaluated per optimiser
 step, not per epoch.
 
 Convention (documented choice): for ``step`` counted from 0,

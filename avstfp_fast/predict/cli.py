@@ -1,0 +1,207 @@
+"""Command line: ``avstfp-predict`` / ``python -m avstfp_fast.predict``.
+
+Examples::
+
+    # per-second events of every video under a folder, with timeline pictures
+    avstfp-predict runs/x/checkpoints/best.prompts.safetensors videos/ --plot --out preds
+    # a trainer checkpoint works too; ground truth from an AVE annotation file
+    avstfp-predict runs/x/checkpoints/best.pt a.mp4 b.mp4 --annotations AVE/Annotations.txt
+    # evaluation without training: AVE segment accuracy on a split
+    avstfp-predict best.pt --annotations AVE/Annotations.txt --split AVE/testSet.txt
+    # Kinetics-Sounds top-1 / top-5 on a split file (paths relative to its folder)
+    avstfp-predict best.pt --split kinetics_sounds/test.csv
+
+Outputs (``--out``, default ``predictions``): ``<video id>.json`` per video,
+``predictions.csv`` for the run (AVE: one row per predicted event segment; AVAR: one row
+per top-k class), ``<video id>.png`` with ``--plot``, and ``run.json`` (model, counts,
+speed, skipped files with reasons, evaluation metrics).  Unreadable files are reported
+and skipped; the exit status is 1 only when no video at all could be processed (2 for
+bad options or an unusable model file).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+
+from ..ops.backends import backend_choices
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="avstfp-predict",
+        description="Run a trained AV-STFP model (prompt file or trainer checkpoint) on "
+                    "videos: per-second event probabilities and segments (AVE) or top-k "
+                    "classes (Kinetics-Sounds); optionally evaluate on an annotated split.")
+    a = p.add_argument
+    a("model", help="prompt file (.safetensors) or trainer checkpoint (.pt)")
+    a("inputs", nargs="*", help="video files and/or folders (searched recursively)")
+    a("--out", default="predictions", help="output folder (default: predictions)")
+    a("--plot", action="store_true", help="write a timeline PNG per video")
+    a("--annotations", help="AVE Annotations.txt: ground truth for the videos (and the "
+                            "classes of --split)")
+    a("--split", help="evaluate on a split file (AVE testSet.txt with --annotations, or a "
+                      "Kinetics-Sounds video,label CSV) instead of listing inputs")
+    a("--video-dir", default="AVE", help="AVE videos folder under the annotation file's "
+                                         "folder (default: AVE)")
+    a("--backbone", help="override the tower: open_clip name (default: the model file's)")
+    a("--pretrained", help="local tower weights (for prompt files, or when the "
+                           "checkpoint's path is not on this machine)")
+    a("--backend", choices=backend_choices(), default="auto")
+    a("--device", default=None, help="default: cuda if available else cpu")
+    a("--batch-size", type=int, default=8)
+    a("--num-workers", type=int, default=0, help="decoding processes (default 0)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=True,
+      help="bf16 autocast on GPU (default on)")
+    a("--compile", action="store_true", help="wrap the model in torch.compile")
+    a("--top-k", type=int, default=5, help="AVAR: classes to report (default 5)")
+    a("--top-classes", type=int, default=5, help="classes in the timeline heat map")
+    a("--threads", type=int, default=None, help="torch CPU threads")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _unique_name(vid: str, used: set) -> str:
+    base = "".join(c if c.isalnum() or c in "-_." else "_" for c in vid) or "video"
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    return name
+
+
+def _items_for_split(args, lm) -> list:
+    from ..train.data import ave_categories, ave_items, ks_items
+    if lm.head == "ave":
+        if not args.annotations:
+            raise ValueError("--split: an AVE split needs --annotations Annotations.txt")
+        classes = ave_categories(args.annotations)
+        if classes != list(lm.classes):
+            raise ValueError(f"--annotations: its classes {classes[:4]}... ({len(classes)}) "
+                             f"differ from the model's {list(lm.classes)[:4]}... "
+                             f"({len(lm.classes)})")
+        return ave_items(args.split, os.path.dirname(os.path.abspath(args.annotations)),
+                         classes, segments=lm.segments, clip_seconds=lm.clip_seconds,
+                         video_dir=args.video_dir)
+    return ks_items(args.split, os.path.dirname(os.path.abspath(args.split)), list(lm.classes))
+
+
+def _items_for_inputs(args, lm) -> tuple[list, list]:
+    from ..predict.core import find_videos
+    videos, problems = find_videos(args.inputs)
+    truth = {}
+    if args.annotations and lm.head == "ave":
+        from ..train.data import ave_segment_labels, read_ave_rows
+        index = {c: i for i, c in enumerate(lm.classes)}
+        for r in read_ave_rows(args.annotations):
+            if r.category in index:
+                truth[r.video_id] = ave_segment_labels(r, index, lm.segments, lm.clip_seconds)
+    items = []
+    for v in videos:
+        vid = os.path.splitext(os.path.basename(v))[0]
+        items.append((v, truth.get(vid), vid))
+    return items, problems
+
+
+def _csv_rows(res: dict) -> list[dict]:
+    if res["task"] == "avar":
+        return [{"video": res["video"], "id": res["id"], "rank": i + 1, "class": t["class"],
+                 "probability": t["probability"]} for i, t in enumerate(res["top_k"])]
+    return [{"video": res["video"], "id": res["id"], "start": e["start"], "end": e["end"],
+             "class": e["class"], "confidence": e["confidence"]} for e in res["events"]]
+
+
+CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence"],
+              "avar": ["video", "id", "rank", "class", "probability"]}
+
+
+def run(args) -> int:
+    import torch
+
+    from .core import Predictor, load_model
+    from .timeline import plot_timeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
+                        backend=args.backend, device=device)
+        if args.split:
+            if args.inputs:
+                raise ValueError("--split: evaluates the split's videos; drop the inputs")
+            items, problems = _items_for_split(args, lm), []
+        else:
+            if not args.inputs:
+                raise ValueError("inputs: give video files or folders (or --split)")
+            items, problems = _items_for_inputs(args, lm)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"avstfp-predict: error: {e}", file=sys.stderr)
+        return 2
+    for inp, why in problems:
+        print(f"avstfp-predict: skipping {inp}: {why}", file=sys.stderr)
+    print(f"avstfp-predict: {lm.kind} {lm.source} ({lm.trainer_task}, {len(lm.classes)} "
+          f"classes, backend {lm.model.backend}, {device}); {len(items)} videos",
+          file=sys.stderr)
+
+    os.makedirs(args.out, exist_ok=True)
+    metrics = lm.task().new_metrics() if args.split else None
+    used: set = set()
+    csv_path = os.path.join(args.out, "predictions.csv")
+    with open(csv_path, "w", newline="") as fcsv:
+        writer = csv.DictWriter(fcsv, fieldnames=CSV_FIELDS[lm.head])
+        writer.writeheader()
+
+        def on_result(res):
+            name = _unique_name(res["id"], used)
+            with open(os.path.join(args.out, name + ".json"), "w") as f:
+                json.dump(res, f)
+            writer.writerows(_csv_rows(res))
+            if args.plot:
+                plot_timeline(res, os.path.join(args.out, name + ".png"),
+                              top=args.top_classes)
+
+        pred = Predictor(lm, batch_size=args.batch_size, device=device, amp=args.amp,
+                         compile=args.compile, num_workers=args.num_workers,
+                         top_k=args.top_k, progress=args.progress)
+        stats = pred.run(items, on_result, metrics=metrics)
+
+    skipped = [(p, r) for p, r in problems] + stats["skipped"]
+    for path, why in stats["skipped"]:
+        print(f"avstfp-predict: skipped {path}: {why}", file=sys.stderr)
+    summary = {"model": lm.source, "kind": lm.kind, "task": lm.trainer_task,
+               "backend": lm.model.backend, "device": device, "videos": len(items),
+               "processed": stats["done"], "clips_per_s": stats["clips_per_s"],
+               "wall_s": stats["wall_s"],
+               "skipped": [{"input": p, "reason": r} for p, r in skipped],
+               "out": args.out}
+    if metrics is not None:
+        metrics.all_reduce()
+        m = {k: v for k, v in metrics.summary().items() if not isinstance(v, torch.Tensor)}
+        summary["evaluation"] = {"split": args.split, **m}
+        if lm.head == "ave":
+            print(f"segment accuracy {m['acc']:.4f} ({m['n']} segments, {args.split})")
+        else:
+            print(f"top-1 {m['acc']:.4f}  top-5 {m['top5']:.4f} ({m['n']} clips, "
+                  f"{args.split})")
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"avstfp-predict: {stats['done']}/{len(items)} videos processed"
+          f" ({stats['clips_per_s'] or 0:.1f} clips/s), {len(skipped)} skipped; "
+          f"results in {args.out}", file=sys.stderr)
+    return 0 if stats["done"] > 0 else 1
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

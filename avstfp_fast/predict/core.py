@@ -1,0 +1,287 @@
+"""Apply a trained model to video files: loading, finding videos, batched inference,
+per-second probabilities, event segments, top-k, and evaluation on an annotated split."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterable, Optional
+
+import torch
+
+log = logging.getLogger("avstfp_fast.predict")
+
+__all__ = ["LoadedModel", "load_model", "find_videos", "event_segments", "Predictor",
+           "VIDEO_EXTENSIONS", "BACKGROUND"]
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v")
+BACKGROUND = "background"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready for inference and what its inputs and outputs mean."""
+    model: torch.nn.Module
+    classes: list
+    head: str                  # "ave" (per-second logits) or "avar" (per clip)
+    trainer_task: str          # the trainer's task (ave, synthetic, avar, ...)
+    segments: int = 10
+    clip_seconds: float = 10.0
+    sample_rate: int = 16000
+    source: str = ""
+    kind: str = ""             # "prompt file" or "checkpoint"
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
+    def background(self) -> Optional[int]:
+        return self.classes.index(BACKGROUND) if BACKGROUND in self.classes else None
+
+    def task(self):
+        """The trainer's Task for this model (its metrics are the trainer's)."""
+        from ..train.config import TrainConfig
+        from ..train.tasks import TASKS, make_task
+        name = self.trainer_task if self.trainer_task in TASKS else self.head
+        t = make_task(TrainConfig(task=name, segments=self.segments,
+                                  clip_seconds=self.clip_seconds,
+                                  sample_rate=self.sample_rate))
+        t.classes = list(self.classes)
+        return t
+
+
+def _is_checkpoint(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK"        # torch.save writes a zip archive
+
+
+def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
+               backend: str = "auto", device=None) -> LoadedModel:
+    """A prompt file (``.safetensors``) or a trainer checkpoint (``.pt``) as a model.
+
+    ``backbone`` / ``pretrained`` override where the frozen tower comes from (a
+    checkpoint records the training run's values; a prompt file its backbone name)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model: no such file: {path}")
+    if _is_checkpoint(path):
+        return _from_checkpoint(path, backbone, pretrained, backend, device)
+    from ..models.prompted_clip import PromptedCLIP
+    model = PromptedCLIP.from_prompts(path, backbone=backbone, pretrained=pretrained,
+                                      backend=backend, device=device)
+    meta = model.prompt_metadata
+    import json
+    cfg = model.config
+    classes = json.loads(meta["classes"]) if "classes" in meta else \
+        [f"class_{i}" for i in range(cfg.num_classes or 0)]
+    inputs = json.loads(meta.get("inputs", "{}"))
+    if cfg.task is None:
+        raise ValueError(f"model: {path} has no classification head (task=None)")
+    return LoadedModel(model.eval(), classes, cfg.task, meta.get("trainer_task", cfg.task),
+                       segments=inputs.get("segments", 10),
+                       clip_seconds=inputs.get("clip_seconds", 10.0),
+                       sample_rate=inputs.get("sample_rate", 16000), source=path,
+                       kind="prompt file")
+
+
+def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
+    from ..train import checkpoint as ck
+    from ..train.config import TrainConfig
+    from ..train.tasks import build_model, make_task
+    ckpt = ck.load_checkpoint(path)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg.backend = backend
+    if backbone is not None:
+        cfg.backbone = backbone
+    if pretrained is not None:
+        cfg.pretrained = pretrained
+    if ckpt["model_full"]:
+        cfg.pretrained = None          # every weight is in the checkpoint
+    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise FileNotFoundError(f"pretrained: the checkpoint's tower weights "
+                                f"{cfg.pretrained!r} are not here; pass --pretrained FILE")
+    classes = list(ckpt["classes"])
+    task = make_task(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, task.head, len(classes))
+    ck.load_model_state(model, ckpt["model"], ckpt["model_full"])
+    if device is not None:
+        model = model.to(device)
+    return LoadedModel(model.eval(), classes, task.head, cfg.task, segments=cfg.segments,
+                       clip_seconds=cfg.clip_seconds, sample_rate=cfg.sample_rate,
+                       source=path, kind="checkpoint")
+
+
+def find_videos(inputs: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files and folders (recursively, sorted) into video paths.
+
+    Returns ``(videos, problems)``; ``problems`` lists ``(input, reason)`` for missing
+    paths and folders without videos."""
+    videos, problems, seen = [], [], set()
+    for inp in inputs:
+        inp = os.fspath(inp)
+        if os.path.isdir(inp):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(inp):
+                dirnames.sort()
+                found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                          if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith(".")]
+            if not found:
+                problems.append((inp, f"folder holds no videos ({', '.join(VIDEO_EXTENSIONS)})"))
+            new = [f for f in found if f not in seen]
+        elif os.path.isfile(inp):
+            new = [inp] if inp not in seen else []
+        else:
+            problems.append((inp, "no such file or folder"))
+            new = []
+        seen.update(new)
+        videos += new
+    return videos, problems
+
+
+def event_segments(probs: torch.Tensor, classes: list, seconds_per_segment: float = 1.0,
+                   background: Optional[int] = None) -> list[dict]:
+    """Runs of equal per-second predictions, background excluded: ``start``/``end`` in
+    seconds, ``class``, ``confidence`` (mean probability of that class over the run)."""
+    pred = probs.argmax(-1).tolist()
+    out, s = [], 0
+    while s < len(pred):
+        e = s
+        while e + 1 < len(pred) and pred[e + 1] == pred[s]:
+            e += 1
+        c = pred[s]
+        if c != background:
+            out.append({"start": round(s * seconds_per_segment, 6),
+                        "end": round((e + 1) * seconds_per_segment, 6),
+                        "class": classes[c],
+                        "confidence": round(float(probs[s:e + 1, c].mean()), 6)})
+        s = e + 1
+    return out
+
+
+class _Recorder(torch.nn.Module):
+    """Calls the model and keeps its last output (so the trainer's metrics and the
+    predictions come from one forward pass)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.last = None
+
+    def forward(self, *args):
+        self.last = self.model(*args)
+        return self.last
+
+
+class Predictor:
+    """Batched inference over files with the trainer's data pipeline (PyAV decode, the
+    front end, no augmentation)."""
+
+    def __init__(self, lm: LoadedModel, *, batch_size: int = 8, device=None,
+                 amp: bool = True, compile: bool = False, num_workers: int = 0,
+                 top_k: int = 5, progress: bool = True):
+        self.lm = lm
+        self.device = torch.device(device) if device else next(lm.model.parameters()).device
+        lm.model.to(self.device).eval()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.top_k, self.progress = top_k, progress
+        self.amp = amp and self.device.type == "cuda"
+        fwd = torch.compile(lm.model) if compile else lm.model
+        self.forward = _Recorder(fwd)
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _loader(self, items):
+        from torch.utils.data import DataLoader
+
+        from ..train.data import ClipDataset, collate_skip_bad
+        lm = self.lm
+        # ids are positions in ``items``; unlabelled items get a dummy label
+        indexed = [(path, 0 if label is None else label, i)
+                   for i, (path, label, _) in enumerate(items)]
+        ds = ClipDataset(indexed, image_size=lm.image_size, segments=lm.segments,
+                         clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate)
+
+        def collate(samples):
+            batch = collate_skip_bad(samples)
+            batch["reasons"] = [s["reason"] for s in samples if "bad" in s]
+            return batch
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, collate_fn=collate)
+
+    @torch.no_grad()
+    def run(self, items: list, on_result: Callable[[dict], None], metrics=None) -> dict:
+        """Predict every item ``(path, label or None, id)``; ``on_result`` receives one
+        dict per readable video.  With ``metrics`` (a trainer Metrics object), items
+        carry labels and the metrics are updated from the same forward pass.
+        Returns ``{"done", "skipped": [(path, reason)], "clips_per_s", "wall_s"}``."""
+        from ..train.tasks import StepContext
+        lm = self.lm
+        loader = self._loader(items)
+        ctx = StepContext(device=self.device, autocast=self._autocast)
+        skipped, done = [], 0
+        bar = loader
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True,
+                       file=sys.stderr)
+        t0 = time.time()
+        for batch in bar:
+            skipped += list(zip(batch["bad"], batch["reasons"]))
+            if batch["audio"] is None:
+                continue
+            if metrics is not None:
+                metrics.update(self.forward, batch, ctx)
+            else:
+                a = batch["audio"].to(self.device, non_blocking=True)
+                v = batch["video"].to(self.device, non_blocking=True)
+                with ctx.autocast():
+                    self.forward(a, v)
+            probs = self.forward.last.float().softmax(-1).cpu()
+            for row, i in enumerate(batch["id"]):
+                path, label, vid = items[i]
+                on_result({"video": path, **self._result(vid, probs[row], label)})
+            done += len(batch["id"])
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(clips_s=f"{done / max(time.time() - t0, 1e-9):.1f}",
+                                skipped=len(skipped))
+        if hasattr(bar, "close"):
+            bar.close()
+        wall = time.time() - t0
+        return {"done": done, "skipped": skipped, "wall_s": round(wall, 3),
+                "clips_per_s": round(done / wall, 3) if wall > 0 else None}
+
+    def _result(self, vid, probs: torch.Tensor, label) -> dict:
+        lm = self.lm
+        sps = lm.clip_seconds / lm.segments
+        out = {"id": vid, "task": lm.head, "classes": list(lm.classes),
+               "segments": lm.segments, "seconds_per_segment": sps}
+        if label is not None and lm.head == "avar":
+            out["label"] = lm.classes[int(label)]
+        if lm.head == "avar":
+            k = min(self.top_k, len(lm.classes))
+            p, idx = probs.topk(k)
+            out["top_k"] = [{"class": lm.classes[int(i)], "probability": round(float(q), 6)}
+                            for q, i in zip(p, idx)]
+            out["probabilities"] = [round(float(q), 6) for q in probs]
+            return out
+        out["probabilities"] = [[round(float(q), 6) for q in row] for row in probs]
+        out["predicted"] = [lm.classes[int(i)] for i in probs.argmax(-1)]
+        out["events"] = event_segments(probs, lm.classes, sps, lm.background)
+        if label is not None:
+            truth = [int(x) for x in label]
+            out["ground_truth"] = [lm.classes[c] for c in truth]
+            out["ground_truth_events"] = event_segments(
+                torch.nn.functional.one_hot(torch.tensor(truth), len(lm.classes)).float(),
+                lm.classes, sps, lm.background)
+            hits = sum(int(p == t) for p, t in zip(probs.argmax(-1).tolist(), truth))
+            out["segment_accuracy"] = hits / len(truth)
+        return out

@@ -1,0 +1,140 @@
+"""Prompt files: bit-exact round trips for every model configuration, and clear errors for
+the wrong backbone, the wrong configuration, and damaged files."""
+import json
+
+import pytest
+import torch
+
+from avstfp_fast import PromptedCLIP
+from avstfp_fast.models import prompt_file as pfm
+from avstfp_fast.models.prompt_file import PromptFileError, fingerprint, load_prompts
+
+TINY = dict(width=32, layers=2, heads=2, image_size=32, backend="torch")
+
+CONFIGS = {
+    "default": {},
+    "temporal-only": dict(stages=("temporal",)),
+    "spatial-only": dict(stages=("spatial",)),
+    "no-stages": dict(stages=()),
+    "fusion-only": dict(stages=("fusion",)),
+    "audio-only": dict(modalities=("audio",), stages=("temporal", "spatial")),
+    "visual-only": dict(modalities=("visual",), stages=("temporal", "spatial")),
+    "zero-prompts": dict(n_temporal=0, n_spatial=0, n_fusion=0),
+    "counts": dict(n_temporal=3, n_spatial=1, n_fusion=4, beta_init=0.5),
+    "avar": dict(task="avar", num_classes=7),
+    "features": dict(task=None),
+    "full-finetune": dict(full_finetune=True),
+}
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = PromptedCLIP.tiny(**TINY, **kw)
+    with torch.no_grad():                      # trained-looking values, not the init
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_round_trip_is_bit_exact(tmp_path, name):
+    m = _model(**CONFIGS[name])
+    path = m.save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny", classes=None)
+    # a fresh model on the same frozen tower (the same seed rebuilds it)
+    torch.manual_seed(0)
+    m2 = PromptedCLIP.from_prompts(path, backend="torch")
+    assert m2.config == m.config
+    s1, s2 = m.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert s1[k].dtype == s2[k].dtype and torch.equal(s1[k], s2[k]), k
+    meta = m2.prompt_metadata
+    assert meta["contents"] == ("everything" if m.config.full_finetune else "prompts")
+    assert meta["backbone"] == "tiny" and meta["backbone_fingerprint"].startswith("sha256:")
+    assert json.loads(meta["config"])["stages"] == list(m.config.stages)
+    import avstfp_fast
+    assert meta["library_version"] == avstfp_fast.__version__
+
+
+def test_prompts_only_file_holds_no_tower_weights(tmp_path):
+    m = _model()
+    pf = pfm.read_prompt_file(m.save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny"))
+    assert pf.tensors and not any(k.startswith("visual.") for k in pf.tensors)
+    assert {k for k in pf.tensors} == {n for n, p in m.named_parameters() if p.requires_grad}
+    full = pfm.read_prompt_file(m.save_prompts(str(tmp_path / "f.safetensors"),
+                                               backbone="tiny", include_backbone=True))
+    assert full.everything and set(full.tensors) == set(m.state_dict())
+    # a random tower travels with the prompts: any fresh seed loads it
+    torch.manual_seed(123)
+    m2 = PromptedCLIP.from_prompts(str(tmp_path / "f.safetensors"), backend="torch")
+    assert torch.equal(m2.visual.conv1.weight, m.visual.conv1.weight)
+
+
+def test_wrong_backbone_weights_are_refused(tmp_path):
+    path = _model(seed=0).save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny")
+    torch.manual_seed(1)                                   # another random tower
+    with pytest.raises(PromptFileError, match="backbone weights differ.*fingerprint"):
+        PromptedCLIP.from_prompts(path, backend="torch")
+    with pytest.raises(PromptFileError, match="backbone differs.*'tiny', got 'ViT-B-16'"):
+        PromptedCLIP.from_prompts(path, backbone="ViT-B-16")
+    other = PromptedCLIP.tiny(width=48, layers=2, heads=2, image_size=32, backend="torch")
+    with pytest.raises(PromptFileError, match="architecture differs.*width: file 32, "
+                                              "backbone 48"):
+        load_prompts(other, path)
+
+
+def test_wrong_config_is_refused_naming_the_fields(tmp_path):
+    path = _model(n_spatial=4).save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny")
+    torch.manual_seed(0)
+    other = PromptedCLIP.tiny(**TINY, n_spatial=3, stages=("spatial", "temporal"))
+    with pytest.raises(PromptFileError, match=r"configuration differs: n_spatial: file 4, "
+                                              r"model 3; stages"):
+        load_prompts(other, path)
+
+
+def test_damaged_files_are_refused(tmp_path):
+    path = _model().save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny")
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PromptFileError, match="truncated or damaged"):
+        PromptedCLIP.from_prompts(str(cut))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(PromptFileError, match="truncated or damaged"):
+        pfm.read_prompt_file(str(junk))
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(PromptFileError, match="not an avstfp_fast prompt file"):
+        pfm.read_prompt_file(str(foreign))
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        pfm.read_prompt_file(str(tmp_path / "missing.safetensors"))
+
+
+def test_fingerprint_is_cached_until_a_weight_changes(monkeypatch):
+    m = _model()
+    fp = fingerprint(m.visual)
+    calls = {"n": 0}
+    real = pfm.hashlib.sha256
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+    monkeypatch.setattr(pfm.hashlib, "sha256", counting)
+    assert fingerprint(m.visual) == fp and calls["n"] == 0         # cached
+    with torch.no_grad():
+        m.visual.conv1.weight[0, 0, 0, 0] += 1.0
+    assert fingerprint(m.visual) != fp and calls["n"] == 1          # recomputed
+
+
+def test_a_loaded_model_saves_an_equivalent_file(tmp_path):
+    m = _model()
+    a = m.save_prompts(str(tmp_path / "a.safetensors"), backbone="tiny", include_backbone=True,
+                       classes=["x", "y"], inputs={"segments": 10})
+    b = PromptedCLIP.from_prompts(a, backend="torch").save_prompts(str(tmp_path / "b.safetensors"))
+    pa, pb = pfm.read_prompt_file(a), pfm.read_prompt_file(b)
+    assert pa.meta == pb.meta
+    assert pa.tensors.keys() == pb.tensors.keys()
+    assert all(torch.equal(pa.tensors[k], pb.tensors[k]) for k in pa.tensors)
