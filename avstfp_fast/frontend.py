@@ -1,6 +1,6 @@
 """Audio/video front end: pure tensor functions (file decoding lives in the trainer).
 
-Audio (SPEC §1): 16 kHz mono -> M one-second segments -> Kaldi fbank (128 mel bins,
+Audio (docs/design.md, "The model"): 16 kHz mono -> M one-second segments -> Kaldi fbank (128 mel bins,
 25 ms Hanning window, 10 ms shift, htk_compat, no energy, no dither) -> (x + 4.1426) /
 (2 * 3.2001).  ``torchaudio.compliance.kaldi.fbank`` is pure PyTorch, so this runs on
 GPU tensors as well.

@@ -1,4 +1,4 @@
-"""Audio/video front end: fbank settings of SPEC §1, fixed length, frame sampling."""
+"""Audio/video front end: fbank settings of docs/design.md ("The model"), fixed length, frame sampling."""
 import pytest
 import torch
 from torchaudio.compliance import kaldi
