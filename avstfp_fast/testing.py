@@ -2,6 +2,10 @@
 
 ``TOL`` holds the accuracy contract: the relative error ``||out - ref|| / ||ref||`` of a result
 against a float64 reference on the same inputs (see docs/design.md, "Tolerances").
+:func:`tolerance_failures` adds FlashAttention's same-precision rule for fp16/bf16.
+:func:`edge_cases` (a hypothesis strategy) and :func:`check_edge_case` test any backend on
+the inputs that once gave silent wrong answers (tests/test_edge_inputs.py; the GPU suites
+can reuse them with ``device="cuda"``).  hypothesis is imported only by ``edge_cases``.
 """
 from dataclasses import dataclass
 from typing import Tuple
