@@ -21,13 +21,14 @@ the list that the model, the trainer, the demo and the command line accept.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .contract import SUPPORTED_DTYPES, AttnProblem
+from .contract import SUPPORTED_DTYPES, AttnProblem, check_kernel_writes
 
 AUTO = "auto"
 _REGISTRY: Dict[str, "Backend"] = {}
@@ -162,10 +163,12 @@ class Backend:
 class KernelBackend(Backend):
     """A backend made of a forward and a backward kernel.
 
-    ``forward(p, out)`` writes the attention output into ``out`` (shape of q, any strides)
-    and returns the row log-sum-exp, float32, shape ``(*batch, Lq)`` (natural log, scores
+    ``forward(p, out)`` writes the attention output into ``out`` (shape of q; any strides
+    with a dense last dim and no self-overlap, which ``check_writes`` verifies) and
+    returns the row log-sum-exp, float32, shape ``(*batch, Lq)`` (natural log, scores
     already scaled).  ``backward(p, out, lse, dout, dq, dk, dv, deterministic)`` writes
-    dq/dk/dv into the given tensors (any strides; often views of one QKV-gradient buffer)
+    dq/dk/dv into the given tensors (same layout rule; often views of one QKV-gradient
+    buffer)
     and returns ``(dprompt_k, dprompt_v)``: tuples with one entry per segment, each of the
     prompt's own (un-broadcast) shape and dtype, or None for absent prompts.
     """
@@ -175,6 +178,12 @@ class KernelBackend(Backend):
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         raise NotImplementedError
+
+    def check_writes(self, **buffers: Optional[torch.Tensor]) -> None:
+        """Call before launch on every buffer the kernel writes: see
+        :func:`avstfp_fast.ops.contract.check_kernel_writes` (ValueError on a layout the
+        kernels do not write correctly: a strided last dim, self-overlapping memory)."""
+        check_kernel_writes(self.name, **buffers)
 
 
 # --------------------------------------------------------------------------- registry
@@ -310,23 +319,28 @@ def _join(outs):
 
 # --------------------------------------------------------------------------- reference
 class ReferenceBackend(Backend):
-    """The oracle: concatenate prompts (expanded to the batch), softmax(q k^T) v, per segment."""
+    """The oracle: concatenate prompts (expanded to the batch), softmax(q k^T) v, per segment.
+    The scale multiplies q before the product, so that fp16 scores overflow only where
+    the scaled scores themselves exceed 65504."""
     name = "reference"
     capabilities = Capabilities()           # any device, every supported dtype, any shape
 
     def run(self, p: AttnProblem) -> torch.Tensor:
-        return _join([torch.softmax((q @ k.transpose(-1, -2)) * p.scale, dim=-1) @ v
+        return _join([torch.softmax((q * p.scale) @ k.transpose(-1, -2), dim=-1) @ v
                       for q, k, v in _pieces(p)])
 
 
 # --------------------------------------------------------------------------- torch
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _sdpa(q, k, v, scale):
     """SDPA with the batch folded to exactly 4 dims: PyTorch's fused CPU (flash) kernel
     takes only 4-D inputs and otherwise falls back to the unfused math path."""
     batch = q.shape[:-2]
     if q.device.type == "cpu" and q.shape[-2] <= 16:
         # very short sequences (the temporal stage): the unfused path is faster on CPU
-        return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+        return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1) @ v
     if q.dim() == 4:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if q.dim() > 4:
@@ -349,7 +363,23 @@ class TorchBackend(Backend):
     capabilities = Capabilities()           # any device, every supported dtype, any shape
 
     def run(self, p: AttnProblem) -> torch.Tensor:
+        if p.device.type == "cpu" and p.dtype in _HALF:
+            return self._run_upcast(p)
         return _join([_sdpa(q, k, v, p.scale) for q, k, v in _pieces(p)])
+
+    def _run_upcast(self, p: AttnProblem) -> torch.Tensor:
+        """Precision rule on the CPU (docs/performance.md): half inputs (fp16, bf16) run in
+        fp32 from the start (scores, softmax, SDPA forward and backward, the prompts'
+        batch reduction), and the output is rounded to the input dtype once.  Scores of
+        fp16 inputs overflow 65504 easily, and PyTorch's fp16 CPU SDPA backward loses
+        accuracy over long sequences; the CPU has no fast half arithmetic to lose."""
+        def up(t):
+            return None if t is None else t.float()
+        with torch.autocast("cpu", enabled=False):      # autocast would cast back down
+            p32 = dataclasses.replace(p, q=p.q.float(), k=p.k.float(), v=p.v.float(),
+                                      prompt_k=tuple(up(t) for t in p.prompt_k),
+                                      prompt_v=tuple(up(t) for t in p.prompt_v))
+            return self.run(p32).to(p.dtype)
 
 
 register(ReferenceBackend())

@@ -184,11 +184,47 @@ def empty_in_stride_order(shape, like: torch.Tensor, dtype=None) -> torch.Tensor
 
     Outputs written this way keep the caller's layout: the attention output of a
     (B, M, N, H, d)-ordered q view can be moved back to (B, M, N, H*d) without a copy.
+    Whatever ``like``'s strides, the last dim is the innermost (stride 1: the kernels
+    write rows of the head dim densely), and dims of size 1 or stride 0 in ``like`` (an
+    ``expand``-ed batch dim carries no order) are the outermost.
     """
+    n = len(shape)
     strides = like.stride()
-    order = sorted(range(len(shape)), key=lambda i: (-strides[i], i))   # outermost first
+
+    def key(i):
+        broadcast = shape[i] == 1 or strides[i] == 0
+        return (not broadcast, -strides[i], i)         # outermost first
+
+    order = sorted(range(n - 1), key=key) + ([n - 1] if n else [])
     t = torch.empty([shape[i] for i in order], dtype=dtype or like.dtype, device=like.device)
-    inv = [0] * len(order)
+    inv = [0] * n
     for pos, i in enumerate(order):
         inv[i] = pos
     return t.permute(inv)
+
+
+def check_kernel_writes(backend: str, **buffers: Optional[torch.Tensor]) -> None:
+    """Refuse to launch a kernel into a buffer laid out otherwise than kernels assume.
+
+    Every kernel backend calls this before launch, on each buffer it writes (``out``;
+    ``dq``, ``dk``, ``dv``): the last dim must be dense (stride 1) and no two elements
+    may share memory (no stride-0 dim of size > 1, no interleaved strides), else the
+    kernel would silently write wrong values.  Raises ValueError naming the buffer.
+    ``_KernelAttention`` allocates such buffers (:func:`empty_in_stride_order`, or views
+    of one dense QKV-gradient buffer); this guards direct backend calls and regressions.
+    """
+    for name, t in buffers.items():
+        if t is None or t.numel() == 0:
+            continue
+        sizes, strides = tuple(t.shape), t.stride()
+        if sizes[-1] > 1 and strides[-1] != 1:
+            raise ValueError(f"{name}: the {backend} backend writes it with a dense last dim "
+                             f"(stride 1), got strides {strides} for shape {sizes}")
+        extent = 1              # memory span of the dims already visited (inner ones)
+        for size, stride in sorted((d for d in zip(sizes, strides) if d[0] > 1),
+                                   key=lambda d: d[1]):
+            if stride < extent:
+                raise ValueError(f"{name}: the {backend} backend writes every element once, "
+                                 f"but strides {strides} for shape {sizes} make elements "
+                                 f"share memory (e.g. an expand()-ed dim)")
+            extent += (size - 1) * stride

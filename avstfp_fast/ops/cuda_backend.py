@@ -163,6 +163,7 @@ class CudaBackend(KernelBackend):
         return out
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
+        self.check_writes(out=out)
         load()
         lse = torch.empty(tuple(p.batch_shape) + (p.q.shape[-2],), dtype=torch.float32,
                           device=p.device)
@@ -175,6 +176,7 @@ class CudaBackend(KernelBackend):
         return lse
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
+        self.check_writes(dq=dq, dk=dk, dv=dv)
         load()
         dout = _dense_last(dout)
         out = _dense_last(out)

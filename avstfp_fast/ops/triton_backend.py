@@ -360,11 +360,13 @@ class TritonBackend(KernelBackend):
         return out + super().reasons(p)
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
+        self.check_writes(out=out)
         return torch.ops.avstfp_triton.attn_fwd(
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out)
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
+        self.check_writes(dq=dq, dk=dk, dv=dv)
         grads = torch.ops.avstfp_triton.attn_bwd(
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
