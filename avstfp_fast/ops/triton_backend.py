@@ -128,6 +128,13 @@ class _Tiles:
         self.num_stages = 1 if dtype == torch.float32 else 2
 
 
+def tile_for(p: AttnProblem) -> _Tiles:
+    """The tile configuration the launchers use for problem ``p``."""
+    return _Tiles(max(p.q_segments), max(p.k_segments),
+                  max([0] + [t.shape[-2] for t in p.prompt_k if t is not None]),
+                  p.head_dim, p.dtype)
+
+
 def _coalesce(batch: Sequence[int], strides: List[List[int]]):
     """Drop size-1 batch dims and merge adjacent dims that every tensor lays out densely.
 
