@@ -5,7 +5,8 @@ CI-class machine (a benchmark target, not a timed test).
 
 Cases: the temporal, spatial and fusion stage calls of ViT-B/16 at batch 8 (bf16, CPU
 tensors of uninitialised memory; nothing is computed), through the backend's ``forward``
-(the ``avstfp_triton::attn_fwd`` custom op and its launcher)."""
+(eager: the launcher directly) and through the ``avstfp_triton::attn_fwd`` custom op
+(what compiled graphs call)."""
 from __future__ import annotations
 
 import pytest
@@ -39,13 +40,21 @@ def no_launch(monkeypatch):
             monkeypatch.setattr(K, name, _NoLaunch(fn))
 
 
+@pytest.mark.parametrize("via", ["eager", "custom_op"])
 @pytest.mark.parametrize("stage", benchlib.STAGES)
-def test_triton_forward_host_path(benchmark, no_launch, stage):
+def test_triton_forward_host_path(benchmark, no_launch, stage, via):
+    """``eager``: what an eager call runs (the launcher directly); ``custom_op``: the
+    ``avstfp_triton::attn_fwd`` custom op around it, which torch.compile graphs call."""
     p, _, _ = stage_problem("B16", stage, "bf16", 64, batch=8)
     from avstfp_fast.ops.contract import empty_in_stride_order
     out = empty_in_stride_order(p.q.shape, p.q)
     be = TB.TritonBackend()
     be.forward(p, out)                              # warm the caches
-    benchmark.extra_info.update(kind="host", stage=stage, arch="B16", batch=8,
-                                target_s=20e-6)
-    benchmark(be.forward, p, out)
+    benchmark.extra_info.update(kind="host", stage=stage, arch="B16", batch=8, via=via,
+                                target_s=20e-6 if via == "eager" else None)
+    if via == "eager":
+        benchmark(be.forward, p, out)
+    else:
+        args = (p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+                list(p.k_segments), p.scale, out)
+        benchmark(torch.ops.avstfp_triton.attn_fwd, *args)
