@@ -21,13 +21,15 @@ Interface
     ``g`` sequences per program, ``slot_m`` query rows, ``slot_n`` key rows and
     ``slot_p`` prompt rows per sequence and step (tile rows = g * slot).
 ``min_bytes(call, passes)``, ``useful_flops(call, passes)``,
-``executed_flops(call, tile, passes, backward)`` with ``passes`` in ("fwd", "fwdbwd")
-and ``backward`` in :data:`BACKWARDS`; ``floor_s(bytes, flops, copy_Bps, gemm_flops)``.
+``executed_flops(call, tile, passes, backward, bwd_slot_m=None)`` with ``passes`` in
+("fwd", "fwdbwd"), ``backward`` in :data:`BACKWARDS` and ``bwd_slot_m`` the fused
+backward's query tile if it differs; ``floor_s(bytes, flops, copy_Bps, gemm_flops)``;
+``summary(call, tile, backward, ceilings, bwd_slot_m)`` -> all of them in one dict.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 #: Backward schemes and their matrix products per (query tile, key tile) pair.
 #:   "two-pass": a dq pass (S, dP, dQ; on prompt tiles also dPK, dPV) and a dk/dv pass
@@ -103,12 +105,14 @@ def useful_flops(c: Call, passes: str) -> float:
     return f if passes == "fwd" else 3.0 * f
 
 
-def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass") -> float:
+def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass",
+                   bwd_slot_m: Optional[int] = None) -> float:
     """FLOPs of the matrix products the kernels issue, padding and packing included.
 
     Programs: ``cdiv(batch, g)`` groups x query (forward, dq) or key (dk/dv) blocks per
     segment; each walks the other side in tile steps.  A product of an (a x d) by a
-    (d x b) tile is 2 a b d FLOPs."""
+    (d x b) tile is 2 a b d FLOPs.  ``bwd_slot_m``: the query tile of the fused
+    backward's inner loop when it differs from the forward's (``g == 1`` only)."""
     d, groups = c.head_dim, _cdiv(c.batch, t.g)
     fwd = bwd = 0.0
     for nq, nk, p in _segments(c):
@@ -120,8 +124,11 @@ def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass") ->
         if backward == "two-pass":
             bwd += groups * mb * (3 * nb * tok + 5 * pb * prm)   # dq pass (+ prompt grads)
             bwd += groups * nb * mb * 4 * tok                    # dk/dv pass
-        elif backward == "fused":
-            bwd += groups * mb * (5 * nb * tok + 5 * pb * prm)
+        elif backward == "fused":                               # query tile bq rows/seq
+            bq = bwd_slot_m or t.slot_m
+            rq = t.g * bq
+            bwd += groups * _cdiv(nq, bq) * 5 * (nb * 2.0 * rq * t.rows_n * d
+                                                 + pb * 2.0 * rq * t.rows_p * d)
         else:
             raise ValueError(f"backward: expected one of {BACKWARDS}, got {backward!r}")
     return fwd if passes == "fwd" else fwd + bwd
@@ -132,13 +139,13 @@ def floor_s(nbytes: float, flops: float, copy_Bps: float, gemm_flops: float) -> 
     return max(nbytes / copy_Bps, flops / gemm_flops)
 
 
-def summary(c: Call, t: Tile, backward: str,
-            ceilings: Dict[str, float] = NOMINAL_SM90) -> Dict[str, float]:
+def summary(c: Call, t: Tile, backward: str, ceilings: Dict[str, float] = NOMINAL_SM90,
+            bwd_slot_m: Optional[int] = None) -> Dict[str, float]:
     """All of the above for one call and tile, forward and forward+backward."""
     out: Dict[str, float] = {}
     for passes in ("fwd", "fwdbwd"):
         b, u = min_bytes(c, passes), useful_flops(c, passes)
-        e = executed_flops(c, t, passes, backward)
+        e = executed_flops(c, t, passes, backward, bwd_slot_m)
         out[f"{passes}_bytes"], out[f"{passes}_useful_flops"] = b, u
         out[f"{passes}_executed_flops"] = e
         out[f"{passes}_useful_fraction"] = u / e if e else 1.0

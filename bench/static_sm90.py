@@ -13,7 +13,7 @@ whether global->shared loads are 16-byte ``cp.async``; from these the occupancy
 executed FLOPs, at nominal sm_90 ceilings) come from ``bench/floors.py``.
 
 Fails (exit 1) on: any spill for head dim 64, fewer than 2 CTAs/SM for head dim 64,
-a bf16/fp16 main (64+ row) matrix product not on wgmma.
+a bf16/fp16 main (64+ row) matrix product not on wgmma, acq_rel atomics.
 
 CUDA kernels join the table when ``bench/static_sm90_cuda.py`` exists: its
 ``cuda_rows()`` rows are appended and ``cuda_failures(rows)`` added to the failures.
@@ -186,7 +186,11 @@ def compile_one(fn, args, kwargs) -> Dict:
     n_dot, n_wgmma = len(dots), sum(op != "tt.dot" for op, _, _ in dots)
     main = [op for op, m, _ in dots if int(m) >= 64]   # 64+ rows: a warpgroup's tile
     n_main, n_main_wgmma = len(main), sum(op != "tt.dot" for op in main)
-    return dict(regs=regs, spills=spills, smem=smem, num_warps=nw,
+    atomics = set(re.findall(r"\b(?:atom|red)\.global\.[\w.:]+", ptx))
+    sems = {"acq_rel" if ("acq_rel" in a or "acquire" in a or "release" in a) else
+            "relaxed" if "relaxed" in a else "other" for a in atomics}
+    return dict(regs=regs, spills=spills, atomics="/".join(sorted(sems)) or "-",
+                smem=smem, num_warps=nw,
                 num_stages=int(c.metadata.num_stages), dots=n_dot, wgmma_dots=n_wgmma,
                 main_dots=n_main, main_wgmma=n_main_wgmma,
                 wgmma_ptx="wgmma.mma_async" in ptx, cp_async16=bool(_CPASYNC16.search(ptx)),
@@ -281,6 +285,8 @@ def failures(rows: List[Dict]) -> List[str]:
         if r["head_dim"] == 64 and r["ctas_per_sm"] < 2:
             bad.append(f"{what}: {r['ctas_per_sm']} CTA/SM (< 2 for head dim 64; "
                        f"{r['regs']} regs, {r['smem']} B smem)")
+        if "acq_rel" in r.get("atomics", ""):
+            bad.append(f"{what}: acq_rel atomics (fence + L1 invalidate each; use sem='relaxed')")
         if r["dtype"] in ("bf16", "fp16") and r["main_wgmma"] < r["main_dots"]:
             bad.append(f"{what}: {r['main_dots'] - r['main_wgmma']} of {r['main_dots']} "
                        f"main (64+ row) matrix products not on wgmma")
@@ -305,9 +311,10 @@ def floor_rows(models=MODELS) -> List[Dict]:
             t = TB.tile_for(p)
             tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
             bwd = getattr(TB, "BACKWARD_SCHEME", "two-pass")
-            s = floors.summary(call, tile, bwd)
+            bq = getattr(t, "bwd_slot_m", t.slot_m) if bwd == "fused" else t.slot_m
+            s = floors.summary(call, tile, bwd, bwd_slot_m=bq)
             s.update(model=model, stage=stage, tile=f"{t.g}x({t.slot_m},{t.slot_n},{t.slot_p})",
-                     backward=bwd)
+                     backward=bwd + (f", {bq}-row q tiles" if bq != t.slot_m else ""))
             rows.append(s)
     return rows
 
@@ -333,8 +340,9 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
     for ver, rows in rows_by_version.items():
         L += [f"## Triton {ver}", "",
               "| kernel | config | dtype | d | regs | spills B | smem KB | CTAs/SM | warps/SM "
-              "(limit) | wgmma: main, all | cp.async 16B | grid (largest case) | waves | cases |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(limit) | wgmma: main, all | cp.async 16B | atomics | grid (largest case) | waves | "
+              "cases |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["head_dim"], r["config"])):
             g = max(r["grids"], key=lambda g: math.prod(g))
             ctas = math.prod(g)
@@ -345,6 +353,7 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
                      f"{r['regs']} | {r['spills']} | {r['smem'] / 1024:.1f} | {r['ctas_per_sm']} | "
                      f"{r['warps_per_sm']} ({r['limit']}) | {r['main_wgmma']}/{r['main_dots']}, {r['wgmma_dots']}/{r['dots']} | "
                      f"{'yes' if r['cp_async16'] else ('other' if r['cp_async_any'] else 'no')} | "
+                     f"{r.get('atomics', '?')} | "
                      f"{tuple(g)} | {waves:.1f} | {', '.join(cases)} |")
         L.append("")
     if cuda_rows:
@@ -375,8 +384,8 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
     L += ["## Contract", "",
           "Fails on: any spill for head dim 64; fewer than 2 CTAs/SM for head dim 64; a "
           "bf16/fp16 main matrix product (64+ result rows, the token-key tiles) not lowered "
-          "to wgmma. Products of 16-row prompt tiles use mma.sync (wgmma needs 64 rows per "
-          "warpgroup).", ""]
+          "to wgmma; acq_rel atomics. Products of 16-row prompt tiles use mma.sync (wgmma "
+          "needs 64 rows per warpgroup).", ""]
     L += [f"- FAIL: {b}" for b in bad] or ["- all checks pass"]
     return "\n".join(L) + "\n"
 

@@ -139,11 +139,17 @@ class _Tiles:
         # ~240 registers without spills (two stages: 255 + spills).
         self.bwd_warps = 4
         self.bwd_stages = 1 if self.kind == "packed" else self.num_stages
+        # The fused backward walks queries in 32-row tiles when G == 1: at 64 it needs
+        # 220 registers (Triton 3.8) and spills under 3.6 (255 + 308 B); at 32, 158 / 182
+        # and no spills.  Its dq product then has 32 rows (mma.sync; the other four
+        # products keep 64 key rows and stay on wgmma).
+        self.bwd_slot_m = 32 if self.g == 1 else self.slot_m
 
     def describe(self) -> str:
         return (f"{self.kind}: G={self.g} SLOT_M={self.slot_m} SLOT_N={self.slot_n} "
                 f"SLOT_P={self.slot_p} num_warps={self.num_warps} "
-                f"num_stages={self.num_stages} (backward {self.bwd_stages})")
+                f"num_stages={self.num_stages} (backward: {self.bwd_stages} stages, "
+                f"{self.bwd_slot_m}-row query tiles)")
 
 
 def tile_for(p: AttnProblem) -> _Tiles:
@@ -329,7 +335,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
                 q, k, v, dout, dk, dv, dqa, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.sdqa,
                 PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
                 tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
-                pl.scale, SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.bwd_const)
+                pl.scale, SLOT_N=t.slot_n, SLOT_P=t.slot_p,
+                **dict(pl.bwd_const, SLOT_M=t.bwd_slot_m))
             dq.copy_(dqa.view(q.shape))
     elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
         dk.zero_()
