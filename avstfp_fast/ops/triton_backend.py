@@ -133,11 +133,12 @@ class _Tiles:
         self.num_warps = 8 if head_dim >= 128 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
-        # plus transposed score tiles: ~220 registers at 4 warps (8 warps do not lower it:
-        # the 64-row wgmma tile is split by columns).  Packed tiles walk one query block
-        # per key block, so they gain nothing from pipelining; one stage keeps them at
-        # ~240 registers without spills (two stages: 255 + spills).
-        self.bwd_warps = 4
+        # plus transposed score tiles.  Head dim 64: 4 warps (8 barely lower the
+        # registers: the 64-row wgmma tile is split by columns, and halve the CTAs/SM);
+        # head dim 128: 8 warps (4 spill).  Packed tiles walk one query block per key
+        # block, so they gain nothing from pipelining; one stage keeps them at ~240
+        # registers without spills (two stages: 255 + spills).
+        self.bwd_warps = 8 if head_dim >= 128 else 4
         self.bwd_stages = 1 if self.kind == "packed" else self.num_stages
         # The fused backward walks queries in 32-row tiles when G == 1: at 64 it needs
         # 220 registers (Triton 3.8) and spills under 3.6 (255 + 308 B); at 32, 158 / 182
