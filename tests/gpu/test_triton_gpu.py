@@ -117,7 +117,8 @@ def test_four_segments_fused_backward(dtype):
 @pytest.mark.parametrize("Lq,Lk", [(1, 239), (10, 512), (32, 1000)])
 def test_short_queries_over_long_keys(Lq, Lk):
     dtype = torch.bfloat16
-    q, k, v = _p(4, 3, Lq, 64, dtype=dtype), _p(4, 3, Lk, 64, dtype=dtype), _p(4, 3, Lk, 64, dtype=dtype)
+    q = _p(4, 3, Lq, 64, dtype=dtype)
+    k, v = _p(4, 3, Lk, 64, dtype=dtype), _p(4, 3, Lk, 64, dtype=dtype)
 
     def fn(q, k, v, pk, pv, backend):
         return prompted_attention(q, k, v, pk, pv, backend=backend)
