@@ -27,10 +27,12 @@ demo: $(STAMP)
 	$(VPY) -m avstfp_fast.demo
 
 # CPU suite: unit tests (Triton kernels under the interpreter), the CUDA compile check,
-# and every CPU benchmark case run once at tiny size (benchmarks are not timed here).
+# and every CPU benchmark case run once at tiny size (benchmarks are not timed here),
+# then the compile-time sm_90 contract of the Triton kernels (CI subset, ~1 min).
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow" tests
 	AVSTFP_BENCH_SIZE=tiny $(VPY) -m pytest -q bench --benchmark-disable
+	$(VPY) bench/static_sm90.py --ci
 
 test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests

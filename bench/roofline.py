@@ -16,6 +16,7 @@ from typing import Dict
 
 import torch
 
+import floors
 from geometry import AUDIO_F, AUDIO_T, STAGES, KernelShape, model_arch
 
 
@@ -47,30 +48,21 @@ def kernel_cost(shape: KernelShape, passes: str) -> Dict[str, float]:
 
 
 def executed_flops(shape: KernelShape, passes: str) -> float:
-    """FLOPs the triton kernels execute for this case, padding and recomputation included.
-
-    Tiles: the triton backend's own choice for the case (``_Tiles`` of
-    avstfp_fast/ops/triton_backend.py): ``g`` sequences packed per tile, each padded to
-    ``slot_m`` query rows, token keys walked ``slot_n`` rows and prompts ``slot_p`` rows at
-    a time; a packed tile multiplies all ``g*slot_m`` queries with all ``g*slot_n`` keys
-    (the block-diagonal mask discards the rest).  Matrix products per key row: forward 2
-    (q·kᵀ, p·v); backward 7 per token key (dq pass: s, dp, dq; dk/dv pass: s, dp, dv, dk)
-    and 5 per prompt key (dq pass: s, dp, dq, dpk, dpv).
-    """
-    from avstfp_fast.ops.triton_backend import _Tiles
+    """FLOPs the triton kernels execute for this case, padding, packing and the backward
+    scheme included: the triton backend's own tile choice for the case, counted by
+    ``floors.executed_flops`` (the same arithmetic as the static sm_90 contract)."""
+    from avstfp_fast.ops import triton_backend as tb
     seqs = shape.sequences()
-    d = shape.arch.head_dim
-    t = _Tiles(max(s[1] for s in seqs), max(s[2] for s in seqs), max(s[3] for s in seqs),
-               d, shape.dtype)
-    per_token_key, per_prompt_key = (2, 2) if passes == "fwd" else (2 + 7, 2 + 5)
-    total = 0.0
-    for count, lq, lk, p in seqs:
-        rows = t.g * t.slot_m * math.ceil(lq / t.slot_m)          # query rows per tile
-        keys = t.g * t.slot_n * math.ceil(lk / t.slot_n)          # token key rows per tile
-        prompts = t.g * t.slot_p * math.ceil(p / t.slot_p)        # prompt rows per tile
-        tiles = math.ceil(count / t.g)
-        total += tiles * 2.0 * d * rows * (per_token_key * keys + per_prompt_key * prompts)
-    return total
+    counts = {s[0] for s in seqs}
+    assert len(counts) == 1, f"segments of one call share the batch, got {seqs}"
+    t = tb._Tiles(max(s[1] for s in seqs), max(s[2] for s in seqs), max(s[3] for s in seqs),
+                  shape.arch.head_dim, shape.dtype)
+    call = floors.Call(batch=counts.pop(), q_segments=tuple(s[1] for s in seqs),
+                       k_segments=tuple(s[2] for s in seqs), prompts=tuple(s[3] for s in seqs),
+                       head_dim=shape.arch.head_dim, elem=torch.finfo(shape.dtype).bits // 8,
+                       prompt_rows=0)
+    tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
+    return floors.executed_flops(call, tile, passes, tb.BACKWARD_SCHEME, t.bwd_slot_m)
 
 
 def floor_time(cost: Dict[str, float], ceilings: Dict[str, float]) -> float:

@@ -1,76 +1,122 @@
-"""Triton kernels of ``prompted_attention`` (SPEC §3): one online-softmax pass over a
-sequence's token keys/values and then its prompt keys/values, forward and backward.
+"""Triton kernels of ``prompted_attention``: one online-softmax pass over a sequence's
+token keys/values and then its prompt keys/values, forward and backward
+(``docs/design.md``, "The op contract").
 
-Addressing (shared by all kernels)
-----------------------------------
-* Every tensor is read/written through its own strides: 4 batch strides, a sequence
-  stride, and a unit stride along the head dim.  The flat batch index ``b`` (row-major
-  over the batch dims, sizes ``S0 x S1 x S2 x S3``) is split with div/mod in
-  :func:`_boff`; size-1/broadcast dims simply have stride 0 (prompts).
-* A program owns ``G`` sequences (``b = pid0 * G + g``) and ``SLOT`` positions of each:
-  tile row ``r`` is sequence ``r // SLOT``, position ``blk * SLOT + r % SLOT``.  Long
-  sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack many
-  sequences into one 64-row tile, and a block-diagonal mask (``same`` below) keeps each
-  query on the keys of its own sequence.
-* Segments (block-diagonal attention, each block with its own prompts) are grid axis 2;
-  up to two segments, whose lengths/prompt pointers/strides arrive as scalar arguments
-  suffixed ``a`` / ``b`` and are picked with :func:`_pick`.
-* ``LSE`` and ``DELTA`` are dense fp32 ``(batch, LQ)`` buffers indexed ``b * LQ + pos``.
+Operand descriptors (shared by all kernels)
+-------------------------------------------
+* A tensor operand is a base pointer plus a stride tuple ``(s0, s1, s2, s3, sl)``: four
+  batch strides and the sequence stride (the head dim has stride 1).  The launcher
+  merges the batch dims (``avstfp_fast/ops/layout.py``) to at most four, of sizes
+  ``BS = (S1, S2, S3, BT)`` (``S0 = BT / (S1 S2 S3)``, ``BT`` the batch product);
+  :func:`_boff` splits a flat batch index with div/mod.  Broadcast dims (prompts) have
+  stride 0.  Integer arguments equal to 1 become constants at launch, so unused dims
+  cost nothing.
+* Segments (block-diagonal attention, each block with its own prompts): grid axis 1.
+  Per-segment values arrive as small tuples, one entry per segment (``NSEG`` <= 4):
+  lengths ``NQ``/``NK``, prompt pointers ``PK``/``PV``, their stride tuples, prompt counts
+  ``NP``; :func:`_sel` picks entry ``seg`` (a where-chain: tuples cannot be indexed by a
+  run-time value, and the interpreter cannot follow address tables in memory).
+* Grid axis 0 is ``group * NB + block``: the ``NB`` query (or key) blocks of a sequence
+  group are adjacent, so they run together and share the group's K/V in L2.
+* A program owns ``G`` sequences (``b = group * G + g``) and ``SLOT`` positions of each:
+  tile row ``r`` is sequence ``r // SLOT``, position ``block * SLOT + r % SLOT``.  Long
+  sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack several
+  sequences into one 64-row tile, and a block-diagonal mask (``same``) keeps each query
+  on its own sequence's keys.
+* ``LSE`` and ``DELTA`` are dense fp32 ``(BT, LQ)`` buffers indexed ``b * LQ + pos``.
 * Scores are kept in log2 units: ``qk_scale = scale * log2(e)``.
+* ``WHILE`` (set when interpreting): loops over run-time lengths are written as
+  ``while`` loops, which every Triton interpreter accepts (3.6's turns a run-time
+  ``range`` bound into a Python int from a 1-element array, which NumPy 2 refuses);
+  compiled kernels use ``range`` loops, which Triton software-pipelines.  Both forms
+  call the same step functions.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _pick(seg, a, b):
-    # per-segment scalar argument: a for segment 0, b for segment 1
-    return tl.where(seg == 0, a, b)
+def _sel(t, i, N: tl.constexpr):
+    # t[i] for a run-time i < N
+    r = t[0]
+    for s in tl.static_range(1, N):
+        r = tl.where(i == s, t[s], r)
+    return r
 
 
 @triton.jit
-def _boff(b, S1, S2, S3, s0, s1, s2, s3):
-    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * s_d
-    # (div/mod in int32 -- the flat batch index is < 2^31 -- products in int64)
-    i3 = b % S3
-    b = b // S3
-    i2 = b % S2
-    b = b // S2
-    i1 = b % S1
-    i0 = b // S1
-    return (i0.to(tl.int64) * s0 + i1.to(tl.int64) * s1 + i2.to(tl.int64) * s2
-            + i3.to(tl.int64) * s3)
+def _sel_st(t, i, N: tl.constexpr):
+    # t[i] of a tuple of stride tuples (s0, s1, s2, s3, sl)
+    r0, r1, r2, r3, rl = t[0][0], t[0][1], t[0][2], t[0][3], t[0][4]
+    for s in tl.static_range(1, N):
+        r0 = tl.where(i == s, t[s][0], r0)
+        r1 = tl.where(i == s, t[s][1], r1)
+        r2 = tl.where(i == s, t[s][2], r2)
+        r3 = tl.where(i == s, t[s][3], r3)
+        rl = tl.where(i == s, t[s][4], rl)
+    return (r0, r1, r2, r3, rl)
 
 
 @triton.jit
-def _rows(pid_b, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
+def _start(t, i, N: tl.constexpr):
+    # sum of t[s] for s < i: where segment i starts
+    r = 0
+    for s in tl.static_range(0, N - 1):
+        r += tl.where(i > s, t[s], 0)
+    return r
+
+
+@triton.jit
+def _boff(b, BS, st):
+    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * st[d]
+    # (div/mod in int32 -- the batch product is < 2^31 -- products in int64)
+    i3 = b % BS[2]
+    b = b // BS[2]
+    i2 = b % BS[1]
+    b = b // BS[1]
+    i1 = b % BS[0]
+    i0 = b // BS[0]
+    return (i0.to(tl.int64) * st[0] + i1.to(tl.int64) * st[1] + i2.to(tl.int64) * st[2]
+            + i3.to(tl.int64) * st[3])
+
+
+@triton.jit
+def _rows(grp, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
     # tile row r -> (sequence b, position pos, valid); also the packing group r // SLOT
     r = tl.arange(0, G * SLOT)
-    b = pid_b * G + r // SLOT
+    b = grp * G + r // SLOT
     pos = blk * SLOT + r % SLOT
     return b, pos, (b < BT) & (pos < n), r // SLOT
 
 
 @triton.jit
-def _load(PTR, boff, pos, sl, ok, D: tl.constexpr):
+def _ptr(PTR, boff, pos, st, D: tl.constexpr):
     d = tl.arange(0, D)
-    ptr = PTR + boff[:, None] + pos.to(tl.int64)[:, None] * sl + d[None, :]
-    return tl.load(ptr, mask=ok[:, None], other=0.0)
+    return PTR + boff[:, None] + pos.to(tl.int64)[:, None] * st[4] + d[None, :]
 
 
 @triton.jit
-def _store(PTR, boff, pos, sl, ok, x, D: tl.constexpr):
-    d = tl.arange(0, D)
-    ptr = PTR + boff[:, None] + pos.to(tl.int64)[:, None] * sl + d[None, :]
-    tl.store(ptr, x.to(PTR.dtype.element_ty), mask=ok[:, None])
+def _load(PTR, boff, pos, st, ok, D: tl.constexpr):
+    return tl.load(_ptr(PTR, boff, pos, st, D), mask=ok[:, None], other=0.0)
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, PREC: tl.constexpr):
+def _store(PTR, boff, pos, st, ok, x, D: tl.constexpr):
+    tl.store(_ptr(PTR, boff, pos, st, D), x.to(PTR.dtype.element_ty), mask=ok[:, None])
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, cg, BT,
+              qk_scale, D: tl.constexpr, PREC: tl.constexpr):
+    # keys j0 + cj (< n) of source (KP, VP), first row at offset jo:
     # s = q k^T (log2 units); m' = max(m, rowmax s); p = 2^(s - m'); a = 2^(m - m')
     # l' = a l + sum p ;  acc' = a acc + p v        (rows with no valid key yet keep m=-inf)
+    ok = (cb < BT) & (j0 + cj < n)
+    k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
+    v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where(valid, s, float("-inf"))
+    s = tl.where((qg[:, None] == cg[None, :]) & ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -81,64 +127,182 @@ def _softmax_step(acc, m_i, l_i, q, k, v, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _fwd_source(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, jo, n, cb, cj, cg, BT,
+                qk_scale, SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                WHILE: tl.constexpr):
+    # the online softmax over one key source of n rows, SLOT rows per sequence and step
+    if WHILE:
+        j0 = 0
+        while j0 < n:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo,
+                                      n, cb, cj, cg, BT, qk_scale, D, PREC)
+            j0 += SLOT
+    else:
+        for j0 in range(0, n, SLOT):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo,
+                                      n, cb, cj, cg, BT, qk_scale, D, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def prompted_attn_fwd(
-    Q, K, V, O, LSE,
-    sq0, sq1, sq2, sq3, sql, sk0, sk1, sk2, sk3, skl,
-    sv0, sv1, sv2, sv3, svl, so0, so1, so2, so3, sol,
-    PKa, PVa, spka0, spka1, spka2, spka3, spkal, spva0, spva1, spva2, spva3, spval, Pa,
-    PKb, PVb, spkb0, spkb1, spkb2, spkb3, spkbl, spvb0, spvb1, spvb2, spvb3, spvbl, Pb,
-    NQa, NKa, NQb, NKb, S1, S2, S3, BT, LQ, qk_scale,
+    Q, K, V, O, LSE, sq, sk, sv, so,
+    PK, PV, spk, spv, NP, NQ, NK, BS, NB, LQ, qk_scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
-    D: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # o_i = sum_j softmax_j(scale q_i.k_j) v_j over j in [token keys of the segment; its
     # prompts];  lse_i = log sum_j exp(scale q_i.k_j)   (natural log)
-    pid_b, blk, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    nq, nk = _pick(seg, NQa, NQb), _pick(seg, NKa, NKb)
-    q0, k0 = _pick(seg, 0, NQa), _pick(seg, 0, NKa)
-    if blk * SLOT_M >= nq:
-        return
-    qb, qi, q_ok, qg = _rows(pid_b, blk, BT, nq, G, SLOT_M)
-    q = _load(Q, _boff(qb, S1, S2, S3, sq0, sq1, sq2, sq3), q0 + qi, sql, q_ok, D)
-    m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([G * SLOT_M], tl.float32)
-    acc = tl.zeros([G * SLOT_M, D], tl.float32)
-
-    # 1) token keys/values of this segment
-    cb, cj, _, cg = _rows(pid_b, 0, BT, 0, G, SLOT_N)
-    same = qg[:, None] == cg[None, :]
-    kbo = _boff(cb, S1, S2, S3, sk0, sk1, sk2, sk3)
-    vbo = _boff(cb, S1, S2, S3, sv0, sv1, sv2, sv3)
-    for n0 in range(0, nk, SLOT_N):
-        ok = (cb < BT) & (n0 + cj < nk)
-        k = _load(K, kbo, k0 + n0 + cj, skl, ok, D)
-        v = _load(V, vbo, k0 + n0 + cj, svl, ok, D)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, same & ok[None, :], qk_scale, PREC)
-
-    # 2) the segment's prompt keys/values (broadcast strides, often 0 over the batch)
-    P = _pick(seg, Pa, Pb)
-    PK, PV = _pick(seg, PKa, PKb), _pick(seg, PVa, PVb)
-    pb, pj, _, pg = _rows(pid_b, 0, BT, 0, G, SLOT_P)
-    same = qg[:, None] == pg[None, :]
-    pko = _boff(pb, S1, S2, S3, _pick(seg, spka0, spkb0), _pick(seg, spka1, spkb1),
-                _pick(seg, spka2, spkb2), _pick(seg, spka3, spkb3))
-    pvo = _boff(pb, S1, S2, S3, _pick(seg, spva0, spvb0), _pick(seg, spva1, spvb1),
-                _pick(seg, spva2, spvb2), _pick(seg, spva3, spvb3))
-    spkl, spvl = _pick(seg, spkal, spkbl), _pick(seg, spval, spvbl)
-    for p0 in range(0, P, SLOT_P):
-        ok = (pb < BT) & (p0 + pj < P)
-        k = _load(PK, pko, p0 + pj, spkl, ok, D)
-        v = _load(PV, pvo, p0 + pj, spvl, ok, D)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, same & ok[None, :], qk_scale, PREC)
-
-    # 3) o = acc / l ;  lse = (m + log2 l) * ln 2
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    _store(O, _boff(qb, S1, S2, S3, so0, so1, so2, so3), q0 + qi, sol, q_ok,
-           acc / l_safe[:, None], D)
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    blk, grp = pid % NB, pid // NB
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    if blk * SLOT_M < nq:
+        qb, qi, q_ok, qg = _rows(grp, blk, BT, nq, G, SLOT_M)
+        q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
+        m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([G * SLOT_M], tl.float32)
+        acc = tl.zeros([G * SLOT_M, D], tl.float32)
+        # 1) token keys/values of this segment
+        cb, cj, _, cg = _rows(grp, 0, BT, 0, G, SLOT_N)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, qg, K, V, _boff(cb, BS, sk),
+                                    _boff(cb, BS, sv), sk, sv, k0, nk, cb, cj, cg, BT,
+                                    qk_scale, SLOT_N, D, PREC, WHILE)
+        # 2) the segment's prompt keys/values (broadcast strides, often 0 over the batch)
+        spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
+        pb, pj, _, pg = _rows(grp, 0, BT, 0, G, SLOT_P)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, qg, _sel(PK, seg, NSEG),
+                                    _sel(PV, seg, NSEG), _boff(pb, BS, spk_s),
+                                    _boff(pb, BS, spv_s), spk_s, spv_s, 0,
+                                    _sel(NP, seg, NSEG), pb, pj, pg, BT, qk_scale, SLOT_P,
+                                    D, PREC, WHILE)
+        # 3) o = acc / l ;  lse = (m + log2 l) * ln 2
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        _store(O, _boff(qb, BS, so), q0 + qi, so, q_ok, acc / l_safe[:, None], D)
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+        tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
 
 
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def prompted_attn_bwd_pre(
+    O, DO, DELTA, so, sdo, NQ, BS, NB, LQ,
+    G: tl.constexpr, SLOT_M: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr,
+    PREC: tl.constexpr, WHILE: tl.constexpr,
+):
+    # delta_i = do_i . o_i  (fp32), for the fused backward (PREC, WHILE: unused, shared
+    # launch constants)
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    blk, grp = pid % NB, pid // NB
+    nq, q0 = _sel(NQ, seg, NSEG), _start(NQ, seg, NSEG)
+    if blk * SLOT_M < nq:
+        qb, qi, q_ok, _ = _rows(grp, blk, BS[3], nq, G, SLOT_M)
+        do = _load(DO, _boff(qb, BS, sdo), q0 + qi, sdo, q_ok, D)
+        o = _load(O, _boff(qb, BS, so), q0 + qi, so, q_ok, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + qb.to(tl.int64) * LQ + q0 + qi, delta, mask=q_ok)
+
+
+@triton.jit
+def _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, sdo, sdqa,
+             m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale, D: tl.constexpr,
+             PREC: tl.constexpr, WITH_DQ: tl.constexpr):
+    # keys j of this program against queries m0 + ri (transposed tiles):
+    #   sT_ji = q_i.k_j ; pT = 2^(sT - lse_i log2 e) ; dv += pT do ; dpT = v do^T
+    #   dsT = pT (dpT - delta_i) ; dk += dsT q ; and (WITH_DQ) dq_i += scale dsT^T k
+    ok = (rb < BT) & (m0 + ri < nq)
+    q = _load(Q, qbo, q0 + m0 + ri, sq, ok, D)
+    do = _load(DO, dbo, q0 + m0 + ri, sdo, ok, D)
+    row = rb.to(tl.int64) * LQ + q0 + m0 + ri
+    lse2 = tl.load(LSE + row, mask=ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row, mask=ok, other=0.0)
+    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    valid = (kg[:, None] == rg[None, :]) & ok[None, :] & k_ok[:, None]
+    pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    if WITH_DQ:
+        dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PREC) * scale
+        tl.atomic_add(_ptr(DQA, abo, q0 + m0 + ri, sdqa, D), dq, mask=ok[:, None],
+                      sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _kv_block(k, v, kg, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0, nq, LQ,
+              qk_scale, scale, ROWS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr,
+              D: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
+              WITH_DQ: tl.constexpr):
+    # dk, dv (unscaled dk) of ROWS key rows over all query blocks of their sequences
+    BT = BS[3]
+    dk = tl.zeros([ROWS, D], tl.float32)
+    dv = tl.zeros([ROWS, D], tl.float32)
+    rb, ri, _, rg = _rows(grp, 0, BT, 0, G, SLOT_M)
+    qbo, dbo, abo = _boff(rb, BS, sq), _boff(rb, BS, sdo), _boff(rb, BS, sdqa)
+    if WHILE:
+        m0 = 0
+        while m0 < nq:
+            dk, dv = _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
+                              sq, sdo, sdqa, m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale,
+                              D, PREC, WITH_DQ)
+            m0 += SLOT_M
+    else:
+        for m0 in range(0, nq, SLOT_M):
+            dk, dv = _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
+                              sq, sdo, sdqa, m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale,
+                              D, PREC, WITH_DQ)
+    return dk, dv
+
+
+@triton.jit
+def prompted_attn_bwd(
+    Q, K, V, DO, DK, DV, DQA, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, sdqa,
+    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, NKB, NB, LQ, qk_scale, scale,
+    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
+    D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
+):
+    # The fused backward (5 matrix products per tile pair): one program per key block
+    # -- NKB token-key blocks, then the prompt blocks -- walks the queries of its
+    # sequences and computes dk/dv of its keys and adds scale * ds^T k into the fp32 dq
+    # accumulator DQA (atomics).  Prompt blocks add scale * ds^T q and p^T do into GR
+    # (fp32, the prompt's own shape addressed through its broadcast strides; dpv at
+    # + GKV), so the batch reduction happens in the atomics.
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    kblk, grp = pid % NB, pid // NB
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    if kblk < NKB:
+        if kblk * SLOT_N < nk:
+            kb, kj, k_ok, kg = _rows(grp, kblk, BT, nk, G, SLOT_N)
+            k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
+            v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
+            dk, dv = _kv_block(k, v, kg, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+                               BS, q0, nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D,
+                               PREC, WHILE, True)
+            _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
+            _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
+    else:
+        pblk = kblk - NKB
+        P = _sel(NP, seg, NSEG)
+        if pblk * SLOT_P < P:
+            spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
+                _sel_st(sgr, seg, NSEG)
+            pb, pj, p_ok, pg = _rows(grp, pblk, BT, P, G, SLOT_P)
+            k = _load(_sel(PK, seg, NSEG), _boff(pb, BS, spk_s), pj, spk_s, p_ok, D)
+            v = _load(_sel(PV, seg, NSEG), _boff(pb, BS, spv_s), pj, spv_s, p_ok, D)
+            dk, dv = _kv_block(k, v, pg, p_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+                               BS, q0, nq, LQ, qk_scale, scale, G * SLOT_P, G, SLOT_M, D,
+                               PREC, WHILE, True)
+            gptr = _ptr(_sel(GR, seg, NSEG), _boff(pb, BS, sgr_s), pj, sgr_s, D)
+            tl.atomic_add(gptr, dk * scale, mask=p_ok[:, None], sem="relaxed")
+            tl.atomic_add(gptr + _sel(GKV, seg, NSEG), dv, mask=p_ok[:, None], sem="relaxed")
+
+
+# ----------------------------------------------------------------- deterministic backward
 @triton.jit
 def _probs(q, do, k, v, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
     # p_ij = 2^(s_ij - lse_i log2 e) ;  ds_ij = p_ij (do_i.v_j - delta_i)
@@ -149,121 +313,112 @@ def _probs(q, do, k, v, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
 
 
 @triton.jit
+def _dq_step(dq, q, do, qg, q_ok, lse2, delta, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, cg,
+             BT, qk_scale, D: tl.constexpr, PREC: tl.constexpr):
+    ok = (cb < BT) & (j0 + cj < n)
+    k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
+    v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
+    valid = (qg[:, None] == cg[None, :]) & q_ok[:, None] & ok[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, PREC)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq, p, ds, ok
+
+
+@triton.jit
 def prompted_attn_bwd_dq(
-    Q, K, V, O, DO, DQ, LSE, DELTA,
-    sq0, sq1, sq2, sq3, sql, sk0, sk1, sk2, sk3, skl, sv0, sv1, sv2, sv3, svl,
-    so0, so1, so2, so3, sol, sdo0, sdo1, sdo2, sdo3, sdol, sdq0, sdq1, sdq2, sdq3, sdql,
-    PKa, PVa, spka0, spka1, spka2, spka3, spkal, spva0, spva1, spva2, spva3, spval, Pa,
-    GRa, sga0, sga1, sga2, sga3, sgam, sgal, gkva,
-    PKb, PVb, spkb0, spkb1, spkb2, spkb3, spkbl, spvb0, spvb1, spvb2, spvb3, spvbl, Pb,
-    GRb, sgb0, sgb1, sgb2, sgb3, sgbm, sgbl, gkvb,
-    NQa, NKa, NQb, NKb, S1, S2, S3, BT, LQ, qk_scale, scale,
+    Q, K, V, O, DO, DQ, LSE, DELTA, sq, sk, sv, so, sdo, sdq,
+    PK, PV, spk, spv, NP, GR, sgr, GM, GKV, NQ, NK, BS, NB, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
-    D: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
-    # delta_i = do_i.o_i (stored for the dk/dv kernel);  dq_i = scale sum_j ds_ij k_j over
-    # token keys and prompts;  per prompt j of this program's queries:
-    #   dpk_j += scale sum_i ds_ij q_i ,  dpv_j += sum_i p_ij do_i
-    # accumulated into GR (fp32) at the prompt's broadcast address (atomics), or, when
-    # DETERMINISTIC, stored as this program's partial at [b, blk, j] (reduced on the host).
-    pid_b, blk, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    nq, nk = _pick(seg, NQa, NQb), _pick(seg, NKa, NKb)
-    q0, k0 = _pick(seg, 0, NQa), _pick(seg, 0, NKa)
-    if blk * SLOT_M >= nq:
-        return
-    qb, qi, q_ok, qg = _rows(pid_b, blk, BT, nq, G, SLOT_M)
-    q = _load(Q, _boff(qb, S1, S2, S3, sq0, sq1, sq2, sq3), q0 + qi, sql, q_ok, D)
-    do = _load(DO, _boff(qb, S1, S2, S3, sdo0, sdo1, sdo2, sdo3), q0 + qi, sdol, q_ok, D)
-    o = _load(O, _boff(qb, S1, S2, S3, so0, so1, so2, so3), q0 + qi, sol, q_ok, D)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    row = qb.to(tl.int64) * LQ + q0 + qi
-    tl.store(DELTA + row, delta, mask=q_ok)
-    lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
-    dq = tl.zeros([G * SLOT_M, D], tl.float32)
+    # Deterministic mode, pass 1 (no atomics): delta_i = do_i.o_i (stored for pass 2);
+    # dq_i = scale sum_j ds_ij k_j over token keys and prompts; per prompt j, this
+    # program's partial dpk_j = scale sum_i ds_ij q_i and dpv_j = sum_i p_ij do_i, stored
+    # at [b, blk, j] of GR (block stride GM), reduced on the host in a fixed order.
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    blk, grp = pid % NB, pid // NB
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    if blk * SLOT_M < nq:
+        qb, qi, q_ok, qg = _rows(grp, blk, BT, nq, G, SLOT_M)
+        q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
+        do = _load(DO, _boff(qb, BS, sdo), q0 + qi, sdo, q_ok, D)
+        o = _load(O, _boff(qb, BS, so), q0 + qi, so, q_ok, D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        row = qb.to(tl.int64) * LQ + q0 + qi
+        tl.store(DELTA + row, delta, mask=q_ok)
+        lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
+        dq = tl.zeros([G * SLOT_M, D], tl.float32)
 
-    cb, cj, _, cg = _rows(pid_b, 0, BT, 0, G, SLOT_N)
-    same = (qg[:, None] == cg[None, :]) & q_ok[:, None]
-    kbo = _boff(cb, S1, S2, S3, sk0, sk1, sk2, sk3)
-    vbo = _boff(cb, S1, S2, S3, sv0, sv1, sv2, sv3)
-    for n0 in range(0, nk, SLOT_N):
-        ok = (cb < BT) & (n0 + cj < nk)
-        k = _load(K, kbo, k0 + n0 + cj, skl, ok, D)
-        v = _load(V, vbo, k0 + n0 + cj, svl, ok, D)
-        p, ds = _probs(q, do, k, v, lse2, delta, same & ok[None, :], qk_scale, PREC)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-
-    P = _pick(seg, Pa, Pb)
-    PK, PV, GR = _pick(seg, PKa, PKb), _pick(seg, PVa, PVb), _pick(seg, GRa, GRb)
-    pb, pj, _, pg = _rows(pid_b, 0, BT, 0, G, SLOT_P)
-    same = (qg[:, None] == pg[None, :]) & q_ok[:, None]
-    pko = _boff(pb, S1, S2, S3, _pick(seg, spka0, spkb0), _pick(seg, spka1, spkb1),
-                _pick(seg, spka2, spkb2), _pick(seg, spka3, spkb3))
-    pvo = _boff(pb, S1, S2, S3, _pick(seg, spva0, spvb0), _pick(seg, spva1, spvb1),
-                _pick(seg, spva2, spvb2), _pick(seg, spva3, spvb3))
-    gro = _boff(pb, S1, S2, S3, _pick(seg, sga0, sgb0), _pick(seg, sga1, sgb1),
-                _pick(seg, sga2, sgb2), _pick(seg, sga3, sgb3)) + blk * _pick(seg, sgam, sgbm)
-    spkl, spvl, sgl = _pick(seg, spkal, spkbl), _pick(seg, spval, spvbl), _pick(seg, sgal, sgbl)
-    gkv = _pick(seg, gkva, gkvb)
-    d = tl.arange(0, D)
-    for p0 in range(0, P, SLOT_P):
-        ok = (pb < BT) & (p0 + pj < P)
-        k = _load(PK, pko, p0 + pj, spkl, ok, D)
-        v = _load(PV, pvo, p0 + pj, spvl, ok, D)
-        p, ds = _probs(q, do, k, v, lse2, delta, same & ok[None, :], qk_scale, PREC)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        gk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
-        gv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
-        gptr = GR + gro[:, None] + (p0 + pj).to(tl.int64)[:, None] * sgl + d[None, :]
-        if DETERMINISTIC:
-            tl.store(gptr, gk, mask=ok[:, None])
-            tl.store(gptr + gkv, gv, mask=ok[:, None])
+        cb, cj, _, cg = _rows(grp, 0, BT, 0, G, SLOT_N)
+        kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+        if WHILE:
+            n0 = 0
+            while n0 < nk:
+                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, K, V, kbo, vbo, sk,
+                                         sv, n0, k0, nk, cb, cj, cg, BT, qk_scale, D, PREC)
+                n0 += SLOT_N
         else:
-            tl.atomic_add(gptr, gk, mask=ok[:, None])
-            tl.atomic_add(gptr + gkv, gv, mask=ok[:, None])
+            for n0 in range(0, nk, SLOT_N):
+                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, K, V, kbo, vbo, sk,
+                                         sv, n0, k0, nk, cb, cj, cg, BT, qk_scale, D, PREC)
 
-    _store(DQ, _boff(qb, S1, S2, S3, sdq0, sdq1, sdq2, sdq3), q0 + qi, sdql, q_ok, dq * scale, D)
+        P = _sel(NP, seg, NSEG)
+        PKs, PVs, GRs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG)
+        spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
+            _sel_st(sgr, seg, NSEG)
+        pb, pj, _, pg = _rows(grp, 0, BT, 0, G, SLOT_P)
+        pko, pvo = _boff(pb, BS, spk_s), _boff(pb, BS, spv_s)
+        gro = _boff(pb, BS, sgr_s) + blk * _sel(GM, seg, NSEG)
+        gkv = _sel(GKV, seg, NSEG)
+        # prompts: a static trip count would need P at compile time; P <= SLOT_P * steps
+        if WHILE:
+            p0 = 0
+            while p0 < P:
+                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, PKs, PVs, pko, pvo,
+                                         spk_s, spv_s, p0, 0, P, pb, pj, pg, BT, qk_scale, D,
+                                         PREC)
+                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, D, PREC)
+                p0 += SLOT_P
+        else:
+            for p0 in range(0, P, SLOT_P):
+                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, PKs, PVs, pko, pvo,
+                                         spk_s, spv_s, p0, 0, P, pb, pj, pg, BT, qk_scale, D,
+                                         PREC)
+                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, D, PREC)
+        _store(DQ, _boff(qb, BS, sdq), q0 + qi, sdq, q_ok, dq * scale, D)
+
+
+@triton.jit
+def _prompt_partial(GRs, gro, gkv, pos, sgr, ok, ds, p, q, do, scale, D: tl.constexpr,
+                    PREC: tl.constexpr):
+    gk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
+    gv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+    gptr = _ptr(GRs, gro, pos, sgr, D)
+    tl.store(gptr, gk, mask=ok[:, None])
+    tl.store(gptr + gkv, gv, mask=ok[:, None])
 
 
 @triton.jit
 def prompted_attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    sq0, sq1, sq2, sq3, sql, sk0, sk1, sk2, sk3, skl, sv0, sv1, sv2, sv3, svl,
-    sdo0, sdo1, sdo2, sdo3, sdol, sdk0, sdk1, sdk2, sdk3, sdkl, sdv0, sdv1, sdv2, sdv3, sdvl,
-    NQa, NKa, NQb, NKb, S1, S2, S3, BT, LQ, qk_scale, scale,
+    Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv,
+    NQ, NK, BS, NB, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
-    PREC: tl.constexpr,
+    NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
-    # for this program's token keys j, over the segment's queries i (transposed tiles):
-    #   dv_j = sum_i p_ij do_i ;  dk_j = scale sum_i ds_ij q_i ,  ds_ij = p_ij (do_i.v_j - delta_i)
-    pid_b, blk, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    nq, nk = _pick(seg, NQa, NQb), _pick(seg, NKa, NKb)
-    q0, k0 = _pick(seg, 0, NQa), _pick(seg, 0, NKa)
-    if blk * SLOT_N >= nk:
-        return
-    kb, kj, k_ok, kg = _rows(pid_b, blk, BT, nk, G, SLOT_N)
-    k = _load(K, _boff(kb, S1, S2, S3, sk0, sk1, sk2, sk3), k0 + kj, skl, k_ok, D)
-    v = _load(V, _boff(kb, S1, S2, S3, sv0, sv1, sv2, sv3), k0 + kj, svl, k_ok, D)
-    dk = tl.zeros([G * SLOT_N, D], tl.float32)
-    dv = tl.zeros([G * SLOT_N, D], tl.float32)
-
-    rb, ri, _, rg = _rows(pid_b, 0, BT, 0, G, SLOT_M)
-    same = kg[:, None] == rg[None, :]
-    qbo = _boff(rb, S1, S2, S3, sq0, sq1, sq2, sq3)
-    dbo = _boff(rb, S1, S2, S3, sdo0, sdo1, sdo2, sdo3)
-    for m0 in range(0, nq, SLOT_M):
-        ok = (rb < BT) & (m0 + ri < nq)
-        q = _load(Q, qbo, q0 + m0 + ri, sql, ok, D)
-        do = _load(DO, dbo, q0 + m0 + ri, sdol, ok, D)
-        row = rb.to(tl.int64) * LQ + q0 + m0 + ri
-        lse2 = tl.load(LSE + row, mask=ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row, mask=ok, other=0.0)
-        # transposed scores: sT[j, i] = q_i.k_j
-        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        pT = tl.where(same & ok[None, :], tl.exp2(sT - lse2[None, :]), 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-
-    _store(DK, _boff(kb, S1, S2, S3, sdk0, sdk1, sdk2, sdk3), k0 + kj, sdkl, k_ok, dk * scale, D)
-    _store(DV, _boff(kb, S1, S2, S3, sdv0, sdv1, sdv2, sdv3), k0 + kj, sdvl, k_ok, dv, D)
+    # Deterministic mode, pass 2: dk/dv of this program's token keys (no dq, no atomics)
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    blk, grp = pid % NB, pid // NB
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    if blk * SLOT_N < nk:
+        kb, kj, k_ok, kg = _rows(grp, blk, BT, nk, G, SLOT_N)
+        k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
+        v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
+        dk, dv = _kv_block(k, v, kg, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0,
+                           nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE,
+                           False)
+        _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
+        _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)

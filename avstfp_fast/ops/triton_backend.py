@@ -2,88 +2,77 @@
 
 Design note
 -----------
-Kernels: ``avstfp_fast/kernels/prompted_attention.py`` (forward; backward = a dq kernel
-that also reduces the prompt gradients, then a dk/dv kernel).  Each program runs ONE
-online-softmax pass over its sequence's token keys/values and then the prompt
-keys/values, read in place: nothing is concatenated, expanded, permuted or padded.
+Kernels: ``avstfp_fast/kernels/prompted_attention.py``.  Forward: one online-softmax pass
+per query block over its sequence's token keys/values and then the prompt keys/values,
+read in place: nothing is concatenated, expanded, permuted or padded.  Backward
+(default): a small kernel computing ``delta = rowsum(do * o)``, then ONE pass per key
+block (token blocks, then prompt blocks) computing dk/dv and adding ``scale * ds^T k``
+into an fp32 dq accumulator with atomics -- 5 matrix products per tile pair (S, dP, dV,
+dK, dQ), as FlashAttention-2.  ``deterministic=True``: a dq pass (which also stores the
+per-program prompt-gradient partials) and a dk/dv pass, no atomics -- S and dP are
+computed twice (7 products), bit-exact across runs.
 
-*Addressing.*  q, k, v, out, dout, dq, dk, dv and the prompts are read through their own
-strides (4 batch strides + the sequence stride; the head dim must have stride 1), so the
-temporal view (sequence = frames M, batch = (B, N, H)) and the spatial/fusion view
-(sequence = tokens, batch = (B, M, H)) of one ``(B, M, N, 3, H, d)`` QKV buffer are just
-different stride sets.  Batch dims of size 1 are dropped and adjacent dims that every
-tensor lays out contiguously are merged; at most 4 remain.  The kernel recovers the
-batch coordinates from the flat batch index with div/mod.  The (possibly huge) batch
-product is grid axis 0 (limit 2^31-1), query/key blocks axis 1, segments axis 2.
+*Operand descriptors.*  Each operand is a base pointer plus a stride tuple (4 merged
+batch strides + the sequence stride; the head dim must have stride 1); per-segment
+lengths, prompt pointers, prompt strides and prompt counts are small tuples, one entry
+per segment (up to 4).  The temporal view (sequence = frames M, batch = (B, N, H)) and
+the spatial/fusion view (sequence = tokens, batch = (B, M, H)) of one
+``(B, M, N, 3, H, d)`` QKV buffer are different stride sets.  Batch dims are merged once
+(``ops/layout.py``: size-1 dims dropped, dims every operand lays out densely merged, at
+most 4 remain); the kernel recovers batch coordinates by div/mod.  Everything that does
+not change with the data pointers (merged dims, strides, tiles, grid) is cached per
+layout (:class:`_Plan`), so an eager forward spends ~10 µs in Python before the launch
+(``bench/test_triton_host.py``).  Eager calls run the launcher directly; traced calls
+(torch.compile) go through the custom ops below.
 
-*Tiles.*  Long sequences (spatial/fusion, 50-520 tokens): 64 queries x 64 keys per
-step, one sequence per program.  Short sequences (Lq <= 32, the temporal stage with
-10 queries and 10+2 keys): ``G`` sequences are packed into one 64-row tile
-(``SLOT_M = next_pow2(Lq)``, ``G = 64 / SLOT_M``; per sequence ``SLOT_N =
-next_pow2(Lk)`` keys and ``SLOT_P = next_pow2(P)`` prompts per step, clamped so that the
-key tile ``G * SLOT_N`` is 16..128 rows) and a block-diagonal mask keeps each query on
-its own sequence's keys, instead of padding every 10-query sequence to a 64-row tile
-(temporal stage: 4 sequences x 16 slots; key tiles 4 x 16, prompt tiles 4 x 4).  Every
-``tl.dot`` operand has dims >= 16.  Tails are masked.  fp32 uses IEEE dots (no tf32),
-one pipeline stage and key tiles <= 64 rows, as does head dim 128, so shared memory
-stays <= 144 KB (sm_80 and sm_90; checked by offline sm_90 compiles of the tested
-variants).
-Batch-index div/mod runs in int32, address products in int64.
+*Grid.*  Axis 0 = ``group * blocks + block``: the query (or key) blocks of one sequence
+group are adjacent, so they run at the same time and share its K/V in L2; limit 2^31-1
+(batch products above 65535 are fine).  Axis 1 = segment.
+
+*Tiles.*  A small table of shape classes (:class:`_Tiles`), chosen per call from the
+lengths, never autotuned; ``AVSTFP_PRINT_TILES=1`` prints the choice for each new
+layout.  ``packed`` (Lq <= 32, Lk <= 64; the temporal stage, 10 queries, 10+2 keys): G
+sequences share a 64-row tile with a block-diagonal mask (SLOT_M = next_pow2(Lq),
+G = 64 / SLOT_M).  ``short-q`` (Lq <= 32 over longer keys): one sequence, keys in full
+64-row blocks.  ``long`` (spatial, fusion): 64 x 64.  fp32 uses IEEE dots (no tf32) and
+one pipeline stage; head dim 128 uses 8 warps.  Shared memory, registers and the wgmma /
+cp.async lowering of every variant the stage shapes use are checked at compile time for
+sm_90 by ``bench/static_sm90.py`` (run in CI).
 
 *Prompts.*  ``prompt_k``/``prompt_v`` are a second key/value source addressed through
-their broadcast strides (stride 0 over batch dims they are shared in; per-position
-prompts such as (N, H, P, d) have non-zero strides there), loaded once per program.
+their broadcast strides (stride 0 over batch dims they are shared in).  Their gradients
+are reduced inside the kernels: default, relaxed fp32 atomics into a buffer of the
+prompt's own (un-broadcast) shape addressed through the broadcast strides; deterministic,
+each dq-pass program stores its partial at ``[b, block]`` of a
+``(2, *batch, n_blocks, P, E)`` buffer, summed afterwards in a fixed order.
 
-*Segments.*  ``segments=(n0, n1)``: grid axis 2 is the segment; each segment's lengths,
-prompt pointers, prompt strides and prompt count are scalar kernel arguments (suffix
-``a``/``b``), so both modalities of the joint buffer run in ONE launch.  Max 2 segments
-(``why_not`` refuses more).
-
-*Backward.*  The dq kernel computes ``delta = rowsum(do * o)`` (stored for the dk/dv
-kernel), dq, and for each prompt row the program's partial ``dpk = scale * ds^T q`` and
-``dpv = p^T do``.  Default: fp32 ``atomic_add`` into a buffer of the prompt's own
-(un-broadcast) shape addressed through its broadcast strides (so the batch reduction
-happens in the atomics), then cast.  ``deterministic=True``
-(``torch.use_deterministic_algorithms``): no atomics; each program stores its partial at
-``[b, block]`` of a ``(2, *batch, n_blocks, P, E)`` fp32 buffer, reduced afterwards by
-``sum``/``sum_to_size`` in a fixed order — bit-exact across runs.  dq/dk/dv are written
-directly into the given (possibly strided, aliasing one QKV-gradient buffer) tensors.
-
-*Floor in bytes* (the op is memory-bound; SPEC §4), with s = element size:
-forward  = s * (|q| + |k| + |v| + |out|) + s * |prompts| + 4 * Lq * batch (lse);
-backward = s * (|q| + |k| + |v| + |out| + |dout| + |dq| + |dk| + |dv|) + 4 * Lq * batch
-(lse) + prompts and their gradients.  Our kernels read q/do/k/v twice in the backward
-(dq pass and dk/dv pass), and write+read ``delta`` (4 * Lq * batch bytes).  Example,
-ViT-B/16 (B=2, M=10, N=246 tokens, 12 heads of 64, bf16): each of q/k/v/o is 7.56 MB
-whatever the stage, so the forward floor is ~30.5 MB and the backward floor ~61 MB per
-stage call; our backward moves ~91 MB (q, k, v, do read twice).  Long sequences re-read
-k/v once per 64-query block (served mostly by L2).
-
-*PyTorch integration.*  The kernels run inside two ``torch.library.custom_op``s,
-``avstfp_triton::attn_fwd`` (mutates ``out``, returns lse) and
-``avstfp_triton::attn_bwd`` (mutates dq/dk/dv, returns the prompt grads), each with a fake
-implementation, so ``torch.compile(fullgraph=True)`` traces through the shared
-``_KernelAttention`` autograd function without graph breaks.
+*Floors* (bytes and executed FLOPs per stage and tile): ``bench/floors.py`` and
+``docs/design.md``, "Floors: bytes and FLOPs".
 
 *CPU.*  With ``TRITON_INTERPRET=1`` set before the kernels are first imported, CPU
-tensors run in the Triton interpreter (fp32/fp16 only).
+tensors run in the Triton interpreter (fp32/fp16 only); loops over run-time lengths are
+then ``while`` loops (Triton 3.6's interpreter fails on run-time ``range`` bounds with
+NumPy 2).
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
+from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
 
-MAX_SEGMENTS = 2
+MAX_SEGMENTS = 4
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_BATCH_DIMS = 4
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
+_LOG2E = 1.4426950408889634
+#: Backward scheme of the default (non-deterministic) mode; ``bench/floors.py`` names.
+BACKWARD_SCHEME = "fused"
 
 
 def interpreting() -> bool:
@@ -108,123 +97,195 @@ def _p2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-class _Tiles:
-    """Tile shape for a problem; see the design note.  fp32 (IEEE FMA dots, no tensor
-    cores) and head dim 128 use key tiles of at most 64 rows and fp32 a single pipeline
-    stage, which keeps shared memory under ~160 KB (fits sm_80 and sm_90)."""
-
-    def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
-        wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
-        if max_q <= 32:                         # pack G short sequences per 64-row tile
-            self.slot_m = _p2(max(max_q, 1))
-            self.g = 64 // self.slot_m
-            lo, hi = max(1, 16 // self.g), max(1, wide // self.g)
-        else:
-            self.slot_m, self.g, lo, hi = 64, 1, 16, 64
-        clamp = lambda n: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
-        self.slot_n = clamp(max_k)
-        self.slot_p = clamp(max_p)
-        self.num_warps = 8 if head_dim >= 128 else 4
-        self.num_stages = 1 if dtype == torch.float32 else 2
-
-
-def _coalesce(batch: Sequence[int], strides: List[List[int]]):
-    """Drop size-1 batch dims and merge adjacent dims that every tensor lays out densely.
-
-    Returns (S1, S2, S3) and, per tensor, 4 batch strides (left-padded with 0)."""
-    keep = [i for i, n in enumerate(batch) if n != 1]
-    sizes = [int(batch[i]) for i in keep]
-    sts = [[int(s[i]) for i in keep] for s in strides]
-    i = len(sizes) - 2
-    while i >= 0:
-        if all(st[i] == st[i + 1] * sizes[i + 1] for st in sts):
-            sizes[i] *= sizes.pop(i + 1)
-            for st in sts:
-                st[i] = st.pop(i + 1)
-        i -= 1
-    if len(sizes) > MAX_BATCH_DIMS:
-        raise ValueError(f"q: at most {MAX_BATCH_DIMS} batch dims of size > 1 are supported "
-                         f"by the triton backend, got batch shape {tuple(batch)}")
-    pad = MAX_BATCH_DIMS - len(sizes)
-    sizes = [1] * pad + sizes
-    return sizes[1:], [[0] * pad + st for st in sts]
-
-
-def _seg_info(q_segments, k_segments):
-    nqa, nka = q_segments[0], k_segments[0]
-    nqb = q_segments[1] if len(q_segments) > 1 else 0
-    nkb = k_segments[1] if len(k_segments) > 1 else 0
-    return [nqa, nka, nqb, nkb]
-
-
-def _prompt_views(pks, pvs, batch, E, dummy):
-    """Per segment (2 slots): (pk, pv, expanded pk, expanded pv, P); dummies when absent."""
-    out = []
-    for s in range(MAX_SEGMENTS):
-        pk = pks[s] if s < len(pks) else None
-        pv = pvs[s] if s < len(pvs) else None
-        if pk is None:
-            z = dummy.as_strided((*batch, 0, E), [0] * (len(batch) + 2))
-            out.append((dummy, dummy, z, z, 0))
-        else:
-            P = pk.shape[-2]
-            out.append((pk, pv, pk.expand(*batch, P, pk.shape[-1]),
-                        pv.expand(*batch, P, pv.shape[-1]), P))
-    return out
-
-
-def _sargs(bstr, t):
-    """4 coalesced batch strides + the sequence stride of t (*batch, L, E)."""
-    return list(bstr) + [t.stride(-2)]
-
-
-def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
-    K = _kernels()
-    batch, Lq, E = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
-    nb = len(batch)
-    lse = torch.empty((*batch, Lq), dtype=torch.float32, device=q.device)
-    Bt = int(torch.Size(batch).numel())
-    t = _Tiles(max(q_segments), max(k_segments),
-               max([0] + [p.shape[-2] for p in pks if p is not None]), E, q.dtype)
-    grid = (triton_cdiv(Bt, t.g), max(triton_cdiv(n, t.slot_m) for n in q_segments),
-            len(q_segments))
-    if min(grid) == 0:
-        return lse
-    pr = _prompt_views(pks, pvs, batch, E, q)
-    tens = [q, k, v, out] + [x for s in pr for x in (s[2], s[3])]
-    S, bst = _coalesce(batch, [list(x.stride()[:nb]) for x in tens])
-    args = [q, k, v, out, lse]
-    for i in range(4):
-        args += _sargs(bst[i], tens[i])
-    for s in range(MAX_SEGMENTS):
-        pk, pv, ek, ev, P = pr[s]
-        args += [pk, pv] + _sargs(bst[4 + 2 * s], ek) + _sargs(bst[5 + 2 * s], ev) + [P]
-    args += _seg_info(q_segments, k_segments) + S + [Bt, Lq, scale * 1.4426950408889634]
-    K.prompted_attn_fwd[grid](
-        *args, G=t.g, SLOT_M=t.slot_m, SLOT_N=t.slot_n, SLOT_P=t.slot_p, D=E,
-        PREC=_prec(q), num_warps=t.num_warps, num_stages=t.num_stages)
-    return lse
-
-
-def _prec(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def triton_cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def _grad_buffer(pk, pv, batch, P, E, n_blocks, deterministic, device):
-    """fp32 buffer for (dpk, dpv) + its kernel strides: (buf, 4+... strides, m, l, kv)."""
-    nb = len(batch)
-    if deterministic:
-        buf = torch.empty((2, *batch, n_blocks, P, E), dtype=torch.float32, device=device)
-        view, mstride = buf[0], buf.stride(-3)
-    else:
-        lead = torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2])
-        buf = torch.zeros((2, *lead, P, E), dtype=torch.float32, device=device)
-        view, mstride = buf[0].expand(*batch, P, E), 0
-    return buf, list(view.stride()[:nb]), mstride, view.stride(-2), buf.stride(0)
+# --------------------------------------------------------------------------- tiles
+class _Tiles:
+    """Tile configuration of one shape class (the table in the design note).
+
+    ``packed``   Lq <= 32 and Lk <= 64 (temporal: 10 queries, 10 + 2 keys): G short
+                 sequences share one 64-row tile (SLOT_M = next_pow2(Lq), G = 64 / SLOT_M),
+                 keys/prompts SLOT_N/SLOT_P slots per sequence, key tile 16..128 rows.
+    ``short-q``  Lq <= 32, Lk > 64 (one or a few queries over long keys): one sequence
+                 per program, max(16, next_pow2(Lq)) query rows, keys in full 64-row
+                 blocks (packing would advance only a couple of keys per step).
+    ``long``     Lq > 32 (spatial, fusion): 64 queries x 64 keys, one sequence.
+    Prompt tiles: next_pow2(P) clamped to the key tile's bounds.  Head dim 128 uses 8
+    warps; fp32 (IEEE FMA dots, no tensor cores) one pipeline stage and key tiles of at
+    most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90)."""
+
+    def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
+        wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
+        if max_q <= 32 and max_k <= 64:
+            self.kind = "packed"
+            self.slot_m = _p2(max(max_q, 1))
+            self.g = 64 // self.slot_m
+            lo, hi = max(1, 16 // self.g), max(1, wide // self.g)
+        elif max_q <= 32:
+            self.kind, self.slot_m, self.g, lo, hi = "short-q", max(16, _p2(max_q)), 1, 64, 64
+        else:
+            self.kind, self.slot_m, self.g, lo, hi = "long", 64, 1, 64, 64
+        clamp = lambda n, lo=lo: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
+        self.slot_n = clamp(max_k)
+        self.slot_p = clamp(max_p, max(1, 16 // self.g))
+        self.num_warps = 8 if head_dim >= 128 else 4
+        self.num_stages = 1 if dtype == torch.float32 else 2
+        # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
+        # plus transposed score tiles.  Head dim 64: 4 warps (8 barely lower the
+        # registers: the 64-row wgmma tile is split by columns, and halve the CTAs/SM);
+        # head dim 128: 8 warps (4 spill).  Packed tiles walk one query block per key
+        # block, so they gain nothing from pipelining; one stage keeps them at ~240
+        # registers without spills (two stages: 255 + spills).
+        self.bwd_warps = 8 if head_dim >= 128 else 4
+        self.bwd_stages = 1 if self.kind == "packed" else self.num_stages
+        # The fused backward walks queries in 32-row tiles when G == 1: at 64 it needs
+        # 220 registers (Triton 3.8) and spills under 3.6 (255 + 308 B); at 32, 158 / 182
+        # and no spills.  Its dq product then has 32 rows (mma.sync; the other four
+        # products keep 64 key rows and stay on wgmma).
+        self.bwd_slot_m = 32 if self.g == 1 else self.slot_m
+
+    def describe(self) -> str:
+        return (f"{self.kind}: G={self.g} SLOT_M={self.slot_m} SLOT_N={self.slot_n} "
+                f"SLOT_P={self.slot_p} num_warps={self.num_warps} "
+                f"num_stages={self.num_stages} (backward: {self.bwd_stages} stages, "
+                f"{self.bwd_slot_m}-row query tiles)")
+
+
+def tile_for(p: AttnProblem) -> _Tiles:
+    """The tile configuration the launchers use for problem ``p``."""
+    return _Tiles(max(p.q_segments), max(p.k_segments),
+                  max([0] + [t.shape[-2] for t in p.prompt_k if t is not None]),
+                  p.head_dim, p.dtype)
+
+
+# --------------------------------------------------------------------------- launch plans
+def _st(bstr, t) -> Tuple[int, ...]:
+    """Descriptor strides of t (*batch, L, E): 4 merged batch strides + the sequence stride."""
+    return tuple(bstr) + (t.stride(-2),)
+
+
+def _layout_key(t: Optional[torch.Tensor]):
+    return None if t is None else (t.shape, t.stride())
+
+
+class _Plan:
+    """Everything about a call that does not change with the data pointers: merged
+    batch dims, descriptor strides, grid, tiles.  Built once per layout (cached)."""
+
+    def __init__(self, q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout=None,
+                 dq=None, dk=None, dv=None, deterministic=False):
+        self.batch = batch = tuple(q.shape[:-2])
+        nb = len(batch)
+        self.Lq, self.E = q.shape[-2], q.shape[-1]
+        self.Bt = int(torch.Size(batch).numel())
+        self.nseg = len(q_segments)
+        self.P = [0 if pk is None else pk.shape[-2] for pk in pks]
+        self.t = t = _Tiles(max(q_segments), max(k_segments), max([0] + self.P), self.E,
+                            q.dtype)
+        ex = []                                    # prompts broadcast to (*batch, P, E)
+        for pk, pv in zip(pks, pvs):
+            if pk is not None:
+                ex += [pk.expand(*batch, *pk.shape[-2:]), pv.expand(*batch, *pv.shape[-2:])]
+        if dout is None:
+            tens = [q, k, v, out]
+        else:
+            tens = [q, k, v, out, dout, dq, dk, dv]
+        # per-segment prompt-gradient buffers: (2, *lead, P, E) fp32, broadcast like pk
+        self.gshape, gviews = [], []
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if pk is None or self.P[s] == 0:
+                self.gshape.append(None)
+                continue
+            P = self.P[s]
+            if deterministic:
+                nblk = cdiv(q_segments[s], t.slot_m)
+                shp = (2, *batch, nblk, P, self.E)
+            else:
+                lead = torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2])
+                shp = (2, *lead, P, self.E)
+            self.gshape.append(shp)
+            g = torch.empty(shp, dtype=torch.float32, device="meta")
+            gviews.append(g[0] if deterministic else g[0].expand(*batch, P, self.E))
+        bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews])
+        self.BS = (bs[1], bs[2], bs[3], self.Bt)
+        self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
+        self.st = [_st(st[i], x) for i, x in enumerate(tens)]
+        i, j = len(tens), len(tens) + len(ex)
+        dummy = (0,) * 5
+        self.spk, self.spv, self.sgr, self.gm, self.gkv = [], [], [], [], []
+        for s, pk in enumerate(pks):
+            if pk is None:
+                self.spk.append(dummy)
+                self.spv.append(dummy)
+            else:
+                self.spk.append(_st(st[i], ex[i - len(tens)]))
+                self.spv.append(_st(st[i + 1], ex[i + 1 - len(tens)]))
+                i += 2
+            if self.gshape[s] is None:
+                self.sgr.append(dummy)
+                self.gm.append(0)
+                self.gkv.append(0)
+            else:
+                g = torch.empty(self.gshape[s], dtype=torch.float32, device="meta")
+                self.sgr.append(tuple(st[j]) + (g.stride(-2),))
+                self.gm.append(g.stride(-3) if deterministic else 0)
+                self.gkv.append(g.stride(0))
+                j += 1
+        self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
+        self.NP = tuple(self.P)
+        self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
+        self.nkb = max(cdiv(n, t.slot_n) for n in k_segments)
+        self.npb = max([0] + [cdiv(n, t.slot_p) for n in self.P])
+        self.groups = cdiv(self.Bt, t.g)
+        self.qk_scale, self.scale = scale * _LOG2E, scale
+        self.const = dict(G=t.g, SLOT_M=t.slot_m, D=self.E, NSEG=self.nseg,
+                          PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                          WHILE=interpreting(), num_warps=t.num_warps,
+                          num_stages=t.num_stages)
+        self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
+            print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
+                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}",
+                  file=sys.stderr)
+
+    def grid(self, blocks: int):
+        return (self.groups * blocks, self.nseg)
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
+def _plan(key, *args, **kw) -> _Plan:
+    pl = _PLANS.get(key)
+    if pl is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        pl = _PLANS[key] = _Plan(*args, **kw)
+    return pl
+
+
+def _ptrs(ts, dummy):
+    return tuple(dummy if t is None else t for t in ts)
+
+
+def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
+    key = ("f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+           v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
+           tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments), scale)
+    pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale)
+    lse = torch.empty((*pl.batch, pl.Lq), dtype=torch.float32, device=q.device)
+    if pl.Bt == 0 or pl.nqb == 0:
+        return lse
+    t = pl.t
+    sq, sk, sv, so = pl.st
+    _kernels().prompted_attn_fwd[pl.grid(pl.nqb)](
+        q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
+        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale,
+        SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+    return lse
 
 
 def _finish_grad(buf, pk, pv, deterministic):
@@ -238,58 +299,59 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     K = _kernels()
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
-    batch, Lq, E = tuple(q.shape[:-2]), q.shape[-2], q.shape[-1]
-    nb = len(batch)
-    Bt = int(torch.Size(batch).numel())
-    t = _Tiles(max(q_segments), max(k_segments),
-               max([0] + [p.shape[-2] for p in pks if p is not None]), E, q.dtype)
-    pr = _prompt_views(pks, pvs, batch, E, q)
-    n_blocks = [triton_cdiv(n, t.slot_m) for n in q_segments]
-    bufs = []
-    for s in range(MAX_SEGMENTS):
-        if pr[s][4] > 0 and Bt > 0:
-            bufs.append(_grad_buffer(pr[s][0], pr[s][1], batch, pr[s][4], E, n_blocks[s],
-                                     deterministic, q.device))
-        else:
-            bufs.append((lse, [0] * nb, 0, 0, 0))
+    det = bool(deterministic)
+    key = ("b", det, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+           v.stride(), k.shape[-2], out.stride(), dout.stride(), dq.stride(), dk.stride(),
+           dv.stride(), tuple(map(_layout_key, pks)), tuple(map(_layout_key, pvs)),
+           tuple(q_segments), tuple(k_segments), scale)
+    pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout, dq, dk, dv,
+               det)
+    t = pl.t
+    dev = q.device
+    bufs = [None if s is None or pl.Bt == 0 else
+            (torch.empty if det else torch.zeros)(s, dtype=torch.float32, device=dev)
+            for s in pl.gshape]
+    grs = tuple(lse if b is None else b for b in bufs)
     delta = torch.empty_like(lse)
-    grid_q = (triton_cdiv(Bt, t.g), max(n_blocks), len(q_segments))
-    grid_k = (triton_cdiv(Bt, t.g), max(triton_cdiv(n, t.slot_n) for n in k_segments),
-              len(k_segments))
-    seg = _seg_info(q_segments, k_segments)
-    common = dict(G=t.g, SLOT_M=t.slot_m, SLOT_N=t.slot_n, D=E, PREC=_prec(q),
-                  num_warps=t.num_warps, num_stages=t.num_stages)
-    if min(grid_q) > 0:
-        tens = [q, k, v, out, dout, dq] + [x for s in pr for x in (s[2], s[3])]
-        strides = [list(x.stride()[:nb]) for x in tens] + [b[1] for b in bufs]
-        S, bst = _coalesce(batch, strides)
-        args = [q, k, v, out, dout, dq, lse, delta]
-        for i in range(6):
-            args += _sargs(bst[i], tens[i])
-        for s in range(MAX_SEGMENTS):
-            pk, pv, ek, ev, P = pr[s]
-            buf, _, mstr, lstr, kv = bufs[s]
-            args += [pk, pv] + _sargs(bst[6 + 2 * s], ek) + _sargs(bst[7 + 2 * s], ev) + [P]
-            args += [buf] + bst[10 + s] + [mstr, lstr, kv]
-        args += seg + S + [Bt, Lq, scale * 1.4426950408889634, scale]
-        K.prompted_attn_bwd_dq[grid_q](*args, SLOT_P=t.slot_p, DETERMINISTIC=bool(deterministic),
-                                       **common)
-    if min(grid_k) > 0:
-        tens = [q, k, v, dout, dk, dv]
-        S, bst = _coalesce(batch, [list(x.stride()[:nb]) for x in tens])
-        args = [q, k, v, dout, dk, dv, lse, delta]
-        for i in range(6):
-            args += _sargs(bst[i], tens[i])
-        args += seg + S + [Bt, Lq, scale * 1.4426950408889634, scale]
-        K.prompted_attn_bwd_dkdv[grid_k](*args, **common)
-    grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_a, dpk_b, dpv_a, dpv_b)
+    sq, sk, sv, so, sdo, sdq, sdk, sdv = pl.st
+    PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
+    if pl.Bt > 0 and pl.nqb > 0:
+        if det:
+            K.prompted_attn_bwd_dq[pl.grid(pl.nqb)](
+                q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
+                tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr), tuple(pl.gm),
+                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale,
+                SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+            if pl.nkb > 0:
+                K.prompted_attn_bwd_dkdv[pl.grid(pl.nkb)](
+                    q, k, v, dout, dk, dv, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.NQ,
+                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale, SLOT_N=t.slot_n,
+                    **pl.bwd_const)
+        else:
+            dqa = torch.zeros((pl.Bt, pl.Lq, pl.E), dtype=torch.float32, device=dev)
+            K.prompted_attn_bwd_pre[pl.grid(pl.nqb)](
+                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq, **pl.const)
+            nb = pl.nkb + pl.npb
+            K.prompted_attn_bwd[pl.grid(nb)](
+                q, k, v, dout, dk, dv, dqa, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.sdqa,
+                PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
+                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
+                pl.scale, SLOT_N=t.slot_n, SLOT_P=t.slot_p,
+                **dict(pl.bwd_const, SLOT_M=t.bwd_slot_m))
+            dq.copy_(dqa.view(q.shape))
+    elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
+        dk.zero_()
+        dv.zero_()
+    if pl.Bt > 0 and pl.nqb == 0:
+        dq.zero_()
+    grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
         if pk is None:
             continue
-        if pk.shape[-2] == 0 or Bt == 0:
+        if bufs[s] is None:
             grads[s], grads[MAX_SEGMENTS + s] = torch.zeros_like(pk), torch.zeros_like(pv)
         else:
-            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s][0], pk, pv, deterministic)
+            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv, det)
     return tuple(grads)
 
 
@@ -314,8 +376,9 @@ def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              q_segments: List[int], k_segments: List[int], scale: float,
              out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
              dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Writes dq/dk/dv; returns (dpk_0, dpk_1, dpv_0, dpv_1), empty where a segment has no
+             deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Writes dq/dk/dv; returns (dpk_0..dpk_3, dpv_0..dpv_3), empty where a segment has no
     prompts (a fixed tuple: mutating custom ops cannot return a Tensor list)."""
     return _backward_impl(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out,
                           lse, dout, dq, dk, dv, deterministic)
@@ -332,6 +395,14 @@ def _attn_bwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, o
 
 
 # --------------------------------------------------------------------------- backend
+def _eager(q: torch.Tensor) -> bool:
+    """Plain eager call: no tracing, no tensor subclass (fake/functional), no dispatch
+    mode.  Then the launcher runs directly; the custom op's dispatch (~half of the host
+    path) only matters to the tracers, which always get the custom op."""
+    return (type(q) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
 class TritonBackend(KernelBackend):
     name = "triton"
     capabilities = Capabilities(
@@ -361,13 +432,14 @@ class TritonBackend(KernelBackend):
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
         self.check_writes(out=out)
-        return torch.ops.avstfp_triton.attn_fwd(
-            p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
-            list(p.k_segments), p.scale, out)
+        op = _forward_impl if _eager(p.q) else torch.ops.avstfp_triton.attn_fwd
+        return op(p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+                  list(p.k_segments), p.scale, out)
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         self.check_writes(dq=dq, dk=dk, dv=dv)
-        grads = torch.ops.avstfp_triton.attn_bwd(
+        op = _backward_impl if _eager(p.q) else torch.ops.avstfp_triton.attn_bwd
+        grads = op(
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
         S = len(p.prompt_k)

@@ -97,6 +97,35 @@ def test_head_dims_and_odd_lengths(d, Lq, Lk, P):
            f"d={d} Lq={Lq} Lk={Lk} P={P}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_four_segments_fused_backward(dtype):
+    # 4 block-diagonal segments in one launch (one unprompted), packed QKV view
+    segs, counts = (49, 3, 197, 37), (10, 2, 10, 0)
+    qkv = _qkv(2, 3, sum(segs), 4, 64, dtype)
+    ps = [_p(4, c, 64, dtype=dtype) for c in counts if c] * 2
+
+    def fn(x, *rest):
+        *ps, backend = rest
+        it = iter(ps)
+        pk = [next(it) if c else None for c in counts]
+        pv = [next(it) if c else None for c in counts]
+        return prompted_attention_qkv(x, pk, pv, qkv_dim=3, seq_dim=2, segments=segs,
+                                      backend=backend)
+    _check(fn, [qkv, *ps], dtype, "4 segments")
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 239), (10, 512), (32, 1000)])
+def test_short_queries_over_long_keys(Lq, Lk):
+    dtype = torch.bfloat16
+    q = _p(4, 3, Lq, 64, dtype=dtype)
+    k, v = _p(4, 3, Lk, 64, dtype=dtype), _p(4, 3, Lk, 64, dtype=dtype)
+
+    def fn(q, k, v, pk, pv, backend):
+        return prompted_attention(q, k, v, pk, pv, backend=backend)
+    _check(fn, [q, k, v, _p(3, 2, 64, dtype=dtype), _p(3, 2, 64, dtype=dtype)], dtype,
+           f"short-q {Lq}x{Lk}")
+
+
 # --------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("seq_dim", [1, 2])
 def test_deterministic_bit_exact(seq_dim):
