@@ -200,7 +200,9 @@ def test_lengths_and_head_dims(backend, dev, case):
 
     def fn(q, k, v, *rest):
         *prompts, backend = rest
-        return prompted_attention(q, k, v, *(prompts or (None, None)), scale=0.3,
+        # a non-default scale, sharper than E ** -0.5 (not much: the reference backend in
+        # bf16 rounds the scores themselves and misses 1e-2 on sharp long rows at E = 128)
+        return prompted_attention(q, k, v, *(prompts or (None, None)), scale=1.7 * E ** -0.5,
                                   backend=backend)
     check_vs_reference(fn, inputs, dtype, backend, f"batch {batch} Lq={Lq} Lk={Lk} P={P} E={E}")
 
