@@ -412,12 +412,13 @@ def test_torch_compile_fullgraph(backend, dev):
     x = torch.randn(B, M, N, D, device=dev)
     probe = x.new_empty(2, 8, D // H)
     require(backend, probe, probe, probe)
-    get_backend(backend)                       # imported before tracing
     m.double()
     ref = m(x.double())
     ref_g = torch.autograd.grad(ref.sum(), list(m.parameters()))
     m.float()
     m.backend = backend
+    with torch.no_grad():                      # load (build, import) the backend eagerly,
+        m(x)                                   # outside the traced region
     torch._dynamo.reset()
     out = torch.compile(m, fullgraph=True, backend=compiler)(x)
     g = torch.autograd.grad(out.sum(), list(m.parameters()))
