@@ -52,6 +52,16 @@ def leaf(t):
     return t.detach().requires_grad_(True)
 
 
+def randomize_(model, scale=0.5):
+    """Random prompts, gates and head of a PromptedCLIP (every parameter outside the
+    ``visual.`` tower), so that no gradient is trivially zero."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.startswith("visual."):
+                p.copy_(torch.randn_like(p) * scale)
+    return model
+
+
 def check_vs_reference(fn, inputs, dtype, backend, what=""):
     """``fn(*inputs, backend)`` against ``fn(*inputs_in_float64, "reference")``: the output
     and the gradient of every input, each within ``TOL[dtype]``."""

@@ -4,16 +4,7 @@ import torch
 
 from avstfp_fast import PromptedCLIP, ReferenceAVSTFP
 from avstfp_fast.models import backbone as bb
-from avstfp_fast.testing import assert_close, rel_err
-
-
-def randomize_(model, scale=0.5):
-    """Random prompts, gates and head so no gradient is trivially zero."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if not n.startswith("visual."):
-                p.copy_(torch.randn_like(p) * scale)
-    return model
+from avstfp_fast.testing import assert_close, randomize_, rel_err
 
 
 def inputs(model, B, M, dtype=torch.float64, audio=True, video=True):
