@@ -88,15 +88,15 @@ def test_resume_gives_identical_losses(data, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_last_good_checkpoint(data, tmp_path, monkeypatch):
-    from avstfp_fast.train import loop
+    from avstfp_fast.train import loop, tasks
     calls = {"n": 0}
-    real = loop._loss_fn
+    real = tasks.ClassificationTask.loss
 
     def flaky(logits, targets):
         calls["n"] += 1
         loss = real(logits, targets)
         return loss * float("nan") if calls["n"] == 3 else loss
-    monkeypatch.setattr(loop.Trainer, "loss_fn", staticmethod(flaky))
+    monkeypatch.setattr(tasks.ClassificationTask, "loss", staticmethod(flaky))
     out = tmp_path / "nan"
     with pytest.raises(loop.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 3") as ei:
         train(small_cfg(data, str(out), ckpt_every=1, eval_every=0))
@@ -134,3 +134,16 @@ def test_sigterm_saves_and_exits_cleanly(data, tmp_path):
     assert ckpt["step"] >= 1
     recs = [json.loads(line) for line in open(metrics)]
     assert recs[-1]["kind"] == "stopped" and recs[-1]["step"] == ckpt["step"]
+
+
+def test_config_holds_the_model_config_and_reads_flat_dicts():
+    from avstfp_fast.models.config import AVSTFPConfig
+    cfg = TrainConfig.from_dict({"task": "synthetic", "n_spatial": 3, "stages": ["spatial"],
+                                 "epochs": 2, "unknown": 1})
+    assert isinstance(cfg.model, AVSTFPConfig) and cfg.model.task is None
+    assert (cfg.model.n_spatial, cfg.model.stages, cfg.epochs) == (3, ("spatial",), 2)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))   # nested, JSON
+    assert again == cfg
+    assert cfg.flat()["n_spatial"] == 3 and "model" not in cfg.flat()
+    with pytest.raises(ValueError, match="task"):
+        TrainConfig(task="nope")

@@ -15,7 +15,7 @@ def test_cli_defaults_are_the_recipe():
     cfg = config_from_args(["--task", "ave", "--data-root", "/nowhere"])
     assert (cfg.optimizer, cfg.weight_decay, cfg.epochs, cfg.warmup_epochs, cfg.lr_prompts,
             cfg.min_lr) == ("adam", 0.2, 30, 2.0, 3e-4, 2e-6)
-    assert cfg.backbone == "ViT-B-16" and cfg.amp and not cfg.full_finetune
+    assert cfg.backbone == "ViT-B-16" and cfg.amp and not cfg.model.full_finetune
     syn = config_from_args(["--task", "synthetic", "--epochs", "3", "--backend", "reference"])
     assert syn.backbone == "tiny" and syn.epochs == 3 and syn.backend == "reference"
 
@@ -98,12 +98,14 @@ def test_avar_task_on_kinetics_sounds_layout(tmp_path):
 @pytest.mark.parametrize("full", [False, True])
 def test_only_prompts_gates_and_head_train(tmp_path, full):
     from avstfp_fast.train import TrainConfig
+    from avstfp_fast.train.config import default_model_config
     from avstfp_fast.train.loop import Trainer
     from avstfp_fast.train.synthetic import make_synthetic_ave
     data = str(tmp_path / "d")
     make_synthetic_ave(data, n_events=2, n_train=2, n_val=0, n_test=0, seed=0)
     t = Trainer(TrainConfig(task="synthetic", backbone="tiny", backend="torch", data_root=data,
-                            out=str(tmp_path / "run"), progress=False, full_finetune=full))
+                            out=str(tmp_path / "run"), progress=False,
+                            model=default_model_config(full_finetune=full)))
     t.steps_per_epoch = 1
     t._build_optimizer(1)
     in_opt = {id(p) for g in t.optimizer.param_groups for p in g["params"]}

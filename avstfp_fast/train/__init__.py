@@ -1,8 +1,11 @@
 """Reference trainer for AV-STFP: ``python -m avstfp_fast.train`` / ``avstfp-train``.
 
-Modules: ``config`` (the recipe), ``data`` (AVE / Kinetics-Sounds readers, PyAV decoding,
-loaders), ``synthetic`` (AVE-layout .mp4 generator), ``schedule``, ``mixup``, ``augment``,
-``checkpoint``, ``metrics``, ``loop`` (the trainer, DDP), ``cli``.
+Modules: ``config`` (the recipe; holds the model's ``AVSTFPConfig``), ``tasks`` (the
+``Task`` interface: data, head, loss and metrics of AVE, Kinetics-Sounds and the synthetic
+task), ``data`` (AVE / Kinetics-Sounds readers, PyAV decoding, loaders), ``synthetic``
+(AVE-layout .mp4 generator), ``schedule``, ``mixup``, ``augment``, ``checkpoint``,
+``metrics``, ``state`` (run status, epoch statistics), ``ddp`` (process groups),
+``loop`` (the step / end-of-epoch / evaluation functions), ``cli``.
 """
 from __future__ import annotations
 
@@ -39,4 +42,4 @@ def run_synthetic(backend: str = "torch", steps: int | None = None, *, epochs: i
         kw["max_steps"] = steps
     kw.update(overrides)
     os.makedirs(kw["out"], exist_ok=True)
-    return train(TrainConfig(**kw))
+    return train(TrainConfig.from_dict(kw, strict=True))

@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import sys
 
-from .config import BACKENDS, TASKS, TrainConfig, task_defaults
+from .config import BACKENDS, MODEL_OPTIONS, TrainConfig, task_defaults, task_names
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
+    d = TrainConfig().flat()
     p = argparse.ArgumentParser(
         prog="avstfp-train",
         description="Train AV-STFP (prompt-tuned CLIP tower) on AVE, Kinetics-Sounds or "
@@ -39,29 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
     B = argparse.BooleanOptionalAction
     a = p.add_argument
-    a("--task", choices=TASKS, default="ave")
-    a("--backbone", default=S, help=f"open_clip model name or 'tiny' (default {d.backbone})")
+    a("--task", choices=task_names(), default="ave")
+    a("--backbone", default=S, help=f"open_clip model name or 'tiny' (default {d['backbone']})")
     a("--pretrained", default=S, help="local open_clip checkpoint file (never downloaded)")
-    a("--backend", choices=BACKENDS, default=S, help=f"attention backend (default {d.backend})")
+    a("--backend", choices=BACKENDS, default=S, help=f"attention backend (default {d['backend']})")
     a("--data-root", dest="data_root", default=S)
     a("--out", default=S, help="run folder (default runs/<task>-<time>)")
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=S, help=f"default {d.epochs}")
+    g.add_argument("--epochs", type=int, default=S, help=f"default {d['epochs']}")
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
-                   help=f"default {d.warmup_epochs}")
+                   help=f"default {d['warmup_epochs']}")
     g.add_argument("--lr-prompts", dest="lr_prompts", type=float, default=S,
-                   help=f"peak lr of prompts and gates (default {d.lr_prompts})")
+                   help=f"peak lr of prompts and gates (default {d['lr_prompts']})")
     g.add_argument("--lr-head", dest="lr_head", type=float, default=S,
-                   help=f"peak lr of the head (default {d.lr_head})")
+                   help=f"peak lr of the head (default {d['lr_head']})")
     g.add_argument("--min-lr", dest="min_lr", type=float, default=S,
-                   help=f"cosine floor (default {d.min_lr})")
+                   help=f"cosine floor (default {d['min_lr']})")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
-                   help=f"default {d.weight_decay}")
+                   help=f"default {d['weight_decay']}")
     g.add_argument("--optimizer", choices=("adam", "adamw"), default=S)
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S,
-                   help=f"per process (default {d.batch_size})")
+                   help=f"per process (default {d['batch_size']})")
     g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S,
-                   help=f"max gradient norm, 0 = off (default {d.clip_grad})")
+                   help=f"max gradient norm, 0 = off (default {d['clip_grad']})")
     g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=S)
     g.add_argument("--mixup-prob", dest="mixup_prob", type=float, default=S)
     g.add_argument("--visual-aug", dest="visual_aug", choices=("none", "light", "strong"),
@@ -100,27 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
                    default=S)
     for act in p._actions:       # show the config default of every option not yet saying it
-        if hasattr(d, act.dest) and "default" not in (act.help or ""):
-            act.help = ((act.help + " ") if act.help else "") + \
-                f"(default {getattr(d, act.dest)})"
+        if act.dest in d and "default" not in (act.help or ""):
+            act.help = ((act.help + " ") if act.help else "") + f"(default {d[act.dest]})"
     return p
 
 
 def config_from_args(argv=None) -> TrainConfig:
     ns = vars(build_parser().parse_args(argv))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | set(MODEL_OPTIONS)
     unknown = set(ns) - fields
     if unknown:
         raise SystemExit(f"internal error: options without config fields {sorted(unknown)}")
     merged = {**task_defaults(ns["task"]), **_model_fields_from_checkpoint(ns), **ns}
-    return TrainConfig(**merged)
+    return TrainConfig.from_dict(merged)
 
 
-# Fields that shape the model: when resuming or evaluating a checkpoint, these default to
-# the checkpoint's values (an explicit option still wins), so that e.g.
+# Fields that shape the model and its input: when resuming or evaluating a checkpoint,
+# these default to the checkpoint's values (an explicit option still wins), so that e.g.
 # ``--eval-only --resume best.pt --backend reference`` needs no other model options.
-MODEL_FIELDS = ("backbone", "pretrained", "n_temporal", "n_spatial", "n_fusion", "stages",
-                "modalities", "full_finetune", "segments", "clip_seconds")
+MODEL_FIELDS = ("backbone", "pretrained", "segments", "clip_seconds") + MODEL_OPTIONS
 
 
 def _model_fields_from_checkpoint(ns: dict) -> dict:
@@ -132,7 +130,8 @@ def _model_fields_from_checkpoint(ns: dict) -> dict:
     if saved.get("task") not in (None, ns["task"]):
         raise ValueError(f"resume: checkpoint {path} was trained for task "
                          f"{saved.get('task')!r}, not {ns['task']!r}")
-    return {k: saved[k] for k in MODEL_FIELDS if k in saved}
+    flat = TrainConfig.from_dict(saved).flat() if saved else {}
+    return {k: flat[k] for k in MODEL_FIELDS if k in flat}
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,36 @@
-"""Training configuration: the paper's recipe as defaults, per-task overrides."""
+"""Training configuration: the paper's recipe as defaults, per-task overrides.
+
+``TrainConfig.model`` is the model's own :class:`~avstfp_fast.models.config.AVSTFPConfig`
+(prompt counts, stages, modalities, gates, full fine-tuning); its ``task`` and
+``num_classes`` are left unset here and filled in by the training task from the data.
+Flat dictionaries (the command line, and run folders written before the model config was
+nested) are accepted by :meth:`TrainConfig.from_dict`, which routes each model field name
+into ``model``.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("ave", "avar", "synthetic")
+from ..models.config import AVSTFPConfig
+
 BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
+
+
+def task_names() -> tuple:
+    from .tasks import TASKS
+    return tuple(TASKS)
+
+
+def default_model_config(**kw) -> AVSTFPConfig:
+    """The trainer's model defaults: the model's own, with the head left to the task."""
+    return AVSTFPConfig(**{"task": None, **kw})
+
+
+# Model fields settable from the trainer (the head's task/num_classes come from the data).
+MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(AVSTFPConfig)
+                      if f.name not in ("task", "num_classes", "extra"))
 
 
 @dataclass
@@ -18,7 +42,8 @@ class TrainConfig:
     backend: str = "auto"
     data_root: Optional[str] = None
     out: Optional[str] = None             # run folder (default runs/<task>-<time>)
-    # recipe (SPEC section 2)
+    model: AVSTFPConfig = field(default_factory=default_model_config)
+    # recipe (the paper's; see the trainer README)
     epochs: int = 30
     warmup_epochs: float = 2.0
     lr_prompts: float = 3e-4
@@ -33,14 +58,6 @@ class TrainConfig:
     visual_aug: str = "strong"            # none | light | strong
     amp: bool = True                      # bf16 autocast on GPU
     seed: int = 0
-    # model switches
-    full_finetune: bool = False
-    n_temporal: int = 2
-    n_spatial: int = 10
-    n_fusion: int = 2
-    stages: tuple = ("temporal", "spatial", "fusion")
-    modalities: tuple = ("audio", "visual")
-    beta_init: float = 0.0
     compile: bool = False
     # data
     segments: int = 10
@@ -69,10 +86,13 @@ class TrainConfig:
     synthetic_header: bool = True
 
     def __post_init__(self):
-        self.stages = tuple(self.stages)
-        self.modalities = tuple(self.modalities)
-        if self.task not in TASKS:
-            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
+        if isinstance(self.model, dict):
+            self.model = default_model_config(**self.model)
+        if not isinstance(self.model, AVSTFPConfig):
+            raise TypeError(f"model: expected an AVSTFPConfig, got {type(self.model).__name__}")
+        tasks = task_names()
+        if self.task not in tasks:
+            raise ValueError(f"task: expected one of {tasks}, got {self.task!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {self.backend!r}")
         if self.optimizer not in ("adam", "adamw"):
@@ -83,14 +103,30 @@ class TrainConfig:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
 
     def to_dict(self) -> dict:
+        """JSON-ready; the model config nested under ``model`` (tuples as lists)."""
         d = dataclasses.asdict(self)
-        d["stages"], d["modalities"] = list(self.stages), list(self.modalities)
+        d["model"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["model"].items()}
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict, strict: bool = False) -> "TrainConfig":
+        """Build from a nested (``to_dict``) or flat dict; unknown keys are ignored, or
+        with ``strict`` refused."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names - set(MODEL_OPTIONS))
+        if strict and unknown:
+            raise TypeError(f"TrainConfig: unknown fields {unknown}")
+        model = dict(d.get("model") or {})
+        model.update({k: d[k] for k in MODEL_OPTIONS if k in d and k not in names})
+        kw = {k: v for k, v in d.items() if k in names and k != "model"}
+        return cls(model=default_model_config(**model), **kw)
+
+    def flat(self) -> dict:
+        """One level: the trainer's fields and the model options side by side."""
+        d = self.to_dict()
+        model = d.pop("model")
+        d.update({k: model[k] for k in MODEL_OPTIONS})
+        return d
 
 
 # Defaults for the synthetic task (tuned so the tiny CPU model reaches >= 90 % segment
@@ -103,5 +139,3 @@ SYNTHETIC_DEFAULTS = dict(backbone="tiny", epochs=12, warmup_epochs=1.0, lr_prom
 
 def task_defaults(task: str) -> dict:
     return dict(SYNTHETIC_DEFAULTS) if task == "synthetic" else {}
-
-

@@ -1,7 +1,10 @@
-"""The training loop: model, data, optimiser, schedule, DDP, checkpoints, evaluation.
+"""The training loop: optimiser, schedule, checkpoints, the step / end-of-epoch /
+evaluation functions, and the run folder.
 
 ``train(cfg)`` runs one training (or, with ``cfg.eval_only``, one evaluation) and returns
-a dict of metrics.  It is what the CLI, ``run_synthetic`` and the tests call.
+a dict of metrics.  It is what the CLI, ``run_synthetic`` and the tests call.  What is
+specific to a data set, a model head or a metric lives in a :class:`~.tasks.Task`
+(``tasks.py``); process groups in ``ddp.py``; the loop's state in ``state.py``.
 
 Reproducibility (what makes ``--resume`` give the same per-step losses as an
 uninterrupted run on CPU):
@@ -24,67 +27,28 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ck
-from .augment import build_visual_augment
+from . import ddp
 from .config import TrainConfig
-from .data import (ClipDataset, ResumableDistributedSampler, ShardSampler, ave_splits,
-                   collate_skip_bad, ks_splits)
-from .metrics import accuracy_from_confusion, confusion_update, format_table, plot_confusion
-from .mixup import audio_mixup, one_hot
+from .data import ResumableDistributedSampler, ShardSampler
+from .metrics import format_table
 from .schedule import build_scheduler
+from .state import EpochStats, RunState, Status
+from .tasks import StepContext, make_task
 
 log = logging.getLogger("avstfp_fast.train")
 
-__all__ = ["train", "NonFiniteLoss"]
+__all__ = ["train", "evaluate", "Trainer", "NonFiniteLoss"]
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# --------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------
-def _dist_info():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _maybe_init_dist(device_type: str) -> bool:
-    """Initialise torch.distributed from torchrun's environment (WORLD_SIZE > 1)."""
-    if dist.is_initialized():
-        return False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    return True
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks in place (NCCL needs a CUDA copy)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            d = t.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(d)
-            t.copy_(d.cpu())
-        else:
-            dist.all_reduce(t)
-    return t
-
-
-def _barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _worker_init(worker_id: int) -> None:
@@ -109,99 +73,67 @@ class _JsonlWriter:
             self.f.close()
 
 
-def build_model(cfg: TrainConfig, num_classes: int):
-    from avstfp_fast import PromptedCLIP
-    kw = dict(task="avar" if cfg.task == "avar" else "ave", num_classes=num_classes,
-              n_temporal=cfg.n_temporal, n_spatial=cfg.n_spatial, n_fusion=cfg.n_fusion,
-              stages=tuple(cfg.stages), modalities=tuple(cfg.modalities),
-              full_finetune=cfg.full_finetune, beta_init=cfg.beta_init)
-    if cfg.backbone == "tiny":
-        if cfg.pretrained:
-            raise ValueError("pretrained: the 'tiny' backbone is random; drop --pretrained")
-        return PromptedCLIP.tiny(backend=cfg.backend, **kw)
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-        raise FileNotFoundError(f"pretrained: expected a local open_clip checkpoint file, got "
-                                f"{cfg.pretrained!r} (downloads are never attempted)")
-    if cfg.pretrained is None:
-        log.warning("no --pretrained checkpoint: the %s tower is randomly initialised",
-                    cfg.backbone)
-    return PromptedCLIP(cfg.backbone, pretrained=cfg.pretrained, backend=cfg.backend, **kw)
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
 
 
-def _prepare_data(cfg: TrainConfig, run_dir: str, rank: int):
-    """Return (classes, splits) and, for the synthetic task, generate the files first."""
-    root = cfg.data_root
-    if cfg.task == "synthetic":
-        from .synthetic import make_synthetic_ave
-        if root is None:
-            root = os.path.join(run_dir, "synthetic_data")
-            cfg.data_root = root
-        if rank == 0 and not os.path.isfile(os.path.join(root, "Annotations.txt")):
-            make_synthetic_ave(root, n_events=cfg.synthetic_events, n_train=cfg.synthetic_train,
-                               n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
-                               segments=cfg.segments, seed=cfg.seed,
-                               header=cfg.synthetic_header)
-        _barrier()
-    if root is None:
-        raise ValueError(f"data_root: required for task {cfg.task!r}")
-    if cfg.task == "avar":
-        return ks_splits(root)
-    return ave_splits(root, segments=cfg.segments, clip_seconds=cfg.clip_seconds)
+@torch.no_grad()
+def evaluate(model, loader, task, ctx: StepContext, bar=lambda it: it) -> dict:
+    """One pass of ``model`` over ``loader`` with ``task``'s metrics, summed over the
+    processes.  Returns the metrics' ``summary()`` plus ``skipped`` (unreadable files)."""
+    was_training = model.training
+    model.eval()
+    metrics = task.new_metrics()
+    skipped = torch.zeros(1, dtype=torch.float64)
+    for batch in bar(loader):
+        skipped += len(batch["bad"])
+        if not task.is_empty(batch):
+            metrics.update(model, batch, ctx)
+    metrics.all_reduce()
+    ddp.all_reduce(skipped)
+    model.train(was_training)
+    return {**metrics.summary(), "skipped": int(skipped)}
 
 
-def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    c = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, c).float(), targets.reshape(-1, c))
-
-
-# --------------------------------------------------------------------------------------
-# the trainer
-# --------------------------------------------------------------------------------------
 class Trainer:
-    loss_fn = staticmethod(_loss_fn)     # tests may replace it (e.g. to inject a NaN)
-
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         if cfg.device:
             self.device = torch.device(cfg.device)
         else:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._own_pg = _maybe_init_dist(self.device.type)
-        self.rank, self.world = _dist_info()
-        if self.device.type == "cuda" and self.world > 1:
-            local = int(os.environ.get("LOCAL_RANK", self.rank))
-            self.device = torch.device("cuda", local)
-            torch.cuda.set_device(self.device)
+        self._own_pg = ddp.maybe_init(self.device.type)
+        self.rank, self.world = ddp.info()
+        self.device = ddp.local_device(self.device, self.rank)
         self.is_main = self.rank == 0
         self.stop_signal = None
 
         run_dir = cfg.out or os.path.join("runs", f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if self.world > 1:          # one folder for all ranks (their clocks may disagree)
-            box = [run_dir]
-            dist.broadcast_object_list(box, src=0)
-            run_dir = box[0]
-        self.run_dir = run_dir
-        self.ckpt_dir = os.path.join(run_dir, "checkpoints")
+        self.run_dir = ddp.broadcast_object(run_dir)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-        _barrier()
+        ddp.barrier()
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        self.classes, self.splits = _prepare_data(cfg, run_dir, self.rank)
+        self.task = make_task(cfg)
+        self.classes, self.splits = self.task.prepare_data(self.run_dir, self.rank)
+        self.task.classes, self.task.splits = self.classes, self.splits
         self.num_classes = len(self.classes)
         if self.is_main:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,
                            "device": str(self.device)}, f, indent=2)
-        self.metrics = _JsonlWriter(os.path.join(run_dir, "metrics.jsonl"), self.is_main)
+        self.metrics = _JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.is_main)
 
         torch.manual_seed(cfg.seed)          # model init independent of data generation
-        self.model = build_model(cfg, self.num_classes).to(self.device)
+        self.model = self.task.build_model(self.num_classes).to(self.device)
+        self.fwd_model = self.model
         # random towers are not reproducible from a name: save the full state then
-        self.full_state = bool(cfg.full_finetune or cfg.pretrained is None)
+        self.full_state = bool(cfg.model.full_finetune or cfg.pretrained is None)
         self.image_size = self.model.image_size
 
         self.optimizer = None
@@ -210,18 +142,11 @@ class Trainer:
         self._eval_loaders = {}
 
     # ---------------------------------------------------------------- data
-    def _dataset(self, split: str, train: bool) -> ClipDataset:
-        cfg = self.cfg
-        aug = build_visual_augment(cfg.visual_aug, self.image_size) if train else None
-        return ClipDataset(self.splits[split], image_size=self.image_size,
-                           segments=cfg.segments, clip_seconds=cfg.clip_seconds,
-                           sample_rate=cfg.sample_rate, augment=aug, cache=cfg.cache)
-
     def _loader(self, ds, sampler) -> DataLoader:
         cfg = self.cfg
         nw = cfg.num_workers
         return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=nw,
-                          collate_fn=collate_skip_bad, pin_memory=self.device.type == "cuda",
+                          collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
                           persistent_workers=nw > 0, drop_last=False,
                           generator=torch.Generator().manual_seed(cfg.seed),
                           worker_init_fn=_worker_init if nw > 0 else None,
@@ -229,7 +154,7 @@ class Trainer:
 
     def _eval_loader(self, split: str):
         if split not in self._eval_loaders:     # kept: workers (and caches) persist
-            ds = self._dataset(split, train=False)
+            ds = self.task.dataset(split, train=False, image_size=self.image_size)
             self._eval_loaders[split] = self._loader(ds, ShardSampler(len(ds), self.rank,
                                                                        self.world))
         return self._eval_loaders[split]
@@ -268,7 +193,7 @@ class Trainer:
         path = os.path.join(self.ckpt_dir, name)
         if self.is_main:
             ck.atomic_save(self._ckpt_payload(step, best), path)
-        _barrier()
+        ddp.barrier()
         return path
 
     def _load_model_from(self, ckpt: dict):
@@ -278,45 +203,14 @@ class Trainer:
                              f"{self.classes[:5]}... ({len(self.classes)})")
         ck.load_model_state(self.model, ckpt["model"], ckpt["model_full"])
 
-    # ---------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, split: str, model=None) -> dict:
-        model = model if model is not None else self.model
-        was_training = model.training
-        model.eval()
-        loader = self._eval_loader(split)
-        cm = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-        extra = torch.zeros(3, dtype=torch.float64)   # top5 hits, clips, skipped files
-        amp = self._autocast()
-        bar = self._bar(loader, f"eval {split}", len(loader))
-        for batch in bar:
-            extra[2] += len(batch["bad"])
-            if batch["audio"] is None:
-                continue
-            a = batch["audio"].to(self.device, non_blocking=True)
-            v = batch["video"].to(self.device, non_blocking=True)
-            y = batch["label"].to(self.device)
-            with amp:
-                logits = model(a, v)
-            logits = logits.float()
-            confusion_update(cm, logits.argmax(-1), y)
-            k = min(5, self.num_classes)
-            topk = logits.topk(k, dim=-1).indices
-            extra[0] += float((topk == y.unsqueeze(-1)).any(-1).sum())
-            extra[1] += a.shape[0]
-        cm = _all_reduce(cm)
-        extra = _all_reduce(extra)
-        model.train(was_training)
-        n_items = int(cm.sum())
-        return {"split": split, "acc": accuracy_from_confusion(cm),
-                "top5": float(extra[0]) / n_items if n_items else float("nan"),
-                "n": n_items, "clips": int(extra[1]), "skipped": int(extra[2]), "confusion": cm}
-
     # ---------------------------------------------------------------- misc
     def _autocast(self):
         if self.cfg.amp and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return nullcontext()
+
+    def _ctx(self, rng=None) -> StepContext:
+        return StepContext(device=self.device, autocast=self._autocast, rng=rng)
 
     def _bar(self, it, desc, total, initial=0):
         if not (self.cfg.progress and self.is_main):
@@ -330,198 +224,223 @@ class Trainer:
         log.warning("received signal %d: will save a checkpoint and stop after this step",
                     signum)
 
-    # ---------------------------------------------------------------- train
-    def run(self) -> dict:
+    @contextmanager
+    def _sigterm_handler(self):
+        try:
+            old = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:      # not the main thread
+            old = None
+        try:
+            yield
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, split: str, model=None) -> dict:
+        loader = self._eval_loader(split)
+        res = evaluate(model if model is not None else self.model, loader, self.task,
+                       self._ctx(), bar=lambda it: self._bar(it, f"eval {split}", len(loader)))
+        return {"split": split, **res}
+
+    def _evaluate_splits(self, selected: str) -> dict:
+        """Final evaluation of val and test: result keys ``<split>_<metric>``, a
+        ``final_eval`` record each, and the task's figures."""
+        out = {"selected": selected}
+        for split in ("val", "test"):
+            if split not in self.splits:
+                continue
+            ev = self.evaluate(split)
+            metrics = {k: v for k, v in ev.items() if k not in ("split", "skipped")}
+            out.update({f"{split}_{k}": v for k, v in _scalars(metrics).items()})
+            out[f"{split}_skipped"] = ev["skipped"]
+            self.metrics.write(kind="final_eval", split=split, **_scalars(metrics),
+                               skipped_files=ev["skipped"],
+                               **{k: v.tolist() for k, v in metrics.items()
+                                  if isinstance(v, torch.Tensor)})
+            if self.is_main:
+                for name, path in self.task.figures(metrics, self.run_dir, split).items():
+                    out[f"{split}_{name}"] = path
+        return out
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, batch: dict, state: RunState):
+        """One optimiser step on ``batch``.  Returns ``(loss, lrs, grad_norm, output)``,
+        or None after a non-finite loss (the update is not applied; ``state`` says why)."""
         cfg = self.cfg
-        if cfg.eval_only:
-            return self._run_eval_only()
+        rng = np.random.default_rng([cfg.seed, state.step, self.rank])
+        out = self.task.train_loss(self.fwd_model, batch, self._ctx(rng))
+        red = ddp.all_reduce(torch.stack([out.loss.detach().double().cpu(),
+                                          torch.tensor(1.0, dtype=torch.float64)]))
+        loss_val = float(red[0] / red[1])
+        if not math.isfinite(loss_val):
+            where = (f"the last good checkpoint is kept at {state.last_good_ckpt}"
+                     if state.last_good_ckpt else "no checkpoint had been written yet")
+            state.stop(Status.NONFINITE,
+                       f"non-finite loss ({loss_val}) at step {state.step + 1} (epoch "
+                       f"{state.epoch + 1}); stopped without applying that update "
+                       f"({state.step} steps done); {where}")
+            self.metrics.write(kind="error", step=state.step + 1, epoch=state.epoch,
+                               message=state.message)
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.clip_grad and cfg.clip_grad > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad))
+        else:
+            gnorm = float("nan")
+        self.optimizer.step()
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+        self.scheduler.step()
+        state.step += 1
+        return loss_val, lrs, gnorm, out
+
+    def train_epoch(self, state: RunState, loader, sampler, max_steps: int) -> EpochStats:
+        """The steps of epoch ``state.epoch`` from ``state.step`` on (a resumed epoch skips
+        the batches already done), until the epoch ends, ``max_steps``, a signal or a
+        non-finite loss.  Returns this process's statistics."""
+        cfg = self.cfg
+        skip_batches = state.step - state.epoch * self.steps_per_epoch
+        sampler.set_epoch(state.epoch)
+        sampler.set_skip(skip_batches * cfg.batch_size)
+        self.model.train()
+        stats = EpochStats()
+        bar = self._bar(loader, f"epoch {state.epoch + 1}/{cfg.epochs}",
+                        self.steps_per_epoch - skip_batches, skip_batches)
+        t_last = time.time()
+        for batch in bar:
+            stats.bad_files += len(batch["bad"])
+            flags = ddp.all_reduce(torch.tensor([float(self.task.is_empty(batch)),
+                                                 float(self.stop_signal is not None)]))
+            if flags[0] > 0:          # some rank has no usable sample: skip the step
+                state.step += 1
+                self.scheduler.step()
+                if state.step >= max_steps:
+                    break
+                continue
+            done = self.train_step(batch, state)
+            if done is None:
+                break
+            loss_val, lrs, gnorm, out = done
+            now = time.time()
+            cps = out.clips * self.world / max(now - t_last, 1e-9)
+            t_last = now
+            stats.add_step(loss_val, out.clips, out.correct, out.items)
+            self.metrics.write(kind="step", step=state.step, epoch=state.epoch, loss=loss_val,
+                               lr=lrs, grad_norm=gnorm, **out.log, clips_per_s=round(cps, 2))
+            state.losses.append(loss_val)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{next(iter(lrs.values())):.2e}",
+                                clips_s=f"{cps:.1f}")
+            # under DDP only the all-reduced flag counts (every rank must stop at the same
+            # step); alone, a signal that arrived during the step counts
+            if (flags[1] > 0) if self.world > 1 else (self.stop_signal is not None):
+                state.last_good_ckpt = self.save("last.pt", state.step, state.best)
+                state.stop(Status.INTERRUPTED,
+                           f"stopped by signal after step {state.step}; checkpoint saved to "
+                           f"{state.last_good_ckpt}; continue with --resume "
+                           f"{state.last_good_ckpt}")
+                self.metrics.write(kind="stopped", step=state.step, reason="signal",
+                                   checkpoint=state.last_good_ckpt)
+                break
+            if cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
+                state.last_good_ckpt = self.save("last.pt", state.step, state.best)
+                state.last_saved = state.step
+            if state.step >= max_steps:
+                break
+        if hasattr(bar, "close"):
+            bar.close()
+        return stats
+
+    def end_epoch(self, state: RunState, stats: EpochStats, t_epoch: float) -> None:
+        """Sum the epoch's statistics over processes, validate (at the end of a complete
+        epoch, every ``eval_every``), keep ``best.pt``, log, and save ``last.pt``."""
+        cfg = self.cfg
+        epoch_done = state.step >= (state.epoch + 1) * self.steps_per_epoch
+        stats = stats.all_reduce()
+        state.skipped_files += int(stats.bad_files)
+        ep = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.step,
+              "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+              "skipped_files": int(stats.bad_files), "time_s": round(time.time() - t_epoch, 2),
+              "complete": bool(epoch_done)}
+        if epoch_done and cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 \
+                and "val" in self.splits:
+            ev = self.evaluate("val")
+            scalars = {k: v for k, v in _scalars(ev).items() if k not in ("split", "skipped")}
+            ep.update({f"val_{k}": v for k, v in scalars.items() if k != "n"},
+                      val_skipped=ev["skipped"])
+            self.metrics.write(kind="eval", split="val", epoch=state.epoch + 1,
+                               step=state.step, **scalars, skipped_files=ev["skipped"])
+            if ev["acc"] > state.best:
+                state.best = ev["acc"]
+                self.save("best.pt", state.step, state.best)
+        self.metrics.write(**ep)
+        if self.is_main:
+            print(f"epoch {state.epoch + 1}/{cfg.epochs}: loss {ep['train_loss']:.4f} "
+                  f"train acc {ep['train_acc']:.3f}"
+                  + (f" val acc {ep['val_acc']:.3f}" if "val_acc" in ep else "")
+                  + f" skipped {ep['skipped_files']} ({ep['time_s']:.1f}s)",
+                  file=sys.stderr, flush=True)
+        if epoch_done:
+            state.epoch += 1
+        if state.last_saved != state.step:
+            state.last_good_ckpt = self.save("last.pt", state.step, state.best)
+            state.last_saved = state.step
+
+    def _resume(self, state: RunState) -> None:
+        cfg = self.cfg
+        ckpt = ck.load_checkpoint(cfg.resume)
+        self._load_model_from(ckpt)
+        if ckpt.get("optimizer") is None:
+            raise ValueError(f"resume: {cfg.resume} holds no optimizer state")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        ck.restore_rng(ckpt["rng"])
+        state.step, state.best = int(ckpt["step"]), float(ckpt["best"])
+        state.last_good_ckpt, state.last_saved = cfg.resume, state.step
+        if self.is_main:
+            log.info("resumed from %s at step %d", cfg.resume, state.step)
+        self.metrics.write(kind="resume", step=state.step, path=cfg.resume)
+
+    def run(self) -> dict:
+        return self._run_eval_only() if self.cfg.eval_only else self.fit()
+
+    def fit(self) -> dict:
+        cfg = self.cfg
         t_start = time.time()
-        train_ds = self._dataset("train", train=True)
+        train_ds = self.task.dataset("train", train=True, image_size=self.image_size)
         sampler = ResumableDistributedSampler(train_ds, num_replicas=self.world,
                                               rank=self.rank, seed=cfg.seed, shuffle=True)
         self.steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
         self._build_optimizer(self.steps_per_epoch)
-
-        step, best = 0, -math.inf
+        state = RunState()
         if cfg.resume:
-            ckpt = ck.load_checkpoint(cfg.resume)
-            self._load_model_from(ckpt)
-            if ckpt.get("optimizer") is None:
-                raise ValueError(f"resume: {cfg.resume} holds no optimizer state")
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            ck.restore_rng(ckpt["rng"])
-            step, best = int(ckpt["step"]), float(ckpt["best"])
-            if self.is_main:
-                log.info("resumed from %s at step %d", cfg.resume, step)
-            self.metrics.write(kind="resume", step=step, path=cfg.resume)
+            self._resume(state)
         if self.is_main:
             print(self.model.parameter_summary(print_it=False), file=sys.stderr, flush=True)
-
-        fwd_model = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            fwd_model = DDP(self.model, device_ids=[self.device.index]
-                            if self.device.type == "cuda" else None,
-                            find_unused_parameters=cfg.find_unused_parameters)
+        self.fwd_model = ddp.wrap(self.model, self.device, cfg.find_unused_parameters)
         if cfg.compile:
-            fwd_model = torch.compile(fwd_model)
-        self.fwd_model = fwd_model
-
+            self.fwd_model = torch.compile(self.fwd_model)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         loader = self._loader(train_ds, sampler)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        old_handler = None
-        try:
-            old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:      # not the main thread
-            pass
-        last_good_ckpt = cfg.resume if cfg.resume else None
-        status, message = "finished", ""
-        epoch = step // self.steps_per_epoch
+        state.epoch = state.step // self.steps_per_epoch
         max_steps = cfg.max_steps if cfg.max_steps is not None else self.total_steps
-        skipped_total = 0
-        history = []
-        last_saved = step if cfg.resume else -1
-        try:
-            while epoch < cfg.epochs and step < max_steps and status == "finished":
-                skip_batches = step - epoch * self.steps_per_epoch
-                sampler.set_epoch(epoch)
-                sampler.set_skip(skip_batches * cfg.batch_size)
-                self.model.train()
-                # loss*clips, correct, items, bad files, clips
-                sums = torch.zeros(5, dtype=torch.float64)
+        with self._sigterm_handler():
+            while state.epoch < cfg.epochs and state.step < max_steps and state.running:
                 t_epoch = time.time()
-                bar = self._bar(loader, f"epoch {epoch + 1}/{cfg.epochs}",
-                                self.steps_per_epoch - skip_batches, skip_batches)
-                t_last = time.time()
-                for batch in bar:
-                    sums[3] += len(batch["bad"])
-                    empty = batch["audio"] is None
-                    flags = _all_reduce(torch.tensor([float(empty),
-                                                      float(self.stop_signal is not None)]))
-                    if flags[0] > 0:          # some rank has no usable sample: skip step
-                        step += 1
-                        self.scheduler.step()
-                        if step >= max_steps:
-                            break
-                        continue
-                    a = batch["audio"].to(self.device, non_blocking=True)
-                    v = batch["video"].to(self.device, non_blocking=True)
-                    y = batch["label"].to(self.device, non_blocking=True)
-                    targets = one_hot(y, self.num_classes)
-                    rng = np.random.default_rng([cfg.seed, step, self.rank])
-                    a, targets, lam = audio_mixup(a, targets, alpha=cfg.mixup_alpha,
-                                                  prob=cfg.mixup_prob, rng=rng)
-                    with self._autocast():
-                        logits = fwd_model(a, v)
-                    loss = self.loss_fn(logits, targets)
-                    red = _all_reduce(torch.stack([loss.detach().double().cpu(),
-                                                   torch.tensor(1.0, dtype=torch.float64)]))
-                    loss_val = float(red[0] / red[1])
-                    if not math.isfinite(loss_val):
-                        status = "nonfinite"
-                        where = (f"the last good checkpoint is kept at {last_good_ckpt}"
-                                 if last_good_ckpt else "no checkpoint had been written yet")
-                        message = (f"non-finite loss ({loss_val}) at step {step + 1} (epoch "
-                                   f"{epoch + 1}); stopped without applying that update "
-                                   f"({step} steps done); {where}")
-                        self.metrics.write(kind="error", step=step + 1, epoch=epoch,
-                                           message=message)
-                        break
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.clip_grad and cfg.clip_grad > 0:
-                        gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad))
-                    else:
-                        gnorm = float("nan")
-                    self.optimizer.step()
-                    lrs = {g.get("name", str(i)): g["lr"]
-                           for i, g in enumerate(self.optimizer.param_groups)}
-                    self.scheduler.step()
-                    step += 1
-                    now = time.time()
-                    clips = a.shape[0] * self.world
-                    cps = clips / max(now - t_last, 1e-9)
-                    t_last = now
-                    with torch.no_grad():
-                        pred = logits.detach().float().argmax(-1)
-                        sums[0] += loss_val * a.shape[0]
-                        sums[1] += float((pred == y).sum())
-                        sums[2] += y.numel()
-                        sums[4] += a.shape[0]
-                    self.metrics.write(kind="step", step=step, epoch=epoch, loss=loss_val,
-                                       lr=lrs, grad_norm=gnorm, mixup_lam=lam,
-                                       clips_per_s=round(cps, 2))
-                    history.append(loss_val)
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss_val:.4f}",
-                                        lr=f"{next(iter(lrs.values())):.2e}",
-                                        clips_s=f"{cps:.1f}")
-                    # under DDP only the all-reduced flag counts (every rank must stop at
-                    # the same step); alone, a signal that arrived during the step counts
-                    stop_now = flags[1] > 0 if self.world > 1 else self.stop_signal is not None
-                    if stop_now:
-                        status = "interrupted"
-                        last_good_ckpt = self.save("last.pt", step, best)
-                        message = (f"stopped by signal after step {step}; checkpoint saved "
-                                   f"to {last_good_ckpt}; continue with --resume "
-                                   f"{last_good_ckpt}")
-                        self.metrics.write(kind="stopped", step=step, reason="signal",
-                                           checkpoint=last_good_ckpt)
-                        break
-                    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                        last_good_ckpt = self.save("last.pt", step, best)
-                        last_saved = step
-                    if step >= max_steps:
-                        break
-                if hasattr(bar, "close"):
-                    bar.close()
-                if status != "finished":
-                    break
-                epoch_done = step >= (epoch + 1) * self.steps_per_epoch
-                sums = _all_reduce(sums)
-                skipped_total += int(sums[3])
-                ep = {"kind": "epoch", "epoch": epoch + 1, "step": step,
-                      "train_loss": float(sums[0] / sums[4]) if sums[4] else float("nan"),
-                      "train_acc": float(sums[1] / sums[2]) if sums[2] else float("nan"),
-                      "skipped_files": int(sums[3]), "time_s": round(time.time() - t_epoch, 2),
-                      "complete": bool(epoch_done)}
-                if epoch_done and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 \
-                        and "val" in self.splits:
-                    ev = self.evaluate("val")
-                    ep.update(val_acc=ev["acc"], val_top5=ev["top5"],
-                              val_skipped=ev["skipped"])
-                    self.metrics.write(kind="eval", split="val", epoch=epoch + 1, step=step,
-                                       acc=ev["acc"], top5=ev["top5"], n=ev["n"],
-                                       skipped_files=ev["skipped"])
-                    if ev["acc"] > best:
-                        best = ev["acc"]
-                        self.save("best.pt", step, best)
-                self.metrics.write(**ep)
-                history_line = (f"epoch {epoch + 1}/{cfg.epochs}: loss {ep['train_loss']:.4f} "
-                                f"train acc {ep['train_acc']:.3f}"
-                                + (f" val acc {ep['val_acc']:.3f}" if "val_acc" in ep else "")
-                                + f" skipped {ep['skipped_files']} ({ep['time_s']:.1f}s)")
-                if self.is_main:
-                    print(history_line, file=sys.stderr, flush=True)
-                if epoch_done:
-                    epoch += 1
-                if last_saved != step:
-                    last_good_ckpt = self.save("last.pt", step, best)
-                    last_saved = step
-        finally:
-            if old_handler is not None:
-                signal.signal(signal.SIGTERM, old_handler)
+                stats = self.train_epoch(state, loader, sampler, max_steps)
+                if state.running:
+                    self.end_epoch(state, stats, t_epoch)
 
-        result = {"status": status, "message": message, "run_dir": self.run_dir,
-                  "steps": step, "epochs_done": epoch, "losses": history,
-                  "skipped_train_files": skipped_total,
-                  "best_val_acc": best if best > -math.inf else None,
+        result = {"status": state.status.value, "message": state.message,
+                  "run_dir": self.run_dir, "steps": state.step, "epochs_done": state.epoch,
+                  "losses": state.losses, "skipped_train_files": state.skipped_files,
+                  "best_val_acc": state.best if state.best > -math.inf else None,
                   "train_wall_s": round(time.time() - t_start, 2)}
-        if status == "nonfinite":
+        if state.status is Status.NONFINITE:
             self.metrics.close()
-            raise NonFiniteLoss(message)
-        if status == "finished" and cfg.final_eval:
+            raise NonFiniteLoss(state.message)
+        if state.status is Status.FINISHED and cfg.final_eval:
             result.update(self._final_eval())
         result["wall_s"] = round(time.time() - t_start, 2)
         self._summary(result)
@@ -537,27 +456,6 @@ class Trainer:
             selected = "last weights (no validation checkpoint)"
         return self._evaluate_splits(selected)
 
-    def _evaluate_splits(self, selected: str) -> dict:
-        out = {"selected": selected}
-        for split in ("val", "test"):
-            if split not in self.splits:
-                continue
-            ev = self.evaluate(split)
-            out[f"{split}_acc"] = ev["acc"]
-            out[f"{split}_top5"] = ev["top5"]
-            out[f"{split}_n"] = ev["n"]
-            out[f"{split}_skipped"] = ev["skipped"]
-            self.metrics.write(kind="final_eval", split=split, acc=ev["acc"], top5=ev["top5"],
-                               n=ev["n"], skipped_files=ev["skipped"],
-                               confusion=ev["confusion"].tolist())
-            if self.is_main:
-                png = os.path.join(self.run_dir, f"confusion_{split}.png")
-                plot_confusion(ev["confusion"], self.classes, png,
-                               f"{self.cfg.task} {split}: accuracy {ev['acc']:.3f} "
-                               f"({ev['n']} {'segments' if self.cfg.task != 'avar' else 'clips'})")
-                out[f"{split}_confusion_png"] = png
-        return out
-
     def _run_eval_only(self) -> dict:
         cfg = self.cfg
         if not cfg.resume:
@@ -566,8 +464,9 @@ class Trainer:
         self.steps_per_epoch = 1
         ckpt = ck.load_checkpoint(cfg.resume)
         self._load_model_from(ckpt)
-        res = {"status": "evaluated", "run_dir": self.run_dir, "checkpoint": cfg.resume,
-               "backend": self.model.backend, "steps": int(ckpt["step"])}
+        res = {"status": Status.EVALUATED.value, "run_dir": self.run_dir,
+               "checkpoint": cfg.resume, "backend": self.model.backend,
+               "steps": int(ckpt["step"])}
         res.update(self._evaluate_splits(f"{cfg.resume} (step {ckpt['step']})"))
         res["wall_s"] = round(time.time() - t0, 2)
         self._summary(res)
@@ -584,9 +483,7 @@ class Trainer:
             rows.append(("best val acc", f"{r['best_val_acc']:.4f}"))
         for split in ("val", "test"):
             if f"{split}_acc" in r:
-                rows.append((f"{split} acc (top-1)", f"{r[f'{split}_acc']:.4f}"))
-                if self.cfg.task == "avar":
-                    rows.append((f"{split} top-5", f"{r[f'{split}_top5']:.4f}"))
+                rows += self.task.summary_rows(r, split)
                 rows.append((f"{split} skipped files", str(r[f"{split}_skipped"])))
         if "skipped_train_files" in r:
             rows.append(("skipped train files", str(r["skipped_train_files"])))
@@ -601,8 +498,7 @@ class Trainer:
             print(table, flush=True)
 
     def close(self):
-        if self._own_pg and dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.destroy(self._own_pg)
 
 
 def train(cfg: TrainConfig) -> dict:

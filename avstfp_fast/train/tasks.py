@@ -1,0 +1,297 @@
+"""Training tasks: what the trainer needs to know about a data set, a model head, a
+batch, a loss and a metric -- and nothing about loops, DDP or checkpoints.
+
+The trainer's step, end-of-epoch and evaluation functions only call the :class:`Task`
+interface below, so a new task (say audio-visual question answering) is one subclass
+registered in :data:`TASKS` (``register_task``), with no edit to ``loop.py``:
+
+* ``prepare_data(run_dir, rank)`` -> ``(classes, splits)``; ``splits`` maps "train",
+  "val", "test" to whatever ``dataset`` accepts;
+* ``dataset(split, train, image_size)`` and ``collate(samples)``: a batch is a dict with
+  at least ``bad`` (paths of skipped files); ``is_empty(batch)`` says it has nothing usable;
+* ``build_model(num_classes)``: the model with this task's head;
+* ``train_loss(model, batch, ctx)`` -> :class:`StepOutput` (the loss to back-propagate and
+  what to count: clips, correct items, items, extra per-step log fields);
+* ``new_metrics()`` -> an evaluation accumulator (:class:`Metrics`): ``update(model, batch,
+  ctx)``, ``all_reduce()``, ``summary()`` (scalars; ``"acc"`` selects ``best.pt``,
+  ``"n"`` is the number of items; tensors such as a confusion matrix go only to the
+  ``final_eval`` record);
+* ``figures(summary, run_dir, split)``: PNG files of a final evaluation;
+* ``summary_rows(result, split)``: the lines of the printed summary table for a split.
+
+The AVE (per-second event classes), synthetic (AVE layout, generated) and AVAR
+(Kinetics-Sounds, one class per clip) tasks share :class:`ClassificationTask`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import ddp
+
+log = logging.getLogger("avstfp_fast.train")
+
+__all__ = ["Task", "Metrics", "StepContext", "StepOutput", "ClassificationTask", "AVETask",
+           "SyntheticAVETask", "AVARTask", "TASKS", "register_task", "make_task",
+           "build_model"]
+
+
+@dataclass
+class StepContext:
+    """What a task's forward pass may use: where to put the batch, the autocast context,
+    and (training only) the step's own random generator (seeded per (seed, step, rank))."""
+    device: torch.device
+    autocast: Callable[[], Any] = nullcontext
+    rng: Optional[np.random.Generator] = None
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor            # scalar, to back-propagate
+    clips: int                    # clips in this process's batch
+    correct: float = 0.0          # correctly predicted items (for train accuracy)
+    items: float = 0.0
+    log: dict = field(default_factory=dict)   # extra fields of the metrics.jsonl step record
+
+
+class Metrics:
+    """Evaluation accumulator of one split (see the module docstring)."""
+
+    def update(self, model, batch: dict, ctx: StepContext) -> None:
+        raise NotImplementedError
+
+    def all_reduce(self) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        raise NotImplementedError
+
+
+def build_model(cfg, head: Optional[str], num_classes: Optional[int]):
+    """PromptedCLIP for a TrainConfig: its model config with ``head``'s classes."""
+    from avstfp_fast import PromptedCLIP
+    config = dataclasses.replace(cfg.model, task=head, num_classes=num_classes)
+    if cfg.backbone == "tiny":
+        if cfg.pretrained:
+            raise ValueError("pretrained: the 'tiny' backbone is random; drop --pretrained")
+        return PromptedCLIP.tiny(backend=cfg.backend, config=config)
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise FileNotFoundError(f"pretrained: expected a local open_clip checkpoint file, got "
+                                f"{cfg.pretrained!r} (downloads are never attempted)")
+    if cfg.pretrained is None:
+        log.warning("no --pretrained checkpoint: the %s tower is randomly initialised",
+                    cfg.backbone)
+    return PromptedCLIP(cfg.backbone, pretrained=cfg.pretrained, backend=cfg.backend,
+                        config=config)
+
+
+class Task:
+    """One training task (see the module docstring).  An instance serves one run."""
+    name: str = ""
+    head: Optional[str] = None      # AVSTFPConfig.task of the model head
+    item_name: str = "items"        # what accuracy counts, for figure titles
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.classes: list = []
+        self.splits: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def prepare_data(self, run_dir: str, rank: int) -> tuple[list, dict]:
+        raise NotImplementedError
+
+    def dataset(self, split: str, train: bool, image_size: int):
+        raise NotImplementedError
+
+    def collate(self, samples: list) -> dict:
+        raise NotImplementedError
+
+    def is_empty(self, batch: dict) -> bool:
+        raise NotImplementedError
+
+    def build_model(self, num_classes: int):
+        return build_model(self.cfg, self.head, num_classes)
+
+    def train_loss(self, model, batch: dict, ctx: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def new_metrics(self) -> Metrics:
+        raise NotImplementedError
+
+    def summary_rows(self, result: dict, split: str) -> list[tuple[str, str]]:
+        return [(f"{split} acc", f"{result[f'{split}_acc']:.4f}")]
+
+    def figures(self, summary: dict, run_dir: str, split: str) -> dict:
+        """PNG files of a final evaluation (``summary``: its metrics); name -> path."""
+        return {}
+
+
+# --------------------------------------------------------------------------------------
+# AVE / synthetic / Kinetics-Sounds: classification of clips (AVAR) or of their segments
+# --------------------------------------------------------------------------------------
+class ClassificationMetrics(Metrics):
+    """Confusion matrix, top-5 hits and the clips seen."""
+
+    def __init__(self, num_classes: int):
+        self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.extra = torch.zeros(2, dtype=torch.float64)   # top-5 hits, clips
+
+    def update(self, model, batch, ctx):
+        from .metrics import confusion_update
+        a = batch["audio"].to(ctx.device, non_blocking=True)
+        v = batch["video"].to(ctx.device, non_blocking=True)
+        y = batch["label"].to(ctx.device)
+        with ctx.autocast():
+            logits = model(a, v)
+        logits = logits.float()
+        confusion_update(self.cm, logits.argmax(-1), y)
+        topk = logits.topk(min(5, self.cm.shape[0]), dim=-1).indices
+        self.extra[0] += float((topk == y.unsqueeze(-1)).any(-1).sum())
+        self.extra[1] += a.shape[0]
+
+    def all_reduce(self):
+        ddp.all_reduce(self.cm)
+        ddp.all_reduce(self.extra)
+
+    def summary(self):
+        from .metrics import accuracy_from_confusion
+        n = int(self.cm.sum())
+        return {"acc": accuracy_from_confusion(self.cm),
+                "top5": float(self.extra[0]) / n if n else float("nan"),
+                "n": n, "confusion": self.cm}
+
+class ClassificationTask(Task):
+    """Audio + frames in, class logits out (per segment for AVE, per clip for AVAR);
+    soft-target cross-entropy with the audio mix-up of the recipe."""
+    report_top5 = False
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        c = logits.shape[-1]
+        return F.cross_entropy(logits.reshape(-1, c).float(), targets.reshape(-1, c))
+
+    def dataset(self, split, train, image_size):
+        from .augment import build_visual_augment
+        from .data import ClipDataset
+        cfg = self.cfg
+        aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
+        return ClipDataset(self.splits[split], image_size=image_size, segments=cfg.segments,
+                           clip_seconds=cfg.clip_seconds, sample_rate=cfg.sample_rate,
+                           augment=aug, cache=cfg.cache)
+
+    def collate(self, samples):
+        from .data import collate_skip_bad
+        return collate_skip_bad(samples)
+
+    def is_empty(self, batch):
+        return batch["audio"] is None
+
+    def train_loss(self, model, batch, ctx):
+        from .mixup import audio_mixup, one_hot
+        cfg = self.cfg
+        a = batch["audio"].to(ctx.device, non_blocking=True)
+        v = batch["video"].to(ctx.device, non_blocking=True)
+        y = batch["label"].to(ctx.device, non_blocking=True)
+        targets = one_hot(y, self.num_classes)
+        a, targets, lam = audio_mixup(a, targets, alpha=cfg.mixup_alpha, prob=cfg.mixup_prob,
+                                      rng=ctx.rng)
+        with ctx.autocast():
+            logits = model(a, v)
+        loss = self.loss(logits, targets)
+        with torch.no_grad():
+            correct = float((logits.detach().float().argmax(-1) == y).sum())
+        return StepOutput(loss=loss, clips=a.shape[0], correct=correct, items=y.numel(),
+                          log={"mixup_lam": lam})
+
+    def new_metrics(self):
+        return ClassificationMetrics(self.num_classes)
+
+    def figures(self, summary, run_dir, split):
+        from .metrics import plot_confusion
+        png = os.path.join(run_dir, f"confusion_{split}.png")
+        plot_confusion(summary["confusion"], self.classes, png,
+                       f"{self.name} {split}: accuracy {summary['acc']:.3f} "
+                       f"({summary['n']} {self.item_name})")
+        return {"confusion_png": png}
+
+    def summary_rows(self, result, split):
+        rows = [(f"{split} acc (top-1)", f"{result[f'{split}_acc']:.4f}")]
+        if self.report_top5:
+            rows.append((f"{split} top-5", f"{result[f'{split}_top5']:.4f}"))
+        return rows
+
+
+class AVETask(ClassificationTask):
+    """AVE: 28 events + background, one label per 1-s segment; segment accuracy."""
+    name, head, item_name = "ave", "ave", "segments"
+
+    def prepare_data(self, run_dir, rank):
+        from .data import ave_splits
+        if self.cfg.data_root is None:
+            raise ValueError(f"data_root: required for task {self.name!r}")
+        return ave_splits(self.cfg.data_root, segments=self.cfg.segments,
+                          clip_seconds=self.cfg.clip_seconds)
+
+
+class SyntheticAVETask(AVETask):
+    """AVE-layout .mp4 files generated (once, by rank 0) under the data root or the run
+    folder: the tiny-model smoke task."""
+    name = "synthetic"
+
+    def prepare_data(self, run_dir, rank):
+        from .synthetic import make_synthetic_ave
+        cfg = self.cfg
+        if cfg.data_root is None:
+            cfg.data_root = os.path.join(run_dir, "synthetic_data")
+        if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "Annotations.txt")):
+            make_synthetic_ave(cfg.data_root, n_events=cfg.synthetic_events,
+                               n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
+                               n_test=cfg.synthetic_test, segments=cfg.segments, seed=cfg.seed,
+                               header=cfg.synthetic_header)
+        ddp.barrier()
+        return super().prepare_data(run_dir, rank)
+
+
+class AVARTask(ClassificationTask):
+    """Kinetics-Sounds: one class per clip; top-1 and top-5."""
+    name, head, item_name = "avar", "avar", "clips"
+    report_top5 = True
+
+    def prepare_data(self, run_dir, rank):
+        from .data import ks_splits
+        if self.cfg.data_root is None:
+            raise ValueError(f"data_root: required for task {self.name!r}")
+        return ks_splits(self.cfg.data_root)
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Make ``cls`` available as ``--task cls.name`` (usable as a class decorator)."""
+    if not cls.name:
+        raise ValueError(f"register_task: {cls.__name__}.name is empty")
+    TASKS[cls.name] = cls
+    return cls
+
+
+for _cls in (AVETask, AVARTask, SyntheticAVETask):
+    register_task(_cls)
+
+
+def make_task(cfg) -> Task:
+    try:
+        return TASKS[cfg.task](cfg)
+    except KeyError:
+        raise ValueError(f"task: expected one of {tuple(TASKS)}, got {cfg.task!r}") from None
