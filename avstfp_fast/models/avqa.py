@@ -66,6 +66,7 @@ class AVQAHeadConfig:
     dropout: float = 0.1
     segments: int = 10           # M, for the temporal position embedding
     temporal_pos: bool = True
+    input_norm: bool = True      # BatchNorm of the tower features entering the head
     match_weight: float = 0.5    # weight of the matching loss (ST-AVQA: 0.5)
 
     def __post_init__(self):
@@ -143,6 +144,11 @@ def avqa_loss(out: AVQAOutput, answer: torch.Tensor, match_weight: float = 0.5) 
     return loss
 
 
+def _norm(bn, x):
+    """BatchNorm1d over every leading dim of (..., D) features."""
+    return bn(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
 class AVQAHead(nn.Module):
     """The ST-AVQA head on per-segment tower tokens (see the module docstring)."""
 
@@ -154,10 +160,13 @@ class AVQAHead(nn.Module):
         self.has_audio = "audio" in self.modalities
         self.has_visual = "visual" in self.modalities
         self.question = QuestionEncoder(cfg.vocab_size, cfg.word_dim, H, cfg.lstm_layers, H)
+        norm = (lambda: nn.BatchNorm1d(width)) if cfg.input_norm else (lambda: nn.Identity())
         if self.has_audio:
+            self.audio_norm = norm()
             self.audio_proj = nn.Sequential(nn.Linear(width, H), nn.ReLU(), nn.Linear(H, H))
             self.temporal_audio = TemporalGrounding(H, cfg.heads, cfg.dropout)
         if self.has_visual:
+            self.visual_norm, self.patch_norm = norm(), norm()
             self.visual_proj = nn.Linear(width, H)
             self.global_local = nn.Linear(2 * H, H)
             self.temporal_visual = TemporalGrounding(H, cfg.heads, cfg.dropout)
@@ -192,10 +201,11 @@ class AVQAHead(nn.Module):
         q = self.question(question)
         a = v = match_pos = match_neg = None
         if self.has_audio:
-            a = self.audio_proj(audio_tokens[:, :, 0])                        # (B, M, H)
+            a = self.audio_proj(_norm(self.audio_norm, audio_tokens[:, :, 0]))   # (B, M, H)
         if self.has_visual:
-            glob = self.visual_proj(visual_tokens[:, :, 0])                     # (B, M, H)
-            patches = F.normalize(self.visual_proj(visual_tokens[:, :, 1:]), dim=-1)
+            glob = self.visual_proj(_norm(self.visual_norm, visual_tokens[:, :, 0]))
+            patches = self.visual_proj(_norm(self.patch_norm, visual_tokens[:, :, 1:]))
+            patches = F.normalize(patches, dim=-1)                              # (B, M, Nv, H)
             v = self._ground(patches, glob, a)
             if a is not None:
                 match_pos = self._match(a, v)

@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S)
     dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S)
     dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S)
+    q = p.add_argument_group("question answering (avqa, synthetic_avqa)")
+    q.add_argument("--avqa-hop", dest="avqa_hop", type=int, default=S,
+                   help="seconds between the sampled 1-s segments")
+    q.add_argument("--question-len", dest="question_len", type=int, default=S,
+                   help="maximum question length in words (longer questions: an error)")
+    q.add_argument("--match-weight", dest="match_weight", type=float, default=S,
+                   help="weight of the audio-visual matching loss")
+    q.add_argument("--head-hidden", dest="head_hidden", type=int, default=S,
+                   help="width of the task head")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", default=S, help="checkpoint to continue from (or evaluate)")
     r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S)
