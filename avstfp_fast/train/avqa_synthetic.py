@@ -1,11 +1,12 @@
 """Synthetic MUSIC-AVQA-layout data: real .mp4 files and official-format JSON.
 
 Each video shows two "instruments" of different kinds, one in the left half of the frame
-and one in the right half, for the whole clip.  Every kind has a colour and a sound
-(noise in a frequency band of its own).  The
+(horizontal stripes) and one in the right half (vertical stripes), for the whole clip.
+Every kind has a colour and a sound (noise in a frequency band of its own).  The
 instruments do not move: which one sounds, and when, is only in the audio.  Either both
-sound, one after the other (the first in an interval starting in the first 4 segments,
+sound, one after the other (the first in an interval starting in the first 3 segments,
 the second after it, no overlap, one loud and one soft), or only one of them sounds.
+Visual Counting questions need an absent kind, so they occur only with ``n_kinds > 2``.
 
 Questions (official templates style, ``<...>`` slots filled from ``templ_values``); the
 answers are balanced by construction, so that a model without sound (or without sight)
@@ -19,7 +20,7 @@ Audio-Visual / Location     Where is the first sounding instrument?             
 Audio-Visual / Existential  Is the <Object> in the video sounding?                      A
 Audio-Visual / Counting     How many instruments are sounding in the video?             A
 Audio / Counting            How many different sounds can be heard?                     A
-Audio / Comparative         Is the <Object> louder than the <Object>?                   A
+Audio / Comparative         Is the <Object> louder than the <Object>? (not by default)  A
 Visual / Location           Where is the <Object>?                                      V
 Visual / Counting           How many <Object> are in the video?                         V
 ==========================  ==========================================================  =========
@@ -63,11 +64,15 @@ def _frame(rng, kinds, size):
     img = rng.uniform(100, 150) + rng.normal(0, 12, size=(size, size, 1)) * np.ones((1, 1, 3))
     h0, h1 = size // 8, size - size // 8
     half = size // 2
+    yy, xx = np.mgrid[h0:h1, 0:half - size // 8]
     for side, k in enumerate(kinds):
         x0 = side * half + size // 16
         x1 = x0 + half - size // 8
         col = np.asarray(KINDS[k][1], dtype=np.float64) * rng.uniform(0.85, 1.0)
-        img[h0:h1, x0:x1] = col + rng.normal(0, 8, size=(h1 - h0, x1 - x0, 3))
+        # stripes: horizontal on the left, vertical on the right (a side cue that a
+        # frame's global feature keeps, as a pretrained tower's would)
+        stripes = 0.6 + 0.4 * np.sin(2 * np.pi * (yy if side == 0 else xx) / 8.0)
+        img[h0:h1, x0:x1] = col * stripes[..., None] + rng.normal(0, 6, size=(h1 - h0, x1 - x0, 3))
     return img.clip(0, 255).astype(np.uint8)
 
 
@@ -139,17 +144,29 @@ def _questions(rng, kinds, intervals, loud, n_kinds):
     return out
 
 
+# the default question set leaves out the loudness comparison (slow for the tiny CPU model)
+DEFAULT_QUESTIONS = ("temporal", "av_location", "existential", "av_counting", "a_counting",
+                     "v_location", "v_counting")
+
+
 def make_synthetic_avqa(root: str, *, n_train: int = 96, n_val: int = 24, n_test: int = 24,
                         questions_per_video: int = 6, n_kinds: int = 2, segments: int = 10,
-                        hop: int = 6,
+                        hop: int = 6, questions=DEFAULT_QUESTIONS,
                         fps: int = 2, size: int = 64, sample_rate: int = 16000,
                         seed: int = 0) -> dict:
     """Write ``videos/<id>.mp4`` and ``avqa-{train,val,test}.json`` under ``root``.
 
     ``n_*``: videos per split; each gets ``questions_per_video`` questions drawn without
-    replacement from its applicable ones (all of them when fewer).  Returns a description
+    replacement from its applicable ones (all of them when fewer) whose kind is in
+    ``questions`` (keys of the table above: temporal, av_location, existential,
+    av_counting, a_counting, a_comparative, v_location, v_counting).  ``n_kinds``: how many
+    instrument kinds occur (2..4).  Returns a description
     (counts of videos and questions per split and type).
     """
+    bad = [q for q in questions if q not in _QUESTIONS]
+    if bad or not questions:
+        raise ValueError(f"questions: expected a non-empty subset of {tuple(_QUESTIONS)}, "
+                         f"got {tuple(questions)}")
     if not 2 <= n_kinds <= len(KINDS):
         raise ValueError(f"n_kinds: expected 2..{len(KINDS)}, got {n_kinds}")
     if segments < 8:
@@ -167,7 +184,8 @@ def make_synthetic_avqa(root: str, *, n_train: int = 96, n_val: int = 24, n_test
                                   fps=fps, size=size, sample_rate=sample_rate)
             write_clip(os.path.join(root, "videos", vid + ".mp4"), frames, fps, wave,
                        sample_rate)
-            qs = _questions(rng, kinds, intervals, loud, n_kinds)
+            qs = [q for q in _questions(rng, kinds, intervals, loud, n_kinds)
+                  if q[0] in questions]
             pick = rng.permutation(len(qs))[:questions_per_video]
             for j in sorted(pick):
                 key, values, answer = qs[j]

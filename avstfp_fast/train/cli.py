@@ -127,7 +127,8 @@ def config_from_args(argv=None) -> TrainConfig:
 # Fields that shape the model and its input: when resuming or evaluating a checkpoint,
 # these default to the checkpoint's values (an explicit option still wins), so that e.g.
 # ``--eval-only --resume best.pt --backend reference`` needs no other model options.
-MODEL_FIELDS = ("backbone", "pretrained", "segments", "clip_seconds") + MODEL_OPTIONS
+MODEL_FIELDS = ("backbone", "pretrained", "segments", "clip_seconds", "avqa_hop",
+                "question_len") + MODEL_OPTIONS
 
 
 def _model_fields_from_checkpoint(ns: dict) -> dict:
