@@ -92,8 +92,10 @@ class AVQAHeadConfig:
 class QuestionEncoder(nn.Module):
     """Token ids (B, L) -> question embedding (B, out_dim).
 
-    Embedding -> tanh -> LSTM over all L positions (padding included, as in ST-AVQA; the
-    pad id 0 has a learned embedding) -> [h_n; c_n] of every layer -> tanh -> linear.
+    Embedding -> tanh -> LSTM -> [h_n; c_n] of every layer -> tanh -> linear.  The LSTM
+    stops at each question's last word (ids after it are the padding id 0): ST-AVQA runs
+    it over the padding too, which, with forget gates starting near 0.5, all but erases
+    the early words from the final state until training repairs it.
     """
 
     def __init__(self, vocab_size: int, word_dim: int, hidden: int, layers: int, out_dim: int):
@@ -104,7 +106,11 @@ class QuestionEncoder(nn.Module):
 
     def forward(self, question: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.embed(question))
-        _, (h, c) = self.lstm(x)                                     # (layers, B, hidden)
+        pos = torch.arange(1, question.shape[1] + 1, device=question.device)
+        lengths = ((question != 0) * pos).amax(dim=1).clamp_min(1)     # last non-pad + 1
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, c) = self.lstm(packed)                                # (layers, B, hidden)
         state = torch.cat([h, c], dim=-1).transpose(0, 1).flatten(1)  # (B, layers*2*hidden)
         return self.out(torch.tanh(state))
 
