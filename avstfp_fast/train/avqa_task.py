@@ -139,7 +139,7 @@ class SyntheticAVQATask(AVQATask):
     data root or the run folder; ``synthetic_train/val/test`` count videos and
     ``synthetic_events`` the instrument kinds."""
     name = "synthetic_avqa"
-    defaults = dict(backbone="tiny", epochs=25, warmup_epochs=1.0, lr_prompts=3e-4,
+    defaults = dict(backbone="tiny", epochs=15, warmup_epochs=1.0, lr_prompts=3e-4,
                     lr_head=3e-3, weight_decay=1e-4, batch_size=16, visual_aug="none",
                     mixup_prob=0.0, num_workers=0, cache=True, threads=1, avqa_hop=1,
                     synthetic_events=2, synthetic_train=80, synthetic_val=24,
