@@ -109,11 +109,15 @@ def _attend_rows(blk, x, rows, pk, pv, backend):
 
 
 def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
-                  backend: str) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                  backend: str, tokens: bool = False
+                  ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """All layers on the joint buffer; returns ln_post(CLS) per modality, (B, M, D).
 
     Only the CLS rows feed the output, so the last layer runs its FFN — and, when the
     fusion stage comes last, the fusion queries — on the CLS rows alone (exact).
+    ``tokens=True``: the last layer runs on every row and the result is ln_post of ALL
+    rows per modality, (B, M, N_m, D) with CLS at row 0: views into one LayerNorm output
+    of the joint buffer (no per-modality copies).
     """
     c = model.config
     mods = [m for m, t in (("audio", a), ("visual", v)) if t is not None]
@@ -123,7 +127,7 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
     H = model.num_heads
     blocks = model.visual.transformer.resblocks
     for layer, blk in enumerate(blocks):
-        last = layer == len(blocks) - 1
+        last = layer == len(blocks) - 1 and not tokens
         kv = _layer_prompt_kv(model, blk, layer, mods, H)
         if c.has("temporal"):
             tkv = [_temporal_kv(kv, m) for m in mods]
@@ -156,5 +160,8 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
             else:
                 x = x + beta * _attend(blk, x, 2, pk, pv, None, backend)
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    if tokens:
+        parts = model.visual.ln_post(x).split(sizes, dim=2)
+        return tuple(dict(zip(mods, parts)).get(m) for m in ("audio", "visual"))
     feats = {m: model.visual.ln_post(x[:, :, i]) for i, m in enumerate(mods)}
     return feats.get("audio"), feats.get("visual")

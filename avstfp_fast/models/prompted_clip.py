@@ -221,13 +221,19 @@ class PromptedCLIP(nn.Module):
             if audio.device != video.device:
                 raise ValueError(f"audio/video: on different devices ({audio.device}, {video.device})")
 
-    def encode(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor]
-               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """(B, M, T, F) fbank and (B, M, 3, S, S) frames -> A_feat, V_feat, (B, M, D) each."""
+    def encode(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor],
+               *, tokens: bool = False) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(B, M, T, F) fbank and (B, M, 3, S, S) frames -> A_feat, V_feat, (B, M, D) each.
+
+        ``tokens=True``: the final ln_post-normalised tokens instead, (B, M, N_m, D) per
+        modality with CLS at row 0 (so ``[:, :, 0]`` is the feature above and
+        ``[:, :, 1:]`` are the patch tokens); on the fast path these are views into one
+        LayerNorm output of the joint buffer.
+        """
         self._check_inputs(audio, video)
         a = bb.embed_audio(self.visual, audio) if audio is not None else None
         v = bb.embed_video(self.visual, video) if video is not None else None
-        return LAYER_PATHS[self.layer_path](self, a, v, self.backend)
+        return LAYER_PATHS[self.layer_path](self, a, v, self.backend, tokens)
 
     def forward(self, audio: Optional[torch.Tensor], video: Optional[torch.Tensor] = None):
         a, v = self.encode(audio, video)

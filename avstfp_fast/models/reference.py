@@ -72,8 +72,10 @@ def ffn(blk, x: torch.Tensor) -> torch.Tensor:
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
 
-def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor], backend=None):
-    """Run every layer's three stages and the FFN; return ln_post(CLS) per frame.
+def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor], backend=None,
+                  tokens: bool = False):
+    """Run every layer's three stages and the FFN; return ln_post(CLS) per frame
+    (``tokens=True``: ln_post of every token, (B, M, N_m, D) per modality, CLS first).
 
     ``backend`` is accepted for a signature common with the fast path and ignored: these
     layers use the tower's own attention module."""
@@ -91,6 +93,8 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor], b
         for m in xs:
             if xs[m] is not None:
                 xs[m] = ffn(blk, xs[m])
+    if tokens:
+        return tuple(None if x is None else model.visual.ln_post(x) for x in (xs["audio"], xs["visual"]))
     feats = [None if x is None else model.visual.ln_post(x[:, :, 0]) for x in (xs["audio"], xs["visual"])]
     return feats[0], feats[1]
 

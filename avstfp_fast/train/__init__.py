@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from .config import SYNTHETIC_DEFAULTS, TrainConfig
+from .config import TrainConfig, task_defaults
 
 __all__ = ["TrainConfig", "train", "run_synthetic"]
 
@@ -24,18 +24,19 @@ def train(cfg: TrainConfig) -> dict:
 
 def run_synthetic(backend: str = "torch", steps: int | None = None, *, epochs: int | None = None,
                   out: str | None = None, data_root: str | None = None, seed: int = 0,
-                  progress: bool = False, **overrides) -> dict:
-    """Train the tiny model on the synthetic AVE-layout task and return its metrics.
+                  progress: bool = False, task: str = "synthetic", **overrides) -> dict:
+    """Train the tiny model on a synthetic task and return its metrics.
 
+    ``task``: "synthetic" (AVE layout) or "synthetic_avqa" (MUSIC-AVQA layout).
     ``steps`` caps the optimiser steps (the schedule still spans ``epochs``); by default
-    the run uses ``config.SYNTHETIC_DEFAULTS``.  Files are generated (deterministically
-    from ``seed``) under ``data_root`` or inside the run folder; the run folder defaults
-    to a new temporary folder.  Returned keys include ``val_acc``, ``test_acc``,
+    the run uses the task's defaults (``config.SYNTHETIC_DEFAULTS`` for "synthetic").
+    Files are generated (deterministically from ``seed``) under ``data_root`` or inside
+    the run folder; the run folder defaults to a new temporary folder.  Returned keys include ``val_acc``, ``test_acc``,
     ``best_val_acc``, ``steps``, ``wall_s``, ``run_dir``, ``losses``.
     """
-    kw = dict(SYNTHETIC_DEFAULTS)
-    kw.update(task="synthetic", backend=backend, seed=seed, progress=progress,
-              out=out or tempfile.mkdtemp(prefix="avstfp-synthetic-"), data_root=data_root)
+    kw = task_defaults(task)
+    kw.update(task=task, backend=backend, seed=seed, progress=progress,
+              out=out or tempfile.mkdtemp(prefix=f"avstfp-{task}-"), data_root=data_root)
     if epochs is not None:
         kw["epochs"] = epochs
     if steps is not None:

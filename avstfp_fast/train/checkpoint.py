@@ -99,10 +99,14 @@ def restore_rng(state: dict) -> None:
 
 
 def model_state(model: torch.nn.Module, full: bool) -> dict:
-    """Trainable parameters (by name), or the full state_dict when ``full``."""
+    """Trainable parameters and the buffers outside the frozen tower (e.g. a head's
+    BatchNorm statistics), by name; or the full state_dict when ``full``."""
     if full:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()
+                if not n.startswith("visual.")})
+    return out
 
 
 def load_model_state(model: torch.nn.Module, state: dict, full: bool) -> None:
@@ -114,6 +118,7 @@ def load_model_state(model: torch.nn.Module, state: dict, full: bool) -> None:
         return
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
+    params.update(model.named_buffers())
     missing = sorted(trainable - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:

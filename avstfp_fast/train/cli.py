@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S)
     dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S)
     dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S)
+    q = p.add_argument_group("question answering (avqa, synthetic_avqa)")
+    q.add_argument("--avqa-hop", dest="avqa_hop", type=int, default=S,
+                   help="seconds between the sampled 1-s segments")
+    q.add_argument("--question-len", dest="question_len", type=int, default=S,
+                   help="maximum question length in words (longer questions: an error)")
+    q.add_argument("--match-weight", dest="match_weight", type=float, default=S,
+                   help="weight of the audio-visual matching loss")
+    q.add_argument("--head-hidden", dest="head_hidden", type=int, default=S,
+                   help="width of the task head")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", default=S, help="checkpoint to continue from (or evaluate)")
     r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S)
@@ -119,7 +128,8 @@ def config_from_args(argv=None) -> TrainConfig:
 # Fields that shape the model and its input: when resuming or evaluating a checkpoint,
 # these default to the checkpoint's values (an explicit option still wins), so that e.g.
 # ``--eval-only --resume best.pt --backend reference`` needs no other model options.
-MODEL_FIELDS = ("backbone", "pretrained", "segments", "clip_seconds") + MODEL_OPTIONS
+MODEL_FIELDS = ("backbone", "pretrained", "segments", "clip_seconds", "avqa_hop",
+                "question_len") + MODEL_OPTIONS
 
 
 def _model_fields_from_checkpoint(ns: dict) -> dict:

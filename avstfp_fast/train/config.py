@@ -84,6 +84,10 @@ class TrainConfig:
     synthetic_val: int = 16
     synthetic_test: int = 16
     synthetic_header: bool = True
+    # audio-visual question answering (tasks avqa, synthetic_avqa)
+    avqa_hop: int = 6                     # seconds between the 1-s segments (MUSIC-AVQA: 6)
+    question_len: int = 14                # words per question, padded (longer: an error)
+    match_weight: float = 0.5             # weight of the audio-visual matching loss
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -137,4 +141,6 @@ SYNTHETIC_DEFAULTS = dict(backbone="tiny", epochs=12, warmup_epochs=1.0, lr_prom
 
 
 def task_defaults(task: str) -> dict:
-    return dict(SYNTHETIC_DEFAULTS) if task == "synthetic" else {}
+    """The TrainConfig values task ``task`` changes (``Task.defaults``)."""
+    from .tasks import TASKS
+    return dict(TASKS[task].defaults) if task in TASKS else {}

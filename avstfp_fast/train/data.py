@@ -306,34 +306,38 @@ class ClipDataset(Dataset):
         self.sample_rate = sample_rate
         self.augment = augment
         self.cache = cache
-        self._cache: dict[int, tuple] = {}
+        self._cache: dict[str, tuple] = {}      # by path: items may share a video
 
     def __len__(self):
         return len(self.items)
 
+    def _decode(self, path):
+        """(frames (segments, H, W, 3) uint8, wave) of one file; subclasses may sample
+        the segments differently (e.g. AVQA: 1-s segments every few seconds)."""
+        return decode_clip(path, segments=self.segments, clip_seconds=self.clip_seconds,
+                           sample_rate=self.sample_rate,
+                           short_side=math.ceil(1.25 * self.image_size))
+
     def _load(self, idx):
-        if self.cache and idx in self._cache:
-            hit = self._cache[idx]
+        path = self.items[idx][0]
+        if self.cache and path in self._cache:
+            hit = self._cache[path]
             if isinstance(hit, BadSample):
                 raise hit
             return hit
         from avstfp_fast import frontend
-        path = self.items[idx][0]
         try:
-            frames, wave = decode_clip(path, segments=self.segments,
-                                       clip_seconds=self.clip_seconds,
-                                       sample_rate=self.sample_rate,
-                                       short_side=math.ceil(1.25 * self.image_size))
+            frames, wave = self._decode(path)
         except BadSample as e:
             if self.cache:
-                self._cache[idx] = e
+                self._cache[path] = e
             raise
         audio = frontend.audio_features(torch.from_numpy(wave), segments=self.segments)
         audio = audio.float().contiguous()
         frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (M,3,H,W)
         out = (audio, frames_t)
         if self.cache:
-            self._cache[idx] = out
+            self._cache[path] = out
         return out
 
     def __getitem__(self, key):

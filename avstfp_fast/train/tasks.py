@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ddp
+from .config import SYNTHETIC_DEFAULTS
 
 log = logging.getLogger("avstfp_fast.train")
 
@@ -75,28 +76,33 @@ class Metrics:
         raise NotImplementedError
 
 
-def build_model(cfg, head: Optional[str], num_classes: Optional[int]):
-    """PromptedCLIP for a TrainConfig: its model config with ``head``'s classes."""
+def build_model(cfg, head: Optional[str], num_classes: Optional[int], model_cls=None,
+                model_kw: Optional[dict] = None):
+    """PromptedCLIP (or ``model_cls`` with the extra keywords ``model_kw``) for a
+    TrainConfig: its model config with ``head``'s classes."""
     from avstfp_fast import PromptedCLIP
+    model_cls = model_cls or PromptedCLIP
+    kw = model_kw or {}
     config = dataclasses.replace(cfg.model, task=head, num_classes=num_classes)
     if cfg.backbone == "tiny":
         if cfg.pretrained:
             raise ValueError("pretrained: the 'tiny' backbone is random; drop --pretrained")
-        return PromptedCLIP.tiny(backend=cfg.backend, config=config)
+        return model_cls.tiny(backend=cfg.backend, config=config, **kw)
     if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
         raise FileNotFoundError(f"pretrained: expected a local open_clip checkpoint file, got "
                                 f"{cfg.pretrained!r} (downloads are never attempted)")
     if cfg.pretrained is None:
         log.warning("no --pretrained checkpoint: the %s tower is randomly initialised",
                     cfg.backbone)
-    return PromptedCLIP(cfg.backbone, pretrained=cfg.pretrained, backend=cfg.backend,
-                        config=config)
+    return model_cls(cfg.backbone, pretrained=cfg.pretrained, backend=cfg.backend,
+                     config=config, **kw)
 
 
 class Task:
     """One training task (see the module docstring).  An instance serves one run."""
     name: str = ""
     head: Optional[str] = None      # AVSTFPConfig.task of the model head
+    defaults: dict = {}             # TrainConfig values this task changes (options win)
     item_name: str = "items"        # what accuracy counts, for figure titles
 
     def __init__(self, cfg):
@@ -248,6 +254,7 @@ class SyntheticAVETask(AVETask):
     """AVE-layout .mp4 files generated (once, by rank 0) under the data root or the run
     folder: the tiny-model smoke task."""
     name = "synthetic"
+    defaults = SYNTHETIC_DEFAULTS
 
     def prepare_data(self, run_dir, rank):
         from .synthetic import make_synthetic_ave
@@ -288,6 +295,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 for _cls in (AVETask, AVARTask, SyntheticAVETask):
     register_task(_cls)
+from . import avqa_task  # noqa: E402,F401  (registers avqa and synthetic_avqa)
 
 
 def make_task(cfg) -> Task:

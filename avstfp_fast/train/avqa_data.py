@@ -1,0 +1,281 @@
+"""MUSIC-AVQA data: the official JSON files, the question vocabulary, the dataset.
+
+Layout (``<data-root>``)::
+
+    avqa-train.json  avqa-val.json  avqa-test.json     (also found under json/ or data/json/)
+    videos/<video_id>.mp4                              (the raw 60-second videos)
+
+Each JSON file is a list of objects with (at least) ``video_id``, ``question_id``,
+``type`` (a list such as ``["Audio", "Counting"]``, or that list written as a string, as
+in the official files), ``question_content`` (with ``<Object>``-style slots),
+``templ_values`` (the slot values in order: a list, or a list written as a string) and
+``anser`` (sic: the official key for the answer).
+
+Questions (as ST-AVQA): split on single spaces; a trailing ``?`` is removed; every word
+containing ``<`` is replaced by the next template value (a value is one token, even with
+spaces); then padded with ``<pad>`` (id 0) to ``max_len`` words (default 14, the
+baseline's).  A question longer than ``max_len`` is an error naming the file, question
+and length (raise ``max_len``; nothing is silently truncated).  The vocabulary is
+``<pad>``, ``<unk>`` (id 1: val/test words absent from the training questions), then the
+training words in first-seen order; answers are the sorted distinct training answers
+(42 on MUSIC-AVQA); a val/test answer outside them gets target -1 (always counted wrong).
+
+Bad rows (missing keys, unparsable type or template values, slot/value count mismatch,
+empty question) are skipped with a warning and counted; missing or unreadable videos are
+skipped and counted at load time, as for AVE.
+
+Sampling (as the baseline): 10 one-second segments, one every ``hop`` = 6 seconds (0-1 s,
+6-7 s, ..., 54-55 s): the clip's first ``segments x hop`` seconds are decoded as 1-s
+spans and every ``hop``-th span is kept (its centre frame and its 1 s of audio), then the
+usual front end (fbank, CLIP frames) runs on those.
+
+Negatives for the matching loss: frames of OTHER videos of the same split, drawn from the
+other samples of the training batch (:func:`sample_negatives`): the tower's features of
+those frames are already computed, so the negatives cost no extra tower pass.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import ClipDataset, collate_skip_bad, decode_clip
+
+log = logging.getLogger("avstfp_fast.train")
+
+__all__ = ["AVQA_SPLIT_FILES", "QTYPES", "QuestionRow", "Vocabulary", "read_avqa_json",
+           "question_words", "build_vocabulary", "avqa_splits", "AVQASplits", "AVQADataset",
+           "collate_avqa", "sample_negatives", "MAX_LEN"]
+
+AVQA_SPLIT_FILES = {"train": "avqa-train.json", "val": "avqa-val.json", "test": "avqa-test.json"}
+PAD, UNK = "<pad>", "<unk>"
+MAX_LEN = 14
+# The question types of MUSIC-AVQA (paper Table 2 / the baseline's test report), in order;
+# anything else is type index len(QTYPES) ("other": counted in the overall accuracy only).
+QTYPES = (("Audio", "Counting"), ("Audio", "Comparative"),
+          ("Visual", "Counting"), ("Visual", "Location"),
+          ("Audio-Visual", "Existential"), ("Audio-Visual", "Location"),
+          ("Audio-Visual", "Counting"), ("Audio-Visual", "Comparative"),
+          ("Audio-Visual", "Temporal"))
+_REQUIRED = ("video_id", "question_id", "type", "question_content", "templ_values", "anser")
+
+
+@dataclass(frozen=True)
+class QuestionRow:
+    question_id: str
+    video_id: str
+    words: tuple          # template-filled words, no padding
+    answer: str
+    qtype: int            # index into QTYPES, len(QTYPES) for other types
+
+
+def _as_list(value, what):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{what}: expected a list, got {value!r}") from None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{what}: expected a list, got {value!r}")
+    return [str(v) for v in value]
+
+
+def question_words(content: str, templ_values) -> list[str]:
+    """Template-filled words of one question (see the module docstring)."""
+    text = content.strip()
+    if text.endswith("?"):
+        text = text[:-1].rstrip()
+    words = [w for w in text.split(" ") if w]
+    if not words:
+        raise ValueError("question_content: empty question")
+    values = _as_list(templ_values, "templ_values")
+    slots = [i for i, w in enumerate(words) if "<" in w]
+    if len(slots) != len(values):
+        raise ValueError(f"templ_values: the question has {len(slots)} slot(s), "
+                         f"got {len(values)} value(s) {values}")
+    for i, val in zip(slots, values):
+        words[i] = val
+    return words
+
+
+def _qtype(value) -> int:
+    t = tuple(_as_list(value, "type"))
+    if len(t) < 2:
+        raise ValueError(f"type: expected [modality, kind], got {list(t)}")
+    return QTYPES.index(t[:2]) if t[:2] in QTYPES else len(QTYPES)
+
+
+def read_avqa_json(path: str) -> tuple[list[QuestionRow], int]:
+    """Parse one official AVQA JSON file: (rows, number of bad rows skipped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"AVQA question file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of question objects, got "
+                         f"{type(data).__name__}")
+    rows, bad = [], 0
+    for i, rec in enumerate(data):
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected an object, got {type(rec).__name__}")
+            missing = [k for k in _REQUIRED if k not in rec]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+            words = question_words(str(rec["question_content"]), rec["templ_values"])
+            rows.append(QuestionRow(str(rec["question_id"]), str(rec["video_id"]),
+                                    tuple(words), str(rec["anser"]).strip(),
+                                    _qtype(rec["type"])))
+        except ValueError as e:
+            bad += 1
+            log.warning("%s: skipping row %d: %s", path, i, e)
+    return rows, bad
+
+
+class Vocabulary:
+    """Word -> id (``<pad>`` = 0, ``<unk>`` = 1, then words in first-seen order)."""
+
+    def __init__(self, words):
+        self.words = [PAD, UNK]
+        self.index = {PAD: 0, UNK: 1}
+        for w in words:
+            if w not in self.index:
+                self.index[w] = len(self.words)
+                self.words.append(w)
+
+    def __len__(self):
+        return len(self.words)
+
+    def encode(self, words, max_len: int = MAX_LEN, where: str = "") -> np.ndarray:
+        if len(words) > max_len:
+            raise ValueError(f"{where}question of {len(words)} words is longer than "
+                             f"max_len={max_len}: {' '.join(words)!r}; raise the maximum "
+                             f"question length (--question-len)")
+        ids = np.zeros(max_len, dtype=np.int64)
+        ids[:len(words)] = [self.index.get(w, 1) for w in words]
+        return ids
+
+
+def build_vocabulary(rows) -> tuple[Vocabulary, list[str]]:
+    """(question vocabulary, sorted answers) from the training rows."""
+    vocab = Vocabulary(w for r in rows for w in r.words)
+    answers = sorted({r.answer for r in rows})
+    if not answers:
+        raise ValueError("avqa: the training split has no usable questions")
+    return vocab, answers
+
+
+def _find_json(root: str, fname: str):
+    for sub in ("", "json", os.path.join("data", "json")):
+        p = os.path.join(root, sub, fname)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+@dataclass
+class AVQASplits:
+    vocab: Vocabulary
+    answers: list                 # answer strings, index = class id
+    splits: dict                  # split -> list of items (path, answer id, video id, ids, qtype, qid)
+    bad_rows: dict                # split -> rows skipped in the JSON
+    missing_videos: dict          # split -> questions whose video file is missing
+
+
+def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN) -> AVQASplits:
+    """Read ``avqa-{train,val,test}.json`` under ``root``; vocabulary from train."""
+    paths = {s: _find_json(root, f) for s, f in AVQA_SPLIT_FILES.items()}
+    if paths["train"] is None:
+        raise FileNotFoundError(f"{root}: no {AVQA_SPLIT_FILES['train']} (looked in ., json/, "
+                                f"data/json/)")
+    rows, bad = {}, {}
+    for split, p in paths.items():
+        if p is not None:
+            rows[split], bad[split] = read_avqa_json(p)
+    vocab, answers = build_vocabulary(rows["train"])
+    ans_index = {a: i for i, a in enumerate(answers)}
+    splits, missing = {}, {}
+    for split, rs in rows.items():
+        items, miss = [], 0
+        for r in rs:
+            path = os.path.join(root, video_dir, r.video_id + ".mp4")
+            miss += not os.path.isfile(path)
+            ids = vocab.encode(r.words, max_len, f"{paths[split]}: question {r.question_id}: ")
+            items.append((path, ans_index.get(r.answer, -1), r.video_id, ids, r.qtype,
+                          r.question_id))
+        splits[split], missing[split] = items, miss
+        if miss:
+            log.warning("avqa %s: %d of %d questions refer to missing videos (skipped when "
+                        "loaded)", split, miss, len(items))
+    return AVQASplits(vocab, answers, splits, bad, missing)
+
+
+class AVQADataset(ClipDataset):
+    """Questions -> dict(audio (M, T, F), video (M, 3, S, S), label (answer id), id (video
+    id), question (L,) ids, qtype, qid).  Items come from :func:`avqa_splits`.  With
+    ``cache`` the decoded clip is kept once per video (questions share it)."""
+
+    def __init__(self, items, *, hop: int = 6, **kw):
+        if not isinstance(hop, int) or hop < 1:
+            raise ValueError(f"hop: expected an int >= 1 (seconds between segments), got {hop!r}")
+        self.questions = [it[3] for it in items]
+        self.qtypes = [it[4] for it in items]
+        self.qids = [it[5] for it in items]
+        self.hop = hop
+        kw.setdefault("clip_seconds", float(kw.get("segments", 10)))
+        super().__init__([it[:3] for it in items], **kw)
+
+    def _decode(self, path):
+        m, hop = self.segments, self.hop
+        frames, wave = decode_clip(path, segments=m * hop, clip_seconds=float(m * hop),
+                                   sample_rate=self.sample_rate,
+                                   short_side=int(np.ceil(1.25 * self.image_size)))
+        sr = self.sample_rate
+        wave = wave[:m * hop * sr].reshape(m * hop, sr)[::hop].reshape(-1)
+        return frames[::hop], wave
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        if "bad" in out:
+            return out
+        idx = key[0] if isinstance(key, tuple) else key
+        out.update(question=torch.from_numpy(self.questions[idx]), qtype=self.qtypes[idx],
+                   qid=self.qids[idx])
+        return out
+
+
+def collate_avqa(batch):
+    """:func:`collate_skip_bad` plus ``question`` (B, L), ``qtype`` (B,), ``qid``."""
+    out = collate_skip_bad(batch)
+    good = [b for b in batch if b is not None and "bad" not in b]
+    out["question"] = torch.stack([b["question"] for b in good]) if good else None
+    out["qtype"] = torch.tensor([b["qtype"] for b in good], dtype=torch.long) if good else None
+    out["qid"] = [b["qid"] for b in good]
+    return out
+
+
+def sample_negatives(video_ids, segments: int, rng: np.random.Generator):
+    """Negative frames for the matching loss: (B, M, 2) long (sample, segment) indices,
+    each pointing at a random segment of a random OTHER video of the batch; None when the
+    batch holds a single video (then there is no negative)."""
+    vids = list(video_ids)
+    B = len(vids)
+    others = [[j for j in range(B) if vids[j] != vids[i]] for i in range(B)]
+    if any(not o for o in others):
+        return None
+    out = np.empty((B, segments, 2), dtype=np.int64)
+    for i, o in enumerate(others):
+        out[i, :, 0] = rng.choice(o, size=segments)
+        out[i, :, 1] = rng.integers(0, segments, size=segments)
+    return torch.from_numpy(out)

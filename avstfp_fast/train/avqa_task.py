@@ -1,0 +1,159 @@
+"""The AVQA training tasks: ``--task avqa`` (MUSIC-AVQA layout) and ``--task synthetic_avqa``.
+
+Data and vocabulary: :mod:`.avqa_data`; model: :class:`~avstfp_fast.models.avqa.PromptedCLIPAVQA`
+(the ST-AVQA head on the prompted tower); metrics per question type: :mod:`.avqa_metrics`.
+
+Loss: answer cross-entropy + ``match_weight`` (0.5) x the audio-visual matching loss, whose
+negative frames are frames of other videos of the batch (:func:`.avqa_data.sample_negatives`,
+drawn with the step's own generator, so resumed runs replay them).  No audio mix-up (mixing
+two clips' sound would change the answers) and, as in the baseline, no visual
+augmentation by default.  Model selection: overall validation answer accuracy.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ddp
+from .avqa_data import AVQADataset, avqa_splits, collate_avqa, sample_negatives
+from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
+                           update_counts)
+from .tasks import Metrics, StepOutput, Task, build_model, register_task
+
+__all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
+
+
+def _inputs(model, batch, device):
+    mods = _unwrap(model).config.modalities
+    a = batch["audio"].to(device, non_blocking=True) if "audio" in mods else None
+    v = batch["video"].to(device, non_blocking=True) if "visual" in mods else None
+    return a, v, batch["question"].to(device, non_blocking=True)
+
+
+def _unwrap(model):
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class AVQAMetrics(Metrics):
+    """Answer accuracy per question type (counts all-reduced over processes)."""
+
+    def __init__(self):
+        self.counts = new_counts()
+
+    def update(self, model, batch, ctx):
+        a, v, q = _inputs(model, batch, ctx.device)
+        with ctx.autocast():
+            out = model(a, v, q)
+        pred = out.logits.float().argmax(-1).cpu()
+        update_counts(self.counts, batch["qtype"], pred == batch["label"])
+
+    def all_reduce(self):
+        ddp.all_reduce(self.counts)
+
+    def summary(self):
+        report = avqa_report(self.counts)
+        return {"acc": report["overall"], "n": report["n_overall"], **report}
+
+
+@register_task
+class AVQATask(Task):
+    """MUSIC-AVQA: official JSON files + raw videos (see :mod:`.avqa_data`)."""
+    name, item_name = "avqa", "questions"
+    defaults = dict(visual_aug="none", mixup_prob=0.0)
+
+    def prepare_data(self, run_dir, rank):
+        cfg = self.cfg
+        if cfg.data_root is None:
+            raise ValueError(f"data_root: required for task {self.name!r}")
+        s = avqa_splits(cfg.data_root, max_len=cfg.question_len)
+        self.vocab = s.vocab
+        if rank == 0:
+            for split, items in s.splits.items():
+                print(f"avqa {split}: {len(items)} questions, {s.bad_rows[split]} bad rows "
+                      f"skipped, {s.missing_videos[split]} with a missing video",
+                      flush=True)
+        return s.answers, s.splits
+
+    def dataset(self, split, train, image_size):
+        from .augment import build_visual_augment
+        cfg = self.cfg
+        aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
+        return AVQADataset(self.splits[split], hop=cfg.avqa_hop, image_size=image_size,
+                           segments=cfg.segments, sample_rate=cfg.sample_rate, augment=aug,
+                           cache=cfg.cache)
+
+    def collate(self, samples):
+        return collate_avqa(samples)
+
+    def is_empty(self, batch):
+        return batch["audio"] is None
+
+    def build_model(self, num_classes):
+        from avstfp_fast.models.avqa import AVQAHeadConfig, PromptedCLIPAVQA
+        cfg = self.cfg
+        head = AVQAHeadConfig(vocab_size=len(self.vocab), num_answers=num_classes,
+                              hidden=cfg.model.head_hidden, word_dim=cfg.model.head_hidden,
+                              segments=cfg.segments, match_weight=cfg.match_weight)
+        return build_model(cfg, None, None, model_cls=PromptedCLIPAVQA,
+                           model_kw={"head": head})
+
+    def train_loss(self, model, batch, ctx):
+        from avstfp_fast.models.avqa import avqa_loss
+        a, v, q = _inputs(model, batch, ctx.device)
+        y = batch["label"].to(ctx.device, non_blocking=True)
+        neg = sample_negatives(batch["id"], self.cfg.segments, ctx.rng)
+        if neg is not None:
+            neg = neg.to(ctx.device)
+        with ctx.autocast():
+            out = model(a, v, q, neg)
+        loss = avqa_loss(out, y, self.cfg.match_weight)
+        with torch.no_grad():
+            correct = float((out.logits.detach().float().argmax(-1) == y).sum())
+        return StepOutput(loss=loss, clips=y.shape[0], correct=correct, items=y.numel(),
+                          log={"negatives": neg is not None})
+
+    def new_metrics(self):
+        return AVQAMetrics()
+
+    def figures(self, summary, run_dir, split):
+        png = os.path.join(run_dir, f"avqa_{split}.png")
+        plot_avqa_bars(summary, png, f"{self.name} {split}: answer accuracy "
+                                     f"{summary['acc']:.3f} ({summary['n']} questions)")
+        return {"bars_png": png}
+
+    def summary_rows(self, result, split):
+        rows = []
+        for key, label, _ in REPORT_ROWS:
+            acc, n = result.get(f"{split}_{key}"), result.get(f"{split}_n_{key}", 0)
+            cell = f"{100 * acc:.2f}% ({n})" if n else "n/a"
+            rows.append((f"{split} {label}", cell))
+        return rows
+
+
+@register_task
+class SyntheticAVQATask(AVQATask):
+    """Synthetic AVQA data (:mod:`.avqa_synthetic`) generated once, by rank 0, under the
+    data root or the run folder; ``synthetic_train/val/test`` count videos and
+    ``synthetic_events`` the instrument kinds."""
+    name = "synthetic_avqa"
+    defaults = dict(backbone="tiny", epochs=15, warmup_epochs=1.0, lr_prompts=3e-4,
+                    lr_head=3e-3, weight_decay=1e-4, batch_size=16, visual_aug="none",
+                    mixup_prob=0.0, num_workers=0, cache=True, threads=1, avqa_hop=1,
+                    synthetic_events=2, synthetic_train=80, synthetic_val=24,
+                    synthetic_test=24, head_hidden=64)
+
+    def prepare_data(self, run_dir, rank):
+        from .avqa_synthetic import make_synthetic_avqa
+        cfg = self.cfg
+        if cfg.data_root is None:
+            cfg.data_root = os.path.join(run_dir, "synthetic_avqa")
+        if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "avqa-train.json")):
+            make_synthetic_avqa(cfg.data_root, n_train=cfg.synthetic_train,
+                                n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
+                                n_kinds=cfg.synthetic_events, segments=cfg.segments,
+                                hop=cfg.avqa_hop, seed=cfg.seed)
+        ddp.barrier()
+        return super().prepare_data(run_dir, rank)
