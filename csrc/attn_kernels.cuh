@@ -5,6 +5,8 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <type_traits>
 
 #ifndef AVSTFP_CPU_EMULATION
@@ -638,6 +640,71 @@ cudaError_t launch_bwd_cfg(const AttnParams& p, cudaStream_t st) {
         }
     }
     return cudaSuccess;
+}
+
+// ------------------------------------------------------------------ configuration table
+// Every kernel instance the launchers can start, for tools (bench/static_sm90_cuda.py reads
+// it through the CPU emulation and joins it with ptxas/SASS data by kernel name).
+struct KernelInfo {
+    char name[96];        // as demangled: "fwd_kernel<__half, 64, 64, 64>"
+    int threads;          // per CTA
+    size_t smem;          // dynamic shared memory per CTA (bytes)
+    int stages;           // K/V (or Q/dO) tile buffers
+    size_t stage_bytes;   // bytes of global memory one stage copies
+    int loads_tiles;      // 1: loops over K/V (or Q/dO) tiles
+};
+
+template <typename T> constexpr const char* type_name();
+template <> constexpr const char* type_name<__half>() { return "__half"; }
+template <> constexpr const char* type_name<__nv_bfloat16>() { return "__nv_bfloat16"; }
+template <> constexpr const char* type_name<float>() { return "float"; }
+
+template <typename T, int D, int BM, int BN, class F>
+void info_fwd(F&& f) {
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "fwd_kernel<%s, %d, %d, %d>", type_name<T>(), D, BM, BN);
+    k.threads = BM * 2; k.smem = FwdSmem<T, D, BM, BN>::bytes; k.stages = 1;
+    k.stage_bytes = 2 * size_t(BN) * D * sizeof(T); k.loads_tiles = 1;
+    f(k);
+}
+template <typename T, int D, int BM, int BN, class F>
+void info_dq(F&& f) {
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "dq_kernel<%s, %d, %d, %d>", type_name<T>(), D, BM, BN);
+    k.threads = BM * 2; k.smem = DqSmem<T, D, BM, BN>::bytes; k.stages = 1;
+    k.stage_bytes = 2 * size_t(BN) * D * sizeof(T); k.loads_tiles = 1;
+    f(k);
+}
+template <typename T, int D, int KN, int KM, class F>
+void info_dkv(F&& f) {
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "dkv_kernel<%s, %d, %d, %d>", type_name<T>(), D, KN, KM);
+    k.threads = KN * 2; k.smem = DkvSmem<T, D, KN, KM>::bytes; k.stages = 1;
+    k.stage_bytes = 2 * size_t(KM) * D * sizeof(T); k.loads_tiles = 1;
+    f(k);
+}
+
+template <typename T, int D, class F>
+void kernel_infos_d(F&& f) {
+    using C = Config<T, D>;
+    info_fwd<T, D, 16, 16>(f);
+    info_fwd<T, D, C::FWD_M, C::FWD_N>(f);
+    info_dq<T, D, 16, 16>(f);
+    info_dq<T, D, C::DQ_M, C::DQ_N>(f);
+    info_dkv<T, D, 16, 16>(f);
+    info_dkv<T, D, C::DKV_N, C::DKV_M>(f);
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
+    k.threads = 256;
+    f(k);
+}
+
+template <class F>
+void kernel_infos(F&& f) {
+    kernel_infos_d<__half, 32>(f); kernel_infos_d<__half, 64>(f); kernel_infos_d<__half, 128>(f);
+    kernel_infos_d<__nv_bfloat16, 32>(f); kernel_infos_d<__nv_bfloat16, 64>(f);
+    kernel_infos_d<__nv_bfloat16, 128>(f);
+    kernel_infos_d<float, 32>(f); kernel_infos_d<float, 64>(f); kernel_infos_d<float, 128>(f);
 }
 
 template <typename T, int D>

@@ -375,6 +375,18 @@ long emu_params_offset(int which) {
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
+// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles
+const char* emu_kernel_table() {
+    static std::string out;
+    out.clear();
+    avstfp::detail::kernel_infos([](const avstfp::detail::KernelInfo& k) {
+        out += std::string(k.name) + "|" + std::to_string(k.threads) + "|" +
+               std::to_string(k.smem) + "|" + std::to_string(k.stages) + "|" +
+               std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "\n";
+    });
+    return out.c_str();
+}
+
 int emu_forward(const avstfp::AttnParams* p) {
     using namespace avstfp;
     avstfp_emu::g_error.clear();
