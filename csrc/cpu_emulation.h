@@ -13,6 +13,17 @@
 // rules of load/store_matrix_sync (32-byte pointers, ldm multiple of 16 bytes).
 // A deadlock (threads waiting at barriers that can never complete) aborts.
 //
+// cp.async (cp_async16 / cp_async_commit / cp_async_wait<N>) is modelled as the latest
+// and the earliest a copy may land: when issued, the destination is overwritten with NaN
+// (0xFF bytes) and marked pending; the data arrives only when the issuing thread waits for
+// its group.  So a tile read before the wait that covers it (a misplaced or missing
+// cp.async.wait_group, or a missing barrier after it: other threads' copies are still
+// pending) reads NaN, and a copy into a buffer that another thread still reads (a missing
+// barrier before reuse) destroys the data it reads.  WMMA loads also check that no byte
+// they read is pending and fail with an explicit message.  Other checks: 16-byte alignment
+// of both addresses and a destination inside shared memory; no copy still pending when
+// the CTA ends.  16-byte global stores (store16) check their alignment.
+//
 // Use: one translation unit containing only  #include "cpu_emulation.h"  compiled with
 // g++ -std=c++17 -shared -fPIC; the extern "C" entry points are at the bottom.
 #pragma once
@@ -45,6 +56,11 @@
 
 using std::max;
 using std::min;
+
+// small grid.x, so that every multi-CTA test also covers the wrap onto grid.y
+#ifndef AVSTFP_MAX_GRID_X
+#define AVSTFP_MAX_GRID_X 3LL
+#endif
 
 // ------------------------------------------------------------------ runtime types
 enum cudaError_t {
@@ -100,8 +116,18 @@ inline void fail(const std::string& m) {
 // ------------------------------------------------------------------ fibers
 constexpr size_t kStack = 256 * 1024;
 
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;   // null: zero-fill
+};
+struct AsyncState {
+    std::vector<AsyncCopy> open;                    // issued, not yet committed
+    std::vector<std::vector<AsyncCopy>> groups;     // committed, oldest first
+};
+
 struct Block {
     unsigned nthreads = 0;
+    std::vector<AsyncState> async;
     int cur = -1;
     ucontext_t main_ctx;
     std::vector<ucontext_t> ctx;
@@ -157,6 +183,7 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     b.wgen.assign((nthreads + 31) / 32, 0);
     b.warrived.assign((nthreads + 31) / 32, 0);
     b.slot.assign(nthreads, 0.f);
+    b.async.assign(nthreads, AsyncState{});
     b.body = body;
     while (g_stacks.size() < nthreads) g_stacks.emplace_back(kStack);
     g_blk = &b;
@@ -190,6 +217,16 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
             last = b.progress;
         }
     }
+    for (unsigned t = 0; t < nthreads; ++t) {
+        bool left = !b.async[t].open.empty();
+        for (const auto& g : b.async[t].groups) left = left || !g.empty();
+        if (left) {
+            fail("cp.async: thread " + std::to_string(t) + " of block (" +
+                 std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                 ") ended with copies never waited for");
+            break;
+        }
+    }
     g_blk = nullptr;
 }
 }  // namespace avstfp_emu
@@ -210,6 +247,85 @@ inline float atomicAdd(float* a, float v) {
     const float old = *a;
     *a = old + v;
     return old;
+}
+
+// ------------------------------------------------------------------ cp.async
+namespace avstfp {
+namespace detail {
+constexpr size_t kEmuSmem = 232448;   // sm_90 opt-in maximum
+alignas(128) unsigned char smem[kEmuSmem];
+}  // namespace detail
+}  // namespace avstfp
+
+namespace avstfp_emu {
+inline std::vector<unsigned short> g_pending(avstfp::detail::kEmuSmem, 0);   // per smem byte
+
+inline bool in_smem(const void* p, size_t n) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    const auto lo = reinterpret_cast<uintptr_t>(avstfp::detail::smem);
+    return a >= lo && a + n <= lo + avstfp::detail::kEmuSmem;
+}
+
+// Fails if any byte of rows x cols elements (pitch ld) at p has a cp.async in flight.
+template <class T>
+inline void check_ready(const T* p, int rows, int cols, unsigned ld, const char* what) {
+    if (!in_smem(p, sizeof(T))) return;
+    const size_t base = reinterpret_cast<const unsigned char*>(p) - avstfp::detail::smem;
+    for (int r = 0; r < rows; ++r)
+        for (size_t i = 0; i < cols * sizeof(T); ++i) {
+            const size_t off = base + r * ld * sizeof(T) + i;
+            if (off < avstfp::detail::kEmuSmem && g_pending[off]) {
+                fail(std::string(what) + ": reads shared memory whose cp.async has not been "
+                     "waited for (cp.async.wait_group misplaced, or no barrier after it)");
+                return;
+            }
+        }
+}
+
+inline void land(const AsyncCopy& c) {
+    if (c.src)
+        std::memcpy(c.dst, c.src, 16);
+    else
+        std::memset(c.dst, 0, 16);
+    const size_t off = c.dst - avstfp::detail::smem;
+    for (size_t i = 0; i < 16; ++i) g_pending[off + i]--;
+}
+}  // namespace avstfp_emu
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    using namespace avstfp_emu;
+    if (!in_smem(dst, 16)) return fail("cp.async: destination is not in shared memory");
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+        return fail("cp.async: 16-byte copy with an address not 16-byte aligned");
+    if (valid && src == nullptr) return fail("cp.async: null source");
+    auto* d = static_cast<unsigned char*>(dst);
+    std::memset(d, 0xFF, 16);   // may land any time from now on: old contents are gone
+    const size_t off = d - avstfp::detail::smem;
+    for (size_t i = 0; i < 16; ++i) g_pending[off + i]++;
+    g_blk->async[threadIdx.x].open.push_back(
+        {d, valid ? static_cast<const unsigned char*>(src) : nullptr});
+}
+
+inline void cp_async_commit() {
+    auto& a = avstfp_emu::g_blk->async[threadIdx.x];
+    a.groups.push_back(std::move(a.open));
+    a.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group needs N >= 0");
+    auto& a = avstfp_emu::g_blk->async[threadIdx.x];
+    while (a.groups.size() > (size_t)N) {
+        for (const auto& c : a.groups.front()) avstfp_emu::land(c);
+        a.groups.erase(a.groups.begin());
+    }
+}
+
+inline void store16(void* dst, const uint4& v) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16)
+        return avstfp_emu::fail("16-byte global store to an address not 16-byte aligned");
+    std::memcpy(dst, &v, 16);
 }
 
 // ------------------------------------------------------------------ WMMA
@@ -247,6 +363,7 @@ inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p
                              unsigned ldm) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(matrix_a)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_a)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = avstfp_emu::tof(
@@ -258,6 +375,7 @@ inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p
                              unsigned ldm) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(matrix_b)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_b)");
     for (int k = 0; k < 16; ++k)
         for (int n = 0; n < 16; ++n)
             f.x[k * 16 + n] = avstfp_emu::tof(
@@ -268,6 +386,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
                              unsigned ldm, layout_t l) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(accumulator)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(accumulator)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
@@ -302,12 +421,6 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const FA& a, c
 }  // namespace nvcuda
 
 // ------------------------------------------------------------------ launch
-namespace avstfp {
-namespace detail {
-constexpr size_t kEmuSmem = 232448;   // sm_90 opt-in maximum
-alignas(128) unsigned char smem[kEmuSmem];
-}  // namespace detail
-}  // namespace avstfp
 
 namespace avstfp_emu {
 inline std::vector<size_t> g_smem_log;
@@ -322,7 +435,7 @@ inline void launch(void (*kern)(P), dim3 grid, unsigned block, size_t smem_bytes
         fail("bad block size");
         return;
     }
-    if (grid.y > 65535 || grid.z > 65535) {
+    if (grid.x == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
         fail("grid.y/z above 65535");
         return;
     }
@@ -334,6 +447,7 @@ inline void launch(void (*kern)(P), dim3 grid, unsigned block, size_t smem_bytes
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = {x, y, z};
                 std::memset(avstfp::detail::smem, 0xFF, avstfp::detail::kEmuSmem);
+                std::memset(g_pending.data(), 0, g_pending.size() * sizeof(g_pending[0]));
                 run_block(block, [&] { kern(p); });
             }
 }
@@ -369,6 +483,7 @@ long emu_params_offset(int which) {
         case 5: return offsetof(AttnParams, n_prompt);
         case 6: return offsetof(AttnParams, scale);
         case 7: return offsetof(AttnParams, short_tiles);
+        case 8: return offsetof(AttnParams, vec16_out);
         default: return -1;
     }
 }

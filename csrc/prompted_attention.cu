@@ -87,30 +87,12 @@ cudaError_t launch_backward(const AttnParams& p, cudaStream_t stream) {
 }
 
 namespace {
-template <typename T, int D>
-int smem_for(int short_tiles) {
-    using namespace detail;
-    using C = Config<T, D>;
-    size_t m = 0;
-    auto mx = [&](size_t x) { m = x > m ? x : m; };
-    if (short_tiles) {
-        mx(FwdSmem<T, D, 16, 16>::bytes);
-        mx(DqSmem<T, D, 16, 16>::bytes);
-        mx(DkvSmem<T, D, 16, 16>::bytes);
-    } else {
-        mx(FwdSmem<T, D, C::FWD_M, C::FWD_N>::bytes);
-        mx(DqSmem<T, D, C::DQ_M, C::DQ_N>::bytes);
-        mx(DkvSmem<T, D, C::DKV_N, C::DKV_M>::bytes);
-    }
-    return (int)m;
-}
-
 template <typename T>
 int smem_t(int head_dim, int short_tiles) {
     switch (head_dim) {
-        case 32: return smem_for<T, 32>(short_tiles);
-        case 64: return smem_for<T, 64>(short_tiles);
-        case 128: return smem_for<T, 128>(short_tiles);
+        case 32: return (int)detail::max_smem_d<T, 32>(short_tiles != 0);
+        case 64: return (int)detail::max_smem_d<T, 64>(short_tiles != 0);
+        case 128: return (int)detail::max_smem_d<T, 128>(short_tiles != 0);
         default: return -1;
     }
 }

@@ -221,7 +221,7 @@ class _Params(C.Structure):      # mirror of avstfp::AttnParams (attn_params.h)
         ("k_start", C.c_int * _MAXS), ("k_len", C.c_int * _MAXS),
         ("n_prompt", C.c_int * _MAXS),
         ("scale", C.c_float), ("head_dim", C.c_int), ("dtype", C.c_int), ("vec16", C.c_int),
-        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int),
+        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int), ("vec16_out", C.c_int),
     ]
 
 
@@ -243,7 +243,8 @@ def emu(tmp_path_factory):
     lib.emu_params_offset.restype = C.c_long
     lib.emu_error.restype = C.c_char_p
     assert lib.emu_params_size() == C.sizeof(_Params)
-    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles"]):
+    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles",
+                           "vec16_out"]):
         assert lib.emu_params_offset(i) == getattr(_Params, n).offset, f"layout of {n}"
     return lib
 
@@ -257,12 +258,21 @@ def _fill(op, t, nb):
 
 
 def _nan_view(shape, dtype, gaps):
-    """A NaN-filled buffer and a view of `shape` into it (with unused gaps if `gaps`)."""
+    """A NaN-filled buffer and a view of `shape` into it: dense (gaps False), with unused
+    gaps between rows and a 16-byte aligned start (True), or starting one element in, so
+    that 16-byte vector stores are not allowed ("odd")."""
     if not gaps:
         big = torch.full(shape, float("nan"), dtype=dtype)
         return big, big
+    off = 1 if gaps == "odd" else 8
     big = torch.full((*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 8), float("nan"), dtype=dtype)
-    return big, big[..., 1::2, 8:8 + shape[-1]]
+    return big, big[..., 1::2, off:off + shape[-1]]
+
+
+def _vec16(tensors):
+    return int(all(t.data_ptr() % 16 == 0 and
+                   all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+                   for t in tensors))
 
 
 def _untouched(big, view):
@@ -327,9 +337,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
             p.n_prompt[s] = P
     p.scale, p.head_dim, p.dtype = scale, E, _DT[dtype]
     p.short_tiles = int(max(qs) <= 16)
-    es = q.element_size()
-    p.vec16 = int(all(t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
-                      for t in keep))
+    p.vec16 = _vec16(keep)
+    p.vec16_out = _vec16([out])
     p.lse = lse.data_ptr()
     assert lib.emu_forward(C.byref(p)) == 0, lib.emu_error()
 
@@ -342,6 +351,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
     _fill(p.dout, dout, nb)
     for name, g in zip(("dq", "dk", "dv"), grads):
         _fill(getattr(p, name), g, nb)
+    p.vec16 = _vec16(keep + [dout])
+    p.vec16_out = _vec16(grads + [out])
     delta = torch.full((p.nseq * Lq,), float("nan"))
     p.delta = delta.data_ptr()
     bufs = []
@@ -405,7 +416,7 @@ def _case(name, dtype):
 @pytest.mark.parametrize("name,deterministic,gaps", [
     ("temporal_per_position", False, False), ("temporal_per_position", True, True),
     ("spatial_segments", False, True), ("spatial_segments", True, False),
-    ("long_d128", False, False), ("sliced_odd", False, True),
+    ("long_d128", False, False), ("sliced_odd", False, "odd"),
     ("prompts_only", True, False), ("four_segments", False, False),
     ("short_d128", True, True), ("four_batch_dims", False, True)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
