@@ -131,11 +131,15 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int
     constexpr int LD = pitch<T>(D);
     if (vec16) {
         constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;   // chunks per row
+        constexpr int N = ROWS * CH;
 #pragma unroll
-        for (int i = tid; i < ROWS * CH; i += NT) {
-            const int r = i / CH, c = (i % CH) * EPC;
-            const bool ok = r < nvalid;
-            cp_async16(s + r * LD + c, ok ? g + (int64_t)r * rstride + c : g, ok);
+        for (int k = 0; k < cdiv(N, NT); ++k) {   // all copies issued back to back
+            const int i = tid + k * NT;
+            if (N % NT == 0 || i < N) {
+                const int r = i / CH, c = (i % CH) * EPC;
+                const bool ok = r < nvalid;
+                cp_async16(s + r * LD + c, ok ? g + (int64_t)r * rstride + c : g, ok);
+            }
         }
     } else {
         for (int i = tid; i < ROWS * D; i += NT) {
@@ -371,8 +375,8 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
     float* sO = reinterpret_cast<float*>(base + L::o);
     float* sM = reinterpret_cast<float*>(base + L::stat);   // running max (log2 units)
     float* sL = sM + BM;                                      // running sum
-    auto stK = [&](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [&](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
 
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
@@ -521,8 +525,8 @@ dq_kernel(const __grid_constant__ AttnParams p) {
     float* sdQ = reinterpret_cast<float*>(base + L::dq);
     float* sLse = reinterpret_cast<float*>(base + L::stat);   // log2 units
     float* sDelta = sLse + BM;
-    auto stK = [&](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [&](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
 
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
@@ -636,9 +640,9 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
     T* sdS = reinterpret_cast<T*>(base + L::ds);           // dS^T
     float* sdK = reinterpret_cast<float*>(base + L::dk);
     float* sdV = reinterpret_cast<float*>(base + L::dv);
-    auto stQ = [&](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
-    auto stdO = [&](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
-    auto stLse = [&](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
+    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
+    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
+    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
 
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
@@ -650,7 +654,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
 
     // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
     // padded queries get lse = +inf, so their probabilities are exactly 0) by plain loads
-    auto issue_q = [&](int i, int st) {
+    auto issue_q = [=, &p](int i, int st) {
         const int q0 = p.q_start[seg] + i * BM;
         const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
         load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,

@@ -271,15 +271,18 @@ template <class T>
 inline void check_ready(const T* p, int rows, int cols, unsigned ld, const char* what) {
     if (!in_smem(p, sizeof(T))) return;
     const size_t base = reinterpret_cast<const unsigned char*>(p) - avstfp::detail::smem;
-    for (int r = 0; r < rows; ++r)
-        for (size_t i = 0; i < cols * sizeof(T); ++i) {
-            const size_t off = base + r * ld * sizeof(T) + i;
-            if (off < avstfp::detail::kEmuSmem && g_pending[off]) {
-                fail(std::string(what) + ": reads shared memory whose cp.async has not been "
-                     "waited for (cp.async.wait_group misplaced, or no barrier after it)");
-                return;
-            }
+    const size_t n = cols * sizeof(T);
+    auto pending = [&](size_t off) { return off < avstfp::detail::kEmuSmem && g_pending[off]; };
+    for (int r = 0; r < rows; ++r) {   // copies are aligned 16-byte chunks: one byte per chunk
+        const size_t row = base + r * ld * sizeof(T);
+        bool bad = pending(row) || pending(row + n - 1);
+        for (size_t o = (row + 15) / 16 * 16; !bad && o < row + n; o += 16) bad = pending(o);
+        if (bad) {
+            fail(std::string(what) + ": reads shared memory whose cp.async has not been "
+                 "waited for (cp.async.wait_group misplaced, or no barrier after it)");
+            return;
         }
+    }
 }
 
 inline void land(const AsyncCopy& c) {

@@ -41,17 +41,49 @@ def test_kernels_do_not_include_torch():
                 assert bad not in text, f"csrc/{name} includes a torch header ({bad})"
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
-def test_cu_files_compile_for_sm80_and_sm90a(tmp_path):
+@pytest.fixture(scope="module")
+def cuda_objs(tmp_path_factory):
+    """.ci/compile_cuda.sh output (objects + ptxas -v logs), compiled once per module."""
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    out = tmp_path_factory.mktemp("cuda_objs")
     env = dict(os.environ, NVCC=_nvcc(), JOBS=os.environ.get("JOBS", "2"))
-    r = subprocess.run(["bash", SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    return out, r
+
+
+def test_cu_files_compile_for_sm80_and_sm90a(cuda_objs):
+    out, r = cuda_objs
     assert r.returncode == 0, f"nvcc failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     assert "all CUDA sources compiled" in r.stdout
     cus = [f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".cu")]
     for f in cus:
-        obj = tmp_path / (f[:-3] + ".o")
+        obj = out / (f[:-3] + ".o")
         assert obj.exists() and obj.stat().st_size > 0, f"no object for {f}"
+
+
+def _static_module():
+    spec = importlib.util.spec_from_file_location(
+        "_avstfp_static_cuda", os.path.join(ROOT, "bench", "static_sm90_cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_static_contract_sm90(cuda_objs, emu):
+    """The compile-time performance contract (bench/static_sm90_cuda.py) on the objects
+    compiled above: every kernel instance found, cp.async (LDGSTS) in every kernel that
+    streams tiles, no spills, >= 4 warps per CTA, 16-byte stores of the outputs."""
+    out, r = cuda_objs
+    assert r.returncode == 0, "compile failed (see test_cu_files_compile_for_sm80_and_sm90a)"
+    st = _static_module()
+    rows = st.cuda_rows(objdir=str(out), emu_lib=emu._name)
+    assert len(rows) >= 9 * 4, [x["kernel"] for x in rows]
+    assert st.cuda_failures(rows) == []
+    for x in rows:
+        if x["kernel"] in ("fwd_kernel", "dq_kernel"):
+            assert 128 in x["store_bits"], f"{x['kernel']}<{x['config']}>: no 16-byte stores"
 
 
 # --------------------------------------------------------------------------- _build.py
@@ -228,15 +260,15 @@ class _Params(C.Structure):      # mirror of avstfp::AttnParams (attn_params.h)
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(d, defines=()):
+    """Compile csrc/cpu_emulation.h (the kernels' own source on the CPU) into d; load it."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the CPU emulation")
-    d = tmp_path_factory.mktemp("emu")
     (d / "emu.cpp").write_text('#include "cpu_emulation.h"\n')
-    r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-I",
-                        os.path.join(ROOT, "csrc"), str(d / "emu.cpp"), "-o", str(d / "libemu.so")],
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", *[f"-D{x}" for x in defines],
+                        "-I", os.path.join(ROOT, "csrc"), str(d / "emu.cpp"),
+                        "-o", str(d / "libemu.so")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     lib = C.CDLL(str(d / "libemu.so"))
@@ -247,6 +279,11 @@ def emu(tmp_path_factory):
                            "vec16_out"]):
         assert lib.emu_params_offset(i) == getattr(_Params, n).offset, f"layout of {n}"
     return lib
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu"))
 
 
 def _fill(op, t, nb):
@@ -306,6 +343,10 @@ def _reference(q, k, v, pks, pvs, segs, scale, dout):
             [None if t is None else t.grad for t in pl], [None if t is None else t.grad for t in vl])
 
 
+class EmulationError(AssertionError):
+    pass
+
+
 def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
     dtype, E = q.dtype, q.shape[-1]
     scale = E ** -0.5
@@ -340,7 +381,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
     p.vec16 = _vec16(keep)
     p.vec16_out = _vec16([out])
     p.lse = lse.data_ptr()
-    assert lib.emu_forward(C.byref(p)) == 0, lib.emu_error()
+    if lib.emu_forward(C.byref(p)) != 0:
+        raise EmulationError(lib.emu_error().decode())
 
     dout = torch.randn(q.shape, dtype=dtype)
     bigs, grads = [], []
@@ -371,7 +413,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
         _fill(p.dpv[s], ev, nb)
         bufs.append((bk, bv))
     p.atomic_prompt_grads = 0 if deterministic else 1
-    assert lib.emu_backward(C.byref(p)) == 0, lib.emu_error()
+    if lib.emu_backward(C.byref(p)) != 0:
+        raise EmulationError(lib.emu_error().decode())
     gp = []
     for s, bb in enumerate(bufs):
         if bb is not None and deterministic:
@@ -409,6 +452,12 @@ def _case(name, dtype):
                 strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
                 strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
                 [t(3, 1, 2, 4, 32)], [t(3, 1, 2, 4, 32)], None)
+    if name == "three_segments_short":      # packed 16-row tiles, 3 segments, 7 sequences
+        return (t(7, 16, 64), t(7, 16, 64), t(7, 16, 64),
+                [t(2, 64), None, t(7, 3, 64)], [t(2, 64), None, t(7, 3, 64)], (5, 7, 4))
+    if name == "many_tiles_d32":             # more K/V and Q/dO tiles than pipeline stages
+        return (t(1, 2, 150, 32), t(1, 2, 150, 32), t(1, 2, 150, 32),
+                [t(2, 3, 32)], [t(2, 3, 32)], None)
     raise ValueError(name)
 
 
@@ -418,7 +467,8 @@ def _case(name, dtype):
     ("spatial_segments", False, True), ("spatial_segments", True, False),
     ("long_d128", False, False), ("sliced_odd", False, "odd"),
     ("prompts_only", True, False), ("four_segments", False, False),
-    ("short_d128", True, True), ("four_batch_dims", False, True)])
+    ("short_d128", True, True), ("four_batch_dims", False, True),
+    ("three_segments_short", False, "odd"), ("many_tiles_d32", True, False)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
     scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
@@ -436,3 +486,15 @@ def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     assert not bad, f"{name} {dtype}: errors above tolerance {tol}: {bad}"
     for big, view in written:
         assert _untouched(big, view), f"{name}: a kernel wrote outside its output view"
+
+
+@pytest.mark.parametrize("name", ["spatial_segments", "temporal_per_position"])
+def test_emulation_catches_misplaced_cp_async_wait(tmp_path, emu, name):
+    """The same kernels compiled with AVSTFP_TEST_WAIT_SLACK=1 wait for one cp.async group
+    too few before using a tile; the emulation must report it (pipelined 64-row tiles and
+    packed 16-row tiles), while the correct build passes the same case."""
+    broken = _build_emu(tmp_path, defines=["AVSTFP_TEST_WAIT_SLACK=1"])
+    q, k, v, pks, pvs, segs = _case(name, torch.float16)
+    _emulated(emu, q, k, v, pks, pvs, segs, False, False)
+    with pytest.raises(EmulationError, match="cp.async has not been waited for"):
+        _emulated(broken, q, k, v, pks, pvs, segs, False, False)
