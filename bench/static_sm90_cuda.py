@@ -11,8 +11,9 @@ No GPU needed.  For every kernel instance the launchers can start it joins
 
 and derives CTAs and warps per SM (sm_90 limits: 64 K registers in 4 partitions, 2048
 threads, 32 CTAs, 228 KiB shared memory with 1 KiB reserved per CTA) and an estimate of
-the bytes of K/V (or Q/dO) tiles in flight per SM: ``(stages - 1) * stage_bytes`` per
-CTA for a cp.async pipeline (the next tiles load while the current one is used), or one
+the bytes of K/V (or Q/dO) tiles in flight per SM: ``max(1, stages - 1) * stage_bytes``
+per CTA for a cp.async pipeline (the next tiles load while the current one is used; with
+one stage a whole tile is in flight, but not while computing), or one
 16-byte load per thread for synchronous copies (each thread waits for its load before it
 stores it to shared memory and issues the next).  By Little's law an H200 SM needs about
 23 KB in flight to cover the memory latency at full bandwidth (4.8 TB/s x ~650 ns / 132).
@@ -244,9 +245,11 @@ def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> Li
             row["ctas_per_sm"] = ctas
             row["warps_per_sm"] = ctas * ((cfg["threads"] + 31) // 32)
             if cfg["loads_tiles"]:
-                per_cta = ((cfg["stages"] - 1) * cfg["stage_bytes"] if row["cp_async"]
+                per_cta = (max(1, cfg["stages"] - 1) * cfg["stage_bytes"] if row["cp_async"]
                            else min(cfg["stage_bytes"], 16 * cfg["threads"]))
                 row["bytes_in_flight_per_sm"] = ctas * per_cta
+                if row["cp_async"] and cfg["stages"] == 1:
+                    notes.append("1 stage: tile loads not overlapped with compute")
         if row["spills_sm80_bytes"]:
             notes.append(f"sm_80 spills {row['spills_sm80_bytes']} B")
         row["notes"] = "; ".join(notes)

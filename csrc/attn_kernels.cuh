@@ -108,9 +108,14 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
-// 16-byte global store (the pointer is 16-byte aligned: checked by the emulation).
+// 16-byte global store (the pointer is 16-byte aligned: checked by the emulation).  Inline
+// PTX: nvcc splits a plain uint4 store built from packed words into four 32-bit stores.
 __device__ __forceinline__ void store16(void* dst, const uint4& v) {
-    *reinterpret_cast<uint4*>(dst) = v;
+    asm volatile(
+        "{\n\t.reg .u64 ga;\n\tcvta.to.global.u64 ga, %0;\n\t"
+        "st.global.v4.b32 [ga], {%1, %2, %3, %4};\n\t}\n" ::"l"(dst),
+        "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+        : "memory");
 }
 #endif
 
@@ -152,6 +157,17 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int
 }
 
 // ------------------------------------------------------------------ shared -> global
+// The bits of from_f<T>(x[i] * m) for the elements of one 32-bit word (2 x 16 bit or 1 x 32).
+__device__ __forceinline__ uint32_t bits_of(__half h) { return __half_as_ushort(h); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
+template <typename T>
+__device__ __forceinline__ uint32_t pack_word(const float* x, float m) {
+    if constexpr (std::is_same<T, float>::value)
+        return __float_as_uint(x[0] * m);
+    else
+        return bits_of(from_f<T>(x[0] * m)) | (bits_of(from_f<T>(x[1] * m)) << 16);
+}
+
 // out[r, c] = from_f<T>(s[r, c] * rowmul[r] * mul) for r < nrows (rowmul may be null), by
 // the NT threads of a unit; vec16: one 16-byte store per 16/sizeof(T) elements.
 template <typename T, int D, int NT>
@@ -163,10 +179,11 @@ __device__ __forceinline__ void store_tile(T* g, int64_t rstride, const float* s
         for (int i = tid; i < nrows * CH; i += NT) {
             const int r = i / CH, c = (i % CH) * EPC;
             const float m = rowmul ? rowmul[r] * mul : mul;
-            alignas(16) T v[EPC];
-#pragma unroll
-            for (int e = 0; e < EPC; ++e) v[e] = from_f<T>(s[r * lds + c + e] * m);
-            store16(g + (int64_t)r * rstride + c, *reinterpret_cast<const uint4*>(v));
+            const float* x = s + r * lds + c;
+            constexpr int W = 4 / int(sizeof(T));   // elements per 32-bit word
+            store16(g + (int64_t)r * rstride + c,
+                    make_uint4(pack_word<T>(x, m), pack_word<T>(x + W, m),
+                               pack_word<T>(x + 2 * W, m), pack_word<T>(x + 3 * W, m)));
         }
     } else {
         for (int i = tid; i < nrows * D; i += NT) {
@@ -353,7 +370,7 @@ struct FwdSmem {
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
-__global__ void __launch_bounds__(PACK * BM * 2)
+__global__ void __launch_bounds__(PACK * BM * 2, 1)
 fwd_kernel(const __grid_constant__ AttnParams p) {
     using L = FwdSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
@@ -501,7 +518,7 @@ struct DqSmem {
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
-__global__ void __launch_bounds__(PACK * BM * 2)
+__global__ void __launch_bounds__(PACK * BM * 2, 1)
 dq_kernel(const __grid_constant__ AttnParams p) {
     using L = DqSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
@@ -616,7 +633,7 @@ struct DkvSmem {
 };
 
 template <typename T, int D, int BN, int BM, int STAGES, int PACK>
-__global__ void __launch_bounds__(PACK * BN * 2)
+__global__ void __launch_bounds__(PACK * BN * 2, 1)
 dkv_kernel(const __grid_constant__ AttnParams p) {
     using L = DkvSmem<T, D, BN, BM, STAGES>;
     constexpr int UT = BN * 2;

@@ -102,6 +102,17 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     return __nv_bfloat16{(uint16_t)(x >> 16)};
 }
 static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit types");
+inline unsigned short __half_as_ushort(__half h) {
+    unsigned short u;
+    std::memcpy(&u, &h, 2);
+    return u;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 
 namespace avstfp_emu {
 inline float tof(float x) { return x; }
