@@ -488,12 +488,19 @@ def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
         assert _untouched(big, view), f"{name}: a kernel wrote outside its output view"
 
 
+@pytest.fixture(scope="module")
+def emu_broken_wait(tmp_path_factory):
+    """The same kernels compiled with AVSTFP_TEST_WAIT_SLACK=1: every pipeline waits for one
+    cp.async group too few before it uses a tile (a misplaced cp.async.wait_group)."""
+    return _build_emu(tmp_path_factory.mktemp("emu_broken"),
+                      defines=["AVSTFP_TEST_WAIT_SLACK=1"])
+
+
 @pytest.mark.parametrize("name", ["spatial_segments", "temporal_per_position"])
-def test_emulation_catches_misplaced_cp_async_wait(tmp_path, emu, name):
-    """The same kernels compiled with AVSTFP_TEST_WAIT_SLACK=1 wait for one cp.async group
-    too few before using a tile; the emulation must report it (pipelined 64-row tiles and
-    packed 16-row tiles), while the correct build passes the same case."""
-    broken = _build_emu(tmp_path, defines=["AVSTFP_TEST_WAIT_SLACK=1"])
+def test_emulation_catches_misplaced_cp_async_wait(emu, emu_broken_wait, name):
+    """The emulation must report the misplaced wait (pipelined 64-row tiles and packed
+    16-row tiles), while the correct build passes the same case."""
+    broken = emu_broken_wait
     q, k, v, pks, pvs, segs = _case(name, torch.float16)
     _emulated(emu, q, k, v, pks, pvs, segs, False, False)
     with pytest.raises(EmulationError, match="cp.async has not been waited for"):
