@@ -1,5 +1,5 @@
-"""CUDA backend on a GPU: parity with the float64 reference (tolerances: docs/design.md) for outputs and every
-gradient, at the model's stage shapes, odd lengths, all layouts, stride-0 and per-position
+"""CUDA backend on a GPU: parity with the float64 reference (tolerances: docs/design.md)
+for outputs and every gradient, at the model's stage shapes, odd lengths, all layouts, stride-0 and per-position
 prompts, segments, a batch product > 65535, bit-exact determinism, torch.compile, and a
 compute-sanitizer memcheck.  Skipped without CUDA (conftest: marker ``gpu``)."""
 import os
