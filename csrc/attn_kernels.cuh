@@ -29,6 +29,10 @@
 #ifndef AVSTFP_TEST_WAIT_SLACK
 #define AVSTFP_TEST_WAIT_SLACK 0
 #endif
+// The CPU emulation checks that warp_mm's operands have no cp.async in flight; no-op here.
+#ifndef AVSTFP_CHECK_READY
+#define AVSTFP_CHECK_READY(ptr, rows, cols, ld, what) ((void)0)
+#endif
 
 #include "attn_params.h"
 
@@ -204,6 +208,8 @@ __device__ __forceinline__ void warp_mm(const T* A, int lda, const T* B, int ldb
                                         int ldc, bool accumulate) {
     static_assert(N % 16 == 0 && K % 16 == 0, "tile sizes are multiples of 16");
     __syncwarp();
+    AVSTFP_CHECK_READY(A, 16, K, lda, "warp_mm operand A");
+    AVSTFP_CHECK_READY(B, B_COL ? N : K, B_COL ? K : N, ldb, "warp_mm operand B");
     if constexpr (std::is_same<T, float>::value) {
         const int lane = threadIdx.x & 31;
         for (int i = lane; i < 16 * N; i += 32) {

@@ -19,8 +19,9 @@
 // its group.  So a tile read before the wait that covers it (a misplaced or missing
 // cp.async.wait_group, or a missing barrier after it: other threads' copies are still
 // pending) reads NaN, and a copy into a buffer that another thread still reads (a missing
-// barrier before reuse) destroys the data it reads.  WMMA loads also check that no byte
-// they read is pending and fail with an explicit message.  Other checks: 16-byte alignment
+// barrier before reuse) destroys the data it reads.  WMMA loads and the operands of the
+// kernels' warp_mm (AVSTFP_CHECK_READY, also for fp32) are checked to have no pending byte,
+// with an explicit message.  Other checks: 16-byte alignment
 // of both addresses and a destination inside shared memory; no copy still pending when
 // the CTA ends.  16-byte global stores (store16) check their alignment.
 //
@@ -295,6 +296,11 @@ inline void check_ready(const T* p, int rows, int cols, unsigned ld, const char*
         }
     }
 }
+
+}  // namespace avstfp_emu
+#define AVSTFP_CHECK_READY(ptr, rows, cols, ld, what) \
+    ::avstfp_emu::check_ready(ptr, rows, cols, ld, what)
+namespace avstfp_emu {
 
 inline void land(const AsyncCopy& c) {
     if (c.src)

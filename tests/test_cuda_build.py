@@ -496,12 +496,14 @@ def emu_broken_wait(tmp_path_factory):
                       defines=["AVSTFP_TEST_WAIT_SLACK=1"])
 
 
-@pytest.mark.parametrize("name", ["spatial_segments", "temporal_per_position"])
-def test_emulation_catches_misplaced_cp_async_wait(emu, emu_broken_wait, name):
+@pytest.mark.parametrize("name,dtype", [("spatial_segments", torch.float16),
+                                        ("temporal_per_position", torch.float16),
+                                        ("spatial_segments", torch.float32)])
+def test_emulation_catches_misplaced_cp_async_wait(emu, emu_broken_wait, name, dtype):
     """The emulation must report the misplaced wait (pipelined 64-row tiles and packed
-    16-row tiles), while the correct build passes the same case."""
+    16-row tiles; WMMA and fp32 FMA products), while the correct build passes the case."""
     broken = emu_broken_wait
-    q, k, v, pks, pvs, segs = _case(name, torch.float16)
+    q, k, v, pks, pvs, segs = _case(name, dtype)
     _emulated(emu, q, k, v, pks, pvs, segs, False, False)
     with pytest.raises(EmulationError, match="cp.async has not been waited for"):
         _emulated(broken, q, k, v, pks, pvs, segs, False, False)
