@@ -409,7 +409,7 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
     // prologue: Q and the first STAGES-1 K/V tiles in flight (Q joins the first group)
     load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
                             p.q.rstride, nq, vec, tid);
-#pragma unroll
+#pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
         cp_async_commit();
@@ -561,7 +561,7 @@ dq_kernel(const __grid_constant__ AttnParams p) {
     load_tile<T, BM, D, UT>(sdO,
                             (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
                             p.dout.rstride, nq, vec, tid);
-#pragma unroll
+#pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
         cp_async_commit();
@@ -693,7 +693,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
 
     load_tile<T, BN, D, UT>(sK, (const T*)kt.k, kt.rk, kt.nk, vec, tid);
     load_tile<T, BN, D, UT>(sV, (const T*)kt.v, kt.rv, kt.nk, vec, tid);
-#pragma unroll
+#pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < nqt) issue_q(st, st);
         cp_async_commit();
