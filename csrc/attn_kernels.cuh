@@ -129,35 +129,49 @@ template <int STAGES>
 constexpr int kWaitGroups = (STAGES > 1 ? STAGES - 2 : 0) + AVSTFP_TEST_WAIT_SLACK;
 
 // ------------------------------------------------------------------ global -> shared
-// Issue the copy of `nvalid` rows (row stride `rstride` elements, last dim dense) into a
-// shared tile of ROWS x D with pitch pitch<T>(D); rows >= nvalid are zero-filled.  The NT
-// threads of a unit (thread `tid`) share the work.  vec16: cp.async, 16 bytes per copy
-// (complete after the caller's commit + wait); otherwise plain element copies (complete at
-// once; only for layouts whose pointers or strides are not 16-byte aligned).
+// Issue the copy of a ROWS x D shared tile (pitch pitch<T>(D)) whose rows come from two
+// sources: rows [0, n1) from g1 (row stride rs1 elements), rows [n1, n1 + n2) from g2
+// (row stride rs2; a key tile that ends the segment's keys and starts its prompts); later
+// rows are zero-filled.  Last dims are dense.  The NT threads of a unit (thread `tid`)
+// share the work.  vec16: cp.async, 16 bytes per copy (complete after the caller's
+// commit + wait); otherwise plain element copies (complete at once; only for layouts whose
+// pointers or strides are not 16-byte aligned).
 template <typename T, int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int nvalid,
-                                          bool vec16, int tid) {
+__device__ __forceinline__ void load_tile2(T* s, const T* g1, int64_t rs1, int n1, const T* g2,
+                                           int64_t rs2, int n2, bool vec16, int tid) {
     constexpr int LD = pitch<T>(D);
     if (vec16) {
         constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;   // chunks per row
         constexpr int N = ROWS * CH;
+        const T* any = n1 > 0 ? g1 : g2;   // a valid address for zero-filling copies
 #pragma unroll
         for (int k = 0; k < cdiv(N, NT); ++k) {   // all copies issued back to back
             const int i = tid + k * NT;
             if (N % NT == 0 || i < N) {
                 const int r = i / CH, c = (i % CH) * EPC;
-                const bool ok = r < nvalid;
-                cp_async16(s + r * LD + c, ok ? g + (int64_t)r * rstride + c : g, ok);
+                const bool a = r < n1, b = !a && r < n1 + n2;
+                const T* src = a ? g1 + (int64_t)r * rs1 + c
+                                 : (b ? g2 + (int64_t)(r - n1) * rs2 + c : any);
+                cp_async16(s + r * LD + c, src, a || b);
             }
         }
     } else {
         for (int i = tid; i < ROWS * D; i += NT) {
             const int r = i / D, c = i % D;
             T val = from_f<T>(0.f);
-            if (r < nvalid) val = g[(int64_t)r * rstride + c];
+            if (r < n1)
+                val = g1[(int64_t)r * rs1 + c];
+            else if (r < n1 + n2)
+                val = g2[(int64_t)(r - n1) * rs2 + c];
             s[r * LD + c] = val;
         }
     }
+}
+
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int nvalid,
+                                          bool vec16, int tid) {
+    load_tile2<T, ROWS, D, NT>(s, g, rstride, nvalid, g, 0, 0, vec16, tid);
 }
 
 // ------------------------------------------------------------------ shared -> global
@@ -299,10 +313,15 @@ __device__ __forceinline__ void decode_q_tile(const AttnParams& p, int BM, int t
     }
 }
 
-// Key tiles of segment s: first ceil(k_len/BN) tiles of k/v, then ceil(P/BN) of the prompts.
+// Keys of segment s: its k_len rows of k followed by its P prompt rows, one sequence of
+// k_len + P rows cut into tiles of BN: a tile may end the real keys and start the prompts
+// (the temporal stage's 10 keys + 2 prompts are one 16-row tile).
+__host__ __device__ inline int num_prompts(const AttnParams& p, int s) {
+    return (p.pk[s].ptr != nullptr && p.n_prompt[s] > 0) ? p.n_prompt[s] : 0;
+}
+
 __host__ __device__ inline int num_key_tiles(const AttnParams& p, int s, int BN) {
-    const int np = (p.pk[s].ptr != nullptr && p.n_prompt[s] > 0) ? cdiv(p.n_prompt[s], BN) : 0;
-    return cdiv(p.k_len[s], BN) + np;
+    return cdiv(p.k_len[s] + num_prompts(p, s), BN);
 }
 
 __host__ __device__ inline int num_key_tiles_all(const AttnParams& p, int BN) {
@@ -311,38 +330,32 @@ __host__ __device__ inline int num_key_tiles_all(const AttnParams& p, int BN) {
     return n;
 }
 
+// Key tile j of segment s: rows [0, nk) from k (first row k0, absolute in Lk), then rows
+// [nk, nk + np) from the prompts (first prompt row p0).
 struct KeyTile {
-    const void* k;      // first row of the tile (k or prompt_k)
-    const void* v;
-    int64_t rk, rv;     // row strides
-    int nk;             // valid rows
-    bool prompt;
-    int row0;           // first row index within its source (k: absolute in Lk; prompt: 0..P)
+    const void *k, *v, *pk, *pv;   // first row of each part
+    int nk, np;                    // rows of each part
+    int k0, p0;
 };
 
 template <typename T>
 __device__ __forceinline__ KeyTile key_tile(const AttnParams& p, int s, int j, int BN,
                                             const BatchIdx& bi) {
     KeyTile t;
-    const int nkb = cdiv(p.k_len[s], BN);
-    if (j < nkb) {
-        const int k0 = p.k_start[s] + j * BN;
-        t.nk = min(BN, p.k_start[s] + p.k_len[s] - k0);
-        t.rk = p.k.rstride;
-        t.rv = p.v.rstride;
-        t.k = (const T*)p.k.ptr + boff(p.k, bi) + (int64_t)k0 * t.rk;
-        t.v = (const T*)p.v.ptr + boff(p.v, bi) + (int64_t)k0 * t.rv;
-        t.prompt = false;
-        t.row0 = k0;
+    const int v0 = j * BN;                       // first row of the tile in k ++ prompts
+    const int n = min(BN, p.k_len[s] + num_prompts(p, s) - v0);
+    t.nk = max(0, min(n, p.k_len[s] - v0));
+    t.np = n - t.nk;
+    t.k0 = p.k_start[s] + min(v0, p.k_len[s]);
+    t.p0 = max(0, v0 - p.k_len[s]);
+    t.k = (const T*)p.k.ptr + boff(p.k, bi) + (int64_t)t.k0 * p.k.rstride;
+    t.v = (const T*)p.v.ptr + boff(p.v, bi) + (int64_t)t.k0 * p.v.rstride;
+    if (t.np > 0) {
+        t.pk = (const T*)p.pk[s].ptr + boff(p.pk[s], bi) + (int64_t)t.p0 * p.pk[s].rstride;
+        t.pv = (const T*)p.pv[s].ptr + boff(p.pv[s], bi) + (int64_t)t.p0 * p.pv[s].rstride;
     } else {
-        const int k0 = (j - nkb) * BN;
-        t.nk = min(BN, p.n_prompt[s] - k0);
-        t.rk = p.pk[s].rstride;
-        t.rv = p.pv[s].rstride;
-        t.k = (const T*)p.pk[s].ptr + boff(p.pk[s], bi) + (int64_t)k0 * t.rk;
-        t.v = (const T*)p.pv[s].ptr + boff(p.pv[s], bi) + (int64_t)k0 * t.rv;
-        t.prompt = true;
-        t.row0 = k0;
+        t.pk = t.k;
+        t.pv = t.v;
     }
     return t;
 }
@@ -352,8 +365,10 @@ template <typename T, int BN, int D, int UT>
 __device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, const BatchIdx& bi,
                                          T* sK, T* sV, bool vec, int tid) {
     const KeyTile kt = key_tile<T>(p, s, j, BN, bi);
-    load_tile<T, BN, D, UT>(sK, (const T*)kt.k, kt.rk, kt.nk, vec, tid);
-    load_tile<T, BN, D, UT>(sV, (const T*)kt.v, kt.rv, kt.nk, vec, tid);
+    load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk,
+                             kt.np > 0 ? p.pk[s].rstride : 0, kt.np, vec, tid);
+    load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
+                             kt.np > 0 ? p.pv[s].rstride : 0, kt.np, vec, tid);
 }
 
 // ================================================================== forward
@@ -442,6 +457,7 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
         const T* sK = stK(j % STAGES);
         const T* sV = stV(j % STAGES);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;   // valid keys of the tile
 
         warp_mm<T, BN, D, true>(Qw, L::LDT, sK, L::LDT, Sw, L::LDS, false);   // S = Q K^T
 
@@ -452,13 +468,13 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
             T* Pr = Pw + r * L::LDP;
             float* Or = Ow + r * L::LDO;
             float mx = -INFINITY;
-            for (int c = h; c < kt.nk; c += 2) mx = fmaxf(mx, Sr[c] * sl2);
+            for (int c = h; c < nk; c += 2) mx = fmaxf(mx, Sr[c] * sl2);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             const float m_old = sM[row];
             const float m_new = fmaxf(m_old, mx);          // finite: the tile has a key
             float sum = 0.f;
             for (int c = h; c < BN; c += 2) {
-                const float e = c < kt.nk ? exp2f(Sr[c] * sl2 - m_new) : 0.f;
+                const float e = c < nk ? exp2f(Sr[c] * sl2 - m_new) : 0.f;
                 Pr[c] = from_f<T>(e);
                 sum += e;
             }
@@ -594,7 +610,8 @@ dq_kernel(const __grid_constant__ AttnParams p) {
         }
         const T* sK = stK(j % STAGES);
         const T* sV = stV(j % STAGES);
-        const int nk = key_tile<T>(p, seg, j, BN, bi).nk;
+        const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;
 
         warp_mm<T, BN, D, true>(Qw, L::LDT, sK, L::LDT, Sw, L::LDS, false);    // S = Q K^T
         warp_mm<T, BN, D, true>(dOw, L::LDT, sV, L::LDT, dPw, L::LDS, false);  // dP = dO V^T
@@ -691,8 +708,14 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         }
     };
 
-    load_tile<T, BN, D, UT>(sK, (const T*)kt.k, kt.rk, kt.nk, vec, tid);
-    load_tile<T, BN, D, UT>(sV, (const T*)kt.v, kt.rv, kt.nk, vec, tid);
+    {
+        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
+        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
+        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
+                                 kt.np, vec, tid);
+        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
+                                 kt.np, vec, tid);
+    }
 #pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < nqt) issue_q(st, st);
@@ -745,25 +768,28 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
     cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
     unit_sync<UT>();
 
-    if (!kt.prompt) {
+    if (kt.nk > 0) {   // rows [0, nk): keys
         const bool v16 = p.vec16_out != 0;
-        store_tile<T, D, UT>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)kt.row0 * p.dk.rstride,
+        store_tile<T, D, UT>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)kt.k0 * p.dk.rstride,
                              p.dk.rstride, sdK, L::LDA, kt.nk, nullptr, p.scale, v16, tid);
-        store_tile<T, D, UT>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)kt.row0 * p.dv.rstride,
+        store_tile<T, D, UT>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)kt.k0 * p.dv.rstride,
                              p.dv.rstride, sdV, L::LDA, kt.nk, nullptr, 1.f, v16, tid);
-    } else {
-        // prompt gradients (float32): reduced over the batch either by atomics into the
-        // un-broadcast buffer (broadcast strides 0), or stored per sequence (deterministic)
-        // and summed afterwards by the caller.
+    }
+    if (kt.np > 0) {
+        // rows [nk, nk + np): prompt gradients (float32), reduced over the batch either by
+        // atomics into the un-broadcast buffer (broadcast strides 0), or stored per
+        // sequence (deterministic) and summed afterwards by the caller.
         const Operand& ok = p.dpk[seg];
         const Operand& ov = p.dpv[seg];
-        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.row0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.row0 * ov.rstride;
+        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
         const bool atomic = p.atomic_prompt_grads != 0;
-        for (int i = tid; i < kt.nk * D; i += UT) {
+        const float* dK = sdK + kt.nk * L::LDA;
+        const float* dV = sdV + kt.nk * L::LDA;
+        for (int i = tid; i < kt.np * D; i += UT) {
             const int r = i / D, c = i % D;
-            const float vk = sdK[r * L::LDA + c] * p.scale;
-            const float vv = sdV[r * L::LDA + c];
+            const float vk = dK[r * L::LDA + c] * p.scale;
+            const float vv = dV[r * L::LDA + c];
             float* ak = gk + (int64_t)r * ok.rstride + c;
             float* av = gv + (int64_t)r * ov.rstride + c;
             if (atomic) {

@@ -21,9 +21,12 @@
 // (the parameter block is a __grid_constant__ struct, no pointer tables in memory).
 //
 // Work items and grid.  A work item is (sequence, tile): forward/dQ tiles are the query
-// tiles of all segments in order; dK/dV tiles are key tiles (the real key tiles of a
-// segment followed by its prompt tiles).  Items are numbered with the tile fastest, so the
-// query tiles of one sequence run next to each other and re-read its K/V from L2, not HBM.
+// tiles of all segments in order; dK/dV tiles are key tiles.  The keys of a segment are
+// its k rows followed by its prompt rows, cut into tiles as one sequence: a tile may end
+// the real keys and start the prompts (each part loaded from its own base pointer and row
+// stride), so the temporal stage's 10 keys + 2 prompts are one tile.  Items are numbered
+// with the tile fastest, so the query tiles of one sequence run next to each other and
+// re-read its K/V from L2, not HBM.
 // A CTA runs PACK consecutive items ("units"); CTA c = blockIdx.y * gridDim.x + blockIdx.x
 // (grid.x up to 2^31-1, the rest on grid.y: any batch product up to 2^31-1).
 //   * 64-row tiles: PACK = 1, one unit of 4 warps; each warp owns 16 rows of the tile.
@@ -52,22 +55,23 @@
 // sm_80 limit of 163 KiB of shared memory; occupancy and bytes in flight of every kernel
 // are in bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py checks them in CI).
 //
-// Forward (fwd_kernel): per unit, loop over the key tiles of the segment, then over its
-// prompt tiles (same code: only the base pointer and row stride differ): S = Q K^T;
+// Forward (fwd_kernel): per unit, loop over the key tiles of the segment (keys, then
+// prompts): S = Q K^T;
 // online softmax in log2 units, two lanes per row, all 16 rows of a warp at once (running
 // max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input
 // dtype, any strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
 // Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
 //   1. delta_kernel: delta = rowsum(dO o O) in fp32, one warp per row.
-//   2. dq_kernel: one unit per (sequence, query tile); loops over the key and prompt tiles
-//      recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.  Each dQ row is
-//      owned by one unit: no atomics.
-//   3. dkv_kernel: one unit per (sequence, key tile), prompt tiles included; loops over the
+//   2. dq_kernel: one unit per (sequence, query tile); loops over the key tiles (keys,
+//      then prompts) recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.
+//      Each dQ row is owned by one unit: no atomics.
+//   3. dkv_kernel: one unit per (sequence, key tile; prompt rows included); loops over the
 //      query tiles of the segment with transposed products (S^T = K Q^T, dP^T = V dO^T),
 //      dV = sum P^T dO, dK = scale * sum dS^T Q.  Key rows are owned by one unit: no
 //      atomics for dk/dv, which are written into the given (possibly strided, possibly
-//      one packed QKV-gradient buffer) tensors.
+//      one packed QKV-gradient buffer) tensors; the prompt rows of a tile go to the
+//      prompt-grad buffers (below).
 //   Recomputing S in two kernels instead of atomically adding dQ costs little for these
 //   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
 //   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32

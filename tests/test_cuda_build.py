@@ -455,6 +455,8 @@ def _case(name, dtype):
     if name == "three_segments_short":      # packed 16-row tiles, 3 segments, 7 sequences
         return (t(7, 16, 64), t(7, 16, 64), t(7, 16, 64),
                 [t(2, 64), None, t(7, 3, 64)], [t(2, 64), None, t(7, 3, 64)], (5, 7, 4))
+    if name == "prompts_span_tiles":         # 16 keys + 20 prompts: prompt rows from 16 on
+        return (t(2, 16, 32), t(2, 16, 32), t(2, 16, 32), [t(2, 20, 32)], [t(2, 20, 32)], None)
     if name == "many_tiles_d32":             # more K/V and Q/dO tiles than pipeline stages
         return (t(1, 2, 150, 32), t(1, 2, 150, 32), t(1, 2, 150, 32),
                 [t(2, 3, 32)], [t(2, 3, 32)], None)
@@ -468,7 +470,8 @@ def _case(name, dtype):
     ("long_d128", False, False), ("sliced_odd", False, "odd"),
     ("prompts_only", True, False), ("four_segments", False, False),
     ("short_d128", True, True), ("four_batch_dims", False, True),
-    ("three_segments_short", False, "odd"), ("many_tiles_d32", True, False)])
+    ("three_segments_short", False, "odd"), ("many_tiles_d32", True, False),
+    ("prompts_span_tiles", True, False)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
     scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
