@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -67,12 +67,53 @@ def _tool(name: str) -> Optional[str]:
 
 def compile_objects(outdir: str) -> str:
     """Run .ci/compile_cuda.sh into outdir (objects + ptxas -v logs); return outdir."""
-    env = dict(os.environ, JOBS=os.environ.get("JOBS", "2"))
-    r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), outdir],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    r = run_compile(outdir)
     if r.returncode != 0:
         raise RuntimeError(f"compile_cuda.sh failed:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}")
     return outdir
+
+
+def run_compile(outdir: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JOBS=os.environ.get("JOBS", "2"))
+    return subprocess.run(["bash", os.path.join(ROOT, ".ci", "compile_cuda.sh"), outdir],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+def cached_objects() -> Tuple[str, subprocess.CompletedProcess]:
+    """compile_cuda.sh output for the current sources, compiled at most once: cached under
+    AVSTFP_STATIC_CACHE (default ~/.cache/avstfp_fast/static_cuda) by a hash of csrc/*,
+    the script and the nvcc version, so that the CI test and bench/static_sm90.py share
+    one compile.  Returns (folder, the compile's result); a failed compile is not cached."""
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(CSRC, "*"))) + [
+            os.path.join(ROOT, ".ci", "compile_cuda.sh")]:
+        with open(f, "rb") as fh:
+            h.update(os.path.basename(f).encode() + fh.read())
+    nvcc = _tool("nvcc")
+    if nvcc:
+        h.update(subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.encode())
+    base = os.environ.get("AVSTFP_STATIC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "avstfp_fast",
+        "static_cuda")
+    d = os.path.join(base, h.hexdigest()[:16])
+    ok = os.path.join(d, "compile.ok")
+    if os.path.exists(ok):
+        with open(ok) as f:
+            return d, subprocess.CompletedProcess([], 0, f.read(), "")
+    tmp = d + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    r = run_compile(tmp)
+    if r.returncode != 0:
+        return tmp, r
+    with open(os.path.join(tmp, "compile.ok"), "w") as f:
+        f.write(r.stdout)
+    try:
+        os.replace(tmp, d)
+    except OSError:   # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return d, r
 
 
 def emulation_library(outdir: str) -> str:
@@ -191,16 +232,19 @@ def occupancy(threads: int, registers: int, smem: int) -> int:
 
 # --------------------------------------------------------------------------- contract
 def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> List[dict]:
-    """One row per kernel instance (sm_90a).  Compiles what is not given (nvcc ~20-60 s,
-    g++ a few s).  Keys: kernel, config, registers, spills_bytes, smem_bytes, ctas_per_sm,
+    """One row per kernel instance (sm_90a).  Compiles what is not given (nvcc ~20-90 s on
+    2 cores, shared through :func:`cached_objects`; g++ a few s).  Keys: kernel, config, registers, spills_bytes, smem_bytes, ctas_per_sm,
     warps_per_sm, cp_async, bytes_in_flight_per_sm, notes (+ threads, stages,
     store_bits, spills_sm80_bytes)."""
     tmp = None
     try:
-        if objdir is None or emu_lib is None:
+        if emu_lib is None:
             tmp = tempfile.mkdtemp(prefix="static_sm90_cuda_")
         if objdir is None:
-            objdir = compile_objects(tmp)
+            objdir, r = cached_objects()
+            if r.returncode != 0:
+                raise RuntimeError(f"compile_cuda.sh failed:\n{r.stdout[-4000:]}\n"
+                                   f"{r.stderr[-2000:]}")
         if emu_lib is None:
             emu_lib = emulation_library(tmp)
         table = kernel_table(emu_lib)

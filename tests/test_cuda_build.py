@@ -3,6 +3,7 @@ and the backend's refusals (why_not) with clear reasons.  No GPU needed."""
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from avstfp_fast import prompted_attention
 from avstfp_fast.ops import get_backend, make_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, ".ci", "compile_cuda.sh")
 
 
 def _load_build():
@@ -42,15 +42,13 @@ def test_kernels_do_not_include_torch():
 
 
 @pytest.fixture(scope="module")
-def cuda_objs(tmp_path_factory):
-    """.ci/compile_cuda.sh output (objects + ptxas -v logs), compiled once per module."""
+def cuda_objs():
+    """.ci/compile_cuda.sh output (objects + ptxas -v logs) for the current sources,
+    compiled once and shared with bench/static_sm90.py (see cached_objects)."""
     if _nvcc() is None:
         pytest.skip("nvcc not found (set CUDA_HOME)")
-    out = tmp_path_factory.mktemp("cuda_objs")
-    env = dict(os.environ, NVCC=_nvcc(), JOBS=os.environ.get("JOBS", "2"))
-    r = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1800)
-    return out, r
+    out, r = _static_module().cached_objects()
+    return pathlib.Path(out), r
 
 
 def test_cu_files_compile_for_sm80_and_sm90a(cuda_objs):
