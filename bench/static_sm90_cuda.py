@@ -138,9 +138,10 @@ def kernel_table(lib_path: str) -> Dict[str, dict]:
     lib.emu_kernel_table.restype = ctypes.c_char_p
     out = {}
     for line in lib.emu_kernel_table().decode().splitlines():
-        name, threads, smem, stages, stage_bytes, loads = line.split("|")
+        name, threads, smem, stages, stage_bytes, loads, pack = line.split("|")
         out[name] = dict(threads=int(threads), smem=int(smem), stages=int(stages),
-                         stage_bytes=int(stage_bytes), loads_tiles=bool(int(loads)))
+                         stage_bytes=int(stage_bytes), loads_tiles=bool(int(loads)),
+                         pack=int(pack))
     return out
 
 
@@ -262,7 +263,7 @@ def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> Li
     for short, cfg in table.items():
         kernel, args = short.split("<", 1)
         row = dict(kernel=kernel, config=args.rstrip(">"), threads=cfg["threads"],
-                   stages=cfg["stages"], smem_bytes=cfg["smem"], registers=None,
+                   stages=cfg["stages"], pack=cfg["pack"], smem_bytes=cfg["smem"], registers=None,
                    spills_bytes=None, spills_sm80_bytes=None, ctas_per_sm=0, warps_per_sm=0,
                    cp_async=False, store_bits=[], bytes_in_flight_per_sm=None,
                    loads_tiles=cfg["loads_tiles"], notes="")
@@ -293,7 +294,9 @@ def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> Li
                            else min(cfg["stage_bytes"], 16 * cfg["threads"]))
                 row["bytes_in_flight_per_sm"] = ctas * per_cta
                 if row["cp_async"] and cfg["stages"] == 1:
-                    notes.append("1 stage: tile loads not overlapped with compute")
+                    notes.append("1 stage: the CTA's 4 units overlap one another's loads"
+                                 if cfg["pack"] > 1 else
+                                 "1 stage: tile loads not overlapped with compute")
         if row["spills_sm80_bytes"]:
             notes.append(f"sm_80 spills {row['spills_sm80_bytes']} B")
         row["notes"] = "; ".join(notes)
@@ -324,7 +327,7 @@ def cuda_failures(rows: List[dict]) -> List[str]:
 
 
 def markdown(rows: List[dict], title: str = "CUDA kernels, sm_90a") -> str:
-    head = ("| kernel | config (dtype, d, tile, ...) | threads | stages | regs | spills B "
+    head = ("| kernel | <dtype, d, rows, N, stages, pack> | threads | stages | regs | spills B "
             "| smem B | CTAs/SM | warps/SM | cp.async | KB in flight/SM | store bits | notes |")
     lines = [f"### {title}", "", head, "|" + "---|" * 13]
     for r in rows:

@@ -807,17 +807,21 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
 // Tiles per stage shape.  Every unit has 4 warps (64 query rows, or 64 key rows for dK/dV)
 // or, for short sequences (every segment <= 16 queries: the temporal stage), PACK = 4
 // one-warp units of 16 x 16 tiles in one CTA.  N: key rows per K/V stage (dK/dV: query
-// rows per Q/dO stage), S: stages.  Chosen per (dtype, head dim) for the most bytes in
-// flight per H100/H200 SM under the 163 KiB limit (sm_80); occupancy and bytes in flight
-// of each are in bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py).
+// rows per Q/dO stage), S: stages.  64-row configs: chosen per (dtype, head dim) for the
+// most bytes in flight per H100/H200 SM under the 163 KiB limit (sm_80).  Packed configs
+// have one stage: a short sequence's keys and prompts are usually one tile (temporal: 10 +
+// 2) and it has one query tile, so there is nothing to prefetch; a smaller footprint
+// fits more CTAs per SM instead, and the 4 independent warps of a CTA overlap one
+// another's loads and math.  Occupancy and bytes in flight of each config are in
+// bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py).
 //
-//   dtype      d  | fwd N S | dq N S | dkv M S | packed S (fwd, dq, dkv)
-//   fp16/bf16  32 |  64  3  |  32  3 |  32  3  |  2 2 2
-//   fp16/bf16  64 |  32  3  |  32  3 |  32  3  |  2 2 2
-//   fp16/bf16 128 |  32  2  |  16  3 |  16  3  |  1 1 1
-//   fp32       32 |  32  3  |  32  3 |  32  3  |  2 2 2
-//   fp32       64 |  32  3  |  32  2 |  16  3  |  2 1 1
-//   fp32      128 |  32  1  |  16  2 |  16  1  |  none (4 packed units exceed 163 KiB)
+//   dtype      d  | fwd N S | dq N S | dkv M S | packed 4 x 16x16
+//   fp16/bf16  32 |  64  3  |  32  3 |  32  3  |  S = 1
+//   fp16/bf16  64 |  32  3  |  32  3 |  32  3  |  S = 1
+//   fp16/bf16 128 |  32  2  |  16  3 |  16  3  |  S = 1
+//   fp32       32 |  32  3  |  32  3 |  32  3  |  S = 1
+//   fp32       64 |  32  3  |  32  2 |  16  3  |  S = 1
+//   fp32      128 |  32  1  |  16  2 |  16  1  |  none (the 4 dQ units exceed 163 KiB)
 template <typename T, int D> struct Config;
 #define AVSTFP_CONFIG(T_, D_, FN, FS, QN, QS, KM, KS, PF, PQ, PK)                     \
     template <> struct Config<T_, D_> {                                                \
@@ -825,14 +829,14 @@ template <typename T, int D> struct Config;
                              DKV_S = KS, PACK_FWD_S = PF, PACK_DQ_S = PQ,              \
                              PACK_DKV_S = PK;                                          \
     };
-AVSTFP_CONFIG(__half, 32, 64, 3, 32, 3, 32, 3, 2, 2, 2)
-AVSTFP_CONFIG(__half, 64, 32, 3, 32, 3, 32, 3, 2, 2, 2)
+AVSTFP_CONFIG(__half, 32, 64, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__half, 64, 32, 3, 32, 3, 32, 3, 1, 1, 1)
 AVSTFP_CONFIG(__half, 128, 32, 2, 16, 3, 16, 3, 1, 1, 1)
-AVSTFP_CONFIG(__nv_bfloat16, 32, 64, 3, 32, 3, 32, 3, 2, 2, 2)
-AVSTFP_CONFIG(__nv_bfloat16, 64, 32, 3, 32, 3, 32, 3, 2, 2, 2)
+AVSTFP_CONFIG(__nv_bfloat16, 32, 64, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__nv_bfloat16, 64, 32, 3, 32, 3, 32, 3, 1, 1, 1)
 AVSTFP_CONFIG(__nv_bfloat16, 128, 32, 2, 16, 3, 16, 3, 1, 1, 1)
-AVSTFP_CONFIG(float, 32, 32, 3, 32, 3, 32, 3, 2, 2, 2)
-AVSTFP_CONFIG(float, 64, 32, 3, 32, 2, 16, 3, 2, 1, 1)
+AVSTFP_CONFIG(float, 32, 32, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(float, 64, 32, 3, 32, 2, 16, 3, 1, 1, 1)
 AVSTFP_CONFIG(float, 128, 32, 1, 16, 2, 16, 1, 0, 0, 0)
 #undef AVSTFP_CONFIG
 constexpr int kRows = 64;   // query rows (fwd, dq) or key rows (dkv) of a 4-warp unit
@@ -975,6 +979,7 @@ struct KernelInfo {
     int stages;           // K/V (or Q/dO) tile buffers
     size_t stage_bytes;   // bytes of global memory one stage copies, per CTA
     int loads_tiles;      // 1: loops over K/V (or Q/dO) tiles
+    int pack;             // units (sequences/tiles) per CTA
 };
 
 template <typename T> constexpr const char* type_name();
@@ -994,6 +999,7 @@ void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, i
     k.stage_bytes = (size_t)pack * 2 * stage_rows * d *
                     (std::strcmp(tn, "float") == 0 ? 4 : 2);
     k.loads_tiles = 1;
+    k.pack = pack;
     f(k);
 }
 
@@ -1016,6 +1022,7 @@ void kernel_infos_d(F&& f) {
     KernelInfo k{};
     std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
     k.threads = 256;
+    k.pack = 8;
     f(k);
 }
 

@@ -510,14 +510,15 @@ long emu_params_offset(int which) {
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
-// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles
+// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles|pack
 const char* emu_kernel_table() {
     static std::string out;
     out.clear();
     avstfp::detail::kernel_infos([](const avstfp::detail::KernelInfo& k) {
         out += std::string(k.name) + "|" + std::to_string(k.threads) + "|" +
                std::to_string(k.smem) + "|" + std::to_string(k.stages) + "|" +
-               std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "\n";
+               std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "|" +
+               std::to_string(k.pack) + "\n";
     });
     return out.c_str();
 }
