@@ -23,11 +23,13 @@
 #ifndef AVSTFP_MAX_GRID_X
 #define AVSTFP_MAX_GRID_X 2147483647LL
 #endif
-// Test hook, 0 in every build: the CPU emulation tests compile the kernels once with 1, which
-// waits for one cp.async group too few, and check that the emulation reports the misplaced
-// wait (tests/test_cuda_build.py::test_emulation_catches_misplaced_cp_async_wait).
-#ifndef AVSTFP_TEST_WAIT_SLACK
-#define AVSTFP_TEST_WAIT_SLACK 0
+// Test hook, 0 in every build: the CPU emulation tests compile the kernels with a fault
+// and check that the emulation reports it (tests/test_cuda_build.py::
+// test_emulation_catches_pipeline_faults).  1: every pipeline waits for one cp.async group
+// too few (a misplaced cp.async.wait_group); 2: no unit barrier after the wait (other
+// threads' copies of the tile may not have landed).
+#ifndef AVSTFP_TEST_FAULT
+#define AVSTFP_TEST_FAULT 0
 #endif
 // The CPU emulation checks that warp_mm's operands have no cp.async in flight; no-op here.
 #ifndef AVSTFP_CHECK_READY
@@ -126,7 +128,7 @@ __device__ __forceinline__ void store16(void* dst, const uint4& v) {
 // Groups a thread may leave pending when it needs the oldest tile of a STAGES-deep pipeline
 // (each iteration commits one group; with one stage the tile is waited for right away).
 template <int STAGES>
-constexpr int kWaitGroups = (STAGES > 1 ? STAGES - 2 : 0) + AVSTFP_TEST_WAIT_SLACK;
+constexpr int kWaitGroups = (STAGES > 1 ? STAGES - 2 : 0) + (AVSTFP_TEST_FAULT == 1 ? 1 : 0);
 
 // ------------------------------------------------------------------ global -> shared
 // Issue the copy of a ROWS x D shared tile (pitch pitch<T>(D)) whose rows come from two
@@ -448,7 +450,8 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
             cp_async_commit();
         }
         cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
-        unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
         if constexpr (STAGES > 1) {
             const int jn = j + STAGES - 1, st = jn % STAGES;
             if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
@@ -602,7 +605,7 @@ dq_kernel(const __grid_constant__ AttnParams p) {
             cp_async_commit();
         }
         cp_async_wait<kWaitGroups<STAGES>>();
-        unit_sync<UT>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
         if constexpr (STAGES > 1) {
             const int jn = j + STAGES - 1, st = jn % STAGES;
             if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
@@ -742,7 +745,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
             cp_async_commit();
         }
         cp_async_wait<kWaitGroups<STAGES>>();
-        unit_sync<UT>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
         if constexpr (STAGES > 1) {
             const int in = i + STAGES - 1;
             if (in < nqt) issue_q(in, in % STAGES);

@@ -6,7 +6,9 @@
 //
 // Model: the CTAs of a launch run one after another; the threads of a CTA are fibers
 // (ucontext) on one OS thread, switched only at __syncthreads/__syncwarp/shuffles, so
-// barriers and warp shuffles have their CUDA meaning and there are no data races.
+// barriers and warp shuffles have their CUDA meaning and there are no data races.  Each
+// warp runs as far ahead as the barriers allow before the next warp runs, so a missing
+// __syncthreads shows up as a read of data another warp has not produced yet.
 // Shared memory is filled with 0xFF (NaN) before every CTA, so reads of uninitialised
 // shared memory show up as NaN.  WMMA fragments hold the whole 16x16 tile in every lane
 // (products in fp32, like tensor cores with fp32 accumulation) and check the alignment
@@ -208,14 +210,25 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     }
     unsigned long last = b.progress;
     int idle = 0;
+    // Warps run as far ahead as their barriers allow: warp 0 runs until it blocks (at a
+    // __syncthreads, or done), then warp 1, ...  So a warp that reads data another warp
+    // provides without a barrier in between reads it before that warp has produced it.
+    const unsigned nwarps = (nthreads + 31) / 32;
     for (;;) {
         bool alive = false;
-        for (unsigned t = 0; t < nthreads; ++t) {
-            if (b.done[t]) continue;
-            alive = true;
-            b.cur = (int)t;
-            threadIdx = {t, 0, 0};
-            swapcontext(&b.main_ctx, &b.ctx[t]);
+        for (unsigned w = 0; w < nwarps; ++w) {
+            for (;;) {
+                const unsigned long before = b.progress;
+                bool any = false;
+                for (unsigned t = 32 * w; t < std::min(nthreads, 32 * w + 32); ++t) {
+                    if (b.done[t]) continue;
+                    any = alive = true;
+                    b.cur = (int)t;
+                    threadIdx = {t, 0, 0};
+                    swapcontext(&b.main_ctx, &b.ctx[t]);
+                }
+                if (!any || b.progress == before) break;
+            }
         }
         if (!alive) break;
         if (b.progress == last) {

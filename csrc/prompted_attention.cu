@@ -83,7 +83,8 @@
 // fibers, WMMA emulated, cp.async modelled with late landing and early clobber plus a
 // pending-read check, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
 // wrap is always exercised); tests/test_cuda_build.py checks it against the float64
-// reference, and checks that a deliberately misplaced cp.async wait fails there.
+// reference, and checks that deliberately broken pipelines (a misplaced cp.async wait, a
+// missing barrier after it: AVSTFP_TEST_FAULT) fail there.
 //
 // Error handling.  Launchers never throw: they return the first cudaError_t (including
 // cudaGetLastError() after every launch); the binding turns it into a TORCH_CHECK message.
