@@ -5,6 +5,8 @@
 #include <cfloat>
 #include <climits>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <type_traits>
 
 #ifndef AVSTFP_CPU_EMULATION
@@ -16,6 +18,24 @@
 #define AVSTFP_LAUNCH(kern, grid, block, smem, stream, p) kern<<<grid, block, smem, stream>>>(p)
 #endif
 
+// Largest grid.x the launchers use (the CUDA limit; the CPU emulation sets a tiny value so
+// that its tests also cover the wrap of the CTA index onto grid.y).
+#ifndef AVSTFP_MAX_GRID_X
+#define AVSTFP_MAX_GRID_X 2147483647LL
+#endif
+// Test hook, 0 in every build: the CPU emulation tests compile the kernels with a fault
+// and check that the emulation reports it (tests/test_cuda_build.py::
+// test_emulation_catches_pipeline_faults).  1: every pipeline waits for one cp.async group
+// too few (a misplaced cp.async.wait_group); 2: no unit barrier after the wait (other
+// threads' copies of the tile may not have landed).
+#ifndef AVSTFP_TEST_FAULT
+#define AVSTFP_TEST_FAULT 0
+#endif
+// The CPU emulation checks that warp_mm's operands have no cp.async in flight; no-op here.
+#ifndef AVSTFP_CHECK_READY
+#define AVSTFP_CHECK_READY(ptr, rows, cols, ld, what) ((void)0)
+#endif
+
 #include "attn_params.h"
 
 namespace avstfp {
@@ -23,9 +43,12 @@ namespace detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kMaxSmem = 101376;   // 99 KiB: the opt-in limit of sm_86/sm_89 (sm_80: 163 KiB)
+// 163 KiB: the opt-in limit of sm_80 (sm_90: 227 KiB; sm_86/sm_89: 99 KiB, where configs
+// above 99 KiB fail to launch with a clear error, see the table at Config).
+constexpr int kMaxSmem = 166912;
 
 __host__ __device__ constexpr int cdiv(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr size_t align128(size_t n) { return (n + 127) / 128 * 128; }
 
 // ------------------------------------------------------------------ element conversions
@@ -73,27 +96,120 @@ __device__ __forceinline__ int64_t boff(const Operand& t, const BatchIdx& bi) {
     return off;
 }
 
+// ------------------------------------------------------------------ asynchronous copies
+// cp.async (sm_80+): 16-byte global -> shared copies that bypass the registers and L1
+// (.cg); `src_bytes` 0 zero-fills the destination.  Copies issued between two commits form
+// a group; wait<N> returns once at most N of this thread's committed groups are pending.
+// The CPU emulation (cpu_emulation.h) provides the same four functions and checks their use.
+#ifndef AVSTFP_CPU_EMULATION
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// 16-byte global store (the pointer is 16-byte aligned: checked by the emulation).  Inline
+// PTX: nvcc splits a plain uint4 store built from packed words into four 32-bit stores.
+__device__ __forceinline__ void store16(void* dst, const uint4& v) {
+    asm volatile(
+        "{\n\t.reg .u64 ga;\n\tcvta.to.global.u64 ga, %0;\n\t"
+        "st.global.v4.b32 [ga], {%1, %2, %3, %4};\n\t}\n" ::"l"(dst),
+        "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+        : "memory");
+}
+#endif
+
+// Groups a thread may leave pending when it needs the oldest tile of a STAGES-deep pipeline
+// (each iteration commits one group; with one stage the tile is waited for right away).
+template <int STAGES>
+constexpr int kWaitGroups = (STAGES > 1 ? STAGES - 2 : 0) + (AVSTFP_TEST_FAULT == 1 ? 1 : 0);
+
 // ------------------------------------------------------------------ global -> shared
-// Copy `nvalid` rows (row stride `rstride` elements, last dim dense) into a shared tile of
-// ROWS x D with pitch pitch<T>(D); rows >= nvalid are zero-filled.  All threads of the CTA.
-template <typename T, int ROWS, int D>
-__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int nvalid,
-                                          bool vec16) {
+// Issue the copy of a ROWS x D shared tile (pitch pitch<T>(D)) whose rows come from two
+// sources: rows [0, n1) from g1 (row stride rs1 elements), rows [n1, n1 + n2) from g2
+// (row stride rs2; a key tile that ends the segment's keys and starts its prompts); later
+// rows are zero-filled.  Last dims are dense.  The NT threads of a unit (thread `tid`)
+// share the work.  vec16: cp.async, 16 bytes per copy (complete after the caller's
+// commit + wait); otherwise plain element copies (complete at once; only for layouts whose
+// pointers or strides are not 16-byte aligned).
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile2(T* s, const T* g1, int64_t rs1, int n1, const T* g2,
+                                           int64_t rs2, int n2, bool vec16, int tid) {
     constexpr int LD = pitch<T>(D);
     if (vec16) {
-        constexpr int CH = D * int(sizeof(T)) / 16;   // 16-byte chunks per row
-        for (int i = threadIdx.x; i < ROWS * CH; i += blockDim.x) {
-            const int r = i / CH, c = i % CH;
-            uint4 val = make_uint4(0u, 0u, 0u, 0u);
-            if (r < nvalid) val = reinterpret_cast<const uint4*>(g + (int64_t)r * rstride)[c];
-            reinterpret_cast<uint4*>(s + r * LD)[c] = val;
+        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;   // chunks per row
+        constexpr int N = ROWS * CH;
+        const T* any = n1 > 0 ? g1 : g2;   // a valid address for zero-filling copies
+#pragma unroll
+        for (int k = 0; k < cdiv(N, NT); ++k) {   // all copies issued back to back
+            const int i = tid + k * NT;
+            if (N % NT == 0 || i < N) {
+                const int r = i / CH, c = (i % CH) * EPC;
+                const bool a = r < n1, b = !a && r < n1 + n2;
+                const T* src = a ? g1 + (int64_t)r * rs1 + c
+                                 : (b ? g2 + (int64_t)(r - n1) * rs2 + c : any);
+                cp_async16(s + r * LD + c, src, a || b);
+            }
         }
     } else {
-        for (int i = threadIdx.x; i < ROWS * D; i += blockDim.x) {
+        for (int i = tid; i < ROWS * D; i += NT) {
             const int r = i / D, c = i % D;
             T val = from_f<T>(0.f);
-            if (r < nvalid) val = g[(int64_t)r * rstride + c];
+            if (r < n1)
+                val = g1[(int64_t)r * rs1 + c];
+            else if (r < n1 + n2)
+                val = g2[(int64_t)(r - n1) * rs2 + c];
             s[r * LD + c] = val;
+        }
+    }
+}
+
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t rstride, int nvalid,
+                                          bool vec16, int tid) {
+    load_tile2<T, ROWS, D, NT>(s, g, rstride, nvalid, g, 0, 0, vec16, tid);
+}
+
+// ------------------------------------------------------------------ shared -> global
+// The bits of from_f<T>(x[i] * m) for the elements of one 32-bit word (2 x 16 bit or 1 x 32).
+__device__ __forceinline__ uint32_t bits_of(__half h) { return __half_as_ushort(h); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 h) { return __bfloat16_as_ushort(h); }
+template <typename T>
+__device__ __forceinline__ uint32_t pack_word(const float* x, float m) {
+    if constexpr (std::is_same<T, float>::value)
+        return __float_as_uint(x[0] * m);
+    else
+        return bits_of(from_f<T>(x[0] * m)) | (bits_of(from_f<T>(x[1] * m)) << 16);
+}
+
+// out[r, c] = from_f<T>(s[r, c] * rowmul[r] * mul) for r < nrows (rowmul may be null), by
+// the NT threads of a unit; vec16: one 16-byte store per 16/sizeof(T) elements.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void store_tile(T* g, int64_t rstride, const float* s, int lds,
+                                           int nrows, const float* rowmul, float mul,
+                                           bool vec16, int tid) {
+    if (vec16) {
+        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;
+        for (int i = tid; i < nrows * CH; i += NT) {
+            const int r = i / CH, c = (i % CH) * EPC;
+            const float m = rowmul ? rowmul[r] * mul : mul;
+            const float* x = s + r * lds + c;
+            constexpr int W = 4 / int(sizeof(T));   // elements per 32-bit word
+            store16(g + (int64_t)r * rstride + c,
+                    make_uint4(pack_word<T>(x, m), pack_word<T>(x + W, m),
+                               pack_word<T>(x + 2 * W, m), pack_word<T>(x + 3 * W, m)));
+        }
+    } else {
+        for (int i = tid; i < nrows * D; i += NT) {
+            const int r = i / D, c = i % D;
+            const float m = rowmul ? rowmul[r] * mul : mul;
+            g[(int64_t)r * rstride + c] = from_f<T>(s[r * lds + c] * m);
         }
     }
 }
@@ -108,6 +224,8 @@ __device__ __forceinline__ void warp_mm(const T* A, int lda, const T* B, int ldb
                                         int ldc, bool accumulate) {
     static_assert(N % 16 == 0 && K % 16 == 0, "tile sizes are multiples of 16");
     __syncwarp();
+    AVSTFP_CHECK_READY(A, 16, K, lda, "warp_mm operand A");
+    AVSTFP_CHECK_READY(B, B_COL ? N : K, B_COL ? K : N, ldb, "warp_mm operand B");
     if constexpr (std::is_same<T, float>::value) {
         const int lane = threadIdx.x & 31;
         for (int i = lane; i < 16 * N; i += 32) {
@@ -144,118 +262,177 @@ __device__ __forceinline__ void warp_mm(const T* A, int lda, const T* B, int ldb
     __syncwarp();
 }
 
+// ------------------------------------------------------------------ work units
+// A CTA runs PACK units of UT threads.  PACK = 1: one unit of BM/16 (or BN/16) warps, the
+// whole CTA.  PACK > 1 (packed short tiles): one warp per unit, each on its own sequence,
+// so several short sequences share a CTA.  Units never share data: a unit barrier is
+// __syncwarp for one-warp units, __syncthreads otherwise.
+template <int UT>
+__device__ __forceinline__ void unit_sync() {
+    if constexpr (UT == 32)
+        __syncwarp();
+    else
+        __syncthreads();
+}
+
+// Work item of this unit: units are numbered CTA-major (CTA index = blockIdx.y * gridDim.x
+// + blockIdx.x), and work item w is (sequence w / tiles, tile w % tiles): the tiles of one
+// sequence are neighbours in launch order, so they share its K/V in L2.
+template <int PACK>
+__device__ __forceinline__ int64_t work_item(int unit) {
+    return ((int64_t)blockIdx.y * gridDim.x + blockIdx.x) * PACK + unit;
+}
+
+// Grid for `work` items, PACK per CTA: grid.x up to AVSTFP_MAX_GRID_X, the rest on grid.y.
+inline bool make_grid(int64_t work, int pack, dim3& grid) {
+    const int64_t ctas = cdiv64(work, pack);
+    const int64_t gx = ctas < (int64_t)AVSTFP_MAX_GRID_X ? ctas : (int64_t)AVSTFP_MAX_GRID_X;
+    const int64_t gy = cdiv64(ctas, gx);
+    if (ctas <= 0 || gy > 65535) return false;
+    grid = dim3((unsigned)gx, (unsigned)gy);
+    return true;
+}
+
 // ------------------------------------------------------------------ tile bookkeeping
-// Query tiles of BM rows, segment by segment (forward and dQ grids).
-__device__ __forceinline__ bool decode_q_tile(const AttnParams& p, int BM, int& seg, int& q0,
-                                              int& nq) {
-    int t = blockIdx.y;
+// Query tiles of BM rows, segment by segment (forward and dQ work items).
+__host__ __device__ inline int num_q_tiles(const AttnParams& p, int BM) {
+    int n = 0;
+    for (int s = 0; s < p.nseg; ++s) n += cdiv(p.q_len[s], BM);
+    return n;
+}
+
+__device__ __forceinline__ void decode_q_tile(const AttnParams& p, int BM, int t, int& seg,
+                                              int& q0, int& nq) {
     for (int s = 0; s < p.nseg; ++s) {
         const int n = cdiv(p.q_len[s], BM);
         if (t < n) {
             seg = s;
             q0 = p.q_start[s] + t * BM;
             nq = min(BM, p.q_start[s] + p.q_len[s] - q0);
-            return true;
+            return;
         }
         t -= n;
     }
-    return false;
 }
 
-__host__ inline int num_q_tiles(const AttnParams& p, int BM) {
+// Keys of segment s: its k_len rows of k followed by its P prompt rows, one sequence of
+// k_len + P rows cut into tiles of BN: a tile may end the real keys and start the prompts
+// (the temporal stage's 10 keys + 2 prompts are one 16-row tile).
+__host__ __device__ inline int num_prompts(const AttnParams& p, int s) {
+    return (p.pk[s].ptr != nullptr && p.n_prompt[s] > 0) ? p.n_prompt[s] : 0;
+}
+
+__host__ __device__ inline int num_key_tiles(const AttnParams& p, int s, int BN) {
+    return cdiv(p.k_len[s] + num_prompts(p, s), BN);
+}
+
+__host__ __device__ inline int num_key_tiles_all(const AttnParams& p, int BN) {
     int n = 0;
-    for (int s = 0; s < p.nseg; ++s) n += cdiv(p.q_len[s], BM);
+    for (int s = 0; s < p.nseg; ++s) n += num_key_tiles(p, s, BN);
     return n;
 }
 
-__device__ __forceinline__ bool has_prompts(const AttnParams& p, int s) {
-    return p.pk[s].ptr != nullptr && p.n_prompt[s] > 0;
-}
-
-// Key tiles of segment s: first ceil(k_len/BN) tiles of k/v, then ceil(P/BN) of the prompts.
-__host__ __device__ inline int num_key_tiles(const AttnParams& p, int s, int BN) {
-    const int np = (p.pk[s].ptr != nullptr && p.n_prompt[s] > 0) ? cdiv(p.n_prompt[s], BN) : 0;
-    return cdiv(p.k_len[s], BN) + np;
-}
-
+// Key tile j of segment s: rows [0, nk) from k (first row k0, absolute in Lk), then rows
+// [nk, nk + np) from the prompts (first prompt row p0).
 struct KeyTile {
-    const void* k;      // first row of the tile (k or prompt_k)
-    const void* v;
-    int64_t rk, rv;     // row strides
-    int nk;             // valid rows
-    bool prompt;
-    int row0;           // first row index within its source (k: absolute in Lk; prompt: 0..P)
+    const void *k, *v, *pk, *pv;   // first row of each part
+    int nk, np;                    // rows of each part
+    int k0, p0;
 };
 
 template <typename T>
 __device__ __forceinline__ KeyTile key_tile(const AttnParams& p, int s, int j, int BN,
                                             const BatchIdx& bi) {
     KeyTile t;
-    const int nkb = cdiv(p.k_len[s], BN);
-    if (j < nkb) {
-        const int k0 = p.k_start[s] + j * BN;
-        t.nk = min(BN, p.k_start[s] + p.k_len[s] - k0);
-        t.rk = p.k.rstride;
-        t.rv = p.v.rstride;
-        t.k = (const T*)p.k.ptr + boff(p.k, bi) + (int64_t)k0 * t.rk;
-        t.v = (const T*)p.v.ptr + boff(p.v, bi) + (int64_t)k0 * t.rv;
-        t.prompt = false;
-        t.row0 = k0;
+    const int v0 = j * BN;                       // first row of the tile in k ++ prompts
+    const int n = min(BN, p.k_len[s] + num_prompts(p, s) - v0);
+    t.nk = max(0, min(n, p.k_len[s] - v0));
+    t.np = n - t.nk;
+    t.k0 = p.k_start[s] + min(v0, p.k_len[s]);
+    t.p0 = max(0, v0 - p.k_len[s]);
+    t.k = (const T*)p.k.ptr + boff(p.k, bi) + (int64_t)t.k0 * p.k.rstride;
+    t.v = (const T*)p.v.ptr + boff(p.v, bi) + (int64_t)t.k0 * p.v.rstride;
+    if (t.np > 0) {
+        t.pk = (const T*)p.pk[s].ptr + boff(p.pk[s], bi) + (int64_t)t.p0 * p.pk[s].rstride;
+        t.pv = (const T*)p.pv[s].ptr + boff(p.pv[s], bi) + (int64_t)t.p0 * p.pv[s].rstride;
     } else {
-        const int k0 = (j - nkb) * BN;
-        t.nk = min(BN, p.n_prompt[s] - k0);
-        t.rk = p.pk[s].rstride;
-        t.rv = p.pv[s].rstride;
-        t.k = (const T*)p.pk[s].ptr + boff(p.pk[s], bi) + (int64_t)k0 * t.rk;
-        t.v = (const T*)p.pv[s].ptr + boff(p.pv[s], bi) + (int64_t)k0 * t.rv;
-        t.prompt = true;
-        t.row0 = k0;
+        t.pk = t.k;
+        t.pv = t.v;
     }
     return t;
 }
 
+// Issue the K and V tiles j of segment s into one pipeline stage.
+template <typename T, int BN, int D, int UT>
+__device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, const BatchIdx& bi,
+                                         T* sK, T* sV, bool vec, int tid) {
+    const KeyTile kt = key_tile<T>(p, s, j, BN, bi);
+    load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk,
+                             kt.np > 0 ? p.pk[s].rstride : 0, kt.np, vec, tid);
+    load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
+                             kt.np > 0 ? p.pv[s].rstride : 0, kt.np, vec, tid);
+}
+
 // ================================================================== forward
-template <typename T, int D, int BM, int BN>
+// Shared memory of one unit.  fp32: P is written over S in place (same type and pitch;
+// each element is read and then written by the same lane).
+template <typename T, int D, int BM, int BN, int STAGES>
 struct FwdSmem {
+    static constexpr bool F32 = std::is_same<T, float>::value;
     static constexpr int LDT = pitch<T>(D), LDS = pitch<float>(BN), LDP = pitch<T>(BN),
                          LDO = pitch<float>(D);
+    static constexpr size_t tile = align128(sizeof(T) * BN * LDT);   // one K or V tile
     static constexpr size_t q = 0;
-    static constexpr size_t k = q + align128(sizeof(T) * BM * LDT);
-    static constexpr size_t v = k + align128(sizeof(T) * BN * LDT);
-    static constexpr size_t s = v + align128(sizeof(T) * BN * LDT);
-    static constexpr size_t pm = s + align128(sizeof(float) * BM * LDS);
-    static constexpr size_t o = pm + align128(sizeof(T) * BM * LDP);
+    static constexpr size_t kv = q + align128(sizeof(T) * BM * LDT);   // stage i: K, V
+    static constexpr size_t s = kv + 2 * STAGES * tile;
+    static constexpr size_t pm = F32 ? s : s + align128(sizeof(float) * BM * LDS);
+    static constexpr size_t o = pm + align128(F32 ? sizeof(float) * BM * LDS
+                                                  : sizeof(T) * BM * LDP);
     static constexpr size_t stat = o + align128(sizeof(float) * BM * LDO);
     static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
-    static_assert(bytes <= kMaxSmem, "forward tile config exceeds 99 KiB of shared memory");
 };
 
-template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BM * 2)
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__global__ void __launch_bounds__(PACK * BM * 2, 1)
 fwd_kernel(const __grid_constant__ AttnParams p) {
-    using L = FwdSmem<T, D, BM, BN>;
+    using L = FwdSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem + L::q);
-    T* sK = reinterpret_cast<T*>(smem + L::k);
-    T* sV = reinterpret_cast<T*>(smem + L::v);
-    float* sS = reinterpret_cast<float*>(smem + L::s);
-    T* sP = reinterpret_cast<T*>(smem + L::pm);
-    float* sO = reinterpret_cast<float*>(smem + L::o);
-    float* sM = reinterpret_cast<float*>(smem + L::stat);   // running max (log2 units)
-    float* sL = sM + BM;                                      // running sum
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
 
-    int seg, q0, nq;
-    if (!decode_q_tile(p, BM, seg, q0, nq)) return;
-    const int64_t b = blockIdx.x;
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    float* sS = reinterpret_cast<float*>(base + L::s);
+    T* sP = reinterpret_cast<T*>(base + L::pm);
+    float* sO = reinterpret_cast<float*>(base + L::o);
+    float* sM = reinterpret_cast<float*>(base + L::stat);   // running max (log2 units)
+    float* sL = sM + BM;                                      // running sum
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                        p.q.rstride, nq, vec);
-    for (int i = threadIdx.x; i < BM * L::LDO; i += blockDim.x) sO[i] = 0.f;
-    for (int i = threadIdx.x; i < BM; i += blockDim.x) {
+    // prologue: Q and the first STAGES-1 K/V tiles in flight (Q joins the first group)
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+    for (int i = tid; i < BM * L::LDO; i += UT) sO[i] = 0.f;
+    for (int i = tid; i < BM; i += UT) {
         sM[i] = -INFINITY;
         sL[i] = 0.f;
     }
@@ -266,13 +443,24 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
     T* Pw = sP + warp * 16 * L::LDP;
     float* Ow = sO + warp * 16 * L::LDO;
 
-    const int ntiles = num_key_tiles(p, seg, BN);
     for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
-        __syncthreads();   // previous K/V tile consumed; Q, O, stats initialised
-        load_tile<T, BN, D>(sK, (const T*)kt.k, kt.rk, kt.nk, vec);
-        load_tile<T, BN, D>(sV, (const T*)kt.v, kt.rv, kt.nk, vec);
-        __syncthreads();
+        const int nk = kt.nk + kt.np;   // valid keys of the tile
 
         warp_mm<T, BN, D, true>(Qw, L::LDT, sK, L::LDT, Sw, L::LDS, false);   // S = Q K^T
 
@@ -283,13 +471,13 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
             T* Pr = Pw + r * L::LDP;
             float* Or = Ow + r * L::LDO;
             float mx = -INFINITY;
-            for (int c = h; c < kt.nk; c += 2) mx = fmaxf(mx, Sr[c] * sl2);
+            for (int c = h; c < nk; c += 2) mx = fmaxf(mx, Sr[c] * sl2);
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             const float m_old = sM[row];
             const float m_new = fmaxf(m_old, mx);          // finite: the tile has a key
             float sum = 0.f;
             for (int c = h; c < BN; c += 2) {
-                const float e = c < kt.nk ? exp2f(Sr[c] * sl2 - m_new) : 0.f;
+                const float e = c < nk ? exp2f(Sr[c] * sl2 - m_new) : 0.f;
                 Pr[c] = from_f<T>(e);
                 sum += e;
             }
@@ -304,22 +492,23 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
         }
         warp_mm<T, D, BN, false>(Pw, L::LDP, sV, L::LDT, Ow, L::LDO, true);   // O += P V
     }
-    __syncthreads();
+    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    unit_sync<UT>();
 
-    T* go = (T*)p.o.ptr + boff(p.o, bi) + (int64_t)q0 * p.o.rstride;
-    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) {
-        const int r = i / D, c = i % D;
-        go[(int64_t)r * p.o.rstride + c] = from_f<T>(sO[r * L::LDO + c] / sL[r]);
-    }
-    for (int r = threadIdx.x; r < nq; r += blockDim.x)
+    for (int r = tid; r < nq; r += UT) {
         p.lse[b * p.Lq + q0 + r] = (sM[r] + log2f(sL[r])) * kLn2;
+        sL[r] = 1.f / sL[r];
+    }
+    unit_sync<UT>();
+    store_tile<T, D, UT>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)q0 * p.o.rstride, p.o.rstride,
+                         sO, L::LDO, nq, sL, 1.f, p.vec16_out != 0, tid);
 }
 
 // ================================================================== backward: delta
 // delta[b, r] = sum_c dout[b, r, c] * o[b, r, c]  (float32), one warp per row.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) delta_kernel(const __grid_constant__ AttnParams p) {
-    const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int64_t row = work_item<8>(threadIdx.x / 32);   // 8 warps, one row each
     if (row >= p.nseq * p.Lq) return;
     const int lane = threadIdx.x & 31;
     const int64_t b = row / p.Lq;
@@ -334,54 +523,70 @@ __global__ void __launch_bounds__(256) delta_kernel(const __grid_constant__ Attn
 }
 
 // ================================================================== backward: dQ
-template <typename T, int D, int BM, int BN>
+// fp32: dS is written over S in place.
+template <typename T, int D, int BM, int BN, int STAGES>
 struct DqSmem {
+    static constexpr bool F32 = std::is_same<T, float>::value;
     static constexpr int LDT = pitch<T>(D), LDS = pitch<float>(BN), LDP = pitch<T>(BN),
                          LDA = pitch<float>(D);
+    static constexpr size_t tile = align128(sizeof(T) * BN * LDT);
     static constexpr size_t q = 0;
     static constexpr size_t dout = q + align128(sizeof(T) * BM * LDT);
-    static constexpr size_t k = dout + align128(sizeof(T) * BM * LDT);
-    static constexpr size_t v = k + align128(sizeof(T) * BN * LDT);
-    static constexpr size_t s = v + align128(sizeof(T) * BN * LDT);
+    static constexpr size_t kv = dout + align128(sizeof(T) * BM * LDT);
+    static constexpr size_t s = kv + 2 * STAGES * tile;
     static constexpr size_t dp = s + align128(sizeof(float) * BM * LDS);
-    static constexpr size_t ds = dp + align128(sizeof(float) * BM * LDS);
-    static constexpr size_t dq = ds + align128(sizeof(T) * BM * LDP);
+    static constexpr size_t ds = F32 ? s : dp + align128(sizeof(float) * BM * LDS);
+    static constexpr size_t dq = F32 ? dp + align128(sizeof(float) * BM * LDS)
+                                     : ds + align128(sizeof(T) * BM * LDP);
     static constexpr size_t stat = dq + align128(sizeof(float) * BM * LDA);
     static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
-    static_assert(bytes <= kMaxSmem, "dQ tile config exceeds 99 KiB of shared memory");
 };
 
-template <typename T, int D, int BM, int BN>
-__global__ void __launch_bounds__(BM * 2)
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__global__ void __launch_bounds__(PACK * BM * 2, 1)
 dq_kernel(const __grid_constant__ AttnParams p) {
-    using L = DqSmem<T, D, BM, BN>;
+    using L = DqSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem + L::q);
-    T* sdO = reinterpret_cast<T*>(smem + L::dout);
-    T* sK = reinterpret_cast<T*>(smem + L::k);
-    T* sV = reinterpret_cast<T*>(smem + L::v);
-    float* sS = reinterpret_cast<float*>(smem + L::s);
-    float* sdP = reinterpret_cast<float*>(smem + L::dp);
-    T* sdS = reinterpret_cast<T*>(smem + L::ds);
-    float* sdQ = reinterpret_cast<float*>(smem + L::dq);
-    float* sLse = reinterpret_cast<float*>(smem + L::stat);   // log2 units
-    float* sDelta = sLse + BM;
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
 
-    int seg, q0, nq;
-    if (!decode_q_tile(p, BM, seg, q0, nq)) return;
-    const int64_t b = blockIdx.x;
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    T* sdO = reinterpret_cast<T*>(base + L::dout);
+    float* sS = reinterpret_cast<float*>(base + L::s);
+    float* sdP = reinterpret_cast<float*>(base + L::dp);
+    T* sdS = reinterpret_cast<T*>(base + L::ds);
+    float* sdQ = reinterpret_cast<float*>(base + L::dq);
+    float* sLse = reinterpret_cast<float*>(base + L::stat);   // log2 units
+    float* sDelta = sLse + BM;
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                        p.q.rstride, nq, vec);
-    load_tile<T, BM, D>(sdO,
-                        (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
-                        p.dout.rstride, nq, vec);
-    for (int i = threadIdx.x; i < BM * L::LDA; i += blockDim.x) sdQ[i] = 0.f;
-    for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+    load_tile<T, BM, D, UT>(sdO,
+                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
+                            p.dout.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+    for (int i = tid; i < BM * L::LDA; i += UT) sdQ[i] = 0.f;
+    for (int r = tid; r < BM; r += UT) {
         sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
         sDelta[r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
     }
@@ -393,93 +598,133 @@ dq_kernel(const __grid_constant__ AttnParams p) {
     T* dSw = sdS + warp * 16 * L::LDP;
     float* dQw = sdQ + warp * 16 * L::LDA;
 
-    const int ntiles = num_key_tiles(p, seg, BN);
     for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
-        __syncthreads();
-        load_tile<T, BN, D>(sK, (const T*)kt.k, kt.rk, kt.nk, vec);
-        load_tile<T, BN, D>(sV, (const T*)kt.v, kt.rv, kt.nk, vec);
-        __syncthreads();
+        const int nk = kt.nk + kt.np;
 
         warp_mm<T, BN, D, true>(Qw, L::LDT, sK, L::LDT, Sw, L::LDS, false);    // S = Q K^T
         warp_mm<T, BN, D, true>(dOw, L::LDT, sV, L::LDT, dPw, L::LDS, false);  // dP = dO V^T
         for (int i = lane; i < 16 * BN; i += 32) {
             const int r = i / BN, c = i % BN;
             const int row = warp * 16 + r;
-            const float pr = c < kt.nk ? exp2f(Sw[r * L::LDS + c] * sl2 - sLse[row]) : 0.f;
+            const float pr = c < nk ? exp2f(Sw[r * L::LDS + c] * sl2 - sLse[row]) : 0.f;
             dSw[r * L::LDP + c] = from_f<T>(pr * (dPw[r * L::LDS + c] - sDelta[row]));
         }
         warp_mm<T, D, BN, false>(dSw, L::LDP, sK, L::LDT, dQw, L::LDA, true);  // dQ += dS K
     }
-    __syncthreads();
+    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    unit_sync<UT>();
 
-    T* g = (T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride;
-    for (int i = threadIdx.x; i < nq * D; i += blockDim.x) {
-        const int r = i / D, c = i % D;
-        g[(int64_t)r * p.dq.rstride + c] = from_f<T>(sdQ[r * L::LDA + c] * p.scale);
-    }
+    store_tile<T, D, UT>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
+                         p.dq.rstride, sdQ, L::LDA, nq, nullptr, p.scale, p.vec16_out != 0, tid);
 }
 
 // ================================================================== backward: dK, dV
-// BN key rows per CTA (one warp per 16 keys), looping over query tiles of BM rows.
-template <typename T, int D, int BN, int BM>
+// BN key rows per unit (one warp per 16 keys), looping over query tiles of BM rows that
+// stream through a STAGES-deep pipeline (Q, dO by cp.async; lse, delta by plain loads).
+// fp32: P^T is written over S^T and dS^T over dP^T in place.
+template <typename T, int D, int BN, int BM, int STAGES>
 struct DkvSmem {
+    static constexpr bool F32 = std::is_same<T, float>::value;
     static constexpr int LDT = pitch<T>(D), LDS = pitch<float>(BM), LDP = pitch<T>(BM),
                          LDA = pitch<float>(D);
+    static constexpr size_t qtile = align128(sizeof(T) * BM * LDT);
+    static constexpr size_t stat_stage = align128(sizeof(float) * 2 * BM);
     static constexpr size_t k = 0;
     static constexpr size_t v = k + align128(sizeof(T) * BN * LDT);
-    static constexpr size_t q = v + align128(sizeof(T) * BN * LDT);
-    static constexpr size_t dout = q + align128(sizeof(T) * BM * LDT);
-    static constexpr size_t s = dout + align128(sizeof(T) * BM * LDT);
+    static constexpr size_t qd = v + align128(sizeof(T) * BN * LDT);   // stage i: Q, dO
+    static constexpr size_t stat = qd + 2 * STAGES * qtile;             // stage i: lse, delta
+    static constexpr size_t s = stat + STAGES * stat_stage;
     static constexpr size_t dp = s + align128(sizeof(float) * BN * LDS);
-    static constexpr size_t pm = dp + align128(sizeof(float) * BN * LDS);
-    static constexpr size_t ds = pm + align128(sizeof(T) * BN * LDP);
-    static constexpr size_t dk = ds + align128(sizeof(T) * BN * LDP);
+    static constexpr size_t pm = F32 ? s : dp + align128(sizeof(float) * BN * LDS);
+    static constexpr size_t ds = F32 ? dp : pm + align128(sizeof(T) * BN * LDP);
+    static constexpr size_t dk = F32 ? dp + align128(sizeof(float) * BN * LDS)
+                                     : ds + align128(sizeof(T) * BN * LDP);
     static constexpr size_t dv = dk + align128(sizeof(float) * BN * LDA);
-    static constexpr size_t stat = dv + align128(sizeof(float) * BN * LDA);
-    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
-    static_assert(bytes <= kMaxSmem, "dK/dV tile config exceeds 99 KiB of shared memory");
+    static constexpr size_t bytes = dv + align128(sizeof(float) * BN * LDA);
 };
 
-template <typename T, int D, int BN, int BM>
-__global__ void __launch_bounds__(BN * 2)
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__global__ void __launch_bounds__(PACK * BN * 2, 1)
 dkv_kernel(const __grid_constant__ AttnParams p) {
-    using L = DkvSmem<T, D, BN, BM>;
+    using L = DkvSmem<T, D, BN, BM, STAGES>;
+    constexpr int UT = BN * 2;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* sK = reinterpret_cast<T*>(smem + L::k);
-    T* sV = reinterpret_cast<T*>(smem + L::v);
-    T* sQ = reinterpret_cast<T*>(smem + L::q);
-    T* sdO = reinterpret_cast<T*>(smem + L::dout);
-    float* sS = reinterpret_cast<float*>(smem + L::s);     // S^T: keys x queries
-    float* sdP = reinterpret_cast<float*>(smem + L::dp);   // dP^T
-    T* sP = reinterpret_cast<T*>(smem + L::pm);            // P^T
-    T* sdS = reinterpret_cast<T*>(smem + L::ds);           // dS^T
-    float* sdK = reinterpret_cast<float*>(smem + L::dk);
-    float* sdV = reinterpret_cast<float*>(smem + L::dv);
-    float* sLse = reinterpret_cast<float*>(smem + L::stat);   // per query, log2 units
-    float* sDelta = sLse + BM;
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
 
-    // decode (segment, key tile) from blockIdx.y
-    int seg = -1, j = 0;
-    {
-        int t = blockIdx.y;
-        for (int s = 0; s < p.nseg; ++s) {
-            const int n = num_key_tiles(p, s, BN);
-            if (t < n) { seg = s; j = t; break; }
-            t -= n;
-        }
-    }
-    if (seg < 0) return;
-    const int64_t b = blockIdx.x;
+    const int tiles = num_key_tiles_all(p, BN);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, j = (int)(w % tiles);   // (segment, key tile) from the tile index
+    while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sK = reinterpret_cast<T*>(base + L::k);
+    T* sV = reinterpret_cast<T*>(base + L::v);
+    float* sS = reinterpret_cast<float*>(base + L::s);     // S^T: keys x queries
+    float* sdP = reinterpret_cast<float*>(base + L::dp);   // dP^T
+    T* sP = reinterpret_cast<T*>(base + L::pm);            // P^T
+    T* sdS = reinterpret_cast<T*>(base + L::ds);           // dS^T
+    float* sdK = reinterpret_cast<float*>(base + L::dk);
+    float* sdV = reinterpret_cast<float*>(base + L::dv);
+    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
+    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
+    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
+
     const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float sl2 = p.scale * kLog2e;
     const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+    const int nqt = cdiv(p.q_len[seg], BM);
+    const T* gq = (const T*)p.q.ptr + boff(p.q, bi);
+    const T* gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
 
-    load_tile<T, BN, D>(sK, (const T*)kt.k, kt.rk, kt.nk, vec);
-    load_tile<T, BN, D>(sV, (const T*)kt.v, kt.rv, kt.nk, vec);
-    for (int i = threadIdx.x; i < BN * L::LDA; i += blockDim.x) {
+    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
+    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain loads
+    auto issue_q = [=, &p](int i, int st) {
+        const int q0 = p.q_start[seg] + i * BM;
+        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
+        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
+                                tid);
+        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
+                                nq, vec, tid);
+        float* lse = stLse(st);
+        for (int r = tid; r < BM; r += UT) {
+            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+        }
+    };
+
+    {
+        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
+        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
+        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
+                                 kt.np, vec, tid);
+        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
+                                 kt.np, vec, tid);
+    }
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nqt) issue_q(st, st);
+        cp_async_commit();
+    }
+    for (int i = tid; i < BN * L::LDA; i += UT) {
         sdK[i] = 0.f;
         sdV[i] = 0.f;
     }
@@ -493,58 +738,61 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
     float* dKw = sdK + warp * 16 * L::LDA;
     float* dVw = sdV + warp * 16 * L::LDA;
 
-    const int nqt = cdiv(p.q_len[seg], BM);
     for (int i = 0; i < nqt; ++i) {
-        const int q0 = p.q_start[seg] + i * BM;
-        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
-        __syncthreads();   // previous Q/dO tile consumed; K, V, dK, dV initialised
-        load_tile<T, BM, D>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec);
-        load_tile<T, BM, D>(sdO,
-                            (const T*)p.dout.ptr + boff(p.dout, bi) +
-                                (int64_t)q0 * p.dout.rstride,
-                            p.dout.rstride, nq, vec);
-        for (int r = threadIdx.x; r < BM; r += blockDim.x) {
-            // padded queries: lse = +inf makes their probabilities exactly 0
-            sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
-            sDelta[r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_q(i, 0);
+            cp_async_commit();
         }
-        __syncthreads();
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int in = i + STAGES - 1;
+            if (in < nqt) issue_q(in, in % STAGES);
+            cp_async_commit();
+        }
+        const T* sQ = stQ(i % STAGES);
+        const T* sdO = stdO(i % STAGES);
+        const float* sLse = stLse(i % STAGES);
+        const float* sDelta = sLse + BM;
 
         warp_mm<T, BM, D, true>(Kw, L::LDT, sQ, L::LDT, Sw, L::LDS, false);    // S^T = K Q^T
         warp_mm<T, BM, D, true>(Vw, L::LDT, sdO, L::LDT, dPw, L::LDS, false);  // dP^T = V dO^T
         for (int e = lane; e < 16 * BM; e += 32) {
             const int r = e / BM, c = e % BM;     // r: key (this warp), c: query
             const float pr = exp2f(Sw[r * L::LDS + c] * sl2 - sLse[c]);
+            const float ds = pr * (dPw[r * L::LDS + c] - sDelta[c]);
             Pw[r * L::LDP + c] = from_f<T>(pr);
-            dSw[r * L::LDP + c] = from_f<T>(pr * (dPw[r * L::LDS + c] - sDelta[c]));
+            dSw[r * L::LDP + c] = from_f<T>(ds);
         }
         warp_mm<T, D, BM, false>(Pw, L::LDP, sdO, L::LDT, dVw, L::LDA, true);  // dV += P^T dO
         warp_mm<T, D, BM, false>(dSw, L::LDP, sQ, L::LDT, dKw, L::LDA, true);  // dK += dS^T Q
     }
-    __syncthreads();
+    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    unit_sync<UT>();
 
-    if (!kt.prompt) {
-        T* gk = (T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)kt.row0 * p.dk.rstride;
-        T* gv = (T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)kt.row0 * p.dv.rstride;
-        for (int i = threadIdx.x; i < kt.nk * D; i += blockDim.x) {
-            const int r = i / D, c = i % D;
-            gk[(int64_t)r * p.dk.rstride + c] = from_f<T>(sdK[r * L::LDA + c] * p.scale);
-            gv[(int64_t)r * p.dv.rstride + c] = from_f<T>(sdV[r * L::LDA + c]);
-        }
-    } else {
-        // prompt gradients (float32): reduced over the batch either by atomics into the
-        // un-broadcast buffer (broadcast strides 0), or stored per sequence (deterministic)
-        // and summed afterwards by the caller.
+    if (kt.nk > 0) {   // rows [0, nk): keys
+        const bool v16 = p.vec16_out != 0;
+        store_tile<T, D, UT>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)kt.k0 * p.dk.rstride,
+                             p.dk.rstride, sdK, L::LDA, kt.nk, nullptr, p.scale, v16, tid);
+        store_tile<T, D, UT>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)kt.k0 * p.dv.rstride,
+                             p.dv.rstride, sdV, L::LDA, kt.nk, nullptr, 1.f, v16, tid);
+    }
+    if (kt.np > 0) {
+        // rows [nk, nk + np): prompt gradients (float32), reduced over the batch either by
+        // atomics into the un-broadcast buffer (broadcast strides 0), or stored per
+        // sequence (deterministic) and summed afterwards by the caller.
         const Operand& ok = p.dpk[seg];
         const Operand& ov = p.dpv[seg];
-        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.row0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.row0 * ov.rstride;
+        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
         const bool atomic = p.atomic_prompt_grads != 0;
-        for (int i = threadIdx.x; i < kt.nk * D; i += blockDim.x) {
+        const float* dK = sdK + kt.nk * L::LDA;
+        const float* dV = sdV + kt.nk * L::LDA;
+        for (int i = tid; i < kt.np * D; i += UT) {
             const int r = i / D, c = i % D;
-            const float vk = sdK[r * L::LDA + c] * p.scale;
-            const float vv = sdV[r * L::LDA + c];
+            const float vk = dK[r * L::LDA + c] * p.scale;
+            const float vv = dV[r * L::LDA + c];
             float* ak = gk + (int64_t)r * ok.rstride + c;
             float* av = gv + (int64_t)r * ov.rstride + c;
             if (atomic) {
@@ -558,20 +806,46 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
     }
 }
 
-// ================================================================== host launchers
-// Tile configurations.  W = bytes per row of q (head_dim * sizeof(T)).  Every config stays
-// under 99 KiB of shared memory (static_asserts above).
-template <typename T, int D>
-struct Config {
-    static constexpr int W = D * int(sizeof(T));
-    static constexpr int FWD_M = W >= 512 ? 32 : 64;
-    static constexpr int FWD_N = W >= 256 ? 32 : 64;
-    static constexpr int DQ_M = W >= 256 ? 32 : 64;
-    static constexpr int DQ_N = 32;
-    static constexpr int DKV_N = W >= 256 ? 32 : 64;
-    static constexpr int DKV_M = W >= 512 ? 16 : 32;
-};
+// ================================================================== configurations
+// Tiles per stage shape.  Every unit has 4 warps (64 query rows, or 64 key rows for dK/dV)
+// or, for short sequences (every segment <= 16 queries: the temporal stage), PACK = 4
+// one-warp units of 16 x 16 tiles in one CTA.  N: key rows per K/V stage (dK/dV: query
+// rows per Q/dO stage), S: stages.  64-row configs: chosen per (dtype, head dim) for the
+// most bytes in flight per H100/H200 SM under the 163 KiB limit (sm_80).  Packed configs
+// have one stage: a short sequence's keys and prompts are usually one tile (temporal: 10 +
+// 2) and it has one query tile, so there is nothing to prefetch; a smaller footprint
+// fits more CTAs per SM instead, and the 4 independent warps of a CTA overlap one
+// another's loads and math.  Occupancy and bytes in flight of each config are in
+// bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py).
+//
+//   dtype      d  | fwd N S | dq N S | dkv M S | packed 4 x 16x16
+//   fp16/bf16  32 |  64  3  |  32  3 |  32  3  |  S = 1
+//   fp16/bf16  64 |  32  3  |  32  3 |  32  3  |  S = 1
+//   fp16/bf16 128 |  32  2  |  16  3 |  16  3  |  S = 1
+//   fp32       32 |  32  3  |  32  3 |  32  3  |  S = 1
+//   fp32       64 |  32  3  |  32  2 |  16  3  |  S = 1
+//   fp32      128 |  32  1  |  16  2 |  16  1  |  none (the 4 dQ units exceed 163 KiB)
+template <typename T, int D> struct Config;
+#define AVSTFP_CONFIG(T_, D_, FN, FS, QN, QS, KM, KS, PF, PQ, PK)                     \
+    template <> struct Config<T_, D_> {                                                \
+        static constexpr int FWD_N = FN, FWD_S = FS, DQ_N = QN, DQ_S = QS, DKV_M = KM, \
+                             DKV_S = KS, PACK_FWD_S = PF, PACK_DQ_S = PQ,              \
+                             PACK_DKV_S = PK;                                          \
+    };
+AVSTFP_CONFIG(__half, 32, 64, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__half, 64, 32, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__half, 128, 32, 2, 16, 3, 16, 3, 1, 1, 1)
+AVSTFP_CONFIG(__nv_bfloat16, 32, 64, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__nv_bfloat16, 64, 32, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(__nv_bfloat16, 128, 32, 2, 16, 3, 16, 3, 1, 1, 1)
+AVSTFP_CONFIG(float, 32, 32, 3, 32, 3, 32, 3, 1, 1, 1)
+AVSTFP_CONFIG(float, 64, 32, 3, 32, 2, 16, 3, 1, 1, 1)
+AVSTFP_CONFIG(float, 128, 32, 1, 16, 2, 16, 1, 0, 0, 0)
+#undef AVSTFP_CONFIG
+constexpr int kRows = 64;   // query rows (fwd, dq) or key rows (dkv) of a 4-warp unit
+constexpr int kPack = 4;    // one-warp units per CTA for short sequences
 
+// ================================================================== host launchers
 template <typename Kernel>
 inline cudaError_t prepare(Kernel kern, size_t smem) {
     if (smem > 48 * 1024)
@@ -580,78 +854,85 @@ inline cudaError_t prepare(Kernel kern, size_t smem) {
     return cudaSuccess;
 }
 
-inline bool grid_ok(const AttnParams& p, int tiles) {
-    return p.nseq > 0 && p.nseq <= INT_MAX && tiles > 0 && tiles <= 65535;
-}
-
-template <typename T, int D, int BM, int BN>
-cudaError_t launch_fwd_cfg(const AttnParams& p, cudaStream_t st) {
-    const int tiles = num_q_tiles(p, BM);
-    if (p.nseq == 0 || tiles == 0) return cudaSuccess;
-    if (!grid_ok(p, tiles)) return cudaErrorInvalidConfiguration;
-    auto kern = fwd_kernel<T, D, BM, BN>;
-    const size_t smem = FwdSmem<T, D, BM, BN>::bytes;
+// Launch `kern` for `work` units of `ut` threads, PACK units per CTA.
+template <typename Kernel>
+inline cudaError_t launch_units(Kernel kern, int64_t work, int pack, int ut, size_t smem,
+                                const AttnParams& p, cudaStream_t st) {
+    if (work <= 0) return cudaSuccess;
+    dim3 grid;
+    if (!make_grid(work, pack, grid)) return cudaErrorInvalidConfiguration;
     cudaError_t e = prepare(kern, smem);
     if (e != cudaSuccess) return e;
-    AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st, p);
+    AVSTFP_LAUNCH(kern, grid, pack * ut, smem, st, p);
+    (void)st;
     return cudaGetLastError();
 }
 
-template <typename T, int D, int BM, int BN, int KN, int KM>
-cudaError_t launch_bwd_cfg(const AttnParams& p, cudaStream_t st) {
-    if (p.nseq == 0) return cudaSuccess;
-    cudaError_t e;
-    // 1. delta = rowsum(dO * O)
-    {
-        const int64_t rows = p.nseq * p.Lq;
-        if (rows > 0) {
-            const int64_t blocks = (rows + 7) / 8;
-            if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-            auto kern = delta_kernel<T, D>;
-            AVSTFP_LAUNCH(kern, dim3((unsigned)blocks), 256, 0, st, p);
-            if ((e = cudaGetLastError()) != cudaSuccess) return e;
-        }
-    }
-    // 2. dQ: one CTA per (sequence, query tile)
-    {
-        const int tiles = num_q_tiles(p, BM);
-        if (tiles > 0) {
-            if (!grid_ok(p, tiles)) return cudaErrorInvalidConfiguration;
-            auto kern = dq_kernel<T, D, BM, BN>;
-            const size_t smem = DqSmem<T, D, BM, BN>::bytes;
-            if ((e = prepare(kern, smem)) != cudaSuccess) return e;
-            AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), BM * 2, smem, st, p);
-            if ((e = cudaGetLastError()) != cudaSuccess) return e;
-        }
-    }
-    // 3. dK, dV and prompt grads: one CTA per (sequence, key tile incl. prompt tiles)
-    {
-        int tiles = 0;
-        for (int s = 0; s < p.nseg; ++s) tiles += num_key_tiles(p, s, KN);
-        if (tiles > 0) {
-            if (!grid_ok(p, tiles)) return cudaErrorInvalidConfiguration;
-            auto kern = dkv_kernel<T, D, KN, KM>;
-            const size_t smem = DkvSmem<T, D, KN, KM>::bytes;
-            if ((e = prepare(kern, smem)) != cudaSuccess) return e;
-            AVSTFP_LAUNCH(kern, dim3((unsigned)p.nseq, (unsigned)tiles), KN * 2, smem, st, p);
-            if ((e = cudaGetLastError()) != cudaSuccess) return e;
-        }
-    }
-    return cudaSuccess;
+template <typename T, int D, int BM, int BN, int S, int PACK>
+cudaError_t launch_fwd_cfg(const AttnParams& p, cudaStream_t st) {
+    using L = FwdSmem<T, D, BM, BN, S>;
+    static_assert(PACK * L::bytes <= kMaxSmem, "forward config exceeds the shared memory limit");
+    return launch_units(fwd_kernel<T, D, BM, BN, S, PACK>, (int64_t)num_q_tiles(p, BM) * p.nseq,
+                        PACK, BM * 2, PACK * L::bytes, p, st);
 }
+
+template <typename T, int D, int BM, int BN, int S, int PACK>
+cudaError_t launch_dq_cfg(const AttnParams& p, cudaStream_t st) {
+    using L = DqSmem<T, D, BM, BN, S>;
+    static_assert(PACK * L::bytes <= kMaxSmem, "dQ config exceeds the shared memory limit");
+    return launch_units(dq_kernel<T, D, BM, BN, S, PACK>, (int64_t)num_q_tiles(p, BM) * p.nseq,
+                        PACK, BM * 2, PACK * L::bytes, p, st);
+}
+
+template <typename T, int D, int BN, int BM, int S, int PACK>
+cudaError_t launch_dkv_cfg(const AttnParams& p, cudaStream_t st) {
+    using L = DkvSmem<T, D, BN, BM, S>;
+    static_assert(PACK * L::bytes <= kMaxSmem, "dK/dV config exceeds the shared memory limit");
+    return launch_units(dkv_kernel<T, D, BN, BM, S, PACK>,
+                        (int64_t)num_key_tiles_all(p, BN) * p.nseq, PACK, BN * 2,
+                        PACK * L::bytes, p, st);
+}
+
+template <typename T, int D>
+cudaError_t launch_delta(const AttnParams& p, cudaStream_t st) {
+    const int64_t rows = p.nseq * p.Lq;
+    if (rows <= 0) return cudaSuccess;
+    dim3 grid;
+    if (!make_grid(rows, 8, grid)) return cudaErrorInvalidConfiguration;
+    auto kern = delta_kernel<T, D>;
+    AVSTFP_LAUNCH(kern, grid, 256, 0, st, p);
+    (void)st;
+    return cudaGetLastError();
+}
+
+// Packed configs exist for sequences <= 16 queries when Config has them (PACK_*_S > 0).
+template <typename T, int D>
+constexpr bool has_packed() { return Config<T, D>::PACK_FWD_S > 0; }
 
 template <typename T, int D>
 cudaError_t launch_fwd_d(const AttnParams& p, cudaStream_t st) {
     using C = Config<T, D>;
-    if (p.short_tiles) return launch_fwd_cfg<T, D, 16, 16>(p, st);
-    return launch_fwd_cfg<T, D, C::FWD_M, C::FWD_N>(p, st);
+    if constexpr (has_packed<T, D>())
+        if (p.short_tiles) return launch_fwd_cfg<T, D, 16, 16, (C::PACK_FWD_S > 0 ? C::PACK_FWD_S : 1), kPack>(p, st);
+    return launch_fwd_cfg<T, D, kRows, C::FWD_N, C::FWD_S, 1>(p, st);
 }
 
 template <typename T, int D>
 cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
     using C = Config<T, D>;
-    if (p.short_tiles) return launch_bwd_cfg<T, D, 16, 16, 16, 16>(p, st);
-    return launch_bwd_cfg<T, D, C::DQ_M, C::DQ_N, C::DKV_N, C::DKV_M>(p, st);
+    if (p.nseq == 0) return cudaSuccess;
+    cudaError_t e = launch_delta<T, D>(p, st);
+    if (e != cudaSuccess) return e;
+    if constexpr (has_packed<T, D>()) {
+        if (p.short_tiles) {
+            e = launch_dq_cfg<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1), kPack>(p, st);
+            if (e != cudaSuccess) return e;
+            return launch_dkv_cfg<T, D, 16, 16, (C::PACK_DKV_S > 0 ? C::PACK_DKV_S : 1), kPack>(p, st);
+        }
+    }
+    e = launch_dq_cfg<T, D, kRows, C::DQ_N, C::DQ_S, 1>(p, st);
+    if (e != cudaSuccess) return e;
+    return launch_dkv_cfg<T, D, kRows, C::DKV_M, C::DKV_S, 1>(p, st);
 }
 
 template <typename T>
@@ -672,6 +953,88 @@ cudaError_t launch_bwd_t(const AttnParams& p, cudaStream_t st) {
         case 128: return launch_bwd_d<T, 128>(p, st);
         default: return cudaErrorInvalidValue;
     }
+}
+
+// Dynamic shared memory of the largest kernel a (dtype, head dim, short) launch uses.
+template <typename T, int D>
+size_t max_smem_d(bool short_tiles) {
+    using C = Config<T, D>;
+    size_t a, b, c;
+    if (short_tiles && has_packed<T, D>()) {
+        a = kPack * FwdSmem<T, D, 16, 16, (C::PACK_FWD_S > 0 ? C::PACK_FWD_S : 1)>::bytes;
+        b = kPack * DqSmem<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1)>::bytes;
+        c = kPack * DkvSmem<T, D, 16, 16, (C::PACK_DKV_S > 0 ? C::PACK_DKV_S : 1)>::bytes;
+    } else {
+        a = FwdSmem<T, D, kRows, C::FWD_N, C::FWD_S>::bytes;
+        b = DqSmem<T, D, kRows, C::DQ_N, C::DQ_S>::bytes;
+        c = DkvSmem<T, D, kRows, C::DKV_M, C::DKV_S>::bytes;
+    }
+    return a > b ? (a > c ? a : c) : (b > c ? b : c);
+}
+
+// ------------------------------------------------------------------ configuration table
+// Every kernel instance the launchers can start, for tools (bench/static_sm90_cuda.py reads
+// it through the CPU emulation and joins it with ptxas/SASS data by kernel name).
+struct KernelInfo {
+    char name[96];        // as demangled: "fwd_kernel<__half, 64, 64, 32, 3, 1>"
+    int threads;          // per CTA
+    size_t smem;          // dynamic shared memory per CTA (bytes)
+    int stages;           // K/V (or Q/dO) tile buffers
+    size_t stage_bytes;   // bytes of global memory one stage copies, per CTA
+    int loads_tiles;      // 1: loops over K/V (or Q/dO) tiles
+    int pack;             // units (sequences/tiles) per CTA
+};
+
+template <typename T> constexpr const char* type_name();
+template <> constexpr const char* type_name<__half>() { return "__half"; }
+template <> constexpr const char* type_name<__nv_bfloat16>() { return "__nv_bfloat16"; }
+template <> constexpr const char* type_name<float>() { return "float"; }
+
+template <class F>
+void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, int pack,
+          size_t unit_smem, int stage_rows) {
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "%s<%s, %d, %d, %d, %d, %d>", kern, tn, d, a, b, s,
+                  pack);
+    k.threads = pack * a * 2;
+    k.smem = pack * unit_smem;
+    k.stages = s;
+    k.stage_bytes = (size_t)pack * 2 * stage_rows * d *
+                    (std::strcmp(tn, "float") == 0 ? 4 : 2);
+    k.loads_tiles = 1;
+    k.pack = pack;
+    f(k);
+}
+
+template <typename T, int D, int BM, int FN, int FS, int QN, int QS, int KM, int KS, int PACK,
+          class F>
+void kernel_infos_set(F&& f) {
+    const char* tn = type_name<T>();
+    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, FwdSmem<T, D, BM, FN, FS>::bytes, FN);
+    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, DqSmem<T, D, BM, QN, QS>::bytes, QN);
+    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, DkvSmem<T, D, BM, KM, KS>::bytes, KM);
+}
+
+template <typename T, int D, class F>
+void kernel_infos_d(F&& f) {
+    using C = Config<T, D>;
+    if constexpr (has_packed<T, D>())
+        kernel_infos_set<T, D, 16, 16, C::PACK_FWD_S, 16, C::PACK_DQ_S, 16, C::PACK_DKV_S,
+                         kPack>(f);
+    kernel_infos_set<T, D, kRows, C::FWD_N, C::FWD_S, C::DQ_N, C::DQ_S, C::DKV_M, C::DKV_S, 1>(f);
+    KernelInfo k{};
+    std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
+    k.threads = 256;
+    k.pack = 8;
+    f(k);
+}
+
+template <class F>
+void kernel_infos(F&& f) {
+    kernel_infos_d<__half, 32>(f); kernel_infos_d<__half, 64>(f); kernel_infos_d<__half, 128>(f);
+    kernel_infos_d<__nv_bfloat16, 32>(f); kernel_infos_d<__nv_bfloat16, 64>(f);
+    kernel_infos_d<__nv_bfloat16, 128>(f);
+    kernel_infos_d<float, 32>(f); kernel_infos_d<float, 64>(f); kernel_infos_d<float, 128>(f);
 }
 
 }  // namespace detail

@@ -49,7 +49,9 @@ struct AttnParams {
     int vec16;            // 1: every pointer and stride allows 16-byte vector loads
     int atomic_prompt_grads;   // 1: atomicAdd into dpk/dpv (broadcast strides 0);
                                // 0: plain stores (each sequence owns its slice)
-    int short_tiles;      // 1: 16x16 tiles with one warp per CTA (sequences <= 16 long)
+    int short_tiles;      // 1: every segment has <= 16 queries: packed 16x16 tiles (4 sequences
+                          //    per CTA, one warp each) where the dtype/head dim has them
+    int vec16_out;        // 1: o/dq/dk/dv pointers and strides allow 16-byte vector stores
 };
 
 // Launchers (return the first CUDA error, cudaSuccess otherwise; never throw).

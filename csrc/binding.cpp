@@ -105,9 +105,11 @@ void fill_batch(AttnParams& p, at::IntArrayRef batch, std::vector<Item>& items) 
     }
 }
 
-bool vec16_ok(const std::vector<Item>& items, int64_t elsize) {
+// loaded: the operands read through 16-byte loads (q, k, v, prompts, dout); else the
+// outputs written through 16-byte stores (out, dq, dk, dv; not the fp32 prompt grads).
+bool vec16_ok(const std::vector<Item>& items, int64_t elsize, bool loaded) {
     for (const Item& it : items) {
-        if (!it.loaded) continue;
+        if (it.loaded != loaded || it.f32) continue;
         const Operand& op = *it.op;
         if (reinterpret_cast<uintptr_t>(op.ptr) % 16) return false;
         for (int d = 0; d < AVSTFP_MAX_BDIMS; ++d)
@@ -209,7 +211,8 @@ void finish(AttnParams& p, const Tensor& q, std::vector<Item>& items) {
     fill_batch(p, batch, items);
     TORCH_CHECK(p.nseq <= INT32_MAX, "avstfp_cuda: ", p.nseq,
                 " sequences exceed the grid limit 2^31-1");
-    p.vec16 = vec16_ok(items, q.element_size()) ? 1 : 0;
+    p.vec16 = vec16_ok(items, q.element_size(), true) ? 1 : 0;
+    p.vec16_out = vec16_ok(items, q.element_size(), false) ? 1 : 0;
 }
 
 void check_launch(cudaError_t e, const char* what, const AttnParams& p) {

@@ -6,12 +6,26 @@
 //
 // Model: the CTAs of a launch run one after another; the threads of a CTA are fibers
 // (ucontext) on one OS thread, switched only at __syncthreads/__syncwarp/shuffles, so
-// barriers and warp shuffles have their CUDA meaning and there are no data races.
+// barriers and warp shuffles have their CUDA meaning and there are no data races.  Each
+// warp runs as far ahead as the barriers allow before the next warp runs, so a missing
+// __syncthreads shows up as a read of data another warp has not produced yet.
 // Shared memory is filled with 0xFF (NaN) before every CTA, so reads of uninitialised
 // shared memory show up as NaN.  WMMA fragments hold the whole 16x16 tile in every lane
 // (products in fp32, like tensor cores with fp32 accumulation) and check the alignment
 // rules of load/store_matrix_sync (32-byte pointers, ldm multiple of 16 bytes).
 // A deadlock (threads waiting at barriers that can never complete) aborts.
+//
+// cp.async (cp_async16 / cp_async_commit / cp_async_wait<N>) is modelled as the latest
+// and the earliest a copy may land: when issued, the destination is overwritten with NaN
+// (0xFF bytes) and marked pending; the data arrives only when the issuing thread waits for
+// its group.  So a tile read before the wait that covers it (a misplaced or missing
+// cp.async.wait_group, or a missing barrier after it: other threads' copies are still
+// pending) reads NaN, and a copy into a buffer that another thread still reads (a missing
+// barrier before reuse) destroys the data it reads.  WMMA loads and the operands of the
+// kernels' warp_mm (AVSTFP_CHECK_READY, also for fp32) are checked to have no pending byte,
+// with an explicit message.  Other checks: 16-byte alignment
+// of both addresses and a destination inside shared memory; no copy still pending when
+// the CTA ends.  16-byte global stores (store16) check their alignment.
 //
 // Use: one translation unit containing only  #include "cpu_emulation.h"  compiled with
 // g++ -std=c++17 -shared -fPIC; the extern "C" entry points are at the bottom.
@@ -45,6 +59,11 @@
 
 using std::max;
 using std::min;
+
+// small grid.x, so that every multi-CTA test also covers the wrap onto grid.y
+#ifndef AVSTFP_MAX_GRID_X
+#define AVSTFP_MAX_GRID_X 3LL
+#endif
 
 // ------------------------------------------------------------------ runtime types
 enum cudaError_t {
@@ -86,6 +105,17 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     return __nv_bfloat16{(uint16_t)(x >> 16)};
 }
 static_assert(sizeof(__half) == 2 && sizeof(__nv_bfloat16) == 2, "16-bit types");
+inline unsigned short __half_as_ushort(__half h) {
+    unsigned short u;
+    std::memcpy(&u, &h, 2);
+    return u;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
 
 namespace avstfp_emu {
 inline float tof(float x) { return x; }
@@ -100,8 +130,18 @@ inline void fail(const std::string& m) {
 // ------------------------------------------------------------------ fibers
 constexpr size_t kStack = 256 * 1024;
 
+struct AsyncCopy {
+    unsigned char* dst;
+    const unsigned char* src;   // null: zero-fill
+};
+struct AsyncState {
+    std::vector<AsyncCopy> open;                    // issued, not yet committed
+    std::vector<std::vector<AsyncCopy>> groups;     // committed, oldest first
+};
+
 struct Block {
     unsigned nthreads = 0;
+    std::vector<AsyncState> async;
     int cur = -1;
     ucontext_t main_ctx;
     std::vector<ucontext_t> ctx;
@@ -157,6 +197,7 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     b.wgen.assign((nthreads + 31) / 32, 0);
     b.warrived.assign((nthreads + 31) / 32, 0);
     b.slot.assign(nthreads, 0.f);
+    b.async.assign(nthreads, AsyncState{});
     b.body = body;
     while (g_stacks.size() < nthreads) g_stacks.emplace_back(kStack);
     g_blk = &b;
@@ -169,14 +210,25 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     }
     unsigned long last = b.progress;
     int idle = 0;
+    // Warps run as far ahead as their barriers allow: warp 0 runs until it blocks (at a
+    // __syncthreads, or done), then warp 1, ...  So a warp that reads data another warp
+    // provides without a barrier in between reads it before that warp has produced it.
+    const unsigned nwarps = (nthreads + 31) / 32;
     for (;;) {
         bool alive = false;
-        for (unsigned t = 0; t < nthreads; ++t) {
-            if (b.done[t]) continue;
-            alive = true;
-            b.cur = (int)t;
-            threadIdx = {t, 0, 0};
-            swapcontext(&b.main_ctx, &b.ctx[t]);
+        for (unsigned w = 0; w < nwarps; ++w) {
+            for (;;) {
+                const unsigned long before = b.progress;
+                bool any = false;
+                for (unsigned t = 32 * w; t < std::min(nthreads, 32 * w + 32); ++t) {
+                    if (b.done[t]) continue;
+                    any = alive = true;
+                    b.cur = (int)t;
+                    threadIdx = {t, 0, 0};
+                    swapcontext(&b.main_ctx, &b.ctx[t]);
+                }
+                if (!any || b.progress == before) break;
+            }
         }
         if (!alive) break;
         if (b.progress == last) {
@@ -188,6 +240,16 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
         } else {
             idle = 0;
             last = b.progress;
+        }
+    }
+    for (unsigned t = 0; t < nthreads; ++t) {
+        bool left = !b.async[t].open.empty();
+        for (const auto& g : b.async[t].groups) left = left || !g.empty();
+        if (left) {
+            fail("cp.async: thread " + std::to_string(t) + " of block (" +
+                 std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                 ") ended with copies never waited for");
+            break;
         }
     }
     g_blk = nullptr;
@@ -210,6 +272,93 @@ inline float atomicAdd(float* a, float v) {
     const float old = *a;
     *a = old + v;
     return old;
+}
+
+// ------------------------------------------------------------------ cp.async
+namespace avstfp {
+namespace detail {
+constexpr size_t kEmuSmem = 232448;   // sm_90 opt-in maximum
+alignas(128) unsigned char smem[kEmuSmem];
+}  // namespace detail
+}  // namespace avstfp
+
+namespace avstfp_emu {
+inline std::vector<unsigned short> g_pending(avstfp::detail::kEmuSmem, 0);   // per smem byte
+
+inline bool in_smem(const void* p, size_t n) {
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    const auto lo = reinterpret_cast<uintptr_t>(avstfp::detail::smem);
+    return a >= lo && a + n <= lo + avstfp::detail::kEmuSmem;
+}
+
+// Fails if any byte of rows x cols elements (pitch ld) at p has a cp.async in flight.
+template <class T>
+inline void check_ready(const T* p, int rows, int cols, unsigned ld, const char* what) {
+    if (!in_smem(p, sizeof(T))) return;
+    const size_t base = reinterpret_cast<const unsigned char*>(p) - avstfp::detail::smem;
+    const size_t n = cols * sizeof(T);
+    auto pending = [&](size_t off) { return off < avstfp::detail::kEmuSmem && g_pending[off]; };
+    for (int r = 0; r < rows; ++r) {   // copies are aligned 16-byte chunks: one byte per chunk
+        const size_t row = base + r * ld * sizeof(T);
+        bool bad = pending(row) || pending(row + n - 1);
+        for (size_t o = (row + 15) / 16 * 16; !bad && o < row + n; o += 16) bad = pending(o);
+        if (bad) {
+            fail(std::string(what) + ": reads shared memory whose cp.async has not been "
+                 "waited for (cp.async.wait_group misplaced, or no barrier after it)");
+            return;
+        }
+    }
+}
+
+}  // namespace avstfp_emu
+#define AVSTFP_CHECK_READY(ptr, rows, cols, ld, what) \
+    ::avstfp_emu::check_ready(ptr, rows, cols, ld, what)
+namespace avstfp_emu {
+
+inline void land(const AsyncCopy& c) {
+    if (c.src)
+        std::memcpy(c.dst, c.src, 16);
+    else
+        std::memset(c.dst, 0, 16);
+    const size_t off = c.dst - avstfp::detail::smem;
+    for (size_t i = 0; i < 16; ++i) g_pending[off + i]--;
+}
+}  // namespace avstfp_emu
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    using namespace avstfp_emu;
+    if (!in_smem(dst, 16)) return fail("cp.async: destination is not in shared memory");
+    if (reinterpret_cast<uintptr_t>(dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16)
+        return fail("cp.async: 16-byte copy with an address not 16-byte aligned");
+    if (valid && src == nullptr) return fail("cp.async: null source");
+    auto* d = static_cast<unsigned char*>(dst);
+    std::memset(d, 0xFF, 16);   // may land any time from now on: old contents are gone
+    const size_t off = d - avstfp::detail::smem;
+    for (size_t i = 0; i < 16; ++i) g_pending[off + i]++;
+    g_blk->async[threadIdx.x].open.push_back(
+        {d, valid ? static_cast<const unsigned char*>(src) : nullptr});
+}
+
+inline void cp_async_commit() {
+    auto& a = avstfp_emu::g_blk->async[threadIdx.x];
+    a.groups.push_back(std::move(a.open));
+    a.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+    static_assert(N >= 0, "cp.async.wait_group needs N >= 0");
+    auto& a = avstfp_emu::g_blk->async[threadIdx.x];
+    while (a.groups.size() > (size_t)N) {
+        for (const auto& c : a.groups.front()) avstfp_emu::land(c);
+        a.groups.erase(a.groups.begin());
+    }
+}
+
+inline void store16(void* dst, const uint4& v) {
+    if (reinterpret_cast<uintptr_t>(dst) % 16)
+        return avstfp_emu::fail("16-byte global store to an address not 16-byte aligned");
+    std::memcpy(dst, &v, 16);
 }
 
 // ------------------------------------------------------------------ WMMA
@@ -247,6 +396,7 @@ inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p
                              unsigned ldm) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(matrix_a)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_a)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = avstfp_emu::tof(
@@ -258,6 +408,7 @@ inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p
                              unsigned ldm) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(matrix_b)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_b)");
     for (int k = 0; k < 16; ++k)
         for (int n = 0; n < 16; ++n)
             f.x[k * 16 + n] = avstfp_emu::tof(
@@ -268,6 +419,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
                              unsigned ldm, layout_t l) {
     Collective sync;
     check(p, ldm, "load_matrix_sync(accumulator)");
+    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(accumulator)");
     for (int r = 0; r < 16; ++r)
         for (int c = 0; c < 16; ++c)
             f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
@@ -302,12 +454,6 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const FA& a, c
 }  // namespace nvcuda
 
 // ------------------------------------------------------------------ launch
-namespace avstfp {
-namespace detail {
-constexpr size_t kEmuSmem = 232448;   // sm_90 opt-in maximum
-alignas(128) unsigned char smem[kEmuSmem];
-}  // namespace detail
-}  // namespace avstfp
 
 namespace avstfp_emu {
 inline std::vector<size_t> g_smem_log;
@@ -322,7 +468,7 @@ inline void launch(void (*kern)(P), dim3 grid, unsigned block, size_t smem_bytes
         fail("bad block size");
         return;
     }
-    if (grid.y > 65535 || grid.z > 65535) {
+    if (grid.x == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
         fail("grid.y/z above 65535");
         return;
     }
@@ -334,6 +480,7 @@ inline void launch(void (*kern)(P), dim3 grid, unsigned block, size_t smem_bytes
             for (unsigned x = 0; x < grid.x; ++x) {
                 blockIdx = {x, y, z};
                 std::memset(avstfp::detail::smem, 0xFF, avstfp::detail::kEmuSmem);
+                std::memset(g_pending.data(), 0, g_pending.size() * sizeof(g_pending[0]));
                 run_block(block, [&] { kern(p); });
             }
 }
@@ -369,11 +516,25 @@ long emu_params_offset(int which) {
         case 5: return offsetof(AttnParams, n_prompt);
         case 6: return offsetof(AttnParams, scale);
         case 7: return offsetof(AttnParams, short_tiles);
+        case 8: return offsetof(AttnParams, vec16_out);
         default: return -1;
     }
 }
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
+
+// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles|pack
+const char* emu_kernel_table() {
+    static std::string out;
+    out.clear();
+    avstfp::detail::kernel_infos([](const avstfp::detail::KernelInfo& k) {
+        out += std::string(k.name) + "|" + std::to_string(k.threads) + "|" +
+               std::to_string(k.smem) + "|" + std::to_string(k.stages) + "|" +
+               std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "|" +
+               std::to_string(k.pack) + "\n";
+    });
+    return out.c_str();
+}
 
 int emu_forward(const avstfp::AttnParams* p) {
     using namespace avstfp;

@@ -1,4 +1,5 @@
-// CUDA backend of avstfp_fast.prompted_attention (SPEC §3): entry points by dtype.
+// CUDA backend of avstfp_fast.prompted_attention (contract: docs/design.md, "The op
+// contract"): entry points by dtype.
 //
 // ============================================================================ DESIGN
 // What is computed.  For every sequence b of the batch and every segment s (block-diagonal
@@ -10,46 +11,67 @@
 // Addressing (attn_params.h).  Every operand is (*batch, rows, head_dim) with a dense last
 // dim and arbitrary strides elsewhere.  The binding merges mergeable batch dims and passes
 // at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in elements).
-// A CTA receives its flat sequence index b = blockIdx.x (grid.x holds the big dimension,
-// up to 2^31-1 sequences), un-flattens it row-major into (b0..b3) and adds
-// sum_i b_i * bstride[i] to each base pointer.  The temporal stage is then simply a
-// (B, N, H) batch over a (B, M, N, 3, H, d) buffer with sequence dim M; spatial/fusion a
+// A work item's flat sequence index b is un-flattened row-major into (b0..b3) and
+// sum_i b_i * bstride[i] is added to each base pointer.  The temporal stage is then simply
+// a (B, N, H) batch over a (B, M, N, 3, H, d) buffer with sequence dim M; spatial/fusion a
 // (B, M, H) batch with sequence dim N.  Prompts are operands like any other: a
 // batch-shared prompt (H, P, d) has bstride 0 in the broadcast dims, a per-position one
 // (N, H, P, d) has nonzero strides for N and H.  Segments: up to 4, each with its own
 // (q_start, q_len, k_start, k_len, P) and prompt operands, all kernel scalar arguments
 // (the parameter block is a __grid_constant__ struct, no pointer tables in memory).
 //
-// Tiling.  grid = (sequences, tiles).  grid.y enumerates the tiles of all segments in
-// order (forward/dQ: query tiles of BM rows; dK/dV: key tiles of BN rows, the real key
-// tiles of a segment followed by its prompt tiles).  A CTA has BM/16 (or BN/16) warps;
-// each warp owns 16 rows of the CTA's tile, so apart from the cooperative tile loads
-// (global -> shared, 16-byte vectors when every pointer/stride allows, zero-filled past
-// the end) a warp only touches its own rows and no __syncthreads is needed inside a step.
+// Work items and grid.  A work item is (sequence, tile): forward/dQ tiles are the query
+// tiles of all segments in order; dK/dV tiles are key tiles.  The keys of a segment are
+// its k rows followed by its prompt rows, cut into tiles as one sequence: a tile may end
+// the real keys and start the prompts (each part loaded from its own base pointer and row
+// stride), so the temporal stage's 10 keys + 2 prompts are one tile.  Items are numbered
+// with the tile fastest, so the query tiles of one sequence run next to each other and
+// re-read its K/V from L2, not HBM.
+// A CTA runs PACK consecutive items ("units"); CTA c = blockIdx.y * gridDim.x + blockIdx.x
+// (grid.x up to 2^31-1, the rest on grid.y: any batch product up to 2^31-1).
+//   * 64-row tiles: PACK = 1, one unit of 4 warps; each warp owns 16 rows of the tile.
+//   * short sequences (every segment <= 16 queries, the temporal stage: 10 frames):
+//     PACK = 4 one-warp units of 16 x 16 tiles, i.e. 4 sequences per 4-warp CTA.  Each
+//     unit has its own shared memory and masks keys/queries past its own sequence, so the
+//     CTA computes a block-diagonal attention over the 4 packed sequences.
+// Apart from the cooperative tile loads a warp only touches its own rows, so the only
+// barriers are the unit's (__syncthreads for a 4-warp unit, __syncwarp for a 1-warp one).
+//
+// Pipeline.  Q (and dO for dQ; K and V for dK/dV) are loaded once.  The streamed tiles
+// (K/V for forward and dQ; Q/dO for dK/dV) go through a STAGES-deep ring of shared
+// buffers filled by cp.async.cg (16-byte copies, zero-filled past the end): the prologue
+// issues tiles 0..STAGES-2, one commit group each; iteration j waits until at most
+// STAGES-2 groups are pending (tile j landed for this thread), passes the unit barrier
+// (everyone's copies landed and tile j-1's buffer is free), issues tile j+STAGES-1 into
+// that buffer, then computes on tile j.  Layouts whose pointers/strides are not 16-byte
+// aligned fall back to plain element copies (same schedule).  Outputs (O, dQ, dK, dV) are
+// written with 16-byte stores when aligned (vec16_out), else element by element.
 // Matrix products go through one helper, warp_mm (16 x N += 16 x K times K x N):
 // fp16/bf16 use tensor cores via WMMA 16x16x16 with fp32 accumulation; fp32 uses plain
 // FMA (no TF32, to meet the 1e-5 tolerance).  Scores, probabilities and accumulators sit
 // in shared memory as fp32; P and dS are rounded to the input dtype only as tensor-core
-// operands (as FlashAttention does).  Tile sizes (attn_kernels.cuh, Config) keep every
-// kernel below 99 KiB of shared memory, so sm_80/86/89/90 all run all configs; sequences
-// of at most 16 queries (the temporal stage: 10 frames) use 16 x 16 tiles and one warp.
+// operands (as FlashAttention does; fp32 overwrites S with P in place).  Tile shapes and
+// stages per (dtype, head dim) are the table at Config (attn_kernels.cuh), each under the
+// sm_80 limit of 163 KiB of shared memory; occupancy and bytes in flight of every kernel
+// are in bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py checks them in CI).
 //
-// Forward (fwd_kernel): one CTA per (sequence, query tile).  Loop over the key tiles of
-// the segment, then over its prompt tiles (same code: only the base pointer and row
-// stride differ): S = Q K^T; online softmax in log2 units, two lanes per row, all 16 rows
-// of a warp at once (running max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input dtype, any
-// strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
+// Forward (fwd_kernel): per unit, loop over the key tiles of the segment (keys, then
+// prompts): S = Q K^T;
+// online softmax in log2 units, two lanes per row, all 16 rows of a warp at once (running
+// max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input
+// dtype, any strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
 // Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
 //   1. delta_kernel: delta = rowsum(dO o O) in fp32, one warp per row.
-//   2. dq_kernel: one CTA per (sequence, query tile); loops over the key and prompt tiles
-//      recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.  Each dQ row is
-//      owned by one CTA: no atomics.
-//   3. dkv_kernel: one CTA per (sequence, key tile), prompt tiles included; loops over the
+//   2. dq_kernel: one unit per (sequence, query tile); loops over the key tiles (keys,
+//      then prompts) recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.
+//      Each dQ row is owned by one unit: no atomics.
+//   3. dkv_kernel: one unit per (sequence, key tile; prompt rows included); loops over the
 //      query tiles of the segment with transposed products (S^T = K Q^T, dP^T = V dO^T),
-//      dV = sum P^T dO, dK = scale * sum dS^T Q.  Key rows are owned by one CTA: no
+//      dV = sum P^T dO, dK = scale * sum dS^T Q.  Key rows are owned by one unit: no
 //      atomics for dk/dv, which are written into the given (possibly strided, possibly
-//      one packed QKV-gradient buffer) tensors.
+//      one packed QKV-gradient buffer) tensors; the prompt rows of a tile go to the
+//      prompt-grad buffers (below).
 //   Recomputing S in two kernels instead of atomically adding dQ costs little for these
 //   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
 //   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32
@@ -58,8 +80,11 @@
 //   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
 //
 // Testing without a GPU.  cpu_emulation.h runs this very code on the CPU (threads as
-// fibers, WMMA emulated, launches through AVSTFP_LAUNCH); tests/test_cuda_build.py checks
-// it against the float64 reference.
+// fibers, WMMA emulated, cp.async modelled with late landing and early clobber plus a
+// pending-read check, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
+// wrap is always exercised); tests/test_cuda_build.py checks it against the float64
+// reference, and checks that deliberately broken pipelines (a misplaced cp.async wait, a
+// missing barrier after it: AVSTFP_TEST_FAULT) fail there.
 //
 // Error handling.  Launchers never throw: they return the first cudaError_t (including
 // cudaGetLastError() after every launch); the binding turns it into a TORCH_CHECK message.
@@ -87,30 +112,12 @@ cudaError_t launch_backward(const AttnParams& p, cudaStream_t stream) {
 }
 
 namespace {
-template <typename T, int D>
-int smem_for(int short_tiles) {
-    using namespace detail;
-    using C = Config<T, D>;
-    size_t m = 0;
-    auto mx = [&](size_t x) { m = x > m ? x : m; };
-    if (short_tiles) {
-        mx(FwdSmem<T, D, 16, 16>::bytes);
-        mx(DqSmem<T, D, 16, 16>::bytes);
-        mx(DkvSmem<T, D, 16, 16>::bytes);
-    } else {
-        mx(FwdSmem<T, D, C::FWD_M, C::FWD_N>::bytes);
-        mx(DqSmem<T, D, C::DQ_M, C::DQ_N>::bytes);
-        mx(DkvSmem<T, D, C::DKV_N, C::DKV_M>::bytes);
-    }
-    return (int)m;
-}
-
 template <typename T>
 int smem_t(int head_dim, int short_tiles) {
     switch (head_dim) {
-        case 32: return smem_for<T, 32>(short_tiles);
-        case 64: return smem_for<T, 64>(short_tiles);
-        case 128: return smem_for<T, 128>(short_tiles);
+        case 32: return (int)detail::max_smem_d<T, 32>(short_tiles != 0);
+        case 64: return (int)detail::max_smem_d<T, 64>(short_tiles != 0);
+        case 128: return (int)detail::max_smem_d<T, 128>(short_tiles != 0);
         default: return -1;
     }
 }

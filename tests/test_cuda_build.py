@@ -3,6 +3,7 @@ and the backend's refusals (why_not) with clear reasons.  No GPU needed."""
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from avstfp_fast import prompted_attention
 from avstfp_fast.ops import get_backend, make_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, ".ci", "compile_cuda.sh")
 
 
 def _load_build():
@@ -41,17 +41,47 @@ def test_kernels_do_not_include_torch():
                 assert bad not in text, f"csrc/{name} includes a torch header ({bad})"
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found (set CUDA_HOME)")
-def test_cu_files_compile_for_sm80_and_sm90a(tmp_path):
-    env = dict(os.environ, NVCC=_nvcc(), JOBS=os.environ.get("JOBS", "2"))
-    r = subprocess.run(["bash", SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=1200)
+@pytest.fixture(scope="module")
+def cuda_objs():
+    """.ci/compile_cuda.sh output (objects + ptxas -v logs) for the current sources,
+    compiled once and shared with bench/static_sm90.py (see cached_objects)."""
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (set CUDA_HOME)")
+    out, r = _static_module().cached_objects()
+    return pathlib.Path(out), r
+
+
+def test_cu_files_compile_for_sm80_and_sm90a(cuda_objs):
+    out, r = cuda_objs
     assert r.returncode == 0, f"nvcc failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     assert "all CUDA sources compiled" in r.stdout
     cus = [f for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".cu")]
     for f in cus:
-        obj = tmp_path / (f[:-3] + ".o")
+        obj = out / (f[:-3] + ".o")
         assert obj.exists() and obj.stat().st_size > 0, f"no object for {f}"
+
+
+def _static_module():
+    spec = importlib.util.spec_from_file_location(
+        "_avstfp_static_cuda", os.path.join(ROOT, "bench", "static_sm90_cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_static_contract_sm90(cuda_objs, emu):
+    """The compile-time performance contract (bench/static_sm90_cuda.py) on the objects
+    compiled above: every kernel instance found, cp.async (LDGSTS) in every kernel that
+    streams tiles, no spills, >= 4 warps per CTA, 16-byte stores of the outputs."""
+    out, r = cuda_objs
+    assert r.returncode == 0, "compile failed (see test_cu_files_compile_for_sm80_and_sm90a)"
+    st = _static_module()
+    rows = st.cuda_rows(objdir=str(out), emu_lib=emu._name)
+    assert len(rows) >= 9 * 4, [x["kernel"] for x in rows]
+    assert st.cuda_failures(rows) == []
+    for x in rows:
+        if x["kernel"] in ("fwd_kernel", "dq_kernel"):
+            assert 128 in x["store_bits"], f"{x['kernel']}<{x['config']}>: no 16-byte stores"
 
 
 # --------------------------------------------------------------------------- _build.py
@@ -221,31 +251,37 @@ class _Params(C.Structure):      # mirror of avstfp::AttnParams (attn_params.h)
         ("k_start", C.c_int * _MAXS), ("k_len", C.c_int * _MAXS),
         ("n_prompt", C.c_int * _MAXS),
         ("scale", C.c_float), ("head_dim", C.c_int), ("dtype", C.c_int), ("vec16", C.c_int),
-        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int),
+        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int), ("vec16_out", C.c_int),
     ]
 
 
 _DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(d, defines=()):
+    """Compile csrc/cpu_emulation.h (the kernels' own source on the CPU) into d; load it."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler for the CPU emulation")
-    d = tmp_path_factory.mktemp("emu")
     (d / "emu.cpp").write_text('#include "cpu_emulation.h"\n')
-    r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-I",
-                        os.path.join(ROOT, "csrc"), str(d / "emu.cpp"), "-o", str(d / "libemu.so")],
+    r = subprocess.run([cxx, "-std=c++17", "-O1", "-fPIC", "-shared", *[f"-D{x}" for x in defines],
+                        "-I", os.path.join(ROOT, "csrc"), str(d / "emu.cpp"),
+                        "-o", str(d / "libemu.so")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     lib = C.CDLL(str(d / "libemu.so"))
     lib.emu_params_offset.restype = C.c_long
     lib.emu_error.restype = C.c_char_p
     assert lib.emu_params_size() == C.sizeof(_Params)
-    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles"]):
+    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles",
+                           "vec16_out"]):
         assert lib.emu_params_offset(i) == getattr(_Params, n).offset, f"layout of {n}"
     return lib
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu"))
 
 
 def _fill(op, t, nb):
@@ -257,12 +293,21 @@ def _fill(op, t, nb):
 
 
 def _nan_view(shape, dtype, gaps):
-    """A NaN-filled buffer and a view of `shape` into it (with unused gaps if `gaps`)."""
+    """A NaN-filled buffer and a view of `shape` into it: dense (gaps False), with unused
+    gaps between rows and a 16-byte aligned start (True), or starting one element in, so
+    that 16-byte vector stores are not allowed ("odd")."""
     if not gaps:
         big = torch.full(shape, float("nan"), dtype=dtype)
         return big, big
+    off = 1 if gaps == "odd" else 8
     big = torch.full((*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 8), float("nan"), dtype=dtype)
-    return big, big[..., 1::2, 8:8 + shape[-1]]
+    return big, big[..., 1::2, off:off + shape[-1]]
+
+
+def _vec16(tensors):
+    return int(all(t.data_ptr() % 16 == 0 and
+                   all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+                   for t in tensors))
 
 
 def _untouched(big, view):
@@ -296,6 +341,10 @@ def _reference(q, k, v, pks, pvs, segs, scale, dout):
             [None if t is None else t.grad for t in pl], [None if t is None else t.grad for t in vl])
 
 
+class EmulationError(AssertionError):
+    pass
+
+
 def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
     dtype, E = q.dtype, q.shape[-1]
     scale = E ** -0.5
@@ -327,11 +376,11 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
             p.n_prompt[s] = P
     p.scale, p.head_dim, p.dtype = scale, E, _DT[dtype]
     p.short_tiles = int(max(qs) <= 16)
-    es = q.element_size()
-    p.vec16 = int(all(t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
-                      for t in keep))
+    p.vec16 = _vec16(keep)
+    p.vec16_out = _vec16([out])
     p.lse = lse.data_ptr()
-    assert lib.emu_forward(C.byref(p)) == 0, lib.emu_error()
+    if lib.emu_forward(C.byref(p)) != 0:
+        raise EmulationError(lib.emu_error().decode())
 
     dout = torch.randn(q.shape, dtype=dtype)
     bigs, grads = [], []
@@ -342,6 +391,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
     _fill(p.dout, dout, nb)
     for name, g in zip(("dq", "dk", "dv"), grads):
         _fill(getattr(p, name), g, nb)
+    p.vec16 = _vec16(keep + [dout])
+    p.vec16_out = _vec16(grads + [out])
     delta = torch.full((p.nseq * Lq,), float("nan"))
     p.delta = delta.data_ptr()
     bufs = []
@@ -360,7 +411,8 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
         _fill(p.dpv[s], ev, nb)
         bufs.append((bk, bv))
     p.atomic_prompt_grads = 0 if deterministic else 1
-    assert lib.emu_backward(C.byref(p)) == 0, lib.emu_error()
+    if lib.emu_backward(C.byref(p)) != 0:
+        raise EmulationError(lib.emu_error().decode())
     gp = []
     for s, bb in enumerate(bufs):
         if bb is not None and deterministic:
@@ -398,6 +450,14 @@ def _case(name, dtype):
                 strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
                 strided((2, 3, 2, 2, 7, 32), dtype, "permuted"),
                 [t(3, 1, 2, 4, 32)], [t(3, 1, 2, 4, 32)], None)
+    if name == "three_segments_short":      # packed 16-row tiles, 3 segments, 7 sequences
+        return (t(7, 16, 64), t(7, 16, 64), t(7, 16, 64),
+                [t(2, 64), None, t(7, 3, 64)], [t(2, 64), None, t(7, 3, 64)], (5, 7, 4))
+    if name == "prompts_span_tiles":         # 16 keys + 20 prompts: prompt rows from 16 on
+        return (t(2, 16, 32), t(2, 16, 32), t(2, 16, 32), [t(2, 20, 32)], [t(2, 20, 32)], None)
+    if name == "many_tiles_d32":             # more K/V and Q/dO tiles than pipeline stages
+        return (t(1, 2, 150, 32), t(1, 2, 150, 32), t(1, 2, 150, 32),
+                [t(2, 3, 32)], [t(2, 3, 32)], None)
     raise ValueError(name)
 
 
@@ -405,9 +465,11 @@ def _case(name, dtype):
 @pytest.mark.parametrize("name,deterministic,gaps", [
     ("temporal_per_position", False, False), ("temporal_per_position", True, True),
     ("spatial_segments", False, True), ("spatial_segments", True, False),
-    ("long_d128", False, False), ("sliced_odd", False, True),
+    ("long_d128", False, False), ("sliced_odd", False, "odd"),
     ("prompts_only", True, False), ("four_segments", False, False),
-    ("short_d128", True, True), ("four_batch_dims", False, True)])
+    ("short_d128", True, True), ("four_batch_dims", False, True),
+    ("three_segments_short", False, "odd"), ("many_tiles_d32", True, False),
+    ("prompts_span_tiles", True, False)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
     scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
@@ -425,3 +487,38 @@ def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     assert not bad, f"{name} {dtype}: errors above tolerance {tol}: {bad}"
     for big, view in written:
         assert _untouched(big, view), f"{name}: a kernel wrote outside its output view"
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["wait_one_group_short", "no_barrier"])
+def emu_fault(request, tmp_path_factory):
+    """The same kernels compiled with a pipeline fault (AVSTFP_TEST_FAULT, attn_kernels.cuh):
+    1 = every pipeline waits for one cp.async group too few before it uses a tile (a
+    misplaced cp.async.wait_group); 2 = no barrier between the wait and the use (the tile
+    rows other warps copy may not have landed)."""
+    return request.param, _build_emu(tmp_path_factory.mktemp(f"emu_fault{request.param}"),
+                                     defines=[f"AVSTFP_TEST_FAULT={request.param}"])
+
+
+@pytest.mark.parametrize("name,dtype", [("spatial_segments", torch.float16),
+                                        ("temporal_per_position", torch.float16),
+                                        ("spatial_segments", torch.float32)])
+def test_emulation_catches_pipeline_faults(emu, emu_fault, name, dtype):
+    """The emulation must catch the fault (pipelined 64-row tiles and packed 16-row tiles;
+    WMMA and fp32 FMA products), while the correct build passes the same case.  A misplaced
+    wait is reported as a read of a pending cp.async.  Without the barrier, warp 0 runs
+    ahead (the emulation's schedule) and reads tile rows that other warps have either not
+    waited for (reported) or not even issued yet (shared memory still NaN: NaN results)."""
+    fault, broken = emu_fault
+    if fault == 2 and name.startswith("temporal"):
+        pytest.skip("packed one-warp units: every warp_mm starts with __syncwarp, so a missing "
+                    "warp barrier after the wait is harmless there")
+    q, k, v, pks, pvs, segs = _case(name, dtype)
+    _emulated(emu, q, k, v, pks, pvs, segs, False, False)
+    try:
+        res = _emulated(broken, q, k, v, pks, pvs, segs, False, False)
+    except EmulationError as e:
+        assert "cp.async has not been waited for" in str(e)
+        return
+    assert fault == 2, "a misplaced cp.async wait was not reported"
+    _, out, _, _, grads, _, _ = res
+    assert any(torch.isnan(t).any() for t in [out, *grads]), "a missing barrier went unseen"

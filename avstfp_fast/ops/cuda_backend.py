@@ -3,8 +3,13 @@
 Kernels: ``csrc/*.cu`` (design notes at the top of ``csrc/prompted_attention.cu``): a
 FlashAttention-style forward with the prompts as a second key/value source of the same
 online softmax, and a backward made of a ``delta = rowsum(dO*O)`` kernel, a dQ kernel
-(one CTA per query tile) and a dK/dV kernel (one CTA per key tile, prompt tiles
-included), so dq/dk/dv need no atomics.  fp16/bf16 products use tensor cores (WMMA, fp32
+(one 4-warp unit per query tile) and a dK/dV kernel (one unit per key tile, prompt tiles
+included), so dq/dk/dv need no atomics.  Streamed tiles go through a 1-3 stage cp.async
+pipeline; sequences of at most 16 queries (the temporal stage) are packed 4 per CTA;
+outputs are written with 16-byte stores.  The compile-time contract (registers, spills,
+occupancy, cp.async in the SASS) is ``bench/static_sm90_cuda.py``.  Configs above 99 KiB of
+shared memory (head dim 128, some fp32) need sm_80/sm_90 (163/227 KiB per CTA); on
+sm_86/sm_89 their launch fails with a clear message.  fp16/bf16 products use tensor cores (WMMA, fp32
 accumulation), fp32 plain FMA.  Operands are read and written through their strides
 (4 batch strides + row stride; the head dim must be dense), so the temporal and
 spatial/fusion views of one QKV buffer and stride-0 (batch-shared) or per-position
