@@ -1,7 +1,6 @@
 """Trainable parameter counts with the AVE head match the paper (docs/design.md,
 "The model"), ±0.05M."""
 import pytest
-import torch
 
 from avstfp_fast import PromptedCLIP
 from avstfp_fast.models import backbone as bb

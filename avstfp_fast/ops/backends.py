@@ -150,12 +150,6 @@ class Backend:
         r = self.reasons(p)
         return "; ".join(r) if r else None
 
-    @property
-    def kind(self) -> str:
-        """"kernel" or "autograd" (derived from the class; kept for older callers: test
-        ``isinstance(b, KernelBackend)`` instead)."""
-        return "kernel" if isinstance(self, KernelBackend) else "autograd"
-
     def run(self, p: AttnProblem) -> torch.Tensor:      # autograd-native backends
         raise NotImplementedError(f"backend {self.name!r} does not implement run()")
 

@@ -224,7 +224,6 @@ class Predictor:
         carry labels and the metrics are updated from the same forward pass.
         Returns ``{"done", "skipped": [(path, reason)], "clips_per_s", "wall_s"}``."""
         from ..train.tasks import StepContext
-        lm = self.lm
         loader = self._loader(items)
         ctx = StepContext(device=self.device, autocast=self._autocast)
         skipped, done = [], 0
