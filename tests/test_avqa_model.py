@@ -157,6 +157,30 @@ def test_bad_inputs_are_refused():
         AVQAHeadConfig(vocab_size=1)
 
 
+def test_vocabulary_and_answers_are_checked_and_used():
+    head = dict(vocab_size=4, num_answers=2, hidden=8, heads=2)
+    words, answers = ["<pad>", "<unk>", "is", "it"], ["no", "yes"]
+    with pytest.raises(ValueError, match=r"vocabulary: expected 4 entries \(head.vocab_size\)"):
+        PromptedCLIPAVQA.tiny(head=head, vocabulary=words[:3])
+    with pytest.raises(ValueError, match="token id 0 must be '<pad>'"):
+        PromptedCLIPAVQA.tiny(head=head, vocabulary=words[::-1])
+    with pytest.raises(ValueError, match="distinct"):
+        PromptedCLIPAVQA.tiny(head=head, vocabulary=words[:3] + ["is"])
+    with pytest.raises(ValueError, match=r"answers: expected 2 entries \(head.num_answers\)"):
+        PromptedCLIPAVQA.tiny(head=head, answers=["yes"])
+    bare = PromptedCLIPAVQA.tiny(head=head)
+    with pytest.raises(ValueError, match="vocabulary: this model has none"):
+        bare.encode_questions("is it")
+    with pytest.raises(ValueError, match="answers: this model has none"):
+        bare.decode_answers(torch.zeros(1, 2))
+    m = PromptedCLIPAVQA.tiny(head=head, vocabulary=words, answers=answers)
+    assert m.encode_questions("is it ok?").tolist() == [[2, 3, 1]]
+    assert m.encode_questions(["it"], max_len=3).tolist() == [[3, 0, 0]]
+    with pytest.raises(ValueError, match="longer than max_len=1"):
+        m.encode_questions("is it", max_len=1)
+    assert m.decode_answers(torch.tensor([[0.0, 1.0], [2.0, 1.0]])) == ["yes", "no"]
+
+
 def test_vit_l14_trainable_parameter_count():
     """ViT-L/14, all prompts, the 512-wide head, 93 words and 42 answers (MUSIC-AVQA):
     9.64M trainable (paper Table 2: 9.3M), 313.6M total (paper: 312.7M)."""

@@ -138,3 +138,102 @@ def test_a_loaded_model_saves_an_equivalent_file(tmp_path):
     assert pa.meta == pb.meta
     assert pa.tensors.keys() == pb.tensors.keys()
     assert all(torch.equal(pa.tensors[k], pb.tensors[k]) for k in pa.tensors)
+
+
+# --------------------------------------------------------------------------------------
+# AVQA models: the head's buffers, its settings, vocabulary and answers travel too
+# --------------------------------------------------------------------------------------
+WORDS = ["<pad>", "<unk>", "is", "the", "violin", "sounding", "before", "piano"]
+ANSWERS = ["no", "yes", "two"]
+
+
+def _avqa(seed=0, vocabulary=WORDS, **head):
+    from avstfp_fast.models.avqa import PromptedCLIPAVQA
+    kw = dict(vocab_size=len(WORDS), num_answers=len(ANSWERS), hidden=8, word_dim=8, heads=2,
+              segments=2)
+    kw.update(head)
+    torch.manual_seed(seed)
+    m = PromptedCLIPAVQA.tiny(**TINY, head=kw, vocabulary=vocabulary, answers=ANSWERS)
+    with torch.no_grad():          # trained-looking values, BatchNorm statistics included
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+        for n, b in m.named_buffers():
+            if n.endswith("running_mean"):
+                b.normal_()
+            elif n.endswith("running_var"):
+                b.uniform_(0.5, 2.0)
+            elif n.endswith("num_batches_tracked"):
+                b.fill_(17)
+    return m
+
+
+def test_avqa_round_trip_rebuilds_the_same_model(tmp_path):
+    from avstfp_fast.models.avqa import PromptedCLIPAVQA
+    m = _avqa().eval()
+    path = m.save_prompts(str(tmp_path / "q.safetensors"), backbone="tiny")
+    pf = pfm.read_prompt_file(path)
+    assert pf.model_class == "PromptedCLIPAVQA"
+    assert {"head.audio_norm.running_mean", "head.patch_norm.running_var",
+            "head.visual_norm.num_batches_tracked"} <= set(pf.tensors)
+    init = json.loads(pf.meta["model_init"])
+    assert init == {"head": m.head_config.to_dict(), "vocabulary": WORDS, "answers": ANSWERS}
+    torch.manual_seed(0)                        # the same random tower
+    m2 = PromptedCLIPAVQA.from_prompts(path, backend="torch").eval()
+    assert m2.head_config == m.head_config and m2.vocabulary == WORDS and m2.answers == ANSWERS
+    s1, s2 = m.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert s1[k].dtype == s2[k].dtype and torch.equal(s1[k], s2[k]), k
+    torch.manual_seed(5)
+    a, v = torch.randn(2, 2, 98, 128), torch.randn(2, 2, 3, 32, 32)
+    q = m.encode_questions(["is the <Object> sounding before the <Object>?", "is the tuba"],
+                           [["violin", "piano"], []])
+    assert q.tolist() == [[2, 3, 4, 5, 6, 3, 7], [2, 3, 1, 0, 0, 0, 0]]
+    with torch.no_grad():
+        out1, out2 = m(a, v, q), m2(a, v, q)
+    assert torch.equal(out1.logits, out2.logits)
+    assert m2.decode_answers(out2.logits) == m.decode_answers(out1.logits)
+    assert set(m2.decode_answers(out2.logits)) <= set(ANSWERS)
+
+
+def test_avqa_and_plain_files_are_refused_by_the_other_class(tmp_path):
+    from avstfp_fast.models.avqa import PromptedCLIPAVQA
+    q = _avqa().save_prompts(str(tmp_path / "q.safetensors"), backbone="tiny")
+    p = _model().save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny")
+    with pytest.raises(PromptFileError, match="holds a PromptedCLIPAVQA model, this is a "
+                                              "PromptedCLIP; load it with PromptedCLIPAVQA"):
+        PromptedCLIP.from_prompts(q)
+    with pytest.raises(PromptFileError, match="holds a PromptedCLIP model, this is a "
+                                              "PromptedCLIPAVQA"):
+        PromptedCLIPAVQA.from_prompts(p)
+    with pytest.raises(PromptFileError, match="model class differs"):
+        load_prompts(_model(), q)
+    # onto an existing AVQA model: settings, vocabulary and answers are compared
+    other_words = WORDS[:-1] + ["cello"]
+    with pytest.raises(PromptFileError, match=r"vocabulary: file 8 items, model 8; first "
+                                              r"difference at \[7\]: file 'piano', model 'cello'"):
+        load_prompts(_avqa(vocabulary=other_words), q)
+    with pytest.raises(PromptFileError, match=r"head.hidden: file 8, model 12"):
+        load_prompts(_avqa(hidden=12, word_dim=8, heads=2), q)
+    # a model without a vocabulary accepts the file's (nothing to compare)
+    load_prompts(_avqa(vocabulary=None), q)
+    # avstfp-predict runs AVE/AVAR models only, and says so
+    from avstfp_fast.predict.core import load_model
+    with pytest.raises(ValueError, match="PromptedCLIPAVQA model; avstfp-predict runs the "
+                                         "AVE/AVAR"):
+        load_model(q)
+
+
+def test_files_without_the_model_class_key_still_load(tmp_path):
+    """Format-1 files written before ``model_class`` existed are plain PromptedCLIP files."""
+    from safetensors.torch import save_file
+    m = _model()
+    pf = pfm.read_prompt_file(m.save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny"))
+    assert pf.meta["model_class"] == "PromptedCLIP" and "model_init" not in pf.meta
+    old = {k: v for k, v in pf.meta.items() if k != "model_class"}
+    save_file(pf.tensors, str(tmp_path / "old.safetensors"), metadata=old)
+    torch.manual_seed(0)
+    m2 = PromptedCLIP.from_prompts(str(tmp_path / "old.safetensors"), backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                  m2.state_dict().values()))

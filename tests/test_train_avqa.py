@@ -88,6 +88,49 @@ def test_checkpoint_keeps_head_buffers_without_the_tower():
     assert torch.equal(fresh.head.audio_norm.running_mean, m.head.audio_norm.running_mean)
 
 
+def test_prompt_file_beside_best_pt_rebuilds_the_checkpoint_model(data, tmp_path):
+    """The trainer's best.prompts.safetensors loads onto a fresh PromptedCLIPAVQA (head
+    settings, BatchNorm statistics, vocabulary and answers included) and answers exactly
+    like the best.pt model; avstfp-predict refuses both with a clear message."""
+    from avstfp_fast.models.avqa import PromptedCLIPAVQA
+    from avstfp_fast.predict.core import load_model
+    from avstfp_fast.train import checkpoint as ck
+    from avstfp_fast.train.config import TrainConfig
+    from avstfp_fast.train.tasks import make_task
+    out = str(tmp_path / "run")
+    assert main(["--task", "synthetic_avqa", "--data-root", data, "--out", out, "--epochs",
+                 "1", "--no-final-eval"] + SMALL) == 0
+    best = os.path.join(out, "checkpoints", "best.pt")
+    prompts = os.path.join(out, "checkpoints", "best.prompts.safetensors")
+    # the checkpoint's model, rebuilt as the trainer builds it
+    ckpt = ck.load_checkpoint(best)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    task = make_task(cfg)
+    classes, splits = task.prepare_data(out, 0)
+    task.classes, task.splits = classes, splits
+    torch.manual_seed(cfg.seed)
+    want = task.build_model(len(classes))
+    ck.load_model_state(want, ckpt["model"], ckpt["model_full"])
+    assert any(float(b.abs().sum()) for n, b in want.head.named_buffers()
+               if n.endswith("running_mean"))                        # trained statistics
+    torch.manual_seed(cfg.seed + 1)               # any seed: the tiny tower is in the file
+    got = PromptedCLIPAVQA.from_prompts(prompts, backend="torch")
+    assert got.vocabulary == task.vocab.words and got.answers == list(classes)
+    assert got.head_config == want.head_config
+    s1, s2 = want.state_dict(), got.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    ds = task.dataset("val", False, want.image_size)
+    batch = task.collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        a, v, q = batch["audio"], batch["video"], batch["question"]
+        l1, l2 = want.eval()(a, v, q).logits, got.eval()(a, v, q).logits
+    assert torch.equal(l1, l2)
+    assert got.decode_answers(l2) == [classes[i] for i in l1.argmax(-1).tolist()]
+    for path in (prompts, best):
+        with pytest.raises(ValueError, match="avstfp-predict runs the AVE/AVAR"):
+            load_model(path)
+
+
 def test_avqa_needs_a_data_root(tmp_path, capsys):
     assert main(["--task", "avqa", "--backbone", "tiny", "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 2

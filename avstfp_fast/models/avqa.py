@@ -37,12 +37,18 @@ there is no visual branch.  The fusion layer takes whatever branches exist.
 ``PromptedCLIPAVQA`` is a ``PromptedCLIP`` (same prompts, backends, ``set_backend``,
 ``parameter_summary``, ``param_groups``, state_dict layout ``visual.*`` / prompts /
 ``head.*``) whose ``head`` is the :class:`AVQAHead` and whose forward takes the question.
+It can carry the question ``vocabulary`` (token id -> word) and the ``answers`` (class id
+-> answer) it was trained with: :meth:`PromptedCLIPAVQA.encode_questions` and
+:meth:`PromptedCLIPAVQA.decode_answers` use them, and its prompt files record them with the
+head configuration, so ``PromptedCLIPAVQA.from_prompts(path)`` rebuilds the same model
+(``docs/avqa.md``, "Sharing a trained AVQA model").
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -234,12 +240,18 @@ class PromptedCLIPAVQA(PromptedCLIP):
     """AV-STFP tower + ST-AVQA head: ``model(audio, video, question, negatives=None)``.
 
     ``head=``: an :class:`AVQAHeadConfig` or a dict of its fields (``vocab_size`` is
-    required); the remaining keywords are ``PromptedCLIP``'s (tower, backend, prompt
-    switches; ``task`` is fixed to None for the tower: the head is this class's).
+    required); ``vocabulary``: the question words by token id (``<pad>`` first,
+    ``vocab_size`` of them) and ``answers``: the answer strings by class id
+    (``num_answers`` of them), both optional (needed by :meth:`encode_questions` /
+    :meth:`decode_answers`, recorded in prompt files); the remaining keywords are
+    ``PromptedCLIP``'s (tower, backend, prompt switches; ``task`` is fixed to None for the
+    tower: the head is this class's).
     """
+    prompt_file_kind = "PromptedCLIPAVQA"
 
     def __init__(self, model: Union[str, nn.Module] = "ViT-L-14", *,
-                 head: Union[AVQAHeadConfig, dict], config: Optional[AVSTFPConfig] = None,
+                 head: Union[AVQAHeadConfig, dict], vocabulary: Optional[list] = None,
+                 answers: Optional[list] = None, config: Optional[AVSTFPConfig] = None,
                  **kw):
         if config is None:
             if kw.pop("task", None) is not None:
@@ -251,6 +263,15 @@ class PromptedCLIPAVQA(PromptedCLIP):
                              f"the AVQA head), got {config.task!r}")
         super().__init__(model, config=config, **kw)
         self.head_config = head if isinstance(head, AVQAHeadConfig) else AVQAHeadConfig(**head)
+        self.vocabulary = _word_list(vocabulary, "vocabulary", self.head_config.vocab_size,
+                                     "head.vocab_size")
+        if self.vocabulary is not None and self.vocabulary[0] != "<pad>":
+            raise ValueError(f"vocabulary: token id 0 must be '<pad>', got "
+                             f"{self.vocabulary[0]!r}")
+        if self.vocabulary is not None and len(set(self.vocabulary)) != len(self.vocabulary):
+            raise ValueError("vocabulary: words must be distinct (one token id per word)")
+        self.answers = _word_list(answers, "answers", self.head_config.num_answers,
+                                  "head.num_answers")
         dev = self.visual.conv1.weight.device
         self.head = AVQAHead(self.width, self.head_config, config.modalities).to(dev)
 
@@ -267,6 +288,53 @@ class PromptedCLIPAVQA(PromptedCLIP):
                              f"embedding has {self.head_config.segments}")
         a_tok, v_tok = self.encode(audio, video, tokens=True)
         return self.head(a_tok, v_tok, question, negatives)
+
+    # ------------------------------------------------------------------ questions, answers
+    def encode_questions(self, questions, templ_values=None,
+                         max_len: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, L) of question strings, as the trainer encodes them (template
+        slots such as ``<Object>`` filled from ``templ_values``: one list per question;
+        unknown words -> ``<unk>``; padded with ``<pad>`` to ``max_len``, default the
+        longest question -- the answer does not depend on the padding length)."""
+        from ..train.avqa_data import Vocabulary, question_words
+        if self.vocabulary is None:
+            raise ValueError("vocabulary: this model has none (build it with vocabulary=, or "
+                             "load a prompt file written by the AVQA trainer)")
+        if isinstance(questions, str):
+            questions = [questions]
+        if templ_values is None:
+            templ_values = [[] for _ in questions]
+        if len(templ_values) != len(questions):
+            raise ValueError(f"templ_values: expected one list per question "
+                             f"({len(questions)}), got {len(templ_values)}")
+        words = [question_words(q, t) for q, t in zip(questions, templ_values)]
+        vocab = Vocabulary(self.vocabulary)
+        L = max_len if max_len is not None else max(len(w) for w in words)
+        ids = [vocab.encode(w, L, f"questions[{i}]: ") for i, w in enumerate(words)]
+        return torch.as_tensor(np.stack(ids), device=self.visual.conv1.weight.device)
+
+    def decode_answers(self, logits: torch.Tensor) -> list:
+        """The answer strings of logits (B, num_answers) (their argmax)."""
+        if self.answers is None:
+            raise ValueError("answers: this model has none (build it with answers=, or load "
+                             "a prompt file written by the AVQA trainer)")
+        return [self.answers[i] for i in logits.argmax(dim=-1).tolist()]
+
+    def prompt_file_init(self) -> dict:
+        """The head configuration, the vocabulary and the answers (the prompt-file hook)."""
+        return {"head": self.head_config.to_dict(), "vocabulary": self.vocabulary,
+                "answers": self.answers}
+
+
+def _word_list(words, name, n, field):
+    if words is None:
+        return None
+    words = list(words)
+    if not all(isinstance(w, str) for w in words):
+        raise TypeError(f"{name}: expected a list of strings")
+    if len(words) != n:
+        raise ValueError(f"{name}: expected {n} entries ({field}), got {len(words)}")
+    return words
 
 
 def _check_question(question, B, vocab_size):

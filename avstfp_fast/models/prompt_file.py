@@ -1,8 +1,9 @@
 """Prompt files: the learned part of a PromptedCLIP as one small safetensors file.
 
 Prompt tuning trains prompts, gates and the head (1.1M parameters for ViT-B/16, ~4 MB)
-on top of a frozen image tower.  A prompt file holds exactly those tensors (by their
-parameter names) and, as safetensors string metadata:
+on top of a frozen image tower.  A prompt file holds exactly the model's state outside the
+tower (by state_dict name): those parameters and the buffers that belong to them (e.g. a
+head's BatchNorm running statistics), and, as safetensors string metadata:
 
 ``format``                ``avstfp_fast.prompts/1``
 ``library_version``       avstfp_fast version that wrote it
@@ -19,11 +20,23 @@ parameter names) and, as safetensors string metadata:
 ``classes``               JSON list of class names (optional)
 ``inputs``                JSON: segments, clip_seconds, sample_rate, image_size (optional)
 ``trainer_task``          the trainer's task name (optional)
+``model_class``           the model class's ``prompt_file_kind`` (``PromptedCLIP``,
+                          ``PromptedCLIPAVQA``, ...); absent in older files: ``PromptedCLIP``
+``model_init``            JSON: the class's own constructor keywords, from its
+                          ``prompt_file_init()`` hook (absent when empty; for AVQA: ``head``,
+                          ``vocabulary``, ``answers``)
+
+A model class adds what it needs to be rebuilt (and to encode its inputs / decode its
+outputs) through one hook: the class attribute ``prompt_file_kind`` and the method
+``prompt_file_init()`` returning JSON-able constructor keywords;
+``from_prompts`` calls ``cls(tower, config=..., **model_init)``.  Files written before these
+keys existed (plain ``PromptedCLIP`` models, format 1) read unchanged.
 
 Loading checks, in order, and fails with a ValueError naming what differs: the file is a
-complete safetensors file of this format; the model configuration; the backbone name and
-architecture; the tensor names and shapes; and -- for ``prompts`` files -- the fingerprint
-of the frozen tower it is loaded onto.
+complete safetensors file of this format; the model class; the model configuration; the
+class's constructor keywords (``model_init``; keys the model leaves None are not
+compared); the backbone name and architecture; the tensor names and shapes; and -- for
+``prompts`` files -- the fingerprint of the frozen tower it is loaded onto.
 """
 from __future__ import annotations
 
@@ -77,6 +90,16 @@ def fingerprint(module: nn.Module) -> str:
     return fp
 
 
+def _learned_state(model) -> dict:
+    """The state a prompts-only file holds: everything outside the frozen tower."""
+    return {n: t for n, t in model.state_dict(keep_vars=True).items()
+            if not n.startswith("visual.")}
+
+
+def _kind(model_or_cls) -> str:
+    return getattr(model_or_cls, "prompt_file_kind", "PromptedCLIP")
+
+
 def _arch(visual: nn.Module) -> dict:
     from . import backbone as bb
     blocks = visual.transformer.resblocks
@@ -111,7 +134,7 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     if everything:
         state = model.state_dict()
     else:
-        state = {n: p for n, p in model.named_parameters() if not n.startswith("visual.")}
+        state = _learned_state(model)
     tensors = {n: t.detach().cpu().contiguous().clone() for n, t in state.items()}
     meta = {
         "format": FORMAT,
@@ -121,7 +144,11 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
         "backbone_arch": json.dumps(_arch(model.visual)),
         "backbone_fingerprint": fingerprint(model.visual),
         "contents": "everything" if everything else "prompts",
+        "model_class": _kind(model),
     }
+    init = model.prompt_file_init() if hasattr(model, "prompt_file_init") else {}
+    if init:
+        meta["model_init"] = json.dumps(init)
     if pretrained:
         meta["pretrained"] = os.path.basename(str(pretrained))
     if classes is not None:
@@ -159,6 +186,14 @@ class PromptFile:
     def arch(self) -> dict:
         return json.loads(self.meta["backbone_arch"])
 
+    @property
+    def model_class(self) -> str:
+        return self.meta.get("model_class", "PromptedCLIP")
+
+    @property
+    def model_init(self) -> dict:
+        return self.json("model_init", {})
+
     def json(self, key: str, default=None):
         return json.loads(self.meta[key]) if key in self.meta else default
 
@@ -166,7 +201,8 @@ class PromptFile:
         what = ("everything (prompts, gates, head and the tower)" if self.everything
                 else "prompts, gates and head")
         n = sum(t.numel() for t in self.tensors.values())
-        return (f"{self.path}: {what}, {len(self.tensors)} tensors, {n:,d} values; backbone "
+        return (f"{self.path}: {self.model_class} {what}, {len(self.tensors)} tensors, "
+                f"{n:,d} values; backbone "
                 f"{self.meta.get('backbone')} ({self.meta.get('backbone_fingerprint', '?')[:19]}"
                 f"...), written by avstfp_fast {self.meta.get('library_version')}")
 
@@ -201,7 +237,40 @@ def _config_diff(saved: dict, have: dict) -> list[str]:
             if norm(saved[k]) != norm(have.get(k))]
 
 
+def _check_class(pf: PromptFile, kind: str) -> None:
+    if pf.model_class != kind:
+        raise PromptFileError(
+            f"{pf.path}: model class differs: the file holds a {pf.model_class} model, this "
+            f"is a {kind}; load it with {pf.model_class}.from_prompts")
+
+
+def _value_diff(key: str, saved, have) -> list[str]:
+    """Readable differences between two JSON values (dicts by field, lists by length and
+    first differing item)."""
+    if isinstance(saved, dict) and isinstance(have, dict):
+        return [d for k in sorted(set(saved) | set(have))
+                for d in _value_diff(f"{key}.{k}", saved.get(k), have.get(k))]
+    if isinstance(saved, (list, tuple)) and isinstance(have, (list, tuple)):
+        saved, have = list(saved), list(have)
+        if saved == have:
+            return []
+        i = next((i for i, (a, b) in enumerate(zip(saved, have)) if a != b),
+                 min(len(saved), len(have)))
+        at = lambda v: repr(v[i]) if i < len(v) else "(end)"   # noqa: E731
+        return [f"{key}: file {len(saved)} items, model {len(have)}; first difference at "
+                f"[{i}]: file {at(saved)}, model {at(have)}"]
+    return [] if saved == have else [f"{key}: file {saved!r}, model {have!r}"]
+
+
 def _check(pf: PromptFile, model, check_fingerprint: bool) -> None:
+    _check_class(pf, _kind(model))
+    have_init = model.prompt_file_init() if hasattr(model, "prompt_file_init") else {}
+    saved_init = pf.model_init
+    idiff = [d for k in sorted(set(saved_init) | set(have_init)) if have_init.get(k) is not None
+             for d in _value_diff(k, saved_init.get(k), have_init[k])]
+    if idiff:
+        raise PromptFileError(f"{pf.path}: {pf.model_class} settings differ: "
+                              + "; ".join(idiff))
     diff = _config_diff(json.loads(pf.meta["config"]), model.config.to_dict())
     if diff:
         raise PromptFileError(f"{pf.path}: model configuration differs: " + "; ".join(diff))
@@ -211,8 +280,7 @@ def _check(pf: PromptFile, model, check_fingerprint: bool) -> None:
     if adiff:
         raise PromptFileError(f"{pf.path}: backbone architecture differs (file: "
                               f"{pf.meta['backbone']!r}): " + "; ".join(adiff))
-    want = dict(model.state_dict()) if pf.everything else \
-        {n: p for n, p in model.named_parameters() if not n.startswith("visual.")}
+    want = dict(model.state_dict()) if pf.everything else _learned_state(model)
     missing = sorted(set(want) - set(pf.tensors))
     unexpected = sorted(set(pf.tensors) - set(want))
     shapes = [f"{n}: file {tuple(t.shape)}, model {tuple(want[n].shape)}"
@@ -254,6 +322,8 @@ def from_prompts(cls, path: str, *, backbone: Union[str, nn.Module, None] = None
     backbone (``tiny`` is rebuilt from the recorded architecture).  ``pretrained``: the
     local tower weights for a name (needed unless the file holds everything)."""
     pf = read_prompt_file(path)
+    _check_class(pf, _kind(cls))
+    init = pf.model_init
     config = pf.config
     name = pf.meta["backbone"]
     if backbone is None:
@@ -268,15 +338,15 @@ def from_prompts(cls, path: str, *, backbone: Union[str, nn.Module, None] = None
             a = pf.arch
             model = cls.tiny(width=a["width"], layers=a["layers"], heads=a["heads"],
                              patch_size=a["patch_size"], image_size=a["image_size"],
-                             quick_gelu=a["quick_gelu"], backend=backend, config=config)
+                             quick_gelu=a["quick_gelu"], backend=backend, config=config, **init)
         else:
             import open_clip
             if name not in open_clip.list_models():
                 raise PromptFileError(f"{path}: backbone {name!r} is not an open_clip model "
                                       f"name; pass the tower module as backbone=")
-            model = cls(name, pretrained=pretrained, backend=backend, config=config)
+            model = cls(name, pretrained=pretrained, backend=backend, config=config, **init)
     else:
-        model = cls(backbone, backend=backend, config=config)
+        model = cls(backbone, backend=backend, config=config, **init)
     if device is not None:
         model = model.to(device)
     load_prompts(model, pf, check_fingerprint=check_fingerprint)

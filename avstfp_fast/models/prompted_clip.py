@@ -251,6 +251,17 @@ class PromptedCLIP(nn.Module):
         return None if p is None else p[layer]
 
     # ------------------------------------------------------------------ prompt files
+    #: The hook through which a subclass rebuilds itself from a prompt file: the name its
+    #: files record (``model_class``; a file loads only onto the same kind) and
+    #: :meth:`prompt_file_init`, its extra constructor keywords.
+    prompt_file_kind = "PromptedCLIP"
+
+    def prompt_file_init(self) -> dict:
+        """JSON-able constructor keywords beyond the tower and ``config`` that rebuild
+        this model (recorded as ``model_init``; ``from_prompts`` passes them to ``cls``).
+        A subclass with more constructor arguments returns them here."""
+        return {}
+
     def save_prompts(self, path: str, **kw) -> str:
         """Write prompts, gates and head (everything when fully fine-tuned) as a
         safetensors prompt file; see ``models/prompt_file.py`` for options and format."""

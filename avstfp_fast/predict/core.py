@@ -71,7 +71,13 @@ def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
         raise FileNotFoundError(f"model: no such file: {path}")
     if _is_checkpoint(path):
         return _from_checkpoint(path, backbone, pretrained, backend, device)
+    from ..models.prompt_file import read_prompt_file
     from ..models.prompted_clip import PromptedCLIP
+    kind = read_prompt_file(path).model_class
+    if kind != PromptedCLIP.prompt_file_kind:
+        raise ValueError(f"model: {path} holds a {kind} model; avstfp-predict runs the "
+                         f"AVE/AVAR classification models only (load it in Python with "
+                         f"{kind}.from_prompts; see docs/avqa.md)")
     model = PromptedCLIP.from_prompts(path, backbone=backbone, pretrained=pretrained,
                                       backend=backend, device=device)
     meta = model.prompt_metadata
@@ -107,6 +113,10 @@ def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel
                                 f"{cfg.pretrained!r} are not here; pass --pretrained FILE")
     classes = list(ckpt["classes"])
     task = make_task(cfg)
+    if task.head is None:
+        raise ValueError(f"model: {path} is a checkpoint of task {cfg.task!r}; avstfp-predict "
+                         f"runs the AVE/AVAR classification models only (for AVQA see "
+                         f"docs/avqa.md)")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task.head, len(classes))
     ck.load_model_state(model, ckpt["model"], ckpt["model_full"])

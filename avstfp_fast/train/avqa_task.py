@@ -69,7 +69,7 @@ class AVQATask(Task):
         if cfg.data_root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         s = avqa_splits(cfg.data_root, max_len=cfg.question_len)
-        self.vocab = s.vocab
+        self.vocab, self.answers = s.vocab, s.answers
         if rank == 0:
             for split, items in s.splits.items():
                 print(f"avqa {split}: {len(items)} questions, {s.bad_rows[split]} bad rows "
@@ -97,8 +97,11 @@ class AVQATask(Task):
         head = AVQAHeadConfig(vocab_size=len(self.vocab), num_answers=num_classes,
                               hidden=cfg.model.head_hidden, word_dim=cfg.model.head_hidden,
                               segments=cfg.segments, match_weight=cfg.match_weight)
+        # the model carries its vocabulary and answers: its prompt file (written beside
+        # best.pt) then rebuilds, encodes questions and decodes answers on its own
         return build_model(cfg, None, None, model_cls=PromptedCLIPAVQA,
-                           model_kw={"head": head})
+                           model_kw={"head": head, "vocabulary": list(self.vocab.words),
+                                     "answers": list(self.answers)})
 
     def train_loss(self, model, batch, ctx):
         from avstfp_fast.models.avqa import avqa_loss

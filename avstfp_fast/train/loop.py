@@ -203,7 +203,9 @@ class Trainer:
 
     def save_prompt_file(self) -> str | None:
         """The shareable part of the model beside best.pt (``best.prompts.safetensors``):
-        prompts, gates and head -- everything when the tower is fine-tuned or random."""
+        prompts, gates and head (with its buffers, and whatever the model class records
+        to be rebuilt, e.g. an AVQA model's head settings, vocabulary and answers) --
+        everything when the tower is fine-tuned or random."""
         if not hasattr(self.model, "save_prompts"):
             return None
         cfg = self.cfg
