@@ -120,16 +120,18 @@ class _Tiles:
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
         if max_q <= 32 and max_k <= 64:
             self.kind = "packed"
-            self.slot_m = _p2(max(max_q, 1))
+            self.slot_m = max(16, _p2(max(max_q, 1)))     # 16-row MMA granularity
             self.g = 64 // self.slot_m
-            lo, hi = max(1, 16 // self.g), max(1, wide // self.g)
+            # per-sequence (batched) products: a key slot is the K of the p v product,
+            # which tensor cores need >= 16 (16-bit) -- 16..wide/G keys per sequence
+            lo, hi = 16, max(16, wide // self.g)
         elif max_q <= 32:
             self.kind, self.slot_m, self.g, lo, hi = "short-q", max(16, _p2(max_q)), 1, 64, 64
         else:
             self.kind, self.slot_m, self.g, lo, hi = "long", 64, 1, 64, 64
         clamp = lambda n, lo=lo: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
         self.slot_n = clamp(max_k)
-        self.slot_p = clamp(max_p, max(1, 16 // self.g))
+        self.slot_p = clamp(max_p, 16)
         self.num_warps = 8 if head_dim >= 128 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
