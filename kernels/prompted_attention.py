@@ -21,8 +21,10 @@ Operand descriptors (shared by all kernels)
 * A program owns ``G`` sequences (``b = group * G + g``) and ``SLOT`` positions of each:
   tile row ``r`` is sequence ``r // SLOT``, position ``block * SLOT + r % SLOT``.  Long
   sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack several
-  sequences into one 64-row tile, and a block-diagonal mask (``same``) keeps each query
-  on its own sequence's keys.
+  sequences into one 64-row tile, and every product is per sequence (:func:`_bdot`: a
+  batched 3-D dot over ``[G, SLOT, D]``), so score tiles are ``[G SLOT_M, SLOT_N]`` --
+  column ``c`` is slot ``c`` of the row's own sequence -- and only the diagonal blocks of
+  the G x G sequence grid are computed.
 * ``LSE`` and ``DELTA`` are dense fp32 ``(BT, LQ)`` buffers indexed ``b * LQ + pos``.
 * Scores are kept in log2 units: ``qk_scale = scale * log2(e)``.
 * ``WHILE`` (set when interpreting): loops over run-time lengths are written as
@@ -142,6 +144,17 @@ def _bcol(x, G: tl.constexpr, N: tl.constexpr):
     return r
 
 
+@triton.jit
+def _cols_ok(ok, j0, n, G: tl.constexpr, SLOT: tl.constexpr):
+    # validity of the score columns (slots j0 + c < n of the row's own sequence); with
+    # G == 1 the columns are the loaded rows, whose mask ``ok`` already says so
+    if G == 1:
+        r = ok
+    else:
+        r = j0 + tl.arange(0, SLOT) < n
+    return r
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
@@ -155,7 +168,7 @@ def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
     k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
     v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
     s = _bdot(q, k, G, False, True, PREC) * qk_scale
-    s = tl.where((j0 + tl.arange(0, SLOT) < n)[None, :], s, float("-inf"))
+    s = tl.where(_cols_ok(ok, j0, n, G, SLOT)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -260,7 +273,7 @@ def _kv_step(dk, dv, k, v, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, sdo,
     delta = tl.load(DELTA + row, mask=ok, other=0.0)
     N: tl.constexpr = k.shape[0] // G
     sT = _bdot(k, q, G, False, True, PREC) * qk_scale
-    valid = (m0 + tl.arange(0, SLOT_M) < nq)[None, :] & k_ok[:, None]
+    valid = _cols_ok(ok, m0, nq, G, SLOT_M)[None, :] & k_ok[:, None]
     pT = tl.where(valid, tl.exp2(sT - _bcol(lse2, G, N)), 0.0)
     dv += _bdot(pT.to(do.dtype), do, G, False, False, PREC)
     dpT = _bdot(v, do, G, False, True, PREC)
@@ -361,7 +374,7 @@ def _dq_step(dq, q, do, q_ok, lse2, delta, KP, VP, kbo, vbo, sk, sv, j0, jo, n, 
     ok = (cb < BT) & (j0 + cj < n)
     k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
     v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
-    valid = q_ok[:, None] & (j0 + tl.arange(0, SLOT) < n)[None, :]
+    valid = q_ok[:, None] & _cols_ok(ok, j0, n, G, SLOT)[None, :]
     p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
     dq += _bdot(ds.to(k.dtype), k, G, False, False, PREC)
     return dq, p, ds, ok

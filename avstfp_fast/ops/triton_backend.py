@@ -32,8 +32,8 @@ group are adjacent, so they run at the same time and share its K/V in L2; limit 
 *Tiles.*  A small table of shape classes (:class:`_Tiles`), chosen per call from the
 lengths, never autotuned; ``AVSTFP_PRINT_TILES=1`` prints the choice for each new
 layout.  ``packed`` (Lq <= 32, Lk <= 64; the temporal stage, 10 queries, 10+2 keys): G
-sequences share a 64-row tile with a block-diagonal mask (SLOT_M = next_pow2(Lq),
-G = 64 / SLOT_M).  ``short-q`` (Lq <= 32 over longer keys): one sequence, keys in full
+sequences share a 64-row tile, each multiplied only with its own keys (batched 3-D
+dots; SLOT_M = max(16, next_pow2(Lq)), G = 64 / SLOT_M, key/prompt slots >= 16).  ``short-q`` (Lq <= 32 over longer keys): one sequence, keys in full
 64-row blocks.  ``long`` (spatial, fusion): 64 x 64.  fp32 uses IEEE dots (no tf32) and
 one pipeline stage; head dim 128 uses 8 warps.  Shared memory, registers and the wgmma /
 cp.async lowering of every variant the stage shapes use are checked at compile time for
@@ -106,8 +106,9 @@ class _Tiles:
     """Tile configuration of one shape class (the table in the design note).
 
     ``packed``   Lq <= 32 and Lk <= 64 (temporal: 10 queries, 10 + 2 keys): G short
-                 sequences share one 64-row tile (SLOT_M = next_pow2(Lq), G = 64 / SLOT_M),
-                 keys/prompts SLOT_N/SLOT_P slots per sequence, key tile 16..128 rows.
+                 sequences share one 64-row tile (SLOT_M = max(16, next_pow2(Lq)),
+                 G = 64 / SLOT_M), keys/prompts SLOT_N/SLOT_P >= 16 slots per sequence
+                 (16..wide/G); products are per sequence (batched 3-D dots, mma.sync).
     ``short-q``  Lq <= 32, Lk > 64 (one or a few queries over long keys): one sequence
                  per program, max(16, next_pow2(Lq)) query rows, keys in full 64-row
                  blocks (packing would advance only a couple of keys per step).
