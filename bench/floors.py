@@ -2,9 +2,11 @@
 
 The byte floor and the *useful* FLOPs depend on the problem only; the *executed* FLOPs
 also depend on how the kernels tile it: rows padded up to the tile (197 tokens walk 4
-blocks of 64 = 256 rows), block-diagonal packing of short sequences (a 64-row tile of
-4 sequences x 16 slots computes all 64 x 64 scores, only 4 x 10 x 12 of them useful),
-and the number of matrix products per score tile in the backward.  Definitions:
+blocks of 64 = 256 rows), slots of packed short sequences (a tile of 4 sequences x 16
+slots computes one 16 x 16 score block per sequence and key or prompt step -- per-sequence
+batched products, not the whole 64 x 64 block grid -- of which 10 x 10 token and 10 x 2
+prompt scores are useful), and the number of matrix products per score tile in the
+backward.  Definitions:
 ``docs/design.md``, "Floors: bytes and FLOPs".
 
 Everything here is plain arithmetic (no torch, no GPU), used by ``bench/static_sm90.py``
@@ -19,7 +21,10 @@ Interface
     :func:`min_bytes`; e.g. ``heads * P`` for batch-shared ``(H, P, d)`` prompts).
 ``Tile(g, slot_m, slot_n, slot_p)``
     ``g`` sequences per program, ``slot_m`` query rows, ``slot_n`` key rows and
-    ``slot_p`` prompt rows per sequence and step (tile rows = g * slot).
+    ``slot_p`` prompt rows per sequence and step (tile rows = g * slot).  ``batched``:
+    the products are per sequence (g blocks of slot x slot; the kernels since the
+    packed tile uses batched dots); False models the earlier block-diagonal tile, which
+    computed the whole (g slot_m) x (g slot_n) grid and masked all but its diagonal.
 ``min_bytes(call, passes)``, ``useful_flops(call, passes)``,
 ``executed_flops(call, tile, passes, backward, bwd_slot_m=None)`` with ``passes`` in
 ("fwd", "fwdbwd"), ``backward`` in :data:`BACKWARDS` and ``bwd_slot_m`` the fused
@@ -59,6 +64,7 @@ class Tile:
     slot_m: int
     slot_n: int
     slot_p: int
+    batched: bool = True
 
     @property
     def rows_m(self) -> int:
@@ -111,15 +117,17 @@ def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass",
 
     Programs: ``cdiv(batch, g)`` groups x query (forward, dq) or key (dk/dv) blocks per
     segment; each walks the other side in tile steps.  A product of an (a x d) by a
-    (d x b) tile is 2 a b d FLOPs.  ``bwd_slot_m``: the query tile of the fused
+    (d x b) tile is 2 a b d FLOPs; per-sequence (batched) products of g sequences are g
+    such products of one sequence's slots.  ``bwd_slot_m``: the query tile of the fused
     backward's inner loop when it differs from the forward's (``g == 1`` only)."""
     d, groups = c.head_dim, _cdiv(c.batch, t.g)
     fwd = bwd = 0.0
     for nq, nk, p in _segments(c):
         mb = _cdiv(nq, t.slot_m)                          # query blocks
         nb, pb = _cdiv(nk, t.slot_n), _cdiv(p, t.slot_p)  # key / prompt steps
-        tok = 2.0 * t.rows_m * t.rows_n * d               # one product, query x key tile
-        prm = 2.0 * t.rows_m * t.rows_p * d               # one product, query x prompt tile
+        w = t.g if (t.batched or t.g == 1) else 1          # key columns a query row meets
+        tok = 2.0 * t.rows_m * t.rows_n // w * d           # one product, query x key tile
+        prm = 2.0 * t.rows_m * t.rows_p // w * d           # one product, query x prompt tile
         fwd += groups * mb * (2 * nb * tok + 2 * pb * prm)
         if backward == "two-pass":
             bwd += groups * mb * (3 * nb * tok + 5 * pb * prm)   # dq pass (+ prompt grads)
@@ -127,8 +135,8 @@ def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass",
         elif backward == "fused":                               # query tile bq rows/seq
             bq = bwd_slot_m or t.slot_m
             rq = t.g * bq
-            bwd += groups * _cdiv(nq, bq) * 5 * (nb * 2.0 * rq * t.rows_n * d
-                                                 + pb * 2.0 * rq * t.rows_p * d)
+            bwd += groups * _cdiv(nq, bq) * 5 * (nb * 2.0 * rq * t.rows_n // w * d
+                                                 + pb * 2.0 * rq * t.rows_p // w * d)
         else:
             raise ValueError(f"backward: expected one of {BACKWARDS}, got {backward!r}")
     return fwd if passes == "fwd" else fwd + bwd

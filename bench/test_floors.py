@@ -16,9 +16,14 @@ def test_useful_and_executed_flops_by_hand():
     # two-pass: dq pass 3 (keys) + 5 (prompts), dk/dv pass 4; fused: 5 + 5
     assert floors.executed_flops(c, t, "fwdbwd", "two-pass") == 3 * (4 + 3 + 5 + 4) * one
     assert floors.executed_flops(c, t, "fwdbwd", "fused") == 3 * (4 + 5 + 5) * one
-    # packing 2 sequences per program: 2 programs, each 32 x 32 tiles
+    # packing 2 sequences per program: 2 programs, per-sequence (batched) products, so
+    # each step is 2 blocks of 16 x 16 (the unpacked tile's work, 2 groups for 3)
     t2 = Tile(g=2, slot_m=16, slot_n=16, slot_p=16)
-    assert floors.executed_flops(c, t2, "fwd") == 2 * 4 * (2 * 32 * 32 * 8)
+    assert floors.executed_flops(c, t2, "fwd") == 2 * 4 * 2 * one
+    assert floors.executed_flops(c, t2, "fwdbwd", "fused") == 2 * 14 * 2 * one
+    # the earlier block-diagonal tile computed the whole 32 x 32 grid per step
+    tb = Tile(g=2, slot_m=16, slot_n=16, slot_p=16, batched=False)
+    assert floors.executed_flops(c, tb, "fwd") == 2 * 4 * (2 * 32 * 32 * 8)
 
 
 def test_min_bytes_and_floor():

@@ -53,11 +53,16 @@ def test_executed_flops_by_hand():
     # 32-row query tiles (246 -> 256 rows again)
     assert executed_flops(f, "fwdbwd") == 240 * 2.0 * 64 * 256 * (7 * 256 + 7 * 16)
     # temporal: 4 sequences of 10 frames packed in a 64-row tile (16 slots each), keys
-    # 4 x 16, prompts 4 x 4: 9.4% of the forward's tensor work is useful
+    # and prompts 16 slots per sequence, per-sequence (batched) products: one 16 x 16
+    # block per sequence and step, 23.4% of the forward's tensor work is useful (9.4%
+    # with the earlier block-diagonal 64 x (64 + 16) tile), 20.1% of fwd+bwd (8.0%)
     t = KernelShape(b16, 2, "temporal", torch.bfloat16)
     c = kernel_cost(t, "fwd")
-    assert c["executed_flops"] == math.ceil(2 * 246 * 12 / 4) * 2.0 * 64 * 64 * (2 * 64 + 2 * 16)
-    assert c["flops"] / c["executed_flops"] == pytest.approx(0.09375)
+    assert c["executed_flops"] == math.ceil(2 * 246 * 12 / 4) * 4 * 2.0 * 16 * 64 * (2 * 16
+                                                                                   + 2 * 16)
+    assert c["flops"] / c["executed_flops"] == pytest.approx(0.234375)
+    c = kernel_cost(t, "fwdbwd")
+    assert c["flops"] / c["executed_flops"] == pytest.approx(3 * 480 / (7 * 1024))
     # spatial B=8 backward alone: ~40.6 GFLOP with the fused backward (63 with the
     # two-pass one; audio 49 -> 64 rows, visual 197 -> 224 in 32-row query tiles)
     s = KernelShape(b16, 8, "spatial", torch.bfloat16)

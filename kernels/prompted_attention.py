@@ -21,8 +21,10 @@ Operand descriptors (shared by all kernels)
 * A program owns ``G`` sequences (``b = group * G + g``) and ``SLOT`` positions of each:
   tile row ``r`` is sequence ``r // SLOT``, position ``block * SLOT + r % SLOT``.  Long
   sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack several
-  sequences into one 64-row tile, and a block-diagonal mask (``same``) keeps each query
-  on its own sequence's keys.
+  sequences into one 64-row tile, and every product is per sequence (:func:`_bdot`: a
+  batched 3-D dot over ``[G, SLOT, D]``), so score tiles are ``[G SLOT_M, SLOT_N]`` --
+  column ``c`` is slot ``c`` of the row's own sequence -- and only the diagonal blocks of
+  the G x G sequence grid are computed.
 * ``LSE`` and ``DELTA`` are dense fp32 ``(BT, LQ)`` buffers indexed ``b * LQ + pos``.
 * Scores are kept in log2 units: ``qk_scale = scale * log2(e)``.
 * ``WHILE`` (set when interpreting): loops over run-time lengths are written as
@@ -82,11 +84,11 @@ def _boff(b, BS, st):
 
 @triton.jit
 def _rows(grp, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
-    # tile row r -> (sequence b, position pos, valid); also the packing group r // SLOT
+    # tile row r -> (sequence b, position pos, valid)
     r = tl.arange(0, G * SLOT)
     b = grp * G + r // SLOT
     pos = blk * SLOT + r % SLOT
-    return b, pos, (b < BT) & (pos < n), r // SLOT
+    return b, pos, (b < BT) & (pos < n)
 
 
 @triton.jit
@@ -105,42 +107,92 @@ def _store(PTR, boff, pos, st, ok, x, D: tl.constexpr):
     tl.store(_ptr(PTR, boff, pos, st, D), x.to(PTR.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit
+def _bdot(a, b, G: tl.constexpr, TA: tl.constexpr, TB: tl.constexpr, PREC: tl.constexpr):
+    # Per-sequence products of packed tiles: a stacks G blocks [M, K] ([K, M] if TA),
+    # b G blocks [K, N] ([N, K] if TB); returns the G products [M, N] stacked, [G M, N].
+    # G == 1: one 2-D dot (wgmma on sm_90).  G > 1: one batched 3-D dot, so only the
+    # diagonal (same-sequence) blocks are computed, not the G x G block grid.
+    if G == 1:
+        if TA:
+            a = tl.trans(a)
+        if TB:
+            b = tl.trans(b)
+        c = tl.dot(a, b, input_precision=PREC)
+    else:
+        a3 = tl.reshape(a, [G, a.shape[0] // G, a.shape[1]])
+        b3 = tl.reshape(b, [G, b.shape[0] // G, b.shape[1]])
+        if TA:
+            a3 = tl.permute(a3, (0, 2, 1))
+        if TB:
+            b3 = tl.permute(b3, (0, 2, 1))
+        c3 = tl.dot(a3, b3, input_precision=PREC)
+        c = tl.reshape(c3, [G * c3.shape[1], c3.shape[2]])
+    return c
+
+
+@triton.jit
+def _bcol(x, G: tl.constexpr, N: tl.constexpr):
+    # x: one value per packed row (G sequences x M slots) -> the [G N, M] tile whose row
+    # g N + j holds x[g M : g M + M] (per-query values along the columns of a transposed,
+    # per-sequence score tile)
+    if G == 1:
+        r = x[None, :]
+    else:
+        M: tl.constexpr = x.shape[0] // G
+        r = tl.reshape(tl.broadcast_to(tl.reshape(x, [G, 1, M]), [G, N, M]), [G * N, M])
+    return r
+
+
+@triton.jit
+def _cols_ok(ok, j0, n, G: tl.constexpr, SLOT: tl.constexpr):
+    # validity of the score columns (slots j0 + c < n of the row's own sequence); with
+    # G == 1 the columns are the loaded rows, whose mask ``ok`` already says so
+    if G == 1:
+        r = ok
+    else:
+        r = j0 + tl.arange(0, SLOT) < n
+    return r
+
+
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, cg, BT,
-              qk_scale, D: tl.constexpr, PREC: tl.constexpr):
-    # keys j0 + cj (< n) of source (KP, VP), first row at offset jo:
+def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
+              qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
+              PREC: tl.constexpr):
+    # keys j0 + cj (< n) of source (KP, VP), first row at offset jo; score column c of a
+    # row is key j0 + c of the row's own sequence (per-sequence products, _bdot):
     # s = q k^T (log2 units); m' = max(m, rowmax s); p = 2^(s - m'); a = 2^(m - m')
     # l' = a l + sum p ;  acc' = a acc + p v        (rows with no valid key yet keep m=-inf)
     ok = (cb < BT) & (j0 + cj < n)
     k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
     v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-    s = tl.where((qg[:, None] == cg[None, :]) & ok[None, :], s, float("-inf"))
+    s = _bdot(q, k, G, False, True, PREC) * qk_scale
+    s = tl.where(_cols_ok(ok, j0, n, G, SLOT)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + _bdot(p.to(v.dtype), v, G, False, False, PREC)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _fwd_source(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, jo, n, cb, cj, cg, BT,
-                qk_scale, SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                WHILE: tl.constexpr):
+def _fwd_source(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, jo, n, cb, cj, BT,
+                qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
+                PREC: tl.constexpr, WHILE: tl.constexpr):
     # the online softmax over one key source of n rows, SLOT rows per sequence and step
     if WHILE:
         j0 = 0
         while j0 < n:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, cg, BT, qk_scale, D, PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
+                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
             j0 += SLOT
     else:
         for j0 in range(0, n, SLOT):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, qg, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, cg, BT, qk_scale, D, PREC)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
+                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
     return acc, m_i, l_i
 
 
@@ -159,23 +211,23 @@ def prompted_attn_fwd(
     q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
     BT = BS[3]
     if blk * SLOT_M < nq:
-        qb, qi, q_ok, qg = _rows(grp, blk, BT, nq, G, SLOT_M)
+        qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
         q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
         m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
         l_i = tl.zeros([G * SLOT_M], tl.float32)
         acc = tl.zeros([G * SLOT_M, D], tl.float32)
         # 1) token keys/values of this segment
-        cb, cj, _, cg = _rows(grp, 0, BT, 0, G, SLOT_N)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, qg, K, V, _boff(cb, BS, sk),
-                                    _boff(cb, BS, sv), sk, sv, k0, nk, cb, cj, cg, BT,
-                                    qk_scale, SLOT_N, D, PREC, WHILE)
+        cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K, V, _boff(cb, BS, sk),
+                                    _boff(cb, BS, sv), sk, sv, k0, nk, cb, cj, BT,
+                                    qk_scale, G, SLOT_N, D, PREC, WHILE)
         # 2) the segment's prompt keys/values (broadcast strides, often 0 over the batch)
         spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
-        pb, pj, _, pg = _rows(grp, 0, BT, 0, G, SLOT_P)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, qg, _sel(PK, seg, NSEG),
+        pb, pj, _ = _rows(grp, 0, BT, 0, G, SLOT_P)
+        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, _sel(PK, seg, NSEG),
                                     _sel(PV, seg, NSEG), _boff(pb, BS, spk_s),
                                     _boff(pb, BS, spv_s), spk_s, spv_s, 0,
-                                    _sel(NP, seg, NSEG), pb, pj, pg, BT, qk_scale, SLOT_P,
+                                    _sel(NP, seg, NSEG), pb, pj, BT, qk_scale, G, SLOT_P,
                                     D, PREC, WHILE)
         # 3) o = acc / l ;  lse = (m + log2 l) * ln 2
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -197,7 +249,7 @@ def prompted_attn_bwd_pre(
     blk, grp = pid % NB, pid // NB
     nq, q0 = _sel(NQ, seg, NSEG), _start(NQ, seg, NSEG)
     if blk * SLOT_M < nq:
-        qb, qi, q_ok, _ = _rows(grp, blk, BS[3], nq, G, SLOT_M)
+        qb, qi, q_ok = _rows(grp, blk, BS[3], nq, G, SLOT_M)
         do = _load(DO, _boff(qb, BS, sdo), q0 + qi, sdo, q_ok, D)
         o = _load(O, _boff(qb, BS, so), q0 + qi, so, q_ok, D)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -205,10 +257,12 @@ def prompted_attn_bwd_pre(
 
 
 @triton.jit
-def _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, sdo, sdqa,
-             m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale, D: tl.constexpr,
-             PREC: tl.constexpr, WITH_DQ: tl.constexpr):
-    # keys j of this program against queries m0 + ri (transposed tiles):
+def _kv_step(dk, dv, k, v, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, sdo, sdqa,
+             m0, q0, nq, rb, ri, BT, LQ, qk_scale, scale, G: tl.constexpr,
+             SLOT_M: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+             WITH_DQ: tl.constexpr):
+    # keys j of this program against queries m0 + ri of their own sequence (transposed,
+    # per-sequence tiles: column c of key row j is query m0 + c of j's sequence):
     #   sT_ji = q_i.k_j ; pT = 2^(sT - lse_i log2 e) ; dv += pT do ; dpT = v do^T
     #   dsT = pT (dpT - delta_i) ; dk += dsT q ; and (WITH_DQ) dq_i += scale dsT^T k
     ok = (rb < BT) & (m0 + ri < nq)
@@ -217,22 +271,23 @@ def _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, 
     row = rb.to(tl.int64) * LQ + q0 + m0 + ri
     lse2 = tl.load(LSE + row, mask=ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=ok, other=0.0)
-    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-    valid = (kg[:, None] == rg[None, :]) & ok[None, :] & k_ok[:, None]
-    pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
-    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-    dsT = pT * (dpT - delta[None, :])
-    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    N: tl.constexpr = k.shape[0] // G
+    sT = _bdot(k, q, G, False, True, PREC) * qk_scale
+    valid = _cols_ok(ok, m0, nq, G, SLOT_M)[None, :] & k_ok[:, None]
+    pT = tl.where(valid, tl.exp2(sT - _bcol(lse2, G, N)), 0.0)
+    dv += _bdot(pT.to(do.dtype), do, G, False, False, PREC)
+    dpT = _bdot(v, do, G, False, True, PREC)
+    dsT = pT * (dpT - _bcol(delta, G, N))
+    dk += _bdot(dsT.to(q.dtype), q, G, False, False, PREC)
     if WITH_DQ:
-        dq = tl.dot(tl.trans(dsT).to(k.dtype), k, input_precision=PREC) * scale
+        dq = _bdot(dsT.to(k.dtype), k, G, True, False, PREC) * scale
         tl.atomic_add(_ptr(DQA, abo, q0 + m0 + ri, sdqa, D), dq, mask=ok[:, None],
                       sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _kv_block(k, v, kg, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0, nq, LQ,
+def _kv_block(k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0, nq, LQ,
               qk_scale, scale, ROWS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr,
               D: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
               WITH_DQ: tl.constexpr):
@@ -240,20 +295,20 @@ def _kv_block(k, v, kg, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0
     BT = BS[3]
     dk = tl.zeros([ROWS, D], tl.float32)
     dv = tl.zeros([ROWS, D], tl.float32)
-    rb, ri, _, rg = _rows(grp, 0, BT, 0, G, SLOT_M)
+    rb, ri, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
     qbo, dbo, abo = _boff(rb, BS, sq), _boff(rb, BS, sdo), _boff(rb, BS, sdqa)
     if WHILE:
         m0 = 0
         while m0 < nq:
-            dk, dv = _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
-                              sq, sdo, sdqa, m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale,
-                              D, PREC, WITH_DQ)
+            dk, dv = _kv_step(dk, dv, k, v, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
+                              sq, sdo, sdqa, m0, q0, nq, rb, ri, BT, LQ, qk_scale, scale,
+                              G, SLOT_M, D, PREC, WITH_DQ)
             m0 += SLOT_M
     else:
         for m0 in range(0, nq, SLOT_M):
-            dk, dv = _kv_step(dk, dv, k, v, kg, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
-                              sq, sdo, sdqa, m0, q0, nq, rb, ri, rg, BT, LQ, qk_scale, scale,
-                              D, PREC, WITH_DQ)
+            dk, dv = _kv_step(dk, dv, k, v, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo,
+                              sq, sdo, sdqa, m0, q0, nq, rb, ri, BT, LQ, qk_scale, scale,
+                              G, SLOT_M, D, PREC, WITH_DQ)
     return dk, dv
 
 
@@ -277,10 +332,10 @@ def prompted_attn_bwd(
     BT = BS[3]
     if kblk < NKB:
         if kblk * SLOT_N < nk:
-            kb, kj, k_ok, kg = _rows(grp, kblk, BT, nk, G, SLOT_N)
+            kb, kj, k_ok = _rows(grp, kblk, BT, nk, G, SLOT_N)
             k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
             v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
-            dk, dv = _kv_block(k, v, kg, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+            dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
                                BS, q0, nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D,
                                PREC, WHILE, True)
             _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
@@ -291,10 +346,10 @@ def prompted_attn_bwd(
         if pblk * SLOT_P < P:
             spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
                 _sel_st(sgr, seg, NSEG)
-            pb, pj, p_ok, pg = _rows(grp, pblk, BT, P, G, SLOT_P)
+            pb, pj, p_ok = _rows(grp, pblk, BT, P, G, SLOT_P)
             k = _load(_sel(PK, seg, NSEG), _boff(pb, BS, spk_s), pj, spk_s, p_ok, D)
             v = _load(_sel(PV, seg, NSEG), _boff(pb, BS, spv_s), pj, spv_s, p_ok, D)
-            dk, dv = _kv_block(k, v, pg, p_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+            dk, dv = _kv_block(k, v, p_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
                                BS, q0, nq, LQ, qk_scale, scale, G * SLOT_P, G, SLOT_M, D,
                                PREC, WHILE, True)
             gptr = _ptr(_sel(GR, seg, NSEG), _boff(pb, BS, sgr_s), pj, sgr_s, D)
@@ -304,23 +359,24 @@ def prompted_attn_bwd(
 
 # ----------------------------------------------------------------- deterministic backward
 @triton.jit
-def _probs(q, do, k, v, lse2, delta, valid, qk_scale, PREC: tl.constexpr):
-    # p_ij = 2^(s_ij - lse_i log2 e) ;  ds_ij = p_ij (do_i.v_j - delta_i)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+def _probs(q, do, k, v, lse2, delta, valid, qk_scale, G: tl.constexpr, PREC: tl.constexpr):
+    # p_ij = 2^(s_ij - lse_i log2 e) ;  ds_ij = p_ij (do_i.v_j - delta_i)  (per sequence)
+    s = _bdot(q, k, G, False, True, PREC) * qk_scale
     p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dp = _bdot(do, v, G, False, True, PREC)
     return p, p * (dp - delta[:, None])
 
 
 @triton.jit
-def _dq_step(dq, q, do, qg, q_ok, lse2, delta, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, cg,
-             BT, qk_scale, D: tl.constexpr, PREC: tl.constexpr):
+def _dq_step(dq, q, do, q_ok, lse2, delta, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj,
+             BT, qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
+             PREC: tl.constexpr):
     ok = (cb < BT) & (j0 + cj < n)
     k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
     v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
-    valid = (qg[:, None] == cg[None, :]) & q_ok[:, None] & ok[None, :]
-    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, PREC)
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    valid = q_ok[:, None] & _cols_ok(ok, j0, n, G, SLOT)[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
+    dq += _bdot(ds.to(k.dtype), k, G, False, False, PREC)
     return dq, p, ds, ok
 
 
@@ -341,7 +397,7 @@ def prompted_attn_bwd_dq(
     q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
     BT = BS[3]
     if blk * SLOT_M < nq:
-        qb, qi, q_ok, qg = _rows(grp, blk, BT, nq, G, SLOT_M)
+        qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
         q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
         do = _load(DO, _boff(qb, BS, sdo), q0 + qi, sdo, q_ok, D)
         o = _load(O, _boff(qb, BS, so), q0 + qi, so, q_ok, D)
@@ -351,24 +407,26 @@ def prompted_attn_bwd_dq(
         lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
         dq = tl.zeros([G * SLOT_M, D], tl.float32)
 
-        cb, cj, _, cg = _rows(grp, 0, BT, 0, G, SLOT_N)
+        cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
         kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
         if WHILE:
             n0 = 0
             while n0 < nk:
-                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, K, V, kbo, vbo, sk,
-                                         sv, n0, k0, nk, cb, cj, cg, BT, qk_scale, D, PREC)
+                dq, p, ds, ok = _dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk,
+                                         sv, n0, k0, nk, cb, cj, BT, qk_scale, G, SLOT_N, D,
+                                         PREC)
                 n0 += SLOT_N
         else:
             for n0 in range(0, nk, SLOT_N):
-                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, K, V, kbo, vbo, sk,
-                                         sv, n0, k0, nk, cb, cj, cg, BT, qk_scale, D, PREC)
+                dq, p, ds, ok = _dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk,
+                                         sv, n0, k0, nk, cb, cj, BT, qk_scale, G, SLOT_N, D,
+                                         PREC)
 
         P = _sel(NP, seg, NSEG)
         PKs, PVs, GRs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG)
         spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
             _sel_st(sgr, seg, NSEG)
-        pb, pj, _, pg = _rows(grp, 0, BT, 0, G, SLOT_P)
+        pb, pj, _ = _rows(grp, 0, BT, 0, G, SLOT_P)
         pko, pvo = _boff(pb, BS, spk_s), _boff(pb, BS, spv_s)
         gro = _boff(pb, BS, sgr_s) + blk * _sel(GM, seg, NSEG)
         gkv = _sel(GKV, seg, NSEG)
@@ -376,25 +434,27 @@ def prompted_attn_bwd_dq(
         if WHILE:
             p0 = 0
             while p0 < P:
-                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, PKs, PVs, pko, pvo,
-                                         spk_s, spv_s, p0, 0, P, pb, pj, pg, BT, qk_scale, D,
-                                         PREC)
-                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, D, PREC)
+                dq, p, ds, ok = _dq_step(dq, q, do, q_ok, lse2, delta, PKs, PVs, pko, pvo,
+                                         spk_s, spv_s, p0, 0, P, pb, pj, BT, qk_scale, G,
+                                         SLOT_P, D, PREC)
+                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, G, D,
+                                PREC)
                 p0 += SLOT_P
         else:
             for p0 in range(0, P, SLOT_P):
-                dq, p, ds, ok = _dq_step(dq, q, do, qg, q_ok, lse2, delta, PKs, PVs, pko, pvo,
-                                         spk_s, spv_s, p0, 0, P, pb, pj, pg, BT, qk_scale, D,
-                                         PREC)
-                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, D, PREC)
+                dq, p, ds, ok = _dq_step(dq, q, do, q_ok, lse2, delta, PKs, PVs, pko, pvo,
+                                         spk_s, spv_s, p0, 0, P, pb, pj, BT, qk_scale, G,
+                                         SLOT_P, D, PREC)
+                _prompt_partial(GRs, gro, gkv, p0 + pj, sgr_s, ok, ds, p, q, do, scale, G, D,
+                                PREC)
         _store(DQ, _boff(qb, BS, sdq), q0 + qi, sdq, q_ok, dq * scale, D)
 
 
 @triton.jit
-def _prompt_partial(GRs, gro, gkv, pos, sgr, ok, ds, p, q, do, scale, D: tl.constexpr,
-                    PREC: tl.constexpr):
-    gk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
-    gv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+def _prompt_partial(GRs, gro, gkv, pos, sgr, ok, ds, p, q, do, scale, G: tl.constexpr,
+                    D: tl.constexpr, PREC: tl.constexpr):
+    gk = _bdot(ds.to(q.dtype), q, G, True, False, PREC) * scale
+    gv = _bdot(p.to(do.dtype), do, G, True, False, PREC)
     gptr = _ptr(GRs, gro, pos, sgr, D)
     tl.store(gptr, gk, mask=ok[:, None])
     tl.store(gptr + gkv, gv, mask=ok[:, None])
@@ -414,10 +474,10 @@ def prompted_attn_bwd_dkdv(
     q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
     BT = BS[3]
     if blk * SLOT_N < nk:
-        kb, kj, k_ok, kg = _rows(grp, blk, BT, nk, G, SLOT_N)
+        kb, kj, k_ok = _rows(grp, blk, BT, nk, G, SLOT_N)
         k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
         v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
-        dk, dv = _kv_block(k, v, kg, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0,
+        dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0,
                            nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE,
                            False)
         _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)

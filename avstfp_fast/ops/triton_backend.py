@@ -32,8 +32,8 @@ group are adjacent, so they run at the same time and share its K/V in L2; limit 
 *Tiles.*  A small table of shape classes (:class:`_Tiles`), chosen per call from the
 lengths, never autotuned; ``AVSTFP_PRINT_TILES=1`` prints the choice for each new
 layout.  ``packed`` (Lq <= 32, Lk <= 64; the temporal stage, 10 queries, 10+2 keys): G
-sequences share a 64-row tile with a block-diagonal mask (SLOT_M = next_pow2(Lq),
-G = 64 / SLOT_M).  ``short-q`` (Lq <= 32 over longer keys): one sequence, keys in full
+sequences share a 64-row tile, each multiplied only with its own keys (batched 3-D
+dots; SLOT_M = max(16, next_pow2(Lq)), G = 64 / SLOT_M, key/prompt slots >= 16).  ``short-q`` (Lq <= 32 over longer keys): one sequence, keys in full
 64-row blocks.  ``long`` (spatial, fusion): 64 x 64.  fp32 uses IEEE dots (no tf32) and
 one pipeline stage; head dim 128 uses 8 warps.  Shared memory, registers and the wgmma /
 cp.async lowering of every variant the stage shapes use are checked at compile time for
@@ -106,8 +106,9 @@ class _Tiles:
     """Tile configuration of one shape class (the table in the design note).
 
     ``packed``   Lq <= 32 and Lk <= 64 (temporal: 10 queries, 10 + 2 keys): G short
-                 sequences share one 64-row tile (SLOT_M = next_pow2(Lq), G = 64 / SLOT_M),
-                 keys/prompts SLOT_N/SLOT_P slots per sequence, key tile 16..128 rows.
+                 sequences share one 64-row tile (SLOT_M = max(16, next_pow2(Lq)),
+                 G = 64 / SLOT_M), keys/prompts SLOT_N/SLOT_P >= 16 slots per sequence
+                 (16..wide/G); products are per sequence (batched 3-D dots, mma.sync).
     ``short-q``  Lq <= 32, Lk > 64 (one or a few queries over long keys): one sequence
                  per program, max(16, next_pow2(Lq)) query rows, keys in full 64-row
                  blocks (packing would advance only a couple of keys per step).
@@ -120,16 +121,18 @@ class _Tiles:
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
         if max_q <= 32 and max_k <= 64:
             self.kind = "packed"
-            self.slot_m = _p2(max(max_q, 1))
+            self.slot_m = max(16, _p2(max(max_q, 1)))     # 16-row MMA granularity
             self.g = 64 // self.slot_m
-            lo, hi = max(1, 16 // self.g), max(1, wide // self.g)
+            # per-sequence (batched) products: a key slot is the K of the p v product,
+            # which tensor cores need >= 16 (16-bit) -- 16..wide/G keys per sequence
+            lo, hi = 16, max(16, wide // self.g)
         elif max_q <= 32:
             self.kind, self.slot_m, self.g, lo, hi = "short-q", max(16, _p2(max_q)), 1, 64, 64
         else:
             self.kind, self.slot_m, self.g, lo, hi = "long", 64, 1, 64, 64
         clamp = lambda n, lo=lo: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
         self.slot_n = clamp(max_k)
-        self.slot_p = clamp(max_p, max(1, 16 // self.g))
+        self.slot_p = clamp(max_p, 16)
         self.num_warps = 8 if head_dim >= 128 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
