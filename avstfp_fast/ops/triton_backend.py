@@ -109,6 +109,7 @@ class _Tiles:
                  sequences share one 64-row tile (SLOT_M = max(16, next_pow2(Lq)),
                  G = 64 / SLOT_M), keys/prompts SLOT_N/SLOT_P >= 16 slots per sequence
                  (16..wide/G); products are per sequence (batched 3-D dots, mma.sync).
+                 Head dim 128: G = 1 (batched products of several sequences spill).
     ``short-q``  Lq <= 32, Lk > 64 (one or a few queries over long keys): one sequence
                  per program, max(16, next_pow2(Lq)) query rows, keys in full 64-row
                  blocks (packing would advance only a couple of keys per step).
@@ -122,7 +123,10 @@ class _Tiles:
         if max_q <= 32 and max_k <= 64:
             self.kind = "packed"
             self.slot_m = max(16, _p2(max(max_q, 1)))     # 16-row MMA granularity
-            self.g = 64 // self.slot_m
+            # head dim 128: one sequence per program (plain 2-D products); the batched
+            # products of several sequences need more than 255 registers there and spill
+            # ~1.4 KB in the fused backward (offline sm_90 compile)
+            self.g = 1 if head_dim >= 128 else 64 // self.slot_m
             # per-sequence (batched) products: a key slot is the K of the p v product,
             # which tensor cores need >= 16 (16-bit) -- 16..wide/G keys per sequence
             lo, hi = 16, max(16, wide // self.g)
