@@ -62,6 +62,21 @@ def randomize_(model, scale=0.5):
     return model
 
 
+def skip_unless_supported(backend: str, q, k, v, prompt_k=None, prompt_v=None, **kw) -> None:
+    """``pytest.skip`` with ``backend``'s own reasons when it refuses this input (its
+    ``why_not``; a backend whose module cannot be imported is refused too)."""
+    import pytest
+
+    from .ops import get_backend, make_problem
+    p = make_problem(q, k, v, prompt_k, prompt_v, **kw)
+    try:
+        reason = get_backend(backend).why_not(p)
+    except ImportError as e:
+        reason = f"not available: {e}"
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+
+
 def check_vs_reference(fn, inputs, dtype, backend, what=""):
     """``fn(*inputs, backend)`` against ``fn(*inputs_in_float64, "reference")``: the output
     and the gradient of every input, each within ``TOL[dtype]``."""

@@ -27,9 +27,9 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import pytest  # noqa: E402
 
 from avstfp_fast import prompted_attention, prompted_attention_qkv  # noqa: E402
-from avstfp_fast.ops import backend_names, get_backend, make_problem, qkv_views  # noqa: E402
+from avstfp_fast.ops import backend_names, qkv_views  # noqa: E402
 from avstfp_fast.testing import (TOL, check_vs_reference, leaf, randomize_,  # noqa: E402
-                                 rel_err, strided)
+                                 rel_err, skip_unless_supported, strided)
 
 BACKENDS = backend_names()
 DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
@@ -49,17 +49,6 @@ def on(cpu, cuda, name=str):
 
 def dtypes(cpu=(F32,), cuda=GPU_DTYPES):
     return on(cpu, cuda, lambda d: _SHORT[d])
-
-
-def require(backend, q, k, v, prompt_k=None, prompt_v=None, **kw):
-    """Skip, with the backend's own reasons, when ``backend`` refuses this input."""
-    p = make_problem(q, k, v, prompt_k, prompt_v, **kw)
-    try:
-        reason = get_backend(backend).why_not(p)
-    except ImportError as e:
-        reason = f"not available: {e}"
-    if reason:
-        pytest.skip(f"{backend}: {reason}")
 
 
 def rnd(dev, dtype, *shape):
@@ -105,7 +94,7 @@ def test_stage(backend, dev, case):
     pvs = [rnd(dev, dtype, *lead, P, g["d"]) for P in g["P"]]
     segs = g.get("segs")
     one = segs is None
-    require(backend, *qkv_views(qkv, 3, seq_dim), pks[0] if one else pks,
+    skip_unless_supported(backend, *qkv_views(qkv, 3, seq_dim), pks[0] if one else pks,
             pvs[0] if one else pvs, segments=segs)
 
     def fn(qkv, *prompts):
@@ -126,7 +115,7 @@ def test_packed_equals_views(backend, dev, dtype, seq_dim):
     shape = (2, 3, 5, 3, 2, 32) if dev == "cpu" else (2, 10, 50, 3, 12, 64)
     qkv = leaf(rnd(dev, dtype, *shape))
     pk, pv = rnd(dev, dtype, shape[-2], 2, shape[-1]), rnd(dev, dtype, shape[-2], 2, shape[-1])
-    require(backend, *qkv_views(qkv, 3, seq_dim), pk, pv)
+    skip_unless_supported(backend, *qkv_views(qkv, 3, seq_dim), pk, pv)
     out = prompted_attention_qkv(qkv, pk, pv, qkv_dim=3, seq_dim=seq_dim, backend=backend)
     want = attn(*qkv_views(qkv, 3, seq_dim), pk, pv, backend)
     go = torch.randn_like(out)
@@ -157,7 +146,7 @@ def test_strided_views_several_batch_dims(backend, dev, case):
     v = strided((*batch, Lk, E), dtype, layout, dev)
     lead = {"shared": (), "partial": (*batch[1:-1], 1), "full": batch}[prompt]
     pk, pv = rnd(dev, dtype, *lead, P, E), rnd(dev, dtype, *lead, P, E)
-    require(backend, q, k, v, pk, pv)
+    skip_unless_supported(backend, q, k, v, pk, pv)
     check_vs_reference(attn, [q, k, v, pk, pv], dtype, backend, f"{layout}/{prompt}")
 
 
@@ -166,7 +155,7 @@ def test_four_batch_dims_and_per_sample_prompts(backend, dev, dtype):
     batch, L, E = ((2, 2, 2, 2), 20, 32) if dev == "cpu" else ((2, 3, 4, 5), 37, 64)
     q, k, v = (rnd(dev, dtype, *batch, L, E) for _ in range(3))
     pk, pv = rnd(dev, dtype, *batch, 3, E), rnd(dev, dtype, *batch, 3, E)
-    require(backend, q, k, v, pk, pv)
+    skip_unless_supported(backend, q, k, v, pk, pv)
     check_vs_reference(attn, [q, k, v, pk, pv], dtype, backend, "4 batch dims")
 
 
@@ -196,7 +185,7 @@ def test_lengths_and_head_dims(backend, dev, case):
     if P:
         lead = batch[-1:]
         inputs += [rnd(dev, dtype, *lead, P, E), rnd(dev, dtype, *lead, P, E)]
-    require(backend, *inputs)
+    skip_unless_supported(backend, *inputs)
 
     def fn(q, k, v, *rest):
         *prompts, backend = rest
@@ -213,7 +202,7 @@ def test_zero_prompts_and_no_prompts(backend, dev, dtype):
     shape = (1, 3, 19, 3, 2, 32) if dev == "cpu" else (2, 10, 246, 3, 12, 64)
     qkv = rnd(dev, dtype, *shape)
     pk, pv = rnd(dev, dtype, shape[-2], 0, shape[-1]), rnd(dev, dtype, shape[-2], 0, shape[-1])
-    require(backend, *qkv_views(qkv, 3, 2), pk, pv)
+    skip_unless_supported(backend, *qkv_views(qkv, 3, 2), pk, pv)
 
     def packed(qkv, pk, pv, backend):
         return prompted_attention_qkv(qkv, pk, pv, qkv_dim=3, seq_dim=2, backend=backend)
@@ -258,7 +247,7 @@ def test_segments(backend, dev, case):
         lv = (*batch[:-1], 1) if kind == "b" else lk
         pks.append(rnd(dev, dtype, *lk, P, E))
         pvs.append(rnd(dev, dtype, *lv, P, E))
-    require(backend, q, k, v, pks, pvs, segments=segs)
+    skip_unless_supported(backend, q, k, v, pks, pvs, segments=segs)
     present = [t is not None for t in pks]
 
     def fn(q, k, v, *rest):
@@ -279,7 +268,7 @@ def test_stride0_grad_output(backend, dev, dtype):
     shape = (2, 11, 32) if dev == "cpu" else (2, 12, 197, 64)
     q, k, v = (leaf(rnd(dev, dtype, *shape)) for _ in range(3))
     pk, pv = leaf(rnd(dev, dtype, 2, shape[-1])), leaf(rnd(dev, dtype, 2, shape[-1]))
-    require(backend, q, k, v, pk, pv)
+    skip_unless_supported(backend, q, k, v, pk, pv)
     attn(q, k, v, pk, pv, backend).sum().backward()
     ref = [leaf(t.detach().double()) for t in (q, k, v, pk, pv)]
     attn(*ref, "reference").sum().backward()
@@ -316,7 +305,7 @@ def test_deterministic_mode_is_bit_exact_and_correct(backend, dev, dtype, stage)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        require(backend, *qkv_views(qkv, 3, seq_dim), pks[0] if one else pks,
+        skip_unless_supported(backend, *qkv_views(qkv, 3, seq_dim), pks[0] if one else pks,
                 pvs[0] if one else pvs, segments=segs)
         r1, r2 = run(backend), run(backend)
     finally:
@@ -362,7 +351,7 @@ def test_prompted_clip_tiny_matches_reference(backend, dev):
     float64: logits and every trainable gradient."""
     import copy
     probe = rnd(dev, F32, 2, 8, _TINY["width"] // _TINY["heads"])
-    require(backend, probe, probe, probe)
+    skip_unless_supported(backend, probe, probe, probe)
     m64, a, v, go, ref, ref_g = _tiny_model_case(dev)
     m = copy.deepcopy(m64).float().set_backend(backend)
     out = m(a.float(), v.float())
@@ -411,7 +400,7 @@ def test_torch_compile_fullgraph(backend, dev):
     m = _Block(D, H).to(dev)
     x = torch.randn(B, M, N, D, device=dev)
     probe = x.new_empty(2, 8, D // H)
-    require(backend, probe, probe, probe)
+    skip_unless_supported(backend, probe, probe, probe)
     m.double()
     ref = m(x.double())
     ref_g = torch.autograd.grad(ref.sum(), list(m.parameters()))

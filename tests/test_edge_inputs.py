@@ -27,7 +27,7 @@ from avstfp_fast import prompted_attention  # noqa: E402
 from avstfp_fast.ops import get_backend, make_problem  # noqa: E402
 from avstfp_fast.ops.contract import check_kernel_writes, empty_in_stride_order  # noqa: E402
 from avstfp_fast.testing import (EDGE_RESULTS, TOL, EdgeCase, check_edge_case,  # noqa: E402
-                                 edge_cases, rel_err)
+                                 edge_cases, rel_err, skip_unless_supported)
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU = "cuda" if torch.cuda.is_available() else None
@@ -57,9 +57,7 @@ def _skip_unless_runs(backend, dtype=torch.float32):
     if dev is None:
         pytest.skip(f"the {backend} backend needs a CUDA device")
     q = torch.randn(2, 4, 32, dtype=dtype, device=dev)
-    reason = get_backend(backend).why_not(make_problem(q, q, q))
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
+    skip_unless_supported(backend, q, q, q)
 
 
 def _property(backend):
