@@ -32,7 +32,9 @@ demo: $(STAMP)
 # Each test's inputs come from a seed derived from its node id and AVSTFP_TEST_SEED
 # (fresh for every run, printed first and in the report of a failing test; set it to
 # replay a run).
-AVSTFP_TEST_SEED ?= $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+ifndef AVSTFP_TEST_SEED
+AVSTFP_TEST_SEED := $(shell od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+endif
 export AVSTFP_TEST_SEED
 
 test: $(STAMP)
