@@ -18,7 +18,10 @@ baseline's).  A question longer than ``max_len`` is an error naming the file, qu
 and length (raise ``max_len``; nothing is silently truncated).  The vocabulary is
 ``<pad>``, ``<unk>`` (id 1: val/test words absent from the training questions), then the
 training words in first-seen order; answers are the sorted distinct training answers
-(42 on MUSIC-AVQA); a val/test answer outside them gets target -1 (always counted wrong).
+(42 on MUSIC-AVQA); a val/test answer outside them gets target -1 (always counted wrong;
+such questions are counted per split, printed at load time and reported as
+``unseen_answers``).  A trained model carries its vocabulary and answers (checkpoint and
+prompt file): evaluating or resuming it uses those, never the training file's order.
 
 Bad rows (missing keys, unparsable type or template values, slot/value count mismatch,
 empty question) are skipped with a warning and counted; missing or unreadable videos are
@@ -191,10 +194,25 @@ class AVQASplits:
     splits: dict                  # split -> list of items (path, answer id, video id, ids, qtype, qid)
     bad_rows: dict                # split -> rows skipped in the JSON
     missing_videos: dict          # split -> questions whose video file is missing
+    unseen_answers: dict = None   # split -> questions whose answer is not one of ``answers``
+    unseen_answer_names: dict = None   # split -> sorted distinct unseen answers
+    new_train_words: list = None  # training words outside a given vocabulary
+    new_train_answers: list = None     # training answers outside the given answers
 
 
-def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN) -> AVQASplits:
-    """Read ``avqa-{train,val,test}.json`` under ``root``; vocabulary from train."""
+def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
+                vocabulary: list | None = None, answers: list | None = None) -> AVQASplits:
+    """Read ``avqa-{train,val,test}.json`` under ``root``.
+
+    Vocabulary and answers come from the training file (first-seen words, sorted
+    answers), or -- when a model already has them (a checkpoint being evaluated or
+    resumed) -- are the given ``vocabulary`` (token id -> word, ``<pad>`` and ``<unk>``
+    first) and ``answers``; then the row order of the training file does not matter, its
+    words outside ``vocabulary`` are listed in ``new_train_words`` (and, like any unknown
+    word, encoded as ``<unk>``) and its answers outside ``answers`` in
+    ``new_train_answers``, for the caller to refuse or accept.  Val/test questions whose
+    answer is not one of the answers (always scored wrong) are counted per split in
+    ``unseen_answers``."""
     paths = {s: _find_json(root, f) for s, f in AVQA_SPLIT_FILES.items()}
     if paths["train"] is None:
         raise FileNotFoundError(f"{root}: no {AVQA_SPLIT_FILES['train']} (looked in ., json/, "
@@ -203,9 +221,23 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN)
     for split, p in paths.items():
         if p is not None:
             rows[split], bad[split] = read_avqa_json(p)
-    vocab, answers = build_vocabulary(rows["train"])
+    new_words = new_answers = None
+    if vocabulary is None and answers is None:
+        vocab, answers = build_vocabulary(rows["train"])
+    else:
+        if vocabulary is None or answers is None:
+            raise ValueError("avqa_splits: pass both vocabulary and answers, or neither")
+        vocabulary, answers = list(vocabulary), list(answers)
+        if vocabulary[:2] != [PAD, UNK]:
+            raise ValueError(f"vocabulary: expected {PAD!r}, {UNK!r} first, got "
+                             f"{vocabulary[:2]}")
+        vocab = Vocabulary(vocabulary[2:])
+        if vocab.words != vocabulary:
+            raise ValueError("vocabulary: words must be distinct")
+        new_words = sorted({w for r in rows["train"] for w in r.words} - set(vocab.index))
+        new_answers = sorted({r.answer for r in rows["train"]} - set(answers))
     ans_index = {a: i for i, a in enumerate(answers)}
-    splits, missing = {}, {}
+    splits, missing, unseen, unseen_names = {}, {}, {}, {}
     for split, rs in rows.items():
         items, miss = [], 0
         for r in rs:
@@ -215,10 +247,14 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN)
             items.append((path, ans_index.get(r.answer, -1), r.video_id, ids, r.qtype,
                           r.question_id))
         splits[split], missing[split] = items, miss
+        names = sorted({r.answer for r in rs if r.answer not in ans_index})
+        unseen[split] = sum(r.answer not in ans_index for r in rs)
+        unseen_names[split] = names
         if miss:
             log.warning("avqa %s: %d of %d questions refer to missing videos (skipped when "
                         "loaded)", split, miss, len(items))
-    return AVQASplits(vocab, answers, splits, bad, missing)
+    return AVQASplits(vocab, answers, splits, bad, missing, unseen, unseen_names, new_words,
+                      new_answers)
 
 
 class AVQADataset(ClipDataset):

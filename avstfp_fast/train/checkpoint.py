@@ -111,6 +111,12 @@ def model_state(model: torch.nn.Module, full: bool) -> dict:
 
 def load_model_state(model: torch.nn.Module, state: dict, full: bool) -> None:
     if full:
+        have = model.state_dict()
+        shapes = [f"{n}: checkpoint {tuple(v.shape)}, model {tuple(have[n].shape)}"
+                  for n, v in state.items() if n in have and v.shape != have[n].shape]
+        if shapes:
+            raise ValueError(f"checkpoint model state does not fit the model (built from "
+                             f"other data or options?): {'; '.join(shapes[:3])}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint model state does not match the model: missing "

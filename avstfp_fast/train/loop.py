@@ -19,7 +19,6 @@ uninterrupted run on CPU):
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from . import checkpoint as ck
 from . import ddp
 from .config import TrainConfig
 from .data import ResumableDistributedSampler, ShardSampler
-from .metrics import format_table
+from .metrics import dump_json, dumps_json, format_table
 from .schedule import build_scheduler
 from .state import EpochStats, RunState, Status
 from .tasks import StepContext, make_task
@@ -68,7 +67,7 @@ class _JsonlWriter:
     def write(self, **rec):
         if self.f is not None:
             rec.setdefault("time", round(time.time(), 3))
-            self.f.write(json.dumps(rec) + "\n")
+            self.f.write(dumps_json(rec) + "\n")     # strict JSON: NaN written as null
             self.f.flush()
 
     def close(self):
@@ -123,13 +122,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.task = make_task(cfg)
+        # a checkpoint to evaluate or resume: what the task stored in it (AVQA: vocabulary
+        # and answers) rebuilds the same model, whatever the order of the data files
+        self.resume_ckpt = ck.load_checkpoint(cfg.resume) if cfg.resume else None
+        if self.resume_ckpt is not None:
+            self.task.restore(self.resume_ckpt.get("task_state"), resuming=not cfg.eval_only)
         self.classes, self.splits = self.task.prepare_data(self.run_dir, self.rank)
         self.task.classes, self.task.splits = self.classes, self.splits
         self.num_classes = len(self.classes)
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,
-                           "device": str(self.device)}, f, indent=2)
+            dump_json({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,
+                       "device": str(self.device)}, os.path.join(self.run_dir, "config.json"),
+                      indent=2)
         self.metrics = _JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.is_main)
 
         torch.manual_seed(cfg.seed)          # model init independent of data generation
@@ -190,7 +194,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng": ck.capture_rng(), "step": int(step),
                 "epoch": int(step // max(1, self.steps_per_epoch)), "best": float(best),
-                "config": self.cfg.to_dict(), "classes": list(self.classes)}
+                "config": self.cfg.to_dict(), "classes": list(self.classes),
+                "task_state": self.task.checkpoint_state()}
 
     def save(self, name: str, step: int, best: float) -> str:
         path = os.path.join(self.ckpt_dir, name)
@@ -220,10 +225,14 @@ class Trainer:
         return path
 
     def _load_model_from(self, ckpt: dict):
-        if list(ckpt["classes"]) != list(self.classes):
-            raise ValueError(f"resume: checkpoint classes {ckpt['classes'][:5]}... "
-                             f"({len(ckpt['classes'])}) differ from the data's "
-                             f"{self.classes[:5]}... ({len(self.classes)})")
+        saved, have = list(ckpt["classes"]), list(self.classes)
+        if saved != have:
+            new, gone = [c for c in have if c not in saved], [c for c in saved if c not in have]
+            what = (f"the data has {new[:5]} not in the checkpoint" if new else "") + \
+                ("; " if new and gone else "") + \
+                (f"the checkpoint has {gone[:5]} not in the data" if gone else "")
+            raise ValueError(f"resume: checkpoint classes ({len(saved)}) differ from the "
+                             f"data's ({len(have)}): {what or 'same classes, other order'}")
         ck.load_model_state(self.model, ckpt["model"], ckpt["model_full"])
 
     # ---------------------------------------------------------------- misc
@@ -277,6 +286,9 @@ class Trainer:
             metrics = {k: v for k, v in ev.items() if k not in ("split", "skipped")}
             out.update({f"{split}_{k}": v for k, v in _scalars(metrics).items()})
             out[f"{split}_skipped"] = ev["skipped"]
+            info = self.task.split_info(split)
+            out.update({f"{split}_{k}": v for k, v in info.items()})
+            metrics.update(info)
             self.metrics.write(kind="final_eval", split=split, **_scalars(metrics),
                                skipped_files=ev["skipped"],
                                **{k: v.tolist() for k, v in metrics.items()
@@ -412,7 +424,7 @@ class Trainer:
 
     def _resume(self, state: RunState) -> None:
         cfg = self.cfg
-        ckpt = ck.load_checkpoint(cfg.resume)
+        ckpt = self.resume_ckpt
         self._load_model_from(ckpt)
         if ckpt.get("optimizer") is None:
             raise ValueError(f"resume: {cfg.resume} holds no optimizer state")
@@ -491,7 +503,7 @@ class Trainer:
             raise ValueError("eval_only: pass the checkpoint to evaluate with --resume PATH")
         t0 = time.time()
         self.steps_per_epoch = 1
-        ckpt = ck.load_checkpoint(cfg.resume)
+        ckpt = self.resume_ckpt
         self._load_model_from(ckpt)
         res = {"status": Status.EVALUATED.value, "run_dir": self.run_dir,
                "checkpoint": cfg.resume, "backend": self.model.backend,
@@ -524,9 +536,8 @@ class Trainer:
         table = format_table(rows, "summary")
         r["summary"] = table
         if self.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump({k: v for k, v in r.items() if k not in ("losses", "summary")}, f,
-                          indent=2, default=str)
+            dump_json({k: v for k, v in r.items() if k not in ("losses", "summary")},
+                      os.path.join(self.run_dir, "summary.json"), indent=2)
             print(table, flush=True)
 
     def close(self):

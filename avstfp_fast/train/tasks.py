@@ -138,6 +138,22 @@ class Task:
     def summary_rows(self, result: dict, split: str) -> list[tuple[str, str]]:
         return [(f"{split} acc", f"{result[f'{split}_acc']:.4f}")]
 
+    def checkpoint_state(self) -> dict:
+        """What this task stores in checkpoints (``task_state``) so that evaluating or
+        resuming rebuilds the same model whatever the data files' order (AVQA: the
+        question vocabulary and the answers).  JSON-able."""
+        return {}
+
+    def restore(self, state: Optional[dict], resuming: bool) -> None:
+        """Called before :meth:`prepare_data` when a checkpoint is evaluated
+        (``resuming`` False) or resumed, with its ``task_state`` (None: a checkpoint
+        written before it existed)."""
+
+    def split_info(self, split: str) -> dict:
+        """Counts about a split known at load time, added to its final evaluation
+        (``<split>_<key>`` in the result and summary.json), e.g. AVQA's unseen answers."""
+        return {}
+
     def figures(self, summary: dict, run_dir: str, split: str) -> dict:
         """PNG files of a final evaluation (``summary``: its metrics); name -> path."""
         return {}
