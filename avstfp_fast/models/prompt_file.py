@@ -13,7 +13,9 @@ head's BatchNorm running statistics), and, as safetensors string metadata:
 ``backbone_arch``         JSON: layers, width, heads, patch_size, image_size, quick_gelu
 ``backbone_fingerprint``  ``sha256:<hex>`` over the frozen tower's state (names, dtypes,
                           shapes, bytes; see :func:`fingerprint`)
-``pretrained``            file name of the tower's weights when known (information only)
+``pretrained``            file name (or open_clip tag) of the tower's weights when known
+``pretrained_tag``        the open_clip tag the tower's weights came from (optional):
+                          ``from_prompts`` then gets them through open_clip by itself
 ``contents``              ``prompts`` (prompts, gates, head) or ``everything`` (the tower
                           too: full fine-tuning, or a random tower that cannot be rebuilt
                           from its name)
@@ -149,15 +151,21 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     init = model.prompt_file_init() if hasattr(model, "prompt_file_init") else {}
     if init:
         meta["model_init"] = json.dumps(init)
+    source = getattr(model.visual, "avstfp_source", None) or {}
+    if pretrained is None:
+        pretrained = source.get("pretrained_tag") or source.get("pretrained_file")
     if pretrained:
         meta["pretrained"] = os.path.basename(str(pretrained))
+    tag = source.get("pretrained_tag")
+    if tag and (pretrained is None or str(pretrained) == tag):
+        meta["pretrained_tag"] = tag      # from_prompts gets the weights from open_clip
     if classes is not None:
         meta["classes"] = json.dumps(list(classes))
     if inputs is not None:
         meta["inputs"] = json.dumps(inputs)
     if trainer_task is not None:
         meta["trainer_task"] = trainer_task
-    for key in ("pretrained", "classes", "inputs", "trainer_task"):   # carried over
+    for key in ("pretrained", "pretrained_tag", "classes", "inputs", "trainer_task"):
         if key not in meta and key in came_from:
             meta[key] = came_from[key]
     data = save(tensors, metadata=meta)
@@ -323,6 +331,8 @@ def from_prompts(cls, path: str, *, backbone: Union[str, nn.Module, None] = None
     local tower weights for a name (needed unless the file holds everything)."""
     pf = read_prompt_file(path)
     _check_class(pf, _kind(cls))
+    if pretrained is None and not pf.everything and backbone is None:
+        pretrained = pf.meta.get("pretrained_tag")     # open_clip's cache / download
     init = pf.model_init
     config = pf.config
     name = pf.meta["backbone"]

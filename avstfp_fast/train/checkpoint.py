@@ -64,7 +64,12 @@ def atomic_write(path: str, write) -> None:
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:     # a TorchScript archive, a pickle with code, a damaged file
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"{path}: not an avstfp_fast training checkpoint (torch.load: "
+                         f"{type(e).__name__}: {lines[0] if lines else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an avstfp_fast training checkpoint "
                          f"(expected format {FORMAT!r}, got "

@@ -37,6 +37,7 @@ from . import ddp
 from .config import TrainConfig
 from .data import ResumableDistributedSampler, ShardSampler
 from .metrics import dump_json, dumps_json, format_table
+from .preflight import preflight
 from .schedule import build_scheduler
 from .state import EpochStats, RunState, Status
 from .tasks import StepContext, make_task
@@ -100,10 +101,8 @@ def evaluate(model, loader, task, ctx: StepContext, bar=lambda it: it) -> dict:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        if cfg.device:
-            self.device = torch.device(cfg.device)
-        else:
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # device, backend, checkpoint and weights: one-line errors before any data work
+        self.device = preflight(cfg)
         self._own_pg = ddp.maybe_init(self.device.type)
         self.rank, self.world = ddp.info()
         self.device = ddp.local_device(self.device, self.rank)

@@ -88,9 +88,6 @@ def build_model(cfg, head: Optional[str], num_classes: Optional[int], model_cls=
         if cfg.pretrained:
             raise ValueError("pretrained: the 'tiny' backbone is random; drop --pretrained")
         return model_cls.tiny(backend=cfg.backend, config=config, **kw)
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-        raise FileNotFoundError(f"pretrained: expected a local open_clip checkpoint file, got "
-                                f"{cfg.pretrained!r} (downloads are never attempted)")
     if cfg.pretrained is None:
         log.warning("no --pretrained checkpoint: the %s tower is randomly initialised",
                     cfg.backbone)
