@@ -127,10 +127,13 @@ def run(args) -> int:
     from .core import Predictor, load_model
     from .timeline import plot_timeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..train.preflight import check_backend_on_device, resolve_device
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        # device and backend: one-line errors before the model file is even read
+        device = str(resolve_device(args.device))
+        check_backend_on_device(args.backend, torch.device(device))
         lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                         backend=args.backend, device=device)
         if args.split:

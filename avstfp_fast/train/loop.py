@@ -115,6 +115,17 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
         ddp.barrier()
+        try:
+            self._setup()
+        except NonFiniteLoss:
+            raise
+        except Exception as e:
+            self.write_error(e)
+            ddp.destroy(self._own_pg)
+            raise
+
+    def _setup(self):
+        cfg = self.cfg
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -429,12 +440,58 @@ class Trainer:
             raise ValueError(f"resume: {cfg.resume} holds no optimizer state")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._stretch_schedule(int(ckpt["step"]))
         ck.restore_rng(ckpt["rng"])
         state.step, state.best = int(ckpt["step"]), float(ckpt["best"])
         state.last_good_ckpt, state.last_saved = cfg.resume, state.step
         if self.is_main:
             log.info("resumed from %s at step %d", cfg.resume, state.step)
         self.metrics.write(kind="resume", step=state.step, path=cfg.resume)
+
+    def _stretch_schedule(self, step: int) -> None:
+        """Resuming with another length (``--epochs``, ``--warmup-epochs``, batch size):
+        the checkpoint's scheduler spans its own run; continue instead on the warm-up +
+        cosine schedule of THIS run's length (documented choice: the schedule is
+        stretched, so added epochs train at the learning rates the longer run has there,
+        not at the old run's floor)."""
+        lams = self.scheduler.lr_lambdas
+        old = {(lam.warmup_steps, lam.total_steps) for lam in lams if hasattr(lam, "total_steps")}
+        new = (self.warmup_steps, self.total_steps)
+        if not old or old == {new}:
+            return
+        for lam in lams:
+            lam.warmup_steps, lam.total_steps = new
+        last = self.scheduler.last_epoch
+        for g, base, lam in zip(self.optimizer.param_groups, self.scheduler.base_lrs, lams):
+            g["lr"] = base * lam(last)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        (ow, ot), = sorted(old)[:1]
+        msg = (f"resume: the checkpoint's schedule spans {ot} steps (warm-up {ow}), this run "
+               f"{self.total_steps} (warm-up {self.warmup_steps}, {self.cfg.epochs} epochs): "
+               f"continuing on the schedule stretched to {self.total_steps} steps; learning "
+               f"rate at step {step}: "
+               + ", ".join(f"{g.get('name', i)} {g['lr']:.3g}"
+                           for i, g in enumerate(self.optimizer.param_groups)))
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+        self.metrics.write(kind="schedule_stretched", step=step, old_total_steps=ot,
+                           old_warmup_steps=ow, total_steps=self.total_steps,
+                           warmup_steps=self.warmup_steps)
+
+    def write_error(self, e: BaseException) -> None:
+        """A failed run leaves an ``error`` record (metrics.jsonl and summary.json)."""
+        if not self.is_main:
+            return
+        msg = str(e).strip().splitlines()
+        rec = {"status": "error", "error_type": type(e).__name__,
+               "message": msg[0] if msg else type(e).__name__}
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(dumps_json({"kind": "error", **rec, "time": round(time.time(), 3)}) + "\n")
+            dump_json({**rec, "run_dir": self.run_dir, "task": self.cfg.task},
+                      os.path.join(self.run_dir, "summary.json"), indent=2)
+        except OSError:
+            pass
 
     def run(self) -> dict:
         return self._run_eval_only() if self.cfg.eval_only else self.fit()
@@ -552,6 +609,11 @@ def train(cfg: TrainConfig) -> dict:
         t = Trainer(cfg)
         try:
             return t.run()
+        except NonFiniteLoss:
+            raise                      # its error record is written at the failing step
+        except Exception as e:
+            t.write_error(e)
+            raise
         finally:
             t.close()
     finally:
