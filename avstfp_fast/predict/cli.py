@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -62,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--top-k", type=int, default=5, help="AVAR: classes to report (default 5)")
     a("--top-classes", type=int, default=5, help="classes in the timeline heat map")
     a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--progress", action=argparse.BooleanOptionalAction, default=True)
+    a("--short-media", dest="short_media", choices=("mark", "skip"), default="mark",
+      help="files shorter than the model's clip: 'mark' (default) predicts on the padded "
+           "clip and marks the padding seconds (JSON padded_seconds, CSV padded, hatched "
+           "in the timeline); 'skip' skips them with the reason")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True,
+      help="progress bar on stderr (default on)")
     return p
 
 
@@ -111,19 +115,24 @@ def _items_for_inputs(args, lm) -> tuple[list, list]:
 
 def _csv_rows(res: dict) -> list[dict]:
     if res["task"] == "avar":
+        pad = "yes" if res.get("padded_seconds") else ""
         return [{"video": res["video"], "id": res["id"], "rank": i + 1, "class": t["class"],
-                 "probability": t["probability"]} for i, t in enumerate(res["top_k"])]
+                 "probability": t["probability"], "padded": pad}
+                for i, t in enumerate(res["top_k"])]
     return [{"video": res["video"], "id": res["id"], "start": e["start"], "end": e["end"],
-             "class": e["class"], "confidence": e["confidence"]} for e in res["events"]]
+             "class": e["class"], "confidence": e["confidence"],
+             "padded": "yes" if e.get("padded") else ""} for e in res["events"]]
 
 
-CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence"],
-              "avar": ["video", "id", "rank", "class", "probability"]}
+# ``padded``: "yes" when the row covers seconds beyond the end of the media file
+CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence", "padded"],
+              "avar": ["video", "id", "rank", "class", "probability", "padded"]}
 
 
 def run(args) -> int:
     import torch
 
+    from ..train.metrics import dump_json
     from .core import Predictor, load_model
     from .timeline import plot_timeline
 
@@ -163,8 +172,7 @@ def run(args) -> int:
 
         def on_result(res):
             name = _unique_name(res["id"], used)
-            with open(os.path.join(args.out, name + ".json"), "w") as f:
-                json.dump(res, f)
+            dump_json(res, os.path.join(args.out, name + ".json"))
             writer.writerows(_csv_rows(res))
             if args.plot:
                 plot_timeline(res, os.path.join(args.out, name + ".png"),
@@ -172,7 +180,8 @@ def run(args) -> int:
 
         pred = Predictor(lm, batch_size=args.batch_size, device=device, amp=args.amp,
                          compile=args.compile, num_workers=args.num_workers,
-                         top_k=args.top_k, progress=args.progress)
+                         top_k=args.top_k, progress=args.progress,
+                         short_media=args.short_media)
         stats = pred.run(items, on_result, metrics=metrics)
 
     skipped = [(p, r) for p, r in problems] + stats["skipped"]
@@ -193,10 +202,9 @@ def run(args) -> int:
         else:
             print(f"top-1 {m['acc']:.4f}  top-5 {m['top5']:.4f} ({m['n']} clips, "
                   f"{args.split})")
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    dump_json(summary, os.path.join(args.out, "run.json"), indent=2)
     print(f"avstfp-predict: {stats['done']}/{len(items)} videos processed"
-          f" ({stats['clips_per_s'] or 0:.1f} clips/s), {len(skipped)} skipped; "
+          f" ({stats['clips_per_s'] or 0:.3g} clips/s), {len(skipped)} skipped; "
           f"results in {args.out}", file=sys.stderr)
     return 0 if stats["done"] > 0 else 1
 

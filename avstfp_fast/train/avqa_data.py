@@ -42,12 +42,13 @@ import ast
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import ClipDataset, collate_skip_bad, decode_clip
+from .data import BadSample, ClipDataset, collate_skip_bad, decode_clip
 
 log = logging.getLogger("avstfp_fast.train")
 
@@ -259,33 +260,72 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
 
 class AVQADataset(ClipDataset):
     """Questions -> dict(audio (M, T, F), video (M, 3, S, S), label (answer id), id (video
-    id), question (L,) ids, qtype, qid).  Items come from :func:`avqa_splits`.  With
-    ``cache`` the decoded clip is kept once per video (questions share it)."""
+    id), question (L,) ids, qtype, qid).  Items come from :func:`avqa_splits`.
 
-    def __init__(self, items, *, hop: int = 6, **kw):
+    Questions share their video's decoded clip: with ``cache`` every video is kept, else
+    the last ``keep_videos`` decoded videos are (evaluation orders its questions by video,
+    so each video is decoded once).  Segments sampled beyond the end of a video (``hop`` x
+    ``segments`` longer than the file) are padding: warned about once per video and
+    listed in the sample's ``padded``."""
+
+    def __init__(self, items, *, hop: int = 6, keep_videos: int = 8, **kw):
         if not isinstance(hop, int) or hop < 1:
             raise ValueError(f"hop: expected an int >= 1 (seconds between segments), got {hop!r}")
         self.questions = [it[3] for it in items]
         self.qtypes = [it[4] for it in items]
         self.qids = [it[5] for it in items]
         self.hop = hop
+        self.keep_videos = int(keep_videos)
+        self._recent: OrderedDict = OrderedDict()
+        self._warned_short: set = set()
         kw.setdefault("clip_seconds", float(kw.get("segments", 10)))
         super().__init__([it[:3] for it in items], **kw)
 
-    def _decode(self, path):
+    def _decode(self, path, info=None):
         m, hop = self.segments, self.hop
+        spans: dict = {}
         frames, wave = decode_clip(path, segments=m * hop, clip_seconds=float(m * hop),
                                    sample_rate=self.sample_rate,
-                                   short_side=int(np.ceil(1.25 * self.image_size)))
+                                   short_side=int(np.ceil(1.25 * self.image_size)),
+                                   info=spans)
         sr = self.sample_rate
         wave = wave[:m * hop * sr].reshape(m * hop, sr)[::hop].reshape(-1)
+        if info is not None:
+            padded = set(spans.get("padded", []))
+            info["padded"] = [i for i in range(m) if i * hop in padded]
+            info["media_seconds"] = spans.get("media_seconds")
         return frames[::hop], wave
+
+    def _load(self, idx):
+        if self.cache or self.keep_videos <= 0:
+            return super()._load(idx)
+        path = self.items[idx][0]
+        hit = self._recent.get(path)
+        if hit is None:
+            try:
+                hit = super()._load(idx)
+            except BadSample as e:
+                hit = e
+            self._recent[path] = hit
+            while len(self._recent) > self.keep_videos:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(path)
+        if isinstance(hit, BadSample):
+            raise hit
+        return hit
 
     def __getitem__(self, key):
         out = super().__getitem__(key)
         if "bad" in out:
             return out
         idx = key[0] if isinstance(key, tuple) else key
+        if out["padded"] and out["id"] not in self._warned_short:
+            self._warned_short.add(out["id"])
+            log.warning("avqa: video %s covers %s s; sampling %d segments every %d s reads "
+                        "to %d s, so segments %s are padding (repeated last frame, silence)",
+                        out["id"], out["media_seconds"], self.segments, self.hop,
+                        self.segments * self.hop, out["padded"])
         out.update(question=torch.from_numpy(self.questions[idx]), qtype=self.qtypes[idx],
                    qid=self.qids[idx])
         return out

@@ -138,7 +138,10 @@ class AVQATask(Task):
         from .augment import build_visual_augment
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
-        return AVQADataset(self.splits[split], hop=cfg.avqa_hop, image_size=image_size,
+        items = self.splits[split]
+        if not train:       # questions of one video together: its clip is decoded once
+            items = sorted(items, key=lambda it: it[2])
+        return AVQADataset(items, hop=cfg.avqa_hop, image_size=image_size,
                            segments=cfg.segments, sample_rate=cfg.sample_rate, augment=aug,
                            cache=cfg.cache)
 

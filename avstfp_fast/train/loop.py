@@ -87,15 +87,19 @@ def evaluate(model, loader, task, ctx: StepContext, bar=lambda it: it) -> dict:
     was_training = model.training
     model.eval()
     metrics = task.new_metrics()
-    skipped = torch.zeros(1, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)      # skipped files, padded clips
+    bad: set = set()
     for batch in bar(loader):
-        skipped += len(batch["bad"])
+        new = set(batch["bad"]) - bad                 # files, not the items that share them
+        bad |= new
+        counts[0] += len(new)
+        counts[1] += sum(1 for p in batch.get("padded", []) if p)
         if not task.is_empty(batch):
             metrics.update(model, batch, ctx)
     metrics.all_reduce()
-    ddp.all_reduce(skipped)
+    ddp.all_reduce(counts)
     model.train(was_training)
-    return {**metrics.summary(), "skipped": int(skipped)}
+    return {**metrics.summary(), "skipped": int(counts[0]), "padded": int(counts[1])}
 
 
 class Trainer:
@@ -157,6 +161,7 @@ class Trainer:
         self.scheduler = None
         self.steps_per_epoch = 1
         self._eval_loaders = {}
+        self._bad_train: set = set()          # unreadable training files seen so far
 
     # ---------------------------------------------------------------- data
     def _loader(self, ds, sampler) -> DataLoader:
@@ -295,6 +300,9 @@ class Trainer:
             ev = self.evaluate(split)
             metrics = {k: v for k, v in ev.items() if k not in ("split", "skipped")}
             out.update({f"{split}_{k}": v for k, v in _scalars(metrics).items()})
+            if ev["padded"]:
+                log.warning("%s: %d clips read beyond the end of their media (padding: "
+                            "repeated last frame, silence)", split, ev["padded"])
             out[f"{split}_skipped"] = ev["skipped"]
             info = self.task.split_info(split)
             out.update({f"{split}_{k}": v for k, v in info.items()})
@@ -353,8 +361,12 @@ class Trainer:
         bar = self._bar(loader, f"epoch {state.epoch + 1}/{cfg.epochs}",
                         self.steps_per_epoch - skip_batches, skip_batches)
         t_last = time.time()
+        epoch_bad: set = set()
         for batch in bar:
-            stats.bad_files += len(batch["bad"])
+            new = set(batch["bad"]) - epoch_bad       # files (AVQA questions share videos)
+            epoch_bad |= new
+            self._bad_train |= new
+            stats.bad_files += len(new)
             flags = ddp.all_reduce(torch.tensor([float(self.task.is_empty(batch)),
                                                  float(self.stop_signal is not None)]))
             if flags[0] > 0:          # some rank has no usable sample: skip the step
@@ -403,7 +415,8 @@ class Trainer:
         cfg = self.cfg
         epoch_done = state.step >= (state.epoch + 1) * self.steps_per_epoch
         stats = stats.all_reduce()
-        state.skipped_files += int(stats.bad_files)
+        state.skipped_files = int(ddp.all_reduce(torch.tensor([float(len(self._bad_train))],
+                                                               dtype=torch.float64))[0])
         ep = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.step,
               "train_loss": stats.train_loss, "train_acc": stats.train_acc,
               "skipped_files": int(stats.bad_files), "time_s": round(time.time() - t_epoch, 2),
@@ -411,7 +424,8 @@ class Trainer:
         if epoch_done and cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 \
                 and "val" in self.splits:
             ev = self.evaluate("val")
-            scalars = {k: v for k, v in _scalars(ev).items() if k not in ("split", "skipped")}
+            scalars = {k: v for k, v in _scalars(ev).items()
+                       if k not in ("split", "skipped", "padded")}
             ep.update({f"val_{k}": v for k, v in scalars.items() if k != "n"},
                       val_skipped=ev["skipped"])
             self.metrics.write(kind="eval", split="val", epoch=state.epoch + 1,
@@ -582,6 +596,8 @@ class Trainer:
             if f"{split}_acc" in r:
                 rows += self.task.summary_rows(r, split)
                 rows.append((f"{split} skipped files", str(r[f"{split}_skipped"])))
+                if r.get(f"{split}_padded"):
+                    rows.append((f"{split} clips with padding", str(r[f"{split}_padded"])))
         if "skipped_train_files" in r:
             rows.append(("skipped train files", str(r["skipped_train_files"])))
         if r.get("prompt_file"):
