@@ -24,6 +24,9 @@ head's BatchNorm running statistics), and, as safetensors string metadata:
 ``trainer_task``          the trainer's task name (optional)
 ``model_class``           the model class's ``prompt_file_kind`` (``PromptedCLIP``,
                           ``PromptedCLIPAVQA``, ...); absent in older files: ``PromptedCLIP``
+``tensors_sha256``        ``sha256:<hex>`` over the tensors (names, dtypes, shapes, bytes):
+                          a file whose tensor data changed (a flipped bit) is refused on
+                          reading; files without it (older versions) read unchecked
 ``model_init``            JSON: the class's own constructor keywords, from its
                           ``prompt_file_init()`` hook (absent when empty; for AVQA: ``head``,
                           ``vocabulary``, ``answers``)
@@ -168,6 +171,7 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     for key in ("pretrained", "pretrained_tag", "classes", "inputs", "trainer_task"):
         if key not in meta and key in came_from:
             meta[key] = came_from[key]
+    meta["tensors_sha256"] = _tensors_digest(tensors)
     data = save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
     return os.fspath(path)
@@ -215,12 +219,30 @@ class PromptFile:
                 f"...), written by avstfp_fast {self.meta.get('library_version')}")
 
 
+def _tensors_digest(tensors: dict) -> str:
+    """``sha256:<hex>`` over the tensors (sorted names, dtypes, shapes, raw bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
 def read_prompt_file(path: str) -> PromptFile:
     """Read and validate the container (not yet against any model)."""
     from safetensors import safe_open
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":            # a zip archive: what torch.save / torch.jit.save write
+        raise PromptFileError(
+            f"{path}: this is a torch.save archive (a trainer checkpoint such as best.pt, "
+            f"or a TorchScript file), not a prompt file; use the prompt file the trainer "
+            f"writes beside best.pt (best.prompts.safetensors), or pass the checkpoint to "
+            f"avstfp-predict / avstfp_fast.predict.load_model")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
@@ -235,6 +257,11 @@ def read_prompt_file(path: str) -> PromptFile:
                            "contents") if k not in meta]
     if missing:
         raise PromptFileError(f"{path}: prompt file metadata lacks {missing}")
+    want = meta.get("tensors_sha256")       # absent in files written before it existed
+    if want is not None and _tensors_digest(tensors) != want:
+        raise PromptFileError(f"{path}: the tensor data is damaged (checksum mismatch: the "
+                              f"file records {want[:19]}..., its tensors give "
+                              f"{_tensors_digest(tensors)[:19]}...); copy the file again")
     return PromptFile(path, meta, tensors)
 
 
