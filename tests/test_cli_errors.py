@@ -2,6 +2,7 @@
 format), in the trainer and in avstfp-predict; failed runs leave an ``error`` record;
 resuming with more epochs stretches the schedule."""
 import json
+import logging
 import os
 
 import pytest
@@ -121,3 +122,49 @@ def test_resume_with_more_epochs_stretches_the_schedule(tmp_path, capsys):
                                 total_steps=4)
         assert r["lr"]["prompts"] == pytest.approx(want)
     assert steps[0]["lr"]["prompts"] > 100 * floor       # not the old run's floor
+
+
+def test_every_help_entry_has_text():
+    import re
+
+    from avstfp_fast.predict.cli import build_parser as predict_parser
+    from avstfp_fast.train.cli import build_parser as train_parser
+    for p in (train_parser(), predict_parser()):
+        for a in p._actions:
+            if a.dest == "help":
+                continue
+            text = re.sub(r"\(default [^)]*\)", "", a.help or "").strip()
+            assert len(text) >= 3, (p.prog, a.option_strings or a.dest, a.help)
+
+
+def test_default_num_workers_is_capped_by_the_cores(monkeypatch):
+    from avstfp_fast.train import TrainConfig
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert TrainConfig().num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert TrainConfig().num_workers == 4
+    assert TrainConfig(num_workers=3).num_workers == 3          # an explicit value wins
+
+
+def test_open_clip_log_lines_are_silenced_while_building(caplog):
+    from avstfp_fast.models import backbone as bb
+    caplog.set_level(logging.DEBUG)
+    bb.load_visual("ViT-S-32", device="meta")
+    leaked = [r for r in caplog.records if "open_clip" in (r.pathname or "")]
+    assert not leaked, [r.getMessage() for r in leaked]
+
+
+def test_demo_step_time_is_a_median_robust_to_one_outlier():
+    from avstfp_fast.demo import step_time
+    calls = iter([0.010, 0.011, 0.5, 0.009, 0.010, 0.012, 0.010, 0.011, 0.010])
+    t = step_time(lambda: next(calls), [3.0, 0.010], min_samples=10, budget_s=100)
+    assert 0.009 <= t <= 0.011           # neither the warm-up step nor the 0.5 s hiccup
+
+
+def test_predict_speed_excludes_the_first_batch():
+    from avstfp_fast.predict.core import Predictor
+    import time
+    now = time.time()
+    # 100 clips done; the first batch (8 clips) took 60 s (compilation), the rest 2 s
+    speed = Predictor._speed(100, now - 62.0, now - 2.0, 8)
+    assert 40 <= speed <= 50                 # not 100 / 62 = 1.6 (shown as "0.0"-ish)

@@ -49,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--video-dir", default="AVE", help="AVE videos folder under the annotation file's "
                                          "folder (default: AVE)")
     a("--backbone", help="override the tower: open_clip name (default: the model file's)")
-    a("--pretrained", help="local tower weights (for prompt files, or when the "
-                           "checkpoint's path is not on this machine)")
-    a("--backend", choices=backend_choices(), default="auto")
+    a("--pretrained", help="tower weights: a local file or an open_clip tag (default: "
+                           "the model file's tag, or the checkpoint's path)")
+    a("--backend", choices=backend_choices(), default="auto",
+      help="attention backend (default auto: the fastest that runs here)")
     a("--device", default=None, help="default: cuda if available else cpu")
-    a("--batch-size", type=int, default=8)
+    a("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
     a("--num-workers", type=int, default=0, help="decoding processes (default 0)")
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="bf16 autocast on GPU (default on)")
@@ -210,7 +211,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ..train.preflight import setup_cli_logging
+    setup_cli_logging(logging.INFO)       # open_clip's INFO lines stay out of the output
     return run(build_parser().parse_args(argv))
 
 

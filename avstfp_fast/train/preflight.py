@@ -12,7 +12,15 @@ from typing import Optional
 import torch
 
 __all__ = ["resolve_device", "check_backend_on_device", "check_weights", "preflight",
-           "default_num_workers"]
+           "default_num_workers", "setup_cli_logging"]
+
+
+def setup_cli_logging(level: int) -> None:
+    """Command-line logging: this package's messages at ``level``, other libraries' at
+    WARNING and above only (open_clip logs INFO chatter through the root logger)."""
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("avstfp_fast").setLevel(level)
 
 
 def default_num_workers(cap: int = 4) -> int:
