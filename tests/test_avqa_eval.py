@@ -153,3 +153,46 @@ def test_other_question_types_get_their_own_row_and_files_are_strict_json(traine
                 strict_json(os.path.join(folder, f))
     assert final["val"]["visual_counting"] is None or isinstance(
         final["val"]["visual_counting"], float)
+
+
+@pytest.mark.parametrize("which", ["best.prompts.safetensors", "best.pt"])
+def test_avstfp_predict_answers_an_avqa_json_like_the_trainer_scores_it(trained, tmp_path,
+                                                                       which, capsys):
+    from avstfp_fast.predict.cli import main as predict_main
+    root, run = trained
+    out = str(tmp_path / "answers")
+    model = os.path.join(run, "checkpoints", which)
+    assert predict_main([model, "--questions", os.path.join(root, "avqa-val.json"), "--out",
+                         out, "--no-progress", "--backend", "torch", "--device", "cpu"]) == 0
+    answers = strict_json(os.path.join(out, "answers.json"))
+    rows = json.load(open(os.path.join(root, "avqa-val.json")))
+    assert sorted(a["question_id"] for a in answers) == sorted(str(r["question_id"])
+                                                               for r in rows)
+    assert all(set(a) >= {"answer", "true_answer", "correct", "type"} for a in answers)
+    assert open(os.path.join(out, "answers.csv")).readline().startswith("question_id,")
+    ev = strict_json(os.path.join(out, "run.json"))["evaluation"]
+    want = _final(run)["val"]
+    assert ev["overall"] == want["overall"] and ev["n_overall"] == want["n_overall"]
+    assert sum(a["correct"] for a in answers) == round(want["overall"] * want["n_overall"])
+    assert "Overall avg" in capsys.readouterr().out
+
+
+def test_a_bad_video_shared_by_questions_counts_once_and_warns_once(trained, tmp_path,
+                                                                     caplog):
+    import logging
+    root, _ = trained
+    data = _copy_data(root, tmp_path / "data")
+    rows = json.load(open(os.path.join(data, "avqa-train.json")))
+    vid = rows[0]["video_id"]
+    n_q = sum(r["video_id"] == vid for r in rows)
+    assert n_q > 1
+    with open(os.path.join(data, "videos", vid + ".mp4"), "wb") as f:
+        f.write(os.urandom(2000))
+    caplog.set_level(logging.WARNING)
+    out = str(tmp_path / "run")
+    assert main(["--task", "synthetic_avqa", "--data-root", data, "--out", out,
+                 "--epochs", "1", "--no-final-eval"] + SMALL) == 0
+    s = strict_json(os.path.join(out, "summary.json"))
+    assert s["skipped_train_files"] == 1
+    warns = [r for r in caplog.records if vid in r.getMessage() and "skipping" in r.getMessage()]
+    assert len(warns) == 1

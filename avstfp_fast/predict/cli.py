@@ -10,6 +10,9 @@ Examples::
     avstfp-predict best.pt --annotations AVE/Annotations.txt --split AVE/testSet.txt
     # Kinetics-Sounds top-1 / top-5 on a split file (paths relative to its folder)
     avstfp-predict best.pt --split kinetics_sounds/test.csv
+    # AVQA: answer (and score) the questions of a MUSIC-AVQA JSON file
+    avstfp-predict runs/avqa/checkpoints/best.prompts.safetensors \
+        --questions MUSIC-AVQA/json/avqa-test.json --out answers
 
 Outputs (``--out``, default ``predictions``): ``<video id>.json`` per video,
 ``predictions.csv`` for the run (AVE: one row per predicted event segment; AVAR: one row
@@ -46,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "classes of --split)")
     a("--split", help="evaluate on a split file (AVE testSet.txt with --annotations, or a "
                       "Kinetics-Sounds video,label CSV) instead of listing inputs")
-    a("--video-dir", default="AVE", help="AVE videos folder under the annotation file's "
-                                         "folder (default: AVE)")
+    a("--video-dir", default=None, help="AVE: videos folder under the annotation file's "
+                                        "folder (default: AVE); AVQA: the videos folder "
+                                        "(default: videos/ beside the --questions file)")
+    a("--questions", help="AVQA models: a MUSIC-AVQA JSON file whose questions to answer "
+                          "(answers.json/csv, per-type accuracy)")
+    a("--avqa-hop", dest="avqa_hop", type=int, default=None,
+      help="AVQA: seconds between the sampled segments (default: the model's)")
     a("--backbone", help="override the tower: open_clip name (default: the model file's)")
     a("--pretrained", help="tower weights: a local file or an open_clip tag (default: "
                            "the model file's tag, or the checkpoint's path)")
@@ -93,7 +101,7 @@ def _items_for_split(args, lm) -> list:
                              f"({len(lm.classes)})")
         return ave_items(args.split, os.path.dirname(os.path.abspath(args.annotations)),
                          classes, segments=lm.segments, clip_seconds=lm.clip_seconds,
-                         video_dir=args.video_dir)
+                         video_dir=args.video_dir or "AVE")
     return ks_items(args.split, os.path.dirname(os.path.abspath(args.split)), list(lm.classes))
 
 
@@ -130,6 +138,22 @@ CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence", "pad
               "avar": ["video", "id", "rank", "class", "probability", "padded"]}
 
 
+def _is_avqa_model(path: str) -> bool:
+    """An AVQA prompt file or trainer checkpoint (errors are left to the loaders)."""
+    from .core import _is_checkpoint
+    if not os.path.isfile(path):
+        return False
+    try:
+        if _is_checkpoint(path):
+            from ..train.checkpoint import load_checkpoint
+            return (load_checkpoint(path).get("config") or {}).get("task") in (
+                "avqa", "synthetic_avqa")
+        from ..models.prompt_file import read_prompt_file
+        return read_prompt_file(path).model_class == "PromptedCLIPAVQA"
+    except (ValueError, OSError):
+        return False
+
+
 def run(args) -> int:
     import torch
 
@@ -144,6 +168,12 @@ def run(args) -> int:
         # device and backend: one-line errors before the model file is even read
         device = str(resolve_device(args.device))
         check_backend_on_device(args.backend, torch.device(device))
+        if _is_avqa_model(args.model):
+            from .avqa import answer_questions
+            return answer_questions(args, device)
+        if args.questions:
+            raise ValueError("--questions: only for AVQA models; this model classifies "
+                             "events (give videos, or --split)")
         lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                         backend=args.backend, device=device)
         if args.split:

@@ -130,6 +130,9 @@ class AVQATask(Task):
                 print(line, flush=True)
         return s.answers, s.splits
 
+    def prompt_file_inputs(self):
+        return {"avqa_hop": self.cfg.avqa_hop, "question_len": self.cfg.question_len}
+
     def split_info(self, split):
         n = getattr(self, "unseen_answers", {}).get(split)
         return {} if n is None else {"unseen_answers": n}

@@ -236,7 +236,8 @@ class Trainer:
                                 inputs={"segments": cfg.segments,
                                         "clip_seconds": cfg.clip_seconds,
                                         "sample_rate": cfg.sample_rate,
-                                        "image_size": self.image_size})
+                                        "image_size": self.image_size,
+                                        **self.task.prompt_file_inputs()})
         return path
 
     def _load_model_from(self, ckpt: dict):

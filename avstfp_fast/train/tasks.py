@@ -146,6 +146,11 @@ class Task:
         (``resuming`` False) or resumed, with its ``task_state`` (None: a checkpoint
         written before it existed)."""
 
+    def prompt_file_inputs(self) -> dict:
+        """Extra input settings recorded in the prompt file's ``inputs`` (AVQA: the
+        sampling hop and the question length), so that prediction samples the same way."""
+        return {}
+
     def split_info(self, split: str) -> dict:
         """Counts about a split known at load time, added to its final evaluation
         (``<split>_<key>`` in the result and summary.json), e.g. AVQA's unseen answers."""
