@@ -157,3 +157,28 @@ def test_prompt_files_record_the_open_clip_name_and_tag(oc, tmp_path):
     back2 = PromptedCLIP.from_prompts(p2, pretrained=files["test-org/openai-tiny"][0],
                                       backend="torch")
     assert back2.model_name == NAME + "-quickgelu"
+
+
+def test_trainer_refuses_wrong_weights_in_one_line_before_any_data(oc, tmp_path, capsys,
+                                                                    monkeypatch):
+    from avstfp_fast.train.cli import main
+    other = open_clip.create_model(NAME + "-quickgelu")
+    sd = {k: v for k, v in other.state_dict().items()}
+    sd["visual.conv1.weight"] = torch.zeros(64, 3, 8, 8)
+    wrong = str(tmp_path / "wrong.pt")
+    torch.save(sd, wrong)
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    cases = [(["--pretrained", wrong], "does not fit"),
+             (["--pretrained", "openai"], "could not be downloaded")]
+    for extra, want in cases:
+        if extra[-1] == "openai":
+            monkeypatch.setattr(oc_pretrained, "hf_hub_download", offline)
+        out = tmp_path / ("run_" + extra[-1].replace("/", "_")[-8:])
+        rc = main(["--task", "synthetic", "--backbone", NAME, "--out", str(out),
+                   "--no-progress", "--device", "cpu", "--backend", "torch"] + extra)
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("avstfp-train: error:")]
+        assert rc == 2 and len(lines) == 1 and want in lines[0] and "Traceback" not in err
+        assert not out.exists()                       # no run folder, no generated data

@@ -218,10 +218,10 @@ def test_avqa_and_plain_files_are_refused_by_the_other_class(tmp_path):
         load_prompts(_avqa(hidden=12, word_dim=8, heads=2), q)
     # a model without a vocabulary accepts the file's (nothing to compare)
     load_prompts(_avqa(vocabulary=None), q)
-    # avstfp-predict runs AVE/AVAR models only, and says so
+    # load_model runs AVE/AVAR models only, and names the AVQA route
     from avstfp_fast.predict.core import load_model
-    with pytest.raises(ValueError, match="PromptedCLIPAVQA model; avstfp-predict runs the "
-                                         "AVE/AVAR"):
+    with pytest.raises(ValueError, match="PromptedCLIPAVQA model; load_model runs the "
+                                         "AVE/AVAR.*--questions"):
         load_model(q)
 
 

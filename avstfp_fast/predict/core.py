@@ -75,9 +75,10 @@ def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
     from ..models.prompted_clip import PromptedCLIP
     kind = read_prompt_file(path).model_class
     if kind != PromptedCLIP.prompt_file_kind:
-        raise ValueError(f"model: {path} holds a {kind} model; avstfp-predict runs the "
-                         f"AVE/AVAR classification models only (load it in Python with "
-                         f"{kind}.from_prompts; see docs/avqa.md)")
+        raise ValueError(f"model: {path} holds a {kind} model; load_model runs the "
+                         f"AVE/AVAR classification models only (AVQA: avstfp-predict "
+                         f"MODEL --questions avqa-test.json, or {kind}.from_prompts; see "
+                         f"docs/avqa.md)")
     model = PromptedCLIP.from_prompts(path, backbone=backbone, pretrained=pretrained,
                                       backend=backend, device=device)
     meta = model.prompt_metadata
@@ -95,6 +96,14 @@ def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
                        kind="prompt file")
 
 
+def _is_open_clip_tag(name: str, tag: str) -> bool:
+    try:
+        import open_clip
+        return tag.lower().replace("-", "_") in open_clip.list_pretrained_tags_by_model(name)
+    except Exception:
+        return False
+
+
 def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
     from ..train import checkpoint as ck
     from ..train.config import TrainConfig
@@ -108,15 +117,16 @@ def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel
         cfg.pretrained = pretrained
     if ckpt["model_full"]:
         cfg.pretrained = None          # every weight is in the checkpoint
-    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained) \
+            and not _is_open_clip_tag(cfg.backbone, cfg.pretrained):
         raise FileNotFoundError(f"pretrained: the checkpoint's tower weights "
                                 f"{cfg.pretrained!r} are not here; pass --pretrained FILE")
     classes = list(ckpt["classes"])
     task = make_task(cfg)
     if task.head is None:
-        raise ValueError(f"model: {path} is a checkpoint of task {cfg.task!r}; avstfp-predict "
-                         f"runs the AVE/AVAR classification models only (for AVQA see "
-                         f"docs/avqa.md)")
+        raise ValueError(f"model: {path} is a checkpoint of task {cfg.task!r}; load_model "
+                         f"runs the AVE/AVAR classification models only (AVQA: avstfp-predict "
+                         f"MODEL --questions avqa-test.json; docs/avqa.md)")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task.head, len(classes))
     ck.load_model_state(model, ckpt["model"], ckpt["model_full"])

@@ -2,7 +2,8 @@
 
 Examples::
 
-    # the paper's recipe on AVE (ViT-B/16 tower from a local open_clip checkpoint)
+    # the paper's recipe on AVE (ViT-B/16 tower with OpenAI's weights: a local file, or
+    # --pretrained openai through open_clip's cache; see docs/weights.md)
     avstfp-train --task ave --backbone ViT-B-16 --pretrained /ckpt/ViT-B-16.pt \\
                  --data-root /data/AVE_Dataset --out runs/ave-b16
     # Kinetics-Sounds
@@ -15,6 +16,7 @@ Examples::
     # resume, or evaluate a checkpoint with another backend
     avstfp-train ... --resume runs/x/checkpoints/last.pt
     avstfp-train ... --eval-only --resume runs/x/checkpoints/best.pt --backend reference
+    # (a different --epochs when resuming continues on the schedule stretched to it)
 """
 from __future__ import annotations
 
