@@ -88,3 +88,16 @@ def test_avqa_sampling_beyond_the_end_warns_once_per_video_and_is_counted(tmp_pa
                  "torch", "--n-spatial", "2", "--head-hidden", "16"]) == 0
     summ = json.load(open(os.path.join(out, "summary.json")))
     assert summ["val_padded"] == len(items)
+
+
+def test_timeline_thumbnails_are_the_centre_crop_the_model_sees(tmp_path):
+    from avstfp_fast.predict.timeline import load_frames
+    frames = np.zeros((20, 64, 128, 3), np.uint8)
+    frames[:, :, :32] = 255            # a white band on the left: outside the centre crop
+    frames[:, :, 32:96] = 80
+    path = str(tmp_path / "wide.mp4")
+    write_clip(path, frames, 2, np.random.default_rng(0).normal(0, 0.1, 160000)
+               .astype(np.float32))
+    thumbs = load_frames(path, 10, 10.0, size=64)
+    assert thumbs.shape[1] == thumbs.shape[2] == 64          # square, not squashed
+    assert thumbs[:, :, 4:-4].max() < 160                    # the white band is cropped away
