@@ -149,7 +149,9 @@ def plot_timeline(result: dict, path: Optional[str] = None, *, frames=None, top:
     row = 0
     axes = []
     if frames is not None:
-        _frame_strip(fig.add_subplot(gs[0, 0]), frames, sps, total)
+        strip = fig.add_subplot(gs[0, 0])
+        _frame_strip(strip, frames, sps, total)
+        _hatch_padding(strip, result, sps)
         row = 1
     ax = fig.add_subplot(gs[row, 0])
     im = ax.imshow(probs[:, order].T, aspect="auto", extent=(0, total, top, 0), vmin=0.0,
