@@ -206,6 +206,7 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
             vs = container.streams.video[0]
             aus = container.streams.audio[0]
             vs.thread_type = "AUTO"
+            rate = float(vs.average_rate or 0) or 25.0      # frames/s, for media_seconds
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             video_done = audio_done = False
             for packet in container.demux(vs, aus):
@@ -263,7 +264,6 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
         audio_end = min(n_audio / sample_rate, clip_seconds)
         info["padded"] = [s for s in range(segments)
                           if best[s] is None or audio_end < (s + 0.5) * seg_len]
-        rate = float(vs.average_rate or 0) or 25.0
         info["media_seconds"] = round(min(audio_end, last_video_t + 1.0 / rate, clip_seconds), 3)
     # segments without a frame (video slightly short): nearest earlier (else later) frame
     for s in range(segments):
