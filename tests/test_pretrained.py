@@ -182,3 +182,15 @@ def test_trainer_refuses_wrong_weights_in_one_line_before_any_data(oc, tmp_path,
         lines = [x for x in err.splitlines() if x.startswith("avstfp-train: error:")]
         assert rc == 2 and len(lines) == 1 and want in lines[0] and "Traceback" not in err
         assert not out.exists()                       # no run folder, no generated data
+
+
+def test_prompt_file_from_local_weights_asks_for_that_file(oc, tmp_path):
+    from avstfp_fast.models.prompt_file import PromptFileError
+    files, _ = oc
+    weights = files["test-org/laion-tiny"][0]
+    m = PromptedCLIP(NAME, pretrained=weights, backend="torch", task="ave", num_classes=3)
+    path = m.save_prompts(str(tmp_path / "p.safetensors"))
+    with pytest.raises(PromptFileError, match="open_clip_pytorch_model.bin.*pretrained"):
+        PromptedCLIP.from_prompts(path, backend="torch")
+    back = PromptedCLIP.from_prompts(path, pretrained=weights, backend="torch")
+    assert _same(back.visual, files["test-org/laion-tiny"][1])

@@ -360,6 +360,11 @@ def from_prompts(cls, path: str, *, backbone: Union[str, nn.Module, None] = None
     _check_class(pf, _kind(cls))
     if pretrained is None and not pf.everything and backbone is None:
         pretrained = pf.meta.get("pretrained_tag")     # open_clip's cache / download
+        if pretrained is None and "pretrained" in pf.meta:
+            raise PromptFileError(
+                f"{path}: the prompts were trained on {pf.meta['backbone']!r} with the weights "
+                f"{pf.meta['pretrained']!r}; pass that file (pretrained=..., avstfp-predict "
+                f"--pretrained FILE; docs/weights.md)")
     init = pf.model_init
     config = pf.config
     name = pf.meta["backbone"]
