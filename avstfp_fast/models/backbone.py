@@ -160,6 +160,9 @@ def read_pretrained(name: str, pretrained, cache_dir: Optional[str] = None) -> P
     if tag in tags:
         from open_clip import pretrained as oc_pretrained
         cfg = open_clip.get_pretrained_cfg(name, tag)
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.ERROR)      # its retry warnings: the error below says it
         try:
             path = oc_pretrained.download_pretrained(cfg, cache_dir=cache_dir)
         except Exception as e:
@@ -168,6 +171,8 @@ def read_pretrained(name: str, pretrained, cache_dir: Optional[str] = None) -> P
                 f"({cache_dir or 'the default cache'}) and could not be downloaded "
                 f"({_first_line(e)}); on a machine without network, fetch them elsewhere "
                 f"and pass the file: --pretrained /path/to/{name}.pt ({_DOCS})") from None
+        finally:
+            hub_log.setLevel(level)
         if not path or not os.path.isfile(path):
             raise ValueError(f"pretrained: open_clip gave no weights file for {name} tag "
                              f"{tag!r} (got {path!r})")
