@@ -1,6 +1,5 @@
 """MUSIC-AVQA loading: official JSON, templates, vocabulary, sampling, negatives, metrics."""
 import json
-import math
 import os
 
 import numpy as np
@@ -161,13 +160,15 @@ def test_per_type_metric_arithmetic(tmp_path):
     r = avqa_report(c)
     assert r["audio_counting"] == 0.75 and r["audio_comparative"] == 0.0
     assert r["audio_avg"] == 3 / 5 and r["n_audio_avg"] == 5      # pooled, not mean of means
-    assert r["visual_location"] == 1.0 and math.isnan(r["visual_counting"])
+    assert r["visual_location"] == 1.0 and r["visual_counting"] is None
     assert r["visual_avg"] == 1.0 and r["n_visual_counting"] == 0
     assert r["av_temporal"] == 1 / 3 and r["av_avg"] == 1 / 3
     assert r["overall"] == 7 / 11 and r["n_overall"] == 11          # other types count too
-    assert [k for k, _, _ in REPORT_ROWS][-1] == "overall" and len(REPORT_ROWS) == 13
+    assert [k for k, _, _ in REPORT_ROWS][-2:] == ["other", "overall"] and len(REPORT_ROWS) == 14
+    assert r["other"] == 1.0 and r["n_other"] == 1                  # other types: own row
     text = format_avqa_table(r, "test")
     assert "75.00% (4)" in text and "n/a (0)" in text and "Overall avg" in text
+    assert "Other types" in text
     png = plot_avqa_bars(r, str(tmp_path / "bars.png"), "t")
     assert open(png, "rb").read(4) == b"\x89PNG"
     with pytest.raises(ValueError, match="qtype"):

@@ -191,9 +191,9 @@ def test_load_local_checkpoint(tmp_path):
     for k, v in src.state_dict().items():
         assert torch.equal(m.visual.state_dict()[k], v), k
     torch.save({"visual.conv1.weight": sd["module.visual.conv1.weight"]}, path)
-    with pytest.raises(ValueError, match="pretrained: checkpoint lacks"):
+    with pytest.raises(ValueError, match="pretrained: .* lacks"):
         PromptedCLIP("ViT-S-32", pretrained=str(path))
-    with pytest.raises(ValueError, match="pretrained: expected a path"):
+    with pytest.raises(FileNotFoundError, match="pretrained: no such file"):
         PromptedCLIP("ViT-S-32", pretrained=str(tmp_path / "missing.pt"))
 
 

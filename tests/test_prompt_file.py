@@ -218,10 +218,10 @@ def test_avqa_and_plain_files_are_refused_by_the_other_class(tmp_path):
         load_prompts(_avqa(hidden=12, word_dim=8, heads=2), q)
     # a model without a vocabulary accepts the file's (nothing to compare)
     load_prompts(_avqa(vocabulary=None), q)
-    # avstfp-predict runs AVE/AVAR models only, and says so
+    # load_model runs AVE/AVAR models only, and names the AVQA route
     from avstfp_fast.predict.core import load_model
-    with pytest.raises(ValueError, match="PromptedCLIPAVQA model; avstfp-predict runs the "
-                                         "AVE/AVAR"):
+    with pytest.raises(ValueError, match="PromptedCLIPAVQA model; load_model runs the "
+                                         "AVE/AVAR.*--questions"):
         load_model(q)
 
 
@@ -237,3 +237,31 @@ def test_files_without_the_model_class_key_still_load(tmp_path):
     m2 = PromptedCLIP.from_prompts(str(tmp_path / "old.safetensors"), backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
                                                   m2.state_dict().values()))
+
+
+def test_flipped_bit_in_tensor_data_is_detected(tmp_path):
+    """A single flipped bit in the tensor bytes (not the header) is refused by checksum."""
+    from avstfp_fast import PromptedCLIP
+    from avstfp_fast.models.prompt_file import PromptFileError, read_prompt_file
+    m = PromptedCLIP.tiny(backend="torch", task="ave", num_classes=3)
+    path = m.save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny")
+    raw = bytearray(open(path, "rb").read())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header + (len(raw) - header) // 2] ^= 0x04
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    read_prompt_file(path)                               # the original reads
+    with pytest.raises(PromptFileError, match="damaged .*checksum"):
+        read_prompt_file(str(bad))
+    with pytest.raises(PromptFileError, match="damaged"):
+        PromptedCLIP.from_prompts(str(bad))
+
+
+def test_from_prompts_on_a_trainer_checkpoint_says_what_it_is(tmp_path):
+    from avstfp_fast import PromptedCLIP
+    from avstfp_fast.models.prompt_file import PromptFileError
+    path = tmp_path / "best.pt"
+    torch.save({"format": "avstfp_fast.train/1", "model": {}}, path)
+    with pytest.raises(PromptFileError, match="trainer checkpoint") as e:
+        PromptedCLIP.from_prompts(str(path))
+    assert "damaged" not in str(e.value)

@@ -127,7 +127,7 @@ def test_prompt_file_beside_best_pt_rebuilds_the_checkpoint_model(data, tmp_path
     assert torch.equal(l1, l2)
     assert got.decode_answers(l2) == [classes[i] for i in l1.argmax(-1).tolist()]
     for path in (prompts, best):
-        with pytest.raises(ValueError, match="avstfp-predict runs the AVE/AVAR"):
+        with pytest.raises(ValueError, match="load_model runs the AVE/AVAR"):
             load_model(path)
 
 

@@ -13,7 +13,9 @@ head's BatchNorm running statistics), and, as safetensors string metadata:
 ``backbone_arch``         JSON: layers, width, heads, patch_size, image_size, quick_gelu
 ``backbone_fingerprint``  ``sha256:<hex>`` over the frozen tower's state (names, dtypes,
                           shapes, bytes; see :func:`fingerprint`)
-``pretrained``            file name of the tower's weights when known (information only)
+``pretrained``            file name (or open_clip tag) of the tower's weights when known
+``pretrained_tag``        the open_clip tag the tower's weights came from (optional):
+                          ``from_prompts`` then gets them through open_clip by itself
 ``contents``              ``prompts`` (prompts, gates, head) or ``everything`` (the tower
                           too: full fine-tuning, or a random tower that cannot be rebuilt
                           from its name)
@@ -22,6 +24,9 @@ head's BatchNorm running statistics), and, as safetensors string metadata:
 ``trainer_task``          the trainer's task name (optional)
 ``model_class``           the model class's ``prompt_file_kind`` (``PromptedCLIP``,
                           ``PromptedCLIPAVQA``, ...); absent in older files: ``PromptedCLIP``
+``tensors_sha256``        ``sha256:<hex>`` over the tensors (names, dtypes, shapes, bytes):
+                          a file whose tensor data changed (a flipped bit) is refused on
+                          reading; files without it (older versions) read unchecked
 ``model_init``            JSON: the class's own constructor keywords, from its
                           ``prompt_file_init()`` hook (absent when empty; for AVQA: ``head``,
                           ``vocabulary``, ``answers``)
@@ -149,17 +154,24 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     init = model.prompt_file_init() if hasattr(model, "prompt_file_init") else {}
     if init:
         meta["model_init"] = json.dumps(init)
+    source = getattr(model.visual, "avstfp_source", None) or {}
+    if pretrained is None:
+        pretrained = source.get("pretrained_tag") or source.get("pretrained_file")
     if pretrained:
         meta["pretrained"] = os.path.basename(str(pretrained))
+    tag = source.get("pretrained_tag")
+    if tag and (pretrained is None or str(pretrained) == tag):
+        meta["pretrained_tag"] = tag      # from_prompts gets the weights from open_clip
     if classes is not None:
         meta["classes"] = json.dumps(list(classes))
     if inputs is not None:
         meta["inputs"] = json.dumps(inputs)
     if trainer_task is not None:
         meta["trainer_task"] = trainer_task
-    for key in ("pretrained", "classes", "inputs", "trainer_task"):   # carried over
+    for key in ("pretrained", "pretrained_tag", "classes", "inputs", "trainer_task"):
         if key not in meta and key in came_from:
             meta[key] = came_from[key]
+    meta["tensors_sha256"] = _tensors_digest(tensors)
     data = save(tensors, metadata=meta)
     atomic_write(path, lambda f: f.write(data))
     return os.fspath(path)
@@ -207,12 +219,30 @@ class PromptFile:
                 f"...), written by avstfp_fast {self.meta.get('library_version')}")
 
 
+def _tensors_digest(tensors: dict) -> str:
+    """``sha256:<hex>`` over the tensors (sorted names, dtypes, shapes, raw bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
 def read_prompt_file(path: str) -> PromptFile:
     """Read and validate the container (not yet against any model)."""
     from safetensors import safe_open
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK":            # a zip archive: what torch.save / torch.jit.save write
+        raise PromptFileError(
+            f"{path}: this is a torch.save archive (a trainer checkpoint such as best.pt, "
+            f"or a TorchScript file), not a prompt file; use the prompt file the trainer "
+            f"writes beside best.pt (best.prompts.safetensors), or pass the checkpoint to "
+            f"avstfp-predict / avstfp_fast.predict.load_model")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
@@ -227,6 +257,11 @@ def read_prompt_file(path: str) -> PromptFile:
                            "contents") if k not in meta]
     if missing:
         raise PromptFileError(f"{path}: prompt file metadata lacks {missing}")
+    want = meta.get("tensors_sha256")       # absent in files written before it existed
+    if want is not None and _tensors_digest(tensors) != want:
+        raise PromptFileError(f"{path}: the tensor data is damaged (checksum mismatch: the "
+                              f"file records {want[:19]}..., its tensors give "
+                              f"{_tensors_digest(tensors)[:19]}...); copy the file again")
     return PromptFile(path, meta, tensors)
 
 
@@ -323,6 +358,13 @@ def from_prompts(cls, path: str, *, backbone: Union[str, nn.Module, None] = None
     local tower weights for a name (needed unless the file holds everything)."""
     pf = read_prompt_file(path)
     _check_class(pf, _kind(cls))
+    if pretrained is None and not pf.everything and backbone is None:
+        pretrained = pf.meta.get("pretrained_tag")     # open_clip's cache / download
+        if pretrained is None and "pretrained" in pf.meta:
+            raise PromptFileError(
+                f"{path}: the prompts were trained on {pf.meta['backbone']!r} with the weights "
+                f"{pf.meta['pretrained']!r}; pass that file (pretrained=..., avstfp-predict "
+                f"--pretrained FILE; docs/weights.md)")
     init = pf.model_init
     config = pf.config
     name = pf.meta["backbone"]

@@ -63,7 +63,9 @@ class PromptedCLIP(nn.Module):
                                  "already carries its weights")
             visual = getattr(model, "visual", model)    # a CLIP model or its tower: shared
             bb.check_visual(visual)
-            self.model_name = type(visual).__name__
+            # an open_clip tower records its open_clip name (prompt files need it to be
+            # rebuilt); else the name of the one open_clip configuration it matches
+            self.model_name = bb.open_clip_name_of(visual) or type(visual).__name__
         else:
             raise TypeError(f"model: expected an open_clip model name or nn.Module, got "
                             f"{type(model).__name__}")

@@ -10,6 +10,9 @@ Examples::
     avstfp-predict best.pt --annotations AVE/Annotations.txt --split AVE/testSet.txt
     # Kinetics-Sounds top-1 / top-5 on a split file (paths relative to its folder)
     avstfp-predict best.pt --split kinetics_sounds/test.csv
+    # AVQA: answer (and score) the questions of a MUSIC-AVQA JSON file
+    avstfp-predict runs/avqa/checkpoints/best.prompts.safetensors \
+        --questions MUSIC-AVQA/json/avqa-test.json --out answers
 
 Outputs (``--out``, default ``predictions``): ``<video id>.json`` per video,
 ``predictions.csv`` for the run (AVE: one row per predicted event segment; AVAR: one row
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
@@ -47,14 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
                             "classes of --split)")
     a("--split", help="evaluate on a split file (AVE testSet.txt with --annotations, or a "
                       "Kinetics-Sounds video,label CSV) instead of listing inputs")
-    a("--video-dir", default="AVE", help="AVE videos folder under the annotation file's "
-                                         "folder (default: AVE)")
+    a("--video-dir", default=None, help="AVE: videos folder under the annotation file's "
+                                        "folder (default: AVE); AVQA: the videos folder "
+                                        "(default: videos/ beside the --questions file)")
+    a("--questions", help="AVQA models: a MUSIC-AVQA JSON file whose questions to answer "
+                          "(answers.json/csv, per-type accuracy)")
+    a("--avqa-hop", dest="avqa_hop", type=int, default=None,
+      help="AVQA: seconds between the sampled segments (default: the model's)")
     a("--backbone", help="override the tower: open_clip name (default: the model file's)")
-    a("--pretrained", help="local tower weights (for prompt files, or when the "
-                           "checkpoint's path is not on this machine)")
-    a("--backend", choices=backend_choices(), default="auto")
+    a("--pretrained", help="tower weights: a local file or an open_clip tag (default: "
+                           "the model file's tag, or the checkpoint's path)")
+    a("--backend", choices=backend_choices(), default="auto",
+      help="attention backend (default auto: the fastest that runs here)")
     a("--device", default=None, help="default: cuda if available else cpu")
-    a("--batch-size", type=int, default=8)
+    a("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
     a("--num-workers", type=int, default=0, help="decoding processes (default 0)")
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="bf16 autocast on GPU (default on)")
@@ -62,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--top-k", type=int, default=5, help="AVAR: classes to report (default 5)")
     a("--top-classes", type=int, default=5, help="classes in the timeline heat map")
     a("--threads", type=int, default=None, help="torch CPU threads")
-    a("--progress", action=argparse.BooleanOptionalAction, default=True)
+    a("--short-media", dest="short_media", choices=("mark", "skip"), default="mark",
+      help="files shorter than the model's clip: 'mark' (default) predicts on the padded "
+           "clip and marks the padding seconds (JSON padded_seconds, CSV padded, hatched "
+           "in the timeline); 'skip' skips them with the reason")
+    a("--progress", action=argparse.BooleanOptionalAction, default=True,
+      help="progress bar on stderr (default on)")
     return p
 
 
@@ -88,7 +101,7 @@ def _items_for_split(args, lm) -> list:
                              f"({len(lm.classes)})")
         return ave_items(args.split, os.path.dirname(os.path.abspath(args.annotations)),
                          classes, segments=lm.segments, clip_seconds=lm.clip_seconds,
-                         video_dir=args.video_dir)
+                         video_dir=args.video_dir or "AVE")
     return ks_items(args.split, os.path.dirname(os.path.abspath(args.split)), list(lm.classes))
 
 
@@ -111,26 +124,56 @@ def _items_for_inputs(args, lm) -> tuple[list, list]:
 
 def _csv_rows(res: dict) -> list[dict]:
     if res["task"] == "avar":
+        pad = "yes" if res.get("padded_seconds") else ""
         return [{"video": res["video"], "id": res["id"], "rank": i + 1, "class": t["class"],
-                 "probability": t["probability"]} for i, t in enumerate(res["top_k"])]
+                 "probability": t["probability"], "padded": pad}
+                for i, t in enumerate(res["top_k"])]
     return [{"video": res["video"], "id": res["id"], "start": e["start"], "end": e["end"],
-             "class": e["class"], "confidence": e["confidence"]} for e in res["events"]]
+             "class": e["class"], "confidence": e["confidence"],
+             "padded": "yes" if e.get("padded") else ""} for e in res["events"]]
 
 
-CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence"],
-              "avar": ["video", "id", "rank", "class", "probability"]}
+# ``padded``: "yes" when the row covers seconds beyond the end of the media file
+CSV_FIELDS = {"ave": ["video", "id", "start", "end", "class", "confidence", "padded"],
+              "avar": ["video", "id", "rank", "class", "probability", "padded"]}
+
+
+def _is_avqa_model(path: str) -> bool:
+    """An AVQA prompt file or trainer checkpoint (errors are left to the loaders)."""
+    from .core import _is_checkpoint
+    if not os.path.isfile(path):
+        return False
+    try:
+        if _is_checkpoint(path):
+            from ..train.checkpoint import load_checkpoint
+            return (load_checkpoint(path).get("config") or {}).get("task") in (
+                "avqa", "synthetic_avqa")
+        from ..models.prompt_file import read_prompt_file
+        return read_prompt_file(path).model_class == "PromptedCLIPAVQA"
+    except (ValueError, OSError):
+        return False
 
 
 def run(args) -> int:
     import torch
 
+    from ..train.metrics import dump_json
     from .core import Predictor, load_model
     from .timeline import plot_timeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..train.preflight import check_backend_on_device, resolve_device
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        # device and backend: one-line errors before the model file is even read
+        device = str(resolve_device(args.device))
+        check_backend_on_device(args.backend, torch.device(device))
+        if _is_avqa_model(args.model):
+            from .avqa import answer_questions
+            return answer_questions(args, device)
+        if args.questions:
+            raise ValueError("--questions: only for AVQA models; this model classifies "
+                             "events (give videos, or --split)")
         lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                         backend=args.backend, device=device)
         if args.split:
@@ -160,8 +203,7 @@ def run(args) -> int:
 
         def on_result(res):
             name = _unique_name(res["id"], used)
-            with open(os.path.join(args.out, name + ".json"), "w") as f:
-                json.dump(res, f)
+            dump_json(res, os.path.join(args.out, name + ".json"))
             writer.writerows(_csv_rows(res))
             if args.plot:
                 plot_timeline(res, os.path.join(args.out, name + ".png"),
@@ -169,7 +211,8 @@ def run(args) -> int:
 
         pred = Predictor(lm, batch_size=args.batch_size, device=device, amp=args.amp,
                          compile=args.compile, num_workers=args.num_workers,
-                         top_k=args.top_k, progress=args.progress)
+                         top_k=args.top_k, progress=args.progress,
+                         short_media=args.short_media)
         stats = pred.run(items, on_result, metrics=metrics)
 
     skipped = [(p, r) for p, r in problems] + stats["skipped"]
@@ -190,16 +233,16 @@ def run(args) -> int:
         else:
             print(f"top-1 {m['acc']:.4f}  top-5 {m['top5']:.4f} ({m['n']} clips, "
                   f"{args.split})")
-    with open(os.path.join(args.out, "run.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    dump_json(summary, os.path.join(args.out, "run.json"), indent=2)
     print(f"avstfp-predict: {stats['done']}/{len(items)} videos processed"
-          f" ({stats['clips_per_s'] or 0:.1f} clips/s), {len(skipped)} skipped; "
+          f" ({stats['clips_per_s'] or 0:.3g} clips/s), {len(skipped)} skipped; "
           f"results in {args.out}", file=sys.stderr)
     return 0 if stats["done"] > 0 else 1
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ..train.preflight import setup_cli_logging
+    setup_cli_logging(logging.INFO)       # open_clip's INFO lines stay out of the output
     return run(build_parser().parse_args(argv))
 
 

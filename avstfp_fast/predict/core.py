@@ -75,9 +75,10 @@ def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
     from ..models.prompted_clip import PromptedCLIP
     kind = read_prompt_file(path).model_class
     if kind != PromptedCLIP.prompt_file_kind:
-        raise ValueError(f"model: {path} holds a {kind} model; avstfp-predict runs the "
-                         f"AVE/AVAR classification models only (load it in Python with "
-                         f"{kind}.from_prompts; see docs/avqa.md)")
+        raise ValueError(f"model: {path} holds a {kind} model; load_model runs the "
+                         f"AVE/AVAR classification models only (AVQA: avstfp-predict "
+                         f"MODEL --questions avqa-test.json, or {kind}.from_prompts; see "
+                         f"docs/avqa.md)")
     model = PromptedCLIP.from_prompts(path, backbone=backbone, pretrained=pretrained,
                                       backend=backend, device=device)
     meta = model.prompt_metadata
@@ -95,6 +96,14 @@ def load_model(path: str, *, backbone=None, pretrained: Optional[str] = None,
                        kind="prompt file")
 
 
+def _is_open_clip_tag(name: str, tag: str) -> bool:
+    try:
+        import open_clip
+        return tag.lower().replace("-", "_") in open_clip.list_pretrained_tags_by_model(name)
+    except Exception:
+        return False
+
+
 def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
     from ..train import checkpoint as ck
     from ..train.config import TrainConfig
@@ -108,15 +117,16 @@ def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel
         cfg.pretrained = pretrained
     if ckpt["model_full"]:
         cfg.pretrained = None          # every weight is in the checkpoint
-    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained) \
+            and not _is_open_clip_tag(cfg.backbone, cfg.pretrained):
         raise FileNotFoundError(f"pretrained: the checkpoint's tower weights "
                                 f"{cfg.pretrained!r} are not here; pass --pretrained FILE")
     classes = list(ckpt["classes"])
     task = make_task(cfg)
     if task.head is None:
-        raise ValueError(f"model: {path} is a checkpoint of task {cfg.task!r}; avstfp-predict "
-                         f"runs the AVE/AVAR classification models only (for AVQA see "
-                         f"docs/avqa.md)")
+        raise ValueError(f"model: {path} is a checkpoint of task {cfg.task!r}; load_model "
+                         f"runs the AVE/AVAR classification models only (AVQA: avstfp-predict "
+                         f"MODEL --questions avqa-test.json; docs/avqa.md)")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, task.head, len(classes))
     ck.load_model_state(model, ckpt["model"], ckpt["model_full"])
@@ -194,7 +204,10 @@ class Predictor:
 
     def __init__(self, lm: LoadedModel, *, batch_size: int = 8, device=None,
                  amp: bool = True, compile: bool = False, num_workers: int = 0,
-                 top_k: int = 5, progress: bool = True):
+                 top_k: int = 5, progress: bool = True, short_media: str = "mark"):
+        if short_media not in ("mark", "skip"):
+            raise ValueError(f"short_media: expected 'mark' or 'skip', got {short_media!r}")
+        self.short_media = short_media
         self.lm = lm
         self.device = torch.device(device) if device else next(lm.model.parameters()).device
         lm.model.to(self.device).eval()
@@ -217,8 +230,10 @@ class Predictor:
         # ids are positions in ``items``; unlabelled items get a dummy label
         indexed = [(path, 0 if label is None else label, i)
                    for i, (path, label, _) in enumerate(items)]
+        # skipped files are reported by the caller (once each), not warned about here
         ds = ClipDataset(indexed, image_size=lm.image_size, segments=lm.segments,
-                         clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate)
+                         clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate,
+                         short=self.short_media, warn_bad=False)
 
         def collate(samples):
             batch = collate_skip_bad(samples)
@@ -243,7 +258,8 @@ class Predictor:
             bar = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True,
                        file=sys.stderr)
         t0 = time.time()
-        for batch in bar:
+        t_first, n_first = None, 0    # speed is measured after the first batch (warm-up,
+        for batch in bar:             # torch.compile's compilation)
             skipped += list(zip(batch["bad"], batch["reasons"]))
             if batch["audio"] is None:
                 continue
@@ -257,22 +273,39 @@ class Predictor:
             probs = self.forward.last.float().softmax(-1).cpu()
             for row, i in enumerate(batch["id"]):
                 path, label, vid = items[i]
-                on_result({"video": path, **self._result(vid, probs[row], label)})
+                on_result({"video": path, **self._result(
+                    vid, probs[row], label, batch["padded"][row],
+                    batch["media_seconds"][row])})
             done += len(batch["id"])
+            if t_first is None:
+                t_first, n_first = time.time(), done
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(clips_s=f"{done / max(time.time() - t0, 1e-9):.1f}",
+                bar.set_postfix(clips_s=f"{self._speed(done, t0, t_first, n_first):.3g}",
                                 skipped=len(skipped))
         if hasattr(bar, "close"):
             bar.close()
         wall = time.time() - t0
         return {"done": done, "skipped": skipped, "wall_s": round(wall, 3),
-                "clips_per_s": round(done / wall, 3) if wall > 0 else None}
+                "clips_per_s": self._speed(done, t0, t_first, n_first) if done else None}
 
-    def _result(self, vid, probs: torch.Tensor, label) -> dict:
+    @staticmethod
+    def _speed(done, t0, t_first, n_first) -> float:
+        """Clips per second after the first batch (which pays for warm-up and
+        torch.compile); over the whole run when there was only one batch."""
+        now = time.time()
+        if t_first is not None and done > n_first and now > t_first:
+            return round((done - n_first) / (now - t_first), 4)
+        return round(done / max(now - t0, 1e-9), 4)
+
+    def _result(self, vid, probs: torch.Tensor, label, padded=(), media=None) -> dict:
         lm = self.lm
         sps = lm.clip_seconds / lm.segments
         out = {"id": vid, "task": lm.head, "classes": list(lm.classes),
-               "segments": lm.segments, "seconds_per_segment": sps}
+               "segments": lm.segments, "seconds_per_segment": sps,
+               # seconds the file does not cover (repeated last frame, silence): their
+               # predictions are not about the media
+               "padded_seconds": [round(s * sps, 6) for s in padded],
+               "media_seconds": media if padded else lm.clip_seconds}
         if label is not None and lm.head == "avar":
             out["label"] = lm.classes[int(label)]
         if lm.head == "avar":
@@ -285,6 +318,9 @@ class Predictor:
         out["probabilities"] = [[round(float(q), 6) for q in row] for row in probs]
         out["predicted"] = [lm.classes[int(i)] for i in probs.argmax(-1)]
         out["events"] = event_segments(probs, lm.classes, sps, lm.background)
+        pad = set(out["padded_seconds"])
+        for ev in out["events"]:
+            ev["padded"] = any(ev["start"] <= t < ev["end"] for t in pad)
         if label is not None:
             truth = [int(x) for x in label]
             out["ground_truth"] = [lm.classes[c] for c in truth]

@@ -7,7 +7,8 @@ or :class:`~avstfp_fast.predict.Predictor`):
 * the per-second class probabilities of the most likely classes as a heat map;
 * the predicted event segments (class and mean confidence), and under them the true
   segments when the result carries ground truth, with the per-video segment accuracy in
-  the title.
+  the title;
+* seconds beyond the end of a short media file (``padded_seconds``) hatched in every row.
 
 AVAR (clip-level) results get the frames and a bar chart of the top-k classes instead.
 matplotlib's Agg canvas is used directly (pyplot and the process-wide backend are left
@@ -24,11 +25,28 @@ __all__ = ["plot_timeline", "load_frames"]
 
 
 def load_frames(path: str, segments: int, clip_seconds: float, size: int = 96) -> np.ndarray:
-    """The frame per segment the model sees, small: (segments, H, W, 3) uint8."""
+    """The frame per segment the model sees, small: (segments, size, size, 3) uint8 --
+    the centre square, as the model's front end crops it (not the whole frame squashed)."""
     from ..train.data import decode_clip
     frames, _ = decode_clip(path, segments=segments, clip_seconds=clip_seconds,
                             short_side=size)
-    return frames
+    return centre_square(frames)
+
+
+def centre_square(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) -> (N, s, s, 3), s = min(H, W): the centre crop the model sees."""
+    h, w = frames.shape[1:3]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return frames[:, top:top + s, left:left + s]
+
+
+def _hatch_padding(ax, result: dict, sps: float, label: bool = False):
+    """Hatch the seconds that are padding (beyond the end of the media file)."""
+    for i, t in enumerate(result.get("padded_seconds") or []):
+        ax.axvspan(t, t + sps, facecolor="none", edgecolor="#444444", hatch="///",
+                   linewidth=0, zorder=5, label="padding (no media)" if label and i == 0
+                   else None)
 
 
 def _colour(classes: list, name: str):
@@ -55,6 +73,7 @@ def _track(ax, events: list, classes: list, label: str, total: float):
 
 
 def _frame_strip(ax, frames, sps: float, total: float):
+    frames = centre_square(np.asarray(frames))
     ax.set_xlim(0, total)
     ax.set_ylim(0, 1)
     ax.set_yticks([])
@@ -130,7 +149,9 @@ def plot_timeline(result: dict, path: Optional[str] = None, *, frames=None, top:
     row = 0
     axes = []
     if frames is not None:
-        _frame_strip(fig.add_subplot(gs[0, 0]), frames, sps, total)
+        strip = fig.add_subplot(gs[0, 0])
+        _frame_strip(strip, frames, sps, total)
+        _hatch_padding(strip, result, sps)
         row = 1
     ax = fig.add_subplot(gs[row, 0])
     im = ax.imshow(probs[:, order].T, aspect="auto", extent=(0, total, top, 0), vmin=0.0,
@@ -147,6 +168,12 @@ def plot_timeline(result: dict, path: Optional[str] = None, *, frames=None, top:
         ax = fig.add_subplot(gs[row + 2, 0])
         _track(ax, truth, classes, "true", total)
         axes.append(ax)
+    for i, a in enumerate(axes):
+        _hatch_padding(a, result, sps, label=i == 0)
+    if result.get("padded_seconds"):
+        title += (f"   (media ends at {result.get('media_seconds', 0):g} s: hatched seconds "
+                  f"are padding)")
+        fig.suptitle(title, fontsize=10)
     for a in axes[1:-1]:
         a.set_xticks([])
     axes[-1].set_xticks(np.arange(0, total + 1e-9, sps))

@@ -18,7 +18,10 @@ baseline's).  A question longer than ``max_len`` is an error naming the file, qu
 and length (raise ``max_len``; nothing is silently truncated).  The vocabulary is
 ``<pad>``, ``<unk>`` (id 1: val/test words absent from the training questions), then the
 training words in first-seen order; answers are the sorted distinct training answers
-(42 on MUSIC-AVQA); a val/test answer outside them gets target -1 (always counted wrong).
+(42 on MUSIC-AVQA); a val/test answer outside them gets target -1 (always counted wrong;
+such questions are counted per split, printed at load time and reported as
+``unseen_answers``).  A trained model carries its vocabulary and answers (checkpoint and
+prompt file): evaluating or resuming it uses those, never the training file's order.
 
 Bad rows (missing keys, unparsable type or template values, slot/value count mismatch,
 empty question) are skipped with a warning and counted; missing or unreadable videos are
@@ -39,12 +42,13 @@ import ast
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import ClipDataset, collate_skip_bad, decode_clip
+from .data import BadSample, ClipDataset, collate_skip_bad, decode_clip
 
 log = logging.getLogger("avstfp_fast.train")
 
@@ -191,10 +195,25 @@ class AVQASplits:
     splits: dict                  # split -> list of items (path, answer id, video id, ids, qtype, qid)
     bad_rows: dict                # split -> rows skipped in the JSON
     missing_videos: dict          # split -> questions whose video file is missing
+    unseen_answers: dict = None   # split -> questions whose answer is not one of ``answers``
+    unseen_answer_names: dict = None   # split -> sorted distinct unseen answers
+    new_train_words: list = None  # training words outside a given vocabulary
+    new_train_answers: list = None     # training answers outside the given answers
 
 
-def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN) -> AVQASplits:
-    """Read ``avqa-{train,val,test}.json`` under ``root``; vocabulary from train."""
+def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
+                vocabulary: list | None = None, answers: list | None = None) -> AVQASplits:
+    """Read ``avqa-{train,val,test}.json`` under ``root``.
+
+    Vocabulary and answers come from the training file (first-seen words, sorted
+    answers), or -- when a model already has them (a checkpoint being evaluated or
+    resumed) -- are the given ``vocabulary`` (token id -> word, ``<pad>`` and ``<unk>``
+    first) and ``answers``; then the row order of the training file does not matter, its
+    words outside ``vocabulary`` are listed in ``new_train_words`` (and, like any unknown
+    word, encoded as ``<unk>``) and its answers outside ``answers`` in
+    ``new_train_answers``, for the caller to refuse or accept.  Val/test questions whose
+    answer is not one of the answers (always scored wrong) are counted per split in
+    ``unseen_answers``."""
     paths = {s: _find_json(root, f) for s, f in AVQA_SPLIT_FILES.items()}
     if paths["train"] is None:
         raise FileNotFoundError(f"{root}: no {AVQA_SPLIT_FILES['train']} (looked in ., json/, "
@@ -203,9 +222,23 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN)
     for split, p in paths.items():
         if p is not None:
             rows[split], bad[split] = read_avqa_json(p)
-    vocab, answers = build_vocabulary(rows["train"])
+    new_words = new_answers = None
+    if vocabulary is None and answers is None:
+        vocab, answers = build_vocabulary(rows["train"])
+    else:
+        if vocabulary is None or answers is None:
+            raise ValueError("avqa_splits: pass both vocabulary and answers, or neither")
+        vocabulary, answers = list(vocabulary), list(answers)
+        if vocabulary[:2] != [PAD, UNK]:
+            raise ValueError(f"vocabulary: expected {PAD!r}, {UNK!r} first, got "
+                             f"{vocabulary[:2]}")
+        vocab = Vocabulary(vocabulary[2:])
+        if vocab.words != vocabulary:
+            raise ValueError("vocabulary: words must be distinct")
+        new_words = sorted({w for r in rows["train"] for w in r.words} - set(vocab.index))
+        new_answers = sorted({r.answer for r in rows["train"]} - set(answers))
     ans_index = {a: i for i, a in enumerate(answers)}
-    splits, missing = {}, {}
+    splits, missing, unseen, unseen_names = {}, {}, {}, {}
     for split, rs in rows.items():
         items, miss = [], 0
         for r in rs:
@@ -215,41 +248,84 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN)
             items.append((path, ans_index.get(r.answer, -1), r.video_id, ids, r.qtype,
                           r.question_id))
         splits[split], missing[split] = items, miss
+        names = sorted({r.answer for r in rs if r.answer not in ans_index})
+        unseen[split] = sum(r.answer not in ans_index for r in rs)
+        unseen_names[split] = names
         if miss:
             log.warning("avqa %s: %d of %d questions refer to missing videos (skipped when "
                         "loaded)", split, miss, len(items))
-    return AVQASplits(vocab, answers, splits, bad, missing)
+    return AVQASplits(vocab, answers, splits, bad, missing, unseen, unseen_names, new_words,
+                      new_answers)
 
 
 class AVQADataset(ClipDataset):
     """Questions -> dict(audio (M, T, F), video (M, 3, S, S), label (answer id), id (video
-    id), question (L,) ids, qtype, qid).  Items come from :func:`avqa_splits`.  With
-    ``cache`` the decoded clip is kept once per video (questions share it)."""
+    id), question (L,) ids, qtype, qid).  Items come from :func:`avqa_splits`.
 
-    def __init__(self, items, *, hop: int = 6, **kw):
+    Questions share their video's decoded clip: with ``cache`` every video is kept, else
+    the last ``keep_videos`` decoded videos are (evaluation orders its questions by video,
+    so each video is decoded once).  Segments sampled beyond the end of a video (``hop`` x
+    ``segments`` longer than the file) are padding: warned about once per video and
+    listed in the sample's ``padded``."""
+
+    def __init__(self, items, *, hop: int = 6, keep_videos: int = 8, **kw):
         if not isinstance(hop, int) or hop < 1:
             raise ValueError(f"hop: expected an int >= 1 (seconds between segments), got {hop!r}")
         self.questions = [it[3] for it in items]
         self.qtypes = [it[4] for it in items]
         self.qids = [it[5] for it in items]
         self.hop = hop
+        self.keep_videos = int(keep_videos)
+        self._recent: OrderedDict = OrderedDict()
+        self._warned_short: set = set()
         kw.setdefault("clip_seconds", float(kw.get("segments", 10)))
         super().__init__([it[:3] for it in items], **kw)
 
-    def _decode(self, path):
+    def _decode(self, path, info=None):
         m, hop = self.segments, self.hop
+        spans: dict = {}
         frames, wave = decode_clip(path, segments=m * hop, clip_seconds=float(m * hop),
                                    sample_rate=self.sample_rate,
-                                   short_side=int(np.ceil(1.25 * self.image_size)))
+                                   short_side=int(np.ceil(1.25 * self.image_size)),
+                                   info=spans)
         sr = self.sample_rate
         wave = wave[:m * hop * sr].reshape(m * hop, sr)[::hop].reshape(-1)
+        if info is not None:
+            padded = set(spans.get("padded", []))
+            info["padded"] = [i for i in range(m) if i * hop in padded]
+            info["media_seconds"] = spans.get("media_seconds")
         return frames[::hop], wave
+
+    def _load(self, idx):
+        if self.cache or self.keep_videos <= 0:
+            return super()._load(idx)
+        path = self.items[idx][0]
+        hit = self._recent.get(path)
+        if hit is None:
+            try:
+                hit = super()._load(idx)
+            except BadSample as e:
+                hit = e
+            self._recent[path] = hit
+            while len(self._recent) > self.keep_videos:
+                self._recent.popitem(last=False)
+        else:
+            self._recent.move_to_end(path)
+        if isinstance(hit, BadSample):
+            raise hit
+        return hit
 
     def __getitem__(self, key):
         out = super().__getitem__(key)
         if "bad" in out:
             return out
         idx = key[0] if isinstance(key, tuple) else key
+        if out["padded"] and out["id"] not in self._warned_short:
+            self._warned_short.add(out["id"])
+            log.warning("avqa: video %s covers %s s; sampling %d segments every %d s reads "
+                        "to %d s, so segments %s are padding (repeated last frame, silence)",
+                        out["id"], out["media_seconds"], self.segments, self.hop,
+                        self.segments * self.hop, out["padded"])
         out.update(question=torch.from_numpy(self.questions[idx]), qtype=self.qtypes[idx],
                    qid=self.qids[idx])
         return out

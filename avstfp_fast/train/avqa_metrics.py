@@ -4,7 +4,8 @@ Counts live in one int64 tensor ``(len(QTYPES) + 1, 2)``: per type (the last row
 "other") the number of correct answers and of questions, so that DDP can all-reduce it.
 Group averages are pooled (correct / questions over the group's types, as the baseline's
 test report computes them), and ``overall`` pools every question, other types included.
-Empty groups give NaN.
+Question types outside the nine have their own row, ``other``.  Empty groups give None
+(no questions: no accuracy; JSON null).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ for _group in ("Audio", "Visual", "Audio-Visual"):
         REPORT_ROWS.append((f"{_SHORT[_group]}_{QTYPES[_i][1].lower()}",
                             f"{_group} {QTYPES[_i][1]}", (_i,)))
     REPORT_ROWS.append((f"{_SHORT[_group]}_avg", f"{_group} avg", tuple(_idx)))
+# question types outside the nine: their own row (the paper has none), then the overall
+REPORT_ROWS.append(("other", "Other types", (len(QTYPES),)))
 REPORT_ROWS.append(("overall", "Overall avg", tuple(range(len(QTYPES) + 1))))
 REPORT_ROWS = tuple(REPORT_ROWS)
 
@@ -52,7 +55,7 @@ def avqa_report(counts: torch.Tensor) -> dict:
     for key, _, idx in REPORT_ROWS:
         right = int(counts[list(idx), 0].sum())
         total = int(counts[list(idx), 1].sum())
-        out[key] = right / total if total else float("nan")
+        out[key] = right / total if total else None
         out[f"n_{key}"] = total
     return out
 
@@ -62,6 +65,8 @@ def format_avqa_table(report: dict, title: str = "") -> str:
     from .metrics import format_table
     rows = []
     for key, label, _ in REPORT_ROWS:
+        if key == "other" and not report.get("n_other"):
+            continue
         acc = report.get(key, float("nan"))
         cell = "n/a" if acc is None or math.isnan(acc) else f"{100 * acc:.2f}%"
         rows.append((label, f"{cell} ({report.get(f'n_{key}', 0)})"))
@@ -74,8 +79,10 @@ def plot_avqa_bars(report: dict, path: str, title: str) -> str:
     from matplotlib.figure import Figure
 
     labels, values, colours = [], [], []
-    palette = {"audio": "#d9822b", "visual": "#3b7dd8", "av": "#3aa655", "overall": "#555555"}
-    for key, label, _ in REPORT_ROWS:
+    palette = {"audio": "#d9822b", "visual": "#3b7dd8", "av": "#3aa655", "other": "#999999",
+               "overall": "#555555"}
+    rows = [r for r in REPORT_ROWS if r[0] != "other" or report.get("n_other")]
+    for key, label, _ in rows:
         acc = report.get(key, float("nan"))
         labels.append(label)
         values.append(0.0 if acc is None or math.isnan(acc) else 100 * acc)
@@ -85,11 +92,11 @@ def plot_avqa_bars(report: dict, path: str, title: str) -> str:
     ax = fig.add_subplot(1, 1, 1)
     xs = range(len(labels))
     bars = ax.bar(xs, values, color=colours)
-    for b, (key, _, _) in zip(bars, REPORT_ROWS):
+    for b, (key, _, _) in zip(bars, rows):
         if key.endswith("avg"):
             b.set_edgecolor("black")
             b.set_linewidth(1.5)
-    for x, v, (key, _, _) in zip(xs, values, REPORT_ROWS):
+    for x, v, (key, _, _) in zip(xs, values, rows):
         n = report.get(f"n_{key}", 0)
         ax.text(x, v + 1, f"{v:.1f}" if n else "n/a", ha="center", fontsize=7)
     ax.set_xticks(list(xs))

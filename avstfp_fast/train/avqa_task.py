@@ -11,7 +11,9 @@ augmentation by default.  Model selection: overall validation answer accuracy.
 """
 from __future__ import annotations
 
+import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -22,6 +24,13 @@ from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
 from .tasks import Metrics, StepOutput, Task, build_model, register_task
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
+
+log = logging.getLogger("avstfp_fast.train")
+
+
+def _few(names, k: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f", ... ({len(names) - k} more)" if len(names) > k else "")
 
 
 def _inputs(model, batch, device):
@@ -55,7 +64,9 @@ class AVQAMetrics(Metrics):
 
     def summary(self):
         report = avqa_report(self.counts)
-        return {"acc": report["overall"], "n": report["n_overall"], **report}
+        acc = report["overall"]
+        return {"acc": float("nan") if acc is None else acc, "n": report["n_overall"],
+                **report}
 
 
 @register_task
@@ -64,24 +75,76 @@ class AVQATask(Task):
     name, item_name = "avqa", "questions"
     defaults = dict(visual_aug="none", mixup_prob=0.0)
 
+    stored: Optional[dict] = None     # a checkpoint's task_state (vocabulary, answers)
+    restoring: Optional[str] = None   # None, "eval" or "resume"
+
+    def restore(self, state, resuming):
+        self.stored = state
+        self.restoring = "resume" if resuming else "eval"
+
+    def checkpoint_state(self):
+        return {"vocabulary": list(self.vocab.words), "answers": list(self.answers)}
+
     def prepare_data(self, run_dir, rank):
         cfg = self.cfg
         if cfg.data_root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
-        s = avqa_splits(cfg.data_root, max_len=cfg.question_len)
+        st = self.stored or {}
+        have = "vocabulary" in st and "answers" in st
+        s = avqa_splits(cfg.data_root, max_len=cfg.question_len,
+                        vocabulary=st.get("vocabulary") if have else None,
+                        answers=st.get("answers") if have else None)
         self.vocab, self.answers = s.vocab, s.answers
+        self.unseen_answers = s.unseen_answers
+        if have:
+            diffs = []
+            if s.new_train_words:
+                diffs.append(f"{len(s.new_train_words)} word(s) not in the checkpoint's "
+                             f"vocabulary ({_few(s.new_train_words)})")
+            if s.new_train_answers:
+                diffs.append(f"{len(s.new_train_answers)} answer(s) not among its "
+                             f"{len(s.answers)} answers ({_few(s.new_train_answers)})")
+            if diffs and self.restoring == "resume":
+                raise ValueError(
+                    "resume: avqa-train.json does not match the checkpoint's training data: "
+                    + "; ".join(diffs) + "; a resumed run keeps the checkpoint's vocabulary "
+                    "and answers (start a new run to train on the new data)")
+            if diffs and rank == 0:
+                print(f"avqa: using the checkpoint's vocabulary ({len(s.vocab)} words) and "
+                      f"answers ({len(s.answers)}); avqa-train.json has "
+                      + "; ".join(diffs) + " -- unknown words read as <unk>", flush=True)
+        elif self.restoring is not None:
+            log.warning("avqa: the checkpoint stores no vocabulary (written by an older "
+                        "version): rebuilding it from avqa-train.json in first-seen order, "
+                        "which must be the file and row order it was trained on")
         if rank == 0:
             for split, items in s.splits.items():
-                print(f"avqa {split}: {len(items)} questions, {s.bad_rows[split]} bad rows "
-                      f"skipped, {s.missing_videos[split]} with a missing video",
-                      flush=True)
+                line = (f"avqa {split}: {len(items)} questions, {s.bad_rows[split]} bad rows "
+                        f"skipped, {s.missing_videos[split]} with a missing video")
+                if split != "train" or have:
+                    n = s.unseen_answers[split]
+                    line += f", {n} with an answer never seen in training"
+                    if n:
+                        line += (f" (scored wrong: {_few(s.unseen_answer_names[split])}; "
+                                 f"accuracy at most {100 * (1 - n / len(items)):.1f}%)")
+                print(line, flush=True)
         return s.answers, s.splits
+
+    def prompt_file_inputs(self):
+        return {"avqa_hop": self.cfg.avqa_hop, "question_len": self.cfg.question_len}
+
+    def split_info(self, split):
+        n = getattr(self, "unseen_answers", {}).get(split)
+        return {} if n is None else {"unseen_answers": n}
 
     def dataset(self, split, train, image_size):
         from .augment import build_visual_augment
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
-        return AVQADataset(self.splits[split], hop=cfg.avqa_hop, image_size=image_size,
+        items = self.splits[split]
+        if not train:       # questions of one video together: its clip is decoded once
+            items = sorted(items, key=lambda it: it[2])
+        return AVQADataset(items, hop=cfg.avqa_hop, image_size=image_size,
                            segments=cfg.segments, sample_rate=cfg.sample_rate, augment=aug,
                            cache=cfg.cache)
 
@@ -129,8 +192,13 @@ class AVQATask(Task):
 
     def summary_rows(self, result, split):
         rows = []
+        if f"{split}_unseen_answers" in result:
+            rows.append((f"{split} unseen answers",
+                         f"{result[f'{split}_unseen_answers']} questions (scored wrong)"))
         for key, label, _ in REPORT_ROWS:
             acc, n = result.get(f"{split}_{key}"), result.get(f"{split}_n_{key}", 0)
+            if key == "other" and not n:
+                continue
             cell = f"{100 * acc:.2f}% ({n})" if n else "n/a"
             rows.append((f"{split} {label}", cell))
         return rows

@@ -64,7 +64,12 @@ def atomic_write(path: str, write) -> None:
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:     # a TorchScript archive, a pickle with code, a damaged file
+        lines = str(e).strip().splitlines()
+        raise ValueError(f"{path}: not an avstfp_fast training checkpoint (torch.load: "
+                         f"{type(e).__name__}: {lines[0] if lines else ''})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an avstfp_fast training checkpoint "
                          f"(expected format {FORMAT!r}, got "
@@ -111,6 +116,12 @@ def model_state(model: torch.nn.Module, full: bool) -> dict:
 
 def load_model_state(model: torch.nn.Module, state: dict, full: bool) -> None:
     if full:
+        have = model.state_dict()
+        shapes = [f"{n}: checkpoint {tuple(v.shape)}, model {tuple(have[n].shape)}"
+                  for n, v in state.items() if n in have and v.shape != have[n].shape]
+        if shapes:
+            raise ValueError(f"checkpoint model state does not fit the model (built from "
+                             f"other data or options?): {'; '.join(shapes[:3])}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint model state does not match the model: missing "

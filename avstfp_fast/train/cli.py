@@ -2,7 +2,8 @@
 
 Examples::
 
-    # the paper's recipe on AVE (ViT-B/16 tower from a local open_clip checkpoint)
+    # the paper's recipe on AVE (ViT-B/16 tower with OpenAI's weights: a local file, or
+    # --pretrained openai through open_clip's cache; see docs/weights.md)
     avstfp-train --task ave --backbone ViT-B-16 --pretrained /ckpt/ViT-B-16.pt \\
                  --data-root /data/AVE_Dataset --out runs/ave-b16
     # Kinetics-Sounds
@@ -15,6 +16,7 @@ Examples::
     # resume, or evaluate a checkpoint with another backend
     avstfp-train ... --resume runs/x/checkpoints/last.pt
     avstfp-train ... --eval-only --resume runs/x/checkpoints/best.pt --backend reference
+    # (a different --epochs when resuming continues on the schedule stretched to it)
 """
 from __future__ import annotations
 
@@ -40,11 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
     B = argparse.BooleanOptionalAction
     a = p.add_argument
-    a("--task", choices=task_names(), default="ave")
+    a("--task", choices=task_names(), default="ave",
+      help="what to train: ave (AVE events per second), avar (Kinetics-Sounds), avqa "
+           "(MUSIC-AVQA), or their synthetic stand-ins")
     a("--backbone", default=S, help=f"open_clip model name or 'tiny' (default {d['backbone']})")
-    a("--pretrained", default=S, help="local open_clip checkpoint file (never downloaded)")
+    a("--pretrained", default=S,
+      help="tower weights: an open_clip tag of --backbone (e.g. openai; open_clip's cache "
+           "and download) or a local file (docs/weights.md)")
     a("--backend", choices=backend_choices(), default=S, help=f"attention backend (default {d['backend']})")
-    a("--data-root", dest="data_root", default=S)
+    a("--data-root", dest="data_root", default=S,
+      help="data set folder in the official layout (synthetic tasks: generated there)")
     a("--out", default=S, help="run folder (default runs/<task>-<time>)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d['epochs']}")
@@ -58,35 +65,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cosine floor (default {d['min_lr']})")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
                    help=f"default {d['weight_decay']}")
-    g.add_argument("--optimizer", choices=("adam", "adamw"), default=S)
+    g.add_argument("--optimizer", choices=("adam", "adamw"), default=S,
+                   help="adam (the paper's) or adamw (decoupled weight decay)")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S,
                    help=f"per process (default {d['batch_size']})")
     g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S,
                    help=f"max gradient norm, 0 = off (default {d['clip_grad']})")
-    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=S)
-    g.add_argument("--mixup-prob", dest="mixup_prob", type=float, default=S)
+    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=S,
+                   help="Beta(alpha, alpha) of the audio mix-up weight")
+    g.add_argument("--mixup-prob", dest="mixup_prob", type=float, default=S,
+                   help="probability that a batch is mixed up")
     g.add_argument("--visual-aug", dest="visual_aug", choices=("none", "light", "strong"),
-                   default=S)
+                   default=S, help="visual augmentation of training frames")
     g.add_argument("--amp", action=B, default=S, help="bf16 autocast on GPU (default on)")
-    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--seed", type=int, default=S,
+                   help="seed of initialisation, sampling and augmentation")
     m = p.add_argument_group("model")
-    m.add_argument("--full-finetune", dest="full_finetune", action=B, default=S)
-    m.add_argument("--n-temporal", dest="n_temporal", type=int, default=S)
-    m.add_argument("--n-spatial", dest="n_spatial", type=int, default=S)
-    m.add_argument("--n-fusion", dest="n_fusion", type=int, default=S)
+    m.add_argument("--full-finetune", dest="full_finetune", action=B, default=S,
+                   help="also train the CLIP tower (else it is frozen)")
+    m.add_argument("--n-temporal", dest="n_temporal", type=int, default=S,
+                   help="temporal prompts per layer and modality")
+    m.add_argument("--n-spatial", dest="n_spatial", type=int, default=S,
+                   help="spatial prompts per layer and modality")
+    m.add_argument("--n-fusion", dest="n_fusion", type=int, default=S,
+                   help="fusion prompts per layer")
     m.add_argument("--stages", nargs="*", default=S,
                    help="subset of temporal spatial fusion")
     m.add_argument("--modalities", nargs="+", default=S, help="audio and/or visual")
-    m.add_argument("--beta-init", dest="beta_init", type=float, default=S)
+    m.add_argument("--beta-init", dest="beta_init", type=float, default=S,
+                   help="initial value of the learnable gates")
     m.add_argument("--compile", action=B, default=S, help="wrap the model in torch.compile")
     dd = p.add_argument_group("data")
-    dd.add_argument("--num-workers", dest="num_workers", type=int, default=S)
+    dd.add_argument("--num-workers", dest="num_workers", type=int, default=S,
+                    help="decoding processes per training process (default: 4, at most "
+                         "the CPU cores available)")
     dd.add_argument("--cache", action=B, default=S, help="keep decoded clips in memory")
-    dd.add_argument("--segments", type=int, default=S)
-    dd.add_argument("--synthetic-events", dest="synthetic_events", type=int, default=S)
-    dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S)
-    dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S)
-    dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S)
+    dd.add_argument("--segments", type=int, default=S,
+                    help="1-s segments per clip")
+    dd.add_argument("--synthetic-events", dest="synthetic_events", type=int, default=S,
+                    help="synthetic tasks: event classes (AVQA: instrument kinds)")
+    dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S,
+                    help="synthetic tasks: training videos to generate")
+    dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S,
+                    help="synthetic tasks: validation videos to generate")
+    dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S,
+                    help="synthetic tasks: test videos to generate")
     q = p.add_argument_group("question answering (avqa, synthetic_avqa)")
     q.add_argument("--avqa-hop", dest="avqa_hop", type=int, default=S,
                    help="seconds between the sampled 1-s segments")
@@ -98,17 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="width of the task head")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", default=S, help="checkpoint to continue from (or evaluate)")
-    r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S)
-    r.add_argument("--max-steps", dest="max_steps", type=int, default=S)
+    r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S,
+                   help="evaluate the --resume checkpoint on val and test, no training")
+    r.add_argument("--max-steps", dest="max_steps", type=int, default=S,
+                   help="stop after this many optimiser steps (the schedule still spans "
+                        "--epochs)")
     r.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=S,
                    help="also checkpoint every N steps (default: once per epoch)")
-    r.add_argument("--eval-every", dest="eval_every", type=int, default=S)
-    r.add_argument("--final-eval", dest="final_eval", action=B, default=S)
-    r.add_argument("--progress", action=B, default=S)
-    r.add_argument("--device", default=S)
+    r.add_argument("--eval-every", dest="eval_every", type=int, default=S,
+                   help="validate every N epochs (0: never during training)")
+    r.add_argument("--final-eval", dest="final_eval", action=B, default=S,
+                   help="evaluate best.pt on val and test at the end")
+    r.add_argument("--progress", action=B, default=S, help="progress bars on stderr")
+    r.add_argument("--device", default=S,
+                   help="cpu, cuda[:N] or mps (default: cuda if available, else cpu)")
     r.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
     r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
-                   default=S)
+                   default=S, help="DDP option for models with unused parameters")
     for act in p._actions:       # show the config default of every option not yet saying it
         if act.dest in d and "default" not in (act.help or ""):
             act.help = ((act.help + " ") if act.help else "") + f"(default {d[act.dest]})"
@@ -146,7 +175,8 @@ def _model_fields_from_checkpoint(ns: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .preflight import setup_cli_logging
+    setup_cli_logging(logging.INFO)       # open_clip's INFO lines stay out of the output
     try:
         cfg = config_from_args(argv)
     except (ValueError, FileNotFoundError) as e:

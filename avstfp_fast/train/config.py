@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..models.config import AVSTFPConfig
 from ..ops.backends import check_backend_name
+from .preflight import default_num_workers
 
 
 
@@ -63,7 +64,8 @@ class TrainConfig:
     segments: int = 10
     clip_seconds: float = 10.0
     sample_rate: int = 16000
-    num_workers: int = 4
+    num_workers: int = field(default_factory=lambda: default_num_workers())  # 4, at most
+                                          # the CPU cores this process may use
     cache: bool = False                   # keep decoded clips in memory (small data sets)
     # run control
     resume: Optional[str] = None

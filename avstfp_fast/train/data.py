@@ -174,12 +174,15 @@ def ks_classes(root: str, splits: dict[str, str]) -> list[str]:
 # Decoding
 # --------------------------------------------------------------------------------------
 def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
-                sample_rate: int = 16000, short_side: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+                sample_rate: int = 16000, short_side: int | None = None,
+                info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one file: ``(frames (segments, H, W, 3) uint8, wave (samples,) float32)``.
 
     ``short_side``: frames whose shorter side is larger are downscaled (area filter,
     aspect kept) while converting, so HD sources cost little later.
+    ``info``: a dict that receives ``media_seconds`` (how much of the clip the file
+    covers) and ``padded`` (the segments that are padding: no frame of their own, or less
+    than half of their audio -- a media file shorter than the clip).
     Raises BadSample for anything unusable.
     """
     import av
@@ -203,6 +206,7 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
             vs = container.streams.video[0]
             aus = container.streams.audio[0]
             vs.thread_type = "AUTO"
+            rate = float(vs.average_rate or 0) or 25.0      # frames/s, for media_seconds
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             video_done = audio_done = False
             for packet in container.demux(vs, aus):
@@ -256,6 +260,11 @@ def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
     if last_video_t + seg_len < MIN_COVERAGE * clip_seconds:
         raise BadSample(f"truncated: video ends at {last_video_t:.2f} s, "
                         f"expected {clip_seconds:g} s")
+    if info is not None:
+        audio_end = min(n_audio / sample_rate, clip_seconds)
+        info["padded"] = [s for s in range(segments)
+                          if best[s] is None or audio_end < (s + 0.5) * seg_len]
+        info["media_seconds"] = round(min(audio_end, last_video_t + 1.0 / rate, clip_seconds), 3)
     # segments without a frame (video slightly short): nearest earlier (else later) frame
     for s in range(segments):
         if best[s] is None:
@@ -294,11 +303,19 @@ class ClipDataset(Dataset):
     ``(index, seed)`` pairs; the seed drives the visual augmentation of that sample so
     that augmentations are reproducible whatever the worker layout.
     ``cache``: keep decoded audio features and raw frames in memory (per process).
+    ``short``: what to do with a file shorter than the clip: ``"mark"`` (default: the
+    padded segments are listed in the sample's ``padded``) or ``"skip"`` (a bad sample
+    with the reason).  Each unreadable file is warned about once (``warn_bad=False``:
+    never, for callers that report skipped files themselves).
     """
 
     def __init__(self, items, *, image_size: int, segments: int = 10,
                  clip_seconds: float = 10.0, sample_rate: int = 16000, augment=None,
-                 cache: bool = False):
+                 cache: bool = False, short: str = "mark", warn_bad: bool = True):
+        if short not in ("mark", "skip"):
+            raise ValueError(f"short: expected 'mark' or 'skip', got {short!r}")
+        self.short, self.warn_bad = short, warn_bad
+        self._warned: set = set()
         self.items = list(items)
         self.image_size = int(image_size)
         self.segments = segments
@@ -311,12 +328,13 @@ class ClipDataset(Dataset):
     def __len__(self):
         return len(self.items)
 
-    def _decode(self, path):
-        """(frames (segments, H, W, 3) uint8, wave) of one file; subclasses may sample
-        the segments differently (e.g. AVQA: 1-s segments every few seconds)."""
+    def _decode(self, path, info=None):
+        """(frames (segments, H, W, 3) uint8, wave) of one file (``info``: see
+        :func:`decode_clip`); subclasses may sample the segments differently (e.g. AVQA:
+        1-s segments every few seconds)."""
         return decode_clip(path, segments=self.segments, clip_seconds=self.clip_seconds,
                            sample_rate=self.sample_rate,
-                           short_side=math.ceil(1.25 * self.image_size))
+                           short_side=math.ceil(1.25 * self.image_size), info=info)
 
     def _load(self, idx):
         path = self.items[idx][0]
@@ -326,8 +344,14 @@ class ClipDataset(Dataset):
                 raise hit
             return hit
         from avstfp_fast import frontend
+        info: dict = {}
         try:
-            frames, wave = self._decode(path)
+            frames, wave = self._decode(path, info)
+            padded = list(info.get("padded", []))
+            if padded and self.short == "skip":
+                raise BadSample(f"short: the media covers {info.get('media_seconds', 0):g} s "
+                                f"of the {self.clip_seconds:g} s clip (segments {padded} "
+                                f"would be padding)")
         except BadSample as e:
             if self.cache:
                 self._cache[path] = e
@@ -335,7 +359,7 @@ class ClipDataset(Dataset):
         audio = frontend.audio_features(torch.from_numpy(wave), segments=self.segments)
         audio = audio.float().contiguous()
         frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # (M,3,H,W)
-        out = (audio, frames_t)
+        out = (audio, frames_t, padded, info.get("media_seconds"))
         if self.cache:
             self._cache[path] = out
         return out
@@ -344,9 +368,11 @@ class ClipDataset(Dataset):
         idx, seed = key if isinstance(key, tuple) else (key, None)
         path, label, vid = self.items[idx]
         try:
-            audio, frames = self._load(idx)
+            audio, frames, padded, media = self._load(idx)
         except BadSample as e:
-            log.warning("skipping %s: %s", path, e)
+            if self.warn_bad and path not in self._warned:     # once per file
+                self._warned.add(path)
+                log.warning("skipping %s: %s", path, e)
             return {"bad": path, "reason": str(e)}
         from avstfp_fast import frontend
         if self.augment is not None and seed is not None:
@@ -355,7 +381,8 @@ class ClipDataset(Dataset):
                 frames = self.augment(frames)
         video = frontend.video_frames(frames, segments=self.segments, size=self.image_size)
         return {"audio": audio, "video": video.float().contiguous(),
-                "label": torch.as_tensor(label, dtype=torch.long), "id": vid}
+                "label": torch.as_tensor(label, dtype=torch.long), "id": vid,
+                "padded": padded, "media_seconds": media}
 
 
 def collate_skip_bad(batch):
@@ -363,11 +390,14 @@ def collate_skip_bad(batch):
     good = [b for b in batch if b is not None and "bad" not in b]
     bad = [b["bad"] for b in batch if b is not None and "bad" in b]
     if not good:
-        return {"audio": None, "video": None, "label": None, "id": [], "bad": bad}
+        return {"audio": None, "video": None, "label": None, "id": [], "bad": bad,
+                "padded": []}
     return {"audio": torch.stack([b["audio"] for b in good]),
             "video": torch.stack([b["video"] for b in good]),
             "label": torch.stack([b["label"] for b in good]),
-            "id": [b["id"] for b in good], "bad": bad}
+            "id": [b["id"] for b in good], "bad": bad,
+            "padded": [b.get("padded", []) for b in good],       # padding segments
+            "media_seconds": [b.get("media_seconds") for b in good]}
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ uninterrupted run on CPU):
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,7 +36,8 @@ from . import checkpoint as ck
 from . import ddp
 from .config import TrainConfig
 from .data import ResumableDistributedSampler, ShardSampler
-from .metrics import format_table
+from .metrics import dump_json, dumps_json, format_table
+from .preflight import preflight
 from .schedule import build_scheduler
 from .state import EpochStats, RunState, Status
 from .tasks import StepContext, make_task
@@ -68,7 +68,7 @@ class _JsonlWriter:
     def write(self, **rec):
         if self.f is not None:
             rec.setdefault("time", round(time.time(), 3))
-            self.f.write(json.dumps(rec) + "\n")
+            self.f.write(dumps_json(rec) + "\n")     # strict JSON: NaN written as null
             self.f.flush()
 
     def close(self):
@@ -87,24 +87,26 @@ def evaluate(model, loader, task, ctx: StepContext, bar=lambda it: it) -> dict:
     was_training = model.training
     model.eval()
     metrics = task.new_metrics()
-    skipped = torch.zeros(1, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)      # skipped files, padded clips
+    bad: set = set()
     for batch in bar(loader):
-        skipped += len(batch["bad"])
+        new = set(batch["bad"]) - bad                 # files, not the items that share them
+        bad |= new
+        counts[0] += len(new)
+        counts[1] += sum(1 for p in batch.get("padded", []) if p)
         if not task.is_empty(batch):
             metrics.update(model, batch, ctx)
     metrics.all_reduce()
-    ddp.all_reduce(skipped)
+    ddp.all_reduce(counts)
     model.train(was_training)
-    return {**metrics.summary(), "skipped": int(skipped)}
+    return {**metrics.summary(), "skipped": int(counts[0]), "padded": int(counts[1])}
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        if cfg.device:
-            self.device = torch.device(cfg.device)
-        else:
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # device, backend, checkpoint and weights: one-line errors before any data work
+        self.device = preflight(cfg)
         self._own_pg = ddp.maybe_init(self.device.type)
         self.rank, self.world = ddp.info()
         self.device = ddp.local_device(self.device, self.rank)
@@ -117,19 +119,35 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
         ddp.barrier()
+        try:
+            self._setup()
+        except NonFiniteLoss:
+            raise
+        except Exception as e:
+            self.write_error(e)
+            ddp.destroy(self._own_pg)
+            raise
+
+    def _setup(self):
+        cfg = self.cfg
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         self.task = make_task(cfg)
+        # a checkpoint to evaluate or resume: what the task stored in it (AVQA: vocabulary
+        # and answers) rebuilds the same model, whatever the order of the data files
+        self.resume_ckpt = ck.load_checkpoint(cfg.resume) if cfg.resume else None
+        if self.resume_ckpt is not None:
+            self.task.restore(self.resume_ckpt.get("task_state"), resuming=not cfg.eval_only)
         self.classes, self.splits = self.task.prepare_data(self.run_dir, self.rank)
         self.task.classes, self.task.splits = self.classes, self.splits
         self.num_classes = len(self.classes)
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,
-                           "device": str(self.device)}, f, indent=2)
+            dump_json({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,
+                       "device": str(self.device)}, os.path.join(self.run_dir, "config.json"),
+                      indent=2)
         self.metrics = _JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl"), self.is_main)
 
         torch.manual_seed(cfg.seed)          # model init independent of data generation
@@ -143,6 +161,7 @@ class Trainer:
         self.scheduler = None
         self.steps_per_epoch = 1
         self._eval_loaders = {}
+        self._bad_train: set = set()          # unreadable training files seen so far
 
     # ---------------------------------------------------------------- data
     def _loader(self, ds, sampler) -> DataLoader:
@@ -190,7 +209,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng": ck.capture_rng(), "step": int(step),
                 "epoch": int(step // max(1, self.steps_per_epoch)), "best": float(best),
-                "config": self.cfg.to_dict(), "classes": list(self.classes)}
+                "config": self.cfg.to_dict(), "classes": list(self.classes),
+                "task_state": self.task.checkpoint_state()}
 
     def save(self, name: str, step: int, best: float) -> str:
         path = os.path.join(self.ckpt_dir, name)
@@ -216,14 +236,19 @@ class Trainer:
                                 inputs={"segments": cfg.segments,
                                         "clip_seconds": cfg.clip_seconds,
                                         "sample_rate": cfg.sample_rate,
-                                        "image_size": self.image_size})
+                                        "image_size": self.image_size,
+                                        **self.task.prompt_file_inputs()})
         return path
 
     def _load_model_from(self, ckpt: dict):
-        if list(ckpt["classes"]) != list(self.classes):
-            raise ValueError(f"resume: checkpoint classes {ckpt['classes'][:5]}... "
-                             f"({len(ckpt['classes'])}) differ from the data's "
-                             f"{self.classes[:5]}... ({len(self.classes)})")
+        saved, have = list(ckpt["classes"]), list(self.classes)
+        if saved != have:
+            new, gone = [c for c in have if c not in saved], [c for c in saved if c not in have]
+            what = (f"the data has {new[:5]} not in the checkpoint" if new else "") + \
+                ("; " if new and gone else "") + \
+                (f"the checkpoint has {gone[:5]} not in the data" if gone else "")
+            raise ValueError(f"resume: checkpoint classes ({len(saved)}) differ from the "
+                             f"data's ({len(have)}): {what or 'same classes, other order'}")
         ck.load_model_state(self.model, ckpt["model"], ckpt["model_full"])
 
     # ---------------------------------------------------------------- misc
@@ -276,7 +301,13 @@ class Trainer:
             ev = self.evaluate(split)
             metrics = {k: v for k, v in ev.items() if k not in ("split", "skipped")}
             out.update({f"{split}_{k}": v for k, v in _scalars(metrics).items()})
+            if ev["padded"]:
+                log.warning("%s: %d clips read beyond the end of their media (padding: "
+                            "repeated last frame, silence)", split, ev["padded"])
             out[f"{split}_skipped"] = ev["skipped"]
+            info = self.task.split_info(split)
+            out.update({f"{split}_{k}": v for k, v in info.items()})
+            metrics.update(info)
             self.metrics.write(kind="final_eval", split=split, **_scalars(metrics),
                                skipped_files=ev["skipped"],
                                **{k: v.tolist() for k, v in metrics.items()
@@ -331,8 +362,12 @@ class Trainer:
         bar = self._bar(loader, f"epoch {state.epoch + 1}/{cfg.epochs}",
                         self.steps_per_epoch - skip_batches, skip_batches)
         t_last = time.time()
+        epoch_bad: set = set()
         for batch in bar:
-            stats.bad_files += len(batch["bad"])
+            new = set(batch["bad"]) - epoch_bad       # files (AVQA questions share videos)
+            epoch_bad |= new
+            self._bad_train |= new
+            stats.bad_files += len(new)
             flags = ddp.all_reduce(torch.tensor([float(self.task.is_empty(batch)),
                                                  float(self.stop_signal is not None)]))
             if flags[0] > 0:          # some rank has no usable sample: skip the step
@@ -381,7 +416,8 @@ class Trainer:
         cfg = self.cfg
         epoch_done = state.step >= (state.epoch + 1) * self.steps_per_epoch
         stats = stats.all_reduce()
-        state.skipped_files += int(stats.bad_files)
+        state.skipped_files = int(ddp.all_reduce(torch.tensor([float(len(self._bad_train))],
+                                                               dtype=torch.float64))[0])
         ep = {"kind": "epoch", "epoch": state.epoch + 1, "step": state.step,
               "train_loss": stats.train_loss, "train_acc": stats.train_acc,
               "skipped_files": int(stats.bad_files), "time_s": round(time.time() - t_epoch, 2),
@@ -389,7 +425,8 @@ class Trainer:
         if epoch_done and cfg.eval_every and (state.epoch + 1) % cfg.eval_every == 0 \
                 and "val" in self.splits:
             ev = self.evaluate("val")
-            scalars = {k: v for k, v in _scalars(ev).items() if k not in ("split", "skipped")}
+            scalars = {k: v for k, v in _scalars(ev).items()
+                       if k not in ("split", "skipped", "padded")}
             ep.update({f"val_{k}": v for k, v in scalars.items() if k != "n"},
                       val_skipped=ev["skipped"])
             self.metrics.write(kind="eval", split="val", epoch=state.epoch + 1,
@@ -412,18 +449,64 @@ class Trainer:
 
     def _resume(self, state: RunState) -> None:
         cfg = self.cfg
-        ckpt = ck.load_checkpoint(cfg.resume)
+        ckpt = self.resume_ckpt
         self._load_model_from(ckpt)
         if ckpt.get("optimizer") is None:
             raise ValueError(f"resume: {cfg.resume} holds no optimizer state")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._stretch_schedule(int(ckpt["step"]))
         ck.restore_rng(ckpt["rng"])
         state.step, state.best = int(ckpt["step"]), float(ckpt["best"])
         state.last_good_ckpt, state.last_saved = cfg.resume, state.step
         if self.is_main:
             log.info("resumed from %s at step %d", cfg.resume, state.step)
         self.metrics.write(kind="resume", step=state.step, path=cfg.resume)
+
+    def _stretch_schedule(self, step: int) -> None:
+        """Resuming with another length (``--epochs``, ``--warmup-epochs``, batch size):
+        the checkpoint's scheduler spans its own run; continue instead on the warm-up +
+        cosine schedule of THIS run's length (documented choice: the schedule is
+        stretched, so added epochs train at the learning rates the longer run has there,
+        not at the old run's floor)."""
+        lams = self.scheduler.lr_lambdas
+        old = {(lam.warmup_steps, lam.total_steps) for lam in lams if hasattr(lam, "total_steps")}
+        new = (self.warmup_steps, self.total_steps)
+        if not old or old == {new}:
+            return
+        for lam in lams:
+            lam.warmup_steps, lam.total_steps = new
+        last = self.scheduler.last_epoch
+        for g, base, lam in zip(self.optimizer.param_groups, self.scheduler.base_lrs, lams):
+            g["lr"] = base * lam(last)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        (ow, ot), = sorted(old)[:1]
+        msg = (f"resume: the checkpoint's schedule spans {ot} steps (warm-up {ow}), this run "
+               f"{self.total_steps} (warm-up {self.warmup_steps}, {self.cfg.epochs} epochs): "
+               f"continuing on the schedule stretched to {self.total_steps} steps; learning "
+               f"rate at step {step}: "
+               + ", ".join(f"{g.get('name', i)} {g['lr']:.3g}"
+                           for i, g in enumerate(self.optimizer.param_groups)))
+        if self.is_main:
+            print(msg, file=sys.stderr, flush=True)
+        self.metrics.write(kind="schedule_stretched", step=step, old_total_steps=ot,
+                           old_warmup_steps=ow, total_steps=self.total_steps,
+                           warmup_steps=self.warmup_steps)
+
+    def write_error(self, e: BaseException) -> None:
+        """A failed run leaves an ``error`` record (metrics.jsonl and summary.json)."""
+        if not self.is_main:
+            return
+        msg = str(e).strip().splitlines()
+        rec = {"status": "error", "error_type": type(e).__name__,
+               "message": msg[0] if msg else type(e).__name__}
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(dumps_json({"kind": "error", **rec, "time": round(time.time(), 3)}) + "\n")
+            dump_json({**rec, "run_dir": self.run_dir, "task": self.cfg.task},
+                      os.path.join(self.run_dir, "summary.json"), indent=2)
+        except OSError:
+            pass
 
     def run(self) -> dict:
         return self._run_eval_only() if self.cfg.eval_only else self.fit()
@@ -491,7 +574,7 @@ class Trainer:
             raise ValueError("eval_only: pass the checkpoint to evaluate with --resume PATH")
         t0 = time.time()
         self.steps_per_epoch = 1
-        ckpt = ck.load_checkpoint(cfg.resume)
+        ckpt = self.resume_ckpt
         self._load_model_from(ckpt)
         res = {"status": Status.EVALUATED.value, "run_dir": self.run_dir,
                "checkpoint": cfg.resume, "backend": self.model.backend,
@@ -514,6 +597,8 @@ class Trainer:
             if f"{split}_acc" in r:
                 rows += self.task.summary_rows(r, split)
                 rows.append((f"{split} skipped files", str(r[f"{split}_skipped"])))
+                if r.get(f"{split}_padded"):
+                    rows.append((f"{split} clips with padding", str(r[f"{split}_padded"])))
         if "skipped_train_files" in r:
             rows.append(("skipped train files", str(r["skipped_train_files"])))
         if r.get("prompt_file"):
@@ -524,9 +609,8 @@ class Trainer:
         table = format_table(rows, "summary")
         r["summary"] = table
         if self.is_main:
-            with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-                json.dump({k: v for k, v in r.items() if k not in ("losses", "summary")}, f,
-                          indent=2, default=str)
+            dump_json({k: v for k, v in r.items() if k not in ("losses", "summary")},
+                      os.path.join(self.run_dir, "summary.json"), indent=2)
             print(table, flush=True)
 
     def close(self):
@@ -542,6 +626,11 @@ def train(cfg: TrainConfig) -> dict:
         t = Trainer(cfg)
         try:
             return t.run()
+        except NonFiniteLoss:
+            raise                      # its error record is written at the failing step
+        except Exception as e:
+            t.write_error(e)
+            raise
         finally:
             t.close()
     finally:

@@ -1,9 +1,42 @@
 """Evaluation metrics, the confusion-matrix figure and the summary table."""
 from __future__ import annotations
 
+import json
+import math
+
 import torch
 
-__all__ = ["confusion_update", "accuracy_from_confusion", "plot_confusion", "format_table"]
+__all__ = ["confusion_update", "accuracy_from_confusion", "plot_confusion", "format_table",
+           "json_ready", "dump_json", "dumps_json"]
+
+
+def json_ready(obj):
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN/Infinity:
+    a strict parser refuses them), tuples as lists, other objects as str."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return json_ready(obj.tolist())
+    if hasattr(obj, "item") and callable(obj.item):     # numpy scalars
+        return json_ready(obj.item())
+    return str(obj)
+
+
+def dumps_json(obj, **kw) -> str:
+    """Strict JSON text of ``obj`` (non-finite numbers written as null)."""
+    return json.dumps(json_ready(obj), allow_nan=False, **kw)
+
+
+def dump_json(obj, path: str, **kw) -> None:
+    """Write ``obj`` as strict JSON to ``path`` (see :func:`dumps_json`)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(dumps_json(obj, **kw))
 
 
 def confusion_update(cm: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> None:

@@ -88,9 +88,6 @@ def build_model(cfg, head: Optional[str], num_classes: Optional[int], model_cls=
         if cfg.pretrained:
             raise ValueError("pretrained: the 'tiny' backbone is random; drop --pretrained")
         return model_cls.tiny(backend=cfg.backend, config=config, **kw)
-    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
-        raise FileNotFoundError(f"pretrained: expected a local open_clip checkpoint file, got "
-                                f"{cfg.pretrained!r} (downloads are never attempted)")
     if cfg.pretrained is None:
         log.warning("no --pretrained checkpoint: the %s tower is randomly initialised",
                     cfg.backbone)
@@ -137,6 +134,27 @@ class Task:
 
     def summary_rows(self, result: dict, split: str) -> list[tuple[str, str]]:
         return [(f"{split} acc", f"{result[f'{split}_acc']:.4f}")]
+
+    def checkpoint_state(self) -> dict:
+        """What this task stores in checkpoints (``task_state``) so that evaluating or
+        resuming rebuilds the same model whatever the data files' order (AVQA: the
+        question vocabulary and the answers).  JSON-able."""
+        return {}
+
+    def restore(self, state: Optional[dict], resuming: bool) -> None:
+        """Called before :meth:`prepare_data` when a checkpoint is evaluated
+        (``resuming`` False) or resumed, with its ``task_state`` (None: a checkpoint
+        written before it existed)."""
+
+    def prompt_file_inputs(self) -> dict:
+        """Extra input settings recorded in the prompt file's ``inputs`` (AVQA: the
+        sampling hop and the question length), so that prediction samples the same way."""
+        return {}
+
+    def split_info(self, split: str) -> dict:
+        """Counts about a split known at load time, added to its final evaluation
+        (``<split>_<key>`` in the result and summary.json), e.g. AVQA's unseen answers."""
+        return {}
 
     def figures(self, summary: dict, run_dir: str, split: str) -> dict:
         """PNG files of a final evaluation (``summary``: its metrics); name -> path."""
