@@ -64,6 +64,7 @@ import torch
 
 from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
+from .launch_cache import launch
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
 
 MAX_SEGMENTS = 4
@@ -252,6 +253,7 @@ class _Plan:
                           WHILE=interpreting(), num_warps=t.num_warps,
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
                   f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}",
@@ -288,10 +290,10 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
         return lse
     t = pl.t
     sq, sk, sv, so = pl.st
-    _kernels().prompted_attn_fwd[pl.grid(pl.nqb)](
+    launch(_kernels().prompted_attn_fwd, pl.grid(pl.nqb), (
         q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
-        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale,
-        SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale),
+        dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
     return lse
 
 
@@ -324,27 +326,28 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
     if pl.Bt > 0 and pl.nqb > 0:
         if det:
-            K.prompted_attn_bwd_dq[pl.grid(pl.nqb)](
+            launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
                 q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
                 tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr), tuple(pl.gm),
-                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale,
-                SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale),
+                dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
             if pl.nkb > 0:
-                K.prompted_attn_bwd_dkdv[pl.grid(pl.nkb)](
+                launch(K.prompted_attn_bwd_dkdv, pl.grid(pl.nkb), (
                     q, k, v, dout, dk, dv, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.NQ,
-                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale, SLOT_N=t.slot_n,
-                    **pl.bwd_const)
+                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale),
+                    dict(SLOT_N=t.slot_n, **pl.bwd_const), pl.launchers)
         else:
             dqa = torch.zeros((pl.Bt, pl.Lq, pl.E), dtype=torch.float32, device=dev)
-            K.prompted_attn_bwd_pre[pl.grid(pl.nqb)](
-                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq, **pl.const)
+            launch(K.prompted_attn_bwd_pre, pl.grid(pl.nqb), (
+                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq), pl.const,
+                pl.launchers)
             nb = pl.nkb + pl.npb
-            K.prompted_attn_bwd[pl.grid(nb)](
+            launch(K.prompted_attn_bwd, pl.grid(nb), (
                 q, k, v, dout, dk, dv, dqa, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.sdqa,
                 PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
                 tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
-                pl.scale, SLOT_N=t.slot_n, SLOT_P=t.slot_p,
-                **dict(pl.bwd_const, SLOT_M=t.bwd_slot_m))
+                pl.scale), dict(pl.bwd_const, SLOT_M=t.bwd_slot_m, SLOT_N=t.slot_n,
+                                SLOT_P=t.slot_p), pl.launchers)
             dq.copy_(dqa.view(q.shape))
     elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
         dk.zero_()
