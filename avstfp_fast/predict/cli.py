@@ -28,6 +28,7 @@ import os
 import sys
 
 from ..ops.backends import backend_choices
+from ..train.config import COMPILE_MODES, check_compile_mode
 
 __all__ = ["main", "build_parser"]
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="bf16 autocast on GPU (default on)")
     a("--compile", action="store_true", help="wrap the model in torch.compile")
+    a("--compile-mode", choices=COMPILE_MODES, default=None,
+      help="torch.compile mode, implies --compile; reduce-overhead captures CUDA graphs "
+           "(GPU only)")
     a("--top-k", type=int, default=5, help="AVAR: classes to report (default 5)")
     a("--top-classes", type=int, default=5, help="classes in the timeline heat map")
     a("--threads", type=int, default=None, help="torch CPU threads")
@@ -131,6 +135,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_compile_mode(args.compile_mode, device)
         lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                         backend=args.backend, device=device)
         if args.split:
@@ -168,7 +173,7 @@ def run(args) -> int:
                               top=args.top_classes)
 
         pred = Predictor(lm, batch_size=args.batch_size, device=device, amp=args.amp,
-                         compile=args.compile, num_workers=args.num_workers,
+                         compile=args.compile_mode or args.compile, num_workers=args.num_workers,
                          top_k=args.top_k, progress=args.progress)
         stats = pred.run(items, on_result, metrics=metrics)
 

@@ -24,7 +24,7 @@ import logging
 import sys
 
 from ..ops.backends import backend_choices
-from .config import MODEL_OPTIONS, TrainConfig, task_defaults, task_names
+from .config import COMPILE_MODES, MODEL_OPTIONS, TrainConfig, task_defaults, task_names
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--modalities", nargs="+", default=S, help="audio and/or visual")
     m.add_argument("--beta-init", dest="beta_init", type=float, default=S)
     m.add_argument("--compile", action=B, default=S, help="wrap the model in torch.compile")
+    m.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES, default=S,
+                   help="torch.compile mode, implies --compile; reduce-overhead captures "
+                        "CUDA graphs (GPU only)")
     dd = p.add_argument_group("data")
     dd.add_argument("--num-workers", dest="num_workers", type=int, default=S)
     dd.add_argument("--cache", action=B, default=S, help="keep decoded clips in memory")
