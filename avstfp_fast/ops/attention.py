@@ -49,28 +49,34 @@ class _Plan:
 
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
-    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides")
+    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced")
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor]):
         self.meta, self.backend = meta, backend
+        # while tracing (torch.compile) views and buffers are built as the ops' own calls
+        # (no storage offsets or strides read); the plan is then never cached either
+        self.traced = torch.compiler.is_compiling()
         # packed: (size, stride, offset from qkv's) of the q, k, v views of the buffer
-        self.views = None if qkv is None else tuple(
+        self.views = None if (qkv is None or self.traced) else tuple(
             (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
             for t in (p.q, p.k, p.v))
-        order = stride_order(p.q.shape, p.q.stride())
-        self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
-        for i in reversed(order):                    # dense, in q's stride order
-            strides[i] = acc
-            acc *= self.out_shape[i]
-        self.out_strides = tuple(strides)
+        if not self.traced:
+            order = stride_order(p.q.shape, p.q.stride())
+            self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
+            for i in reversed(order):                    # dense, in q's stride order
+                strides[i] = acc
+                acc *= self.out_shape[i]
+            self.out_strides = tuple(strides)
 
     def qkv_of(self, qkv: torch.Tensor):
+        if self.views is None:
+            return qkv_views(qkv, *self.meta.packed)
         off = qkv.storage_offset()
         return tuple(qkv.as_strided(size, stride, off + rel) for size, stride, rel in self.views)
 
     def problem(self, tensors) -> AttnProblem:
         m = self.meta
-        if self.views is not None:
+        if m.packed is not None:
             q, k, v = self.qkv_of(tensors[0])
             rest = tensors[1:]
         else:
@@ -87,6 +93,8 @@ class _Plan:
 
     def empty_out(self, q: torch.Tensor) -> torch.Tensor:
         """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
+        if self.traced:
+            return empty_in_stride_order(q.shape, q)
         return torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype,
                                    device=q.device)
 
@@ -107,7 +115,7 @@ class _KernelAttention(torch.autograd.Function):
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
         p = plan.problem(tensors)
-        if plan.views is not None:
+        if meta.packed is not None:
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
             dq, dk, dv = plan.qkv_of(dqkv)
             lead = (dqkv,)
