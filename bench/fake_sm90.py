@@ -149,8 +149,9 @@ def fake_sm90(modules=(), sink: Optional[Callable[[Launch], None]] = None):
     """Launch ``kernel[grid](...)`` of the given modules' kernels on a faked sm_90
     device; yields the list of :class:`Launch` records (unless ``sink`` takes them).
 
-    The kernels' per-device caches are reset on entry and exit, so nothing compiled
-    here leaks into real launches afterwards (and vice versa)."""
+    The kernels' per-device caches are reset on entry and exit, and the backend's launch
+    plans are dropped on exit, so nothing compiled here leaks into real launches
+    afterwards (and vice versa)."""
     import triton.compiler
     from triton.runtime.driver import driver
     records: List[Launch] = []
@@ -168,6 +169,12 @@ def fake_sm90(modules=(), sink: Optional[Callable[[Launch], None]] = None):
             warnings.filterwarnings("ignore", message=".*data pointer of FakeTensor.*")
             yield records
     finally:
+        # launch plans made here hold stub launchers: drop them (and the op's plans)
+        import sys
+        for name in ("avstfp_fast.ops.triton_backend", "avstfp_fast.ops.attention"):
+            mod = sys.modules.get(name)
+            if mod is not None and hasattr(mod, "_PLANS"):
+                mod._PLANS.clear()
         triton.compiler.compile = prev_compile
         driver._active = prev_driver
         for fn, caches in saved:

@@ -49,10 +49,11 @@ class _Plan:
 
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
-    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced")
+    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout")
 
-    def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor]):
-        self.meta, self.backend = meta, backend
+    def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
+                 key=None):
+        self.meta, self.backend, self.layout = meta, backend, key
         # while tracing (torch.compile) views and buffers are built as the ops' own calls
         # (no storage offsets or strides read); the plan is then never cached either
         self.traced = torch.compiler.is_compiling()
@@ -89,7 +90,8 @@ class _Plan:
             it_k, it_v = iter(rest[:n]), iter(rest[n:])
             pks = tuple(next(it_k) if pr else None for pr in m.present)
             pvs = tuple(next(it_v) if pr else None for pr in m.present)
-        return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale)
+        return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale,
+                           self.layout)
 
     def empty_out(self, q: torch.Tensor) -> torch.Tensor:
         """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
@@ -170,7 +172,7 @@ def _pkey(x):
     if isinstance(x, torch.Tensor):
         return _tkey(x)
     if isinstance(x, (list, tuple)):
-        return (len(x),) + tuple(None if t is None else _tkey(t) for t in x)
+        return tuple([len(x)] + [None if t is None else _tkey(t) for t in x])
     raise TypeError("not a prompt")          # the full path says what is wrong
 
 
@@ -182,8 +184,7 @@ def _plan_key(lead, prompt_k, prompt_v, scale, segments, backend, packed):
         return None                           # e.g. a generator: read it only once
     try:
         key = (backend, packed, scale, None if segments is None else tuple(segments),
-               _b.env_token(), tuple(_tkey(t) for t in lead), _pkey(prompt_k),
-               _pkey(prompt_v))
+               _b.env_token(), tuple(map(_tkey, lead)), _pkey(prompt_k), _pkey(prompt_v))
         hash(key)
     except (TypeError, AttributeError, RuntimeError):
         return None
@@ -203,8 +204,7 @@ def _flat_prompts(prompt_k, prompt_v):
         return ()
     if isinstance(prompt_k, torch.Tensor):
         return (prompt_k, prompt_v)
-    return tuple(t for t in prompt_k if t is not None) + tuple(t for t in prompt_v
-                                                               if t is not None)
+    return [t for t in prompt_k if t is not None] + [t for t in prompt_v if t is not None]
 
 
 def _run(p: AttnProblem, b: "_b.Backend", key=None, packed=None, qkv=None) -> torch.Tensor:
@@ -212,7 +212,7 @@ def _run(p: AttnProblem, b: "_b.Backend", key=None, packed=None, qkv=None) -> to
         return b.run(p)
     meta = _Meta(b.name, packed, tuple(pk is not None for pk in p.prompt_k),
                  p.q_segments, p.k_segments, p.scale)
-    plan = _Plan(meta, b, p, qkv if packed is not None else None)
+    plan = _Plan(meta, b, p, qkv if packed is not None else None, key)
     _remember(key, plan)
     lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
     prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]

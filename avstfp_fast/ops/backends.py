@@ -210,9 +210,8 @@ def env_token() -> tuple:
     deterministic-algorithms switch, the registry, and the environment variables that
     backends declared.  The op's per-layout plan cache (ops/attention.py) keys on it, so
     a change re-runs validation and backend selection."""
-    env = os.environ
     return (torch.are_deterministic_algorithms_enabled(), _VERSION[0],
-            tuple(env.get(v) for v in _ENV_VARS))
+            tuple(map(os.environ.get, _ENV_VARS)))
 
 
 def backend_names() -> Tuple[str, ...]:

@@ -27,7 +27,7 @@ launcher cannot be reused, every call takes the full path.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -120,13 +120,15 @@ def _make_entry(fn, kernel, grid, args, kwargs) -> Optional[_Entry]:
 _NONE: Any = object()
 
 
-def launch(fn, grid: Tuple[int, ...], args: tuple, kwargs: Dict[str, Any],
+def launch(fn, grid: Tuple[int, ...], args: tuple, kwargs: Callable[[], Dict[str, Any]],
            slots: Dict[Any, Any]) -> None:
-    """``fn[grid](*args, **kwargs)``, through the launcher cached in ``slots`` when
-    possible (see the module docstring for the contract)."""
+    """``fn[grid](*args, **kwargs())``, through the launcher cached in ``slots`` when
+    possible (see the module docstring for the contract).  ``kwargs`` is a function
+    returning the keyword arguments: a cached launch does not need them built."""
     ent = slots.get(fn, _NONE)
     if ent is not _NONE and ent is not None and ent(args):
         return
+    kwargs = kwargs()
     kernel = fn[grid](*args, **kwargs)
-    if ent is _NONE or ent is not None:
+    if ent is _NONE:                # first launch of this plan (a refused call keeps it)
         slots[fn] = _make_entry(fn, kernel, grid, args, kwargs)
