@@ -397,8 +397,10 @@ def main(argv=None) -> int:
             f.write(md)
     print(md)
     bad = [f for r in rows for f in r.failures()]
-    print(f"ledger: {len(rows)} rows, {len(bad)} over bounds "
-          f"({'enforced' if a.ci else 'report mode'}), {time.time() - t0:.1f} s")
+    over = sum(1 for r in rows if r.failures())
+    print(f"ledger: {len(rows)} rows, {over} over their bounds ({len(bad)} findings; "
+          f"{'enforced' if a.ci else 'report mode: not enforced, --ci enforces'}), "
+          f"{time.time() - t0:.1f} s")
     return 1 if (bad and a.ci) else 0
 
 
