@@ -390,7 +390,15 @@ def main(argv=None) -> int:
     rows: List[Row] = []
     for model in a.models.split(","):
         for stage in a.stages.split(","):
-            rows += run_case(model, stage, a.backend)
+            try:
+                rows += run_case(model, stage, a.backend)
+            except (RuntimeError, ValueError, ImportError) as e:
+                if a.backend == "triton":
+                    raise
+                # e.g. no CUDA driver: the cuda backend's verdict reads the device
+                print(f"ledger: the {a.backend} backend cannot run here: "
+                      f"{str(e).splitlines()[0]}", file=sys.stderr)
+                return 2
     md = markdown(rows, a.title, a.ci)
     if a.out:
         with open(a.out, "w") as f:
