@@ -10,12 +10,12 @@ the determinism switch to the backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
 from . import backends as _b
-from .contract import AttnProblem, empty_in_stride_order, make_problem
+from .contract import AttnProblem, empty_in_stride_order, make_problem, stride_order
 
 
 def qkv_views(qkv: torch.Tensor, qkv_dim: int, seq_dim: int):
@@ -43,48 +43,91 @@ class _Meta:
     scale: float
 
 
-def _problem_from(meta: _Meta, tensors) -> AttnProblem:
-    if meta.packed is not None:
-        q, k, v = qkv_views(tensors[0], *meta.packed)
-        rest = tensors[1:]
-    else:
-        q, k, v = tensors[:3]
-        rest = tensors[3:]
-    n = sum(meta.present)
-    it_k, it_v = iter(rest[:n]), iter(rest[n:])
-    pks = tuple(next(it_k) if pr else None for pr in meta.present)
-    pvs = tuple(next(it_v) if pr else None for pr in meta.present)
-    return AttnProblem(q, k, v, pks, pvs, meta.q_segments, meta.k_segments, meta.scale)
+class _Plan:
+    """One validated layout of a kernel-backend call: the backend, the autograd meta, and
+    how to rebuild the q/k/v views and allocate the output without re-deriving them.
+
+    Built after :func:`make_problem` and backend selection accepted a call; reused (see
+    :func:`_plan_key`) only for calls whose every validated property is identical."""
+    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout")
+
+    def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
+                 key=None):
+        self.meta, self.backend, self.layout = meta, backend, key
+        # while tracing (torch.compile) views and buffers are built as the ops' own calls
+        # (no storage offsets or strides read); the plan is then never cached either
+        self.traced = torch.compiler.is_compiling()
+        # packed: (size, stride, offset from qkv's) of the q, k, v views of the buffer
+        self.views = None if (qkv is None or self.traced) else tuple(
+            (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
+            for t in (p.q, p.k, p.v))
+        if not self.traced:
+            order = stride_order(p.q.shape, p.q.stride())
+            self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
+            for i in reversed(order):                    # dense, in q's stride order
+                strides[i] = acc
+                acc *= self.out_shape[i]
+            self.out_strides = tuple(strides)
+
+    def qkv_of(self, qkv: torch.Tensor):
+        if self.views is None:
+            return qkv_views(qkv, *self.meta.packed)
+        off = qkv.storage_offset()
+        return tuple(qkv.as_strided(size, stride, off + rel) for size, stride, rel in self.views)
+
+    def problem(self, tensors) -> AttnProblem:
+        m = self.meta
+        if m.packed is not None:
+            q, k, v = self.qkv_of(tensors[0])
+            rest = tensors[1:]
+        else:
+            q, k, v = tensors[:3]
+            rest = tensors[3:]
+        if len(m.present) == 1:                      # no segments: at most one pair
+            pks, pvs = ((rest[0],), (rest[1],)) if rest else ((None,), (None,))
+        else:
+            n = sum(m.present)
+            it_k, it_v = iter(rest[:n]), iter(rest[n:])
+            pks = tuple(next(it_k) if pr else None for pr in m.present)
+            pvs = tuple(next(it_v) if pr else None for pr in m.present)
+        return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale,
+                           self.layout)
+
+    def empty_out(self, q: torch.Tensor) -> torch.Tensor:
+        """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
+        if self.traced:
+            return empty_in_stride_order(q.shape, q)
+        return torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype,
+                                   device=q.device)
 
 
 class _KernelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, meta: _Meta, *tensors):
-        p = _problem_from(meta, tensors)
-        backend = _b.get_backend(meta.backend)
-        out = empty_in_stride_order(p.q.shape, p.q)
-        lse = backend.forward(p, out)
-        ctx.meta = meta
+    def forward(ctx, plan: _Plan, *tensors):
+        p = plan.problem(tensors)
+        out = plan.empty_out(p.q)
+        lse = plan.backend.forward(p, out)
+        ctx.plan = plan
         ctx.save_for_backward(*tensors, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        meta = ctx.meta
+        plan = ctx.plan
+        meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
-        p = _problem_from(meta, tensors)
-        backend = _b.get_backend(meta.backend)
+        p = plan.problem(tensors)
         if meta.packed is not None:
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
-            dq, dk, dv = qkv_views(dqkv, *meta.packed)
+            dq, dk, dv = plan.qkv_of(dqkv)
             lead = (dqkv,)
         else:
             dq = empty_in_stride_order(p.q.shape, p.q)
             dk = empty_in_stride_order(p.k.shape, p.k)
             dv = empty_in_stride_order(p.v.shape, p.v)
             lead = (dq, dk, dv)
-        dpk, dpv = backend.backward(p, out, lse, dout, dq, dk, dv,
-                                    torch.are_deterministic_algorithms_enabled())
+        dpk, dpv = plan.backend.backward(p, out, lse, dout, dq, dk, dv,
+                                         torch.are_deterministic_algorithms_enabled())
         grads = list(lead)
         grads += [g for g, pr in zip(dpk, meta.present) if pr]
         grads += [g for g, pr in zip(dpv, meta.present) if pr]
@@ -107,14 +150,73 @@ def _autocast(tensors, prompt_k, prompt_v):
     return [cast(t) for t in tensors], cast_prompts(prompt_k), cast_prompts(prompt_v)
 
 
-def _run(p: AttnProblem, b: "_b.Backend", packed=None, qkv=None) -> torch.Tensor:
+# --------------------------------------------------------------------------- plan cache
+# Validation (make_problem) and backend selection run once per layout: a call whose
+# every property they read -- each tensor's class, shape, strides, dtype and device, the
+# prompt structure, segments, scale, backend name, the packed dims, and the state the
+# backends' reasons read (deterministic mode, registered backends, their environment
+# variables) -- equals an accepted earlier call's reuses its plan.  Any difference is a
+# new key: the call is validated from scratch (and errors are raised exactly as before).
+# Autocast and tracing (torch.compile) always take the full path.
+_PLANS: Dict[tuple, _Plan] = {}
+_MAX_PLANS = 512
+
+
+def _tkey(t):
+    return (t.__class__, t.shape, t.stride(), t.dtype, t.device)
+
+
+def _pkey(x):
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return _tkey(x)
+    if isinstance(x, (list, tuple)):
+        return tuple([len(x)] + [None if t is None else _tkey(t) for t in x])
+    raise TypeError("not a prompt")          # the full path says what is wrong
+
+
+def _plan_key(lead, prompt_k, prompt_v, scale, segments, backend, packed):
+    """The cache key of a call, or None when it must take the full path."""
+    if torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling():
+        return None
+    if segments is not None and not isinstance(segments, (list, tuple)):
+        return None                           # e.g. a generator: read it only once
+    try:
+        key = (backend, packed, scale, None if segments is None else tuple(segments),
+               _b.env_token(), tuple(map(_tkey, lead)), _pkey(prompt_k), _pkey(prompt_v))
+        hash(key)
+    except (TypeError, AttributeError, RuntimeError):
+        return None
+    return key
+
+
+def _remember(key, plan: _Plan) -> None:
+    if key is None:
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def _flat_prompts(prompt_k, prompt_v):
+    if prompt_k is None:
+        return ()
+    if isinstance(prompt_k, torch.Tensor):
+        return (prompt_k, prompt_v)
+    return [t for t in prompt_k if t is not None] + [t for t in prompt_v if t is not None]
+
+
+def _run(p: AttnProblem, b: "_b.Backend", key=None, packed=None, qkv=None) -> torch.Tensor:
     if not isinstance(b, _b.KernelBackend):
         return b.run(p)
     meta = _Meta(b.name, packed, tuple(pk is not None for pk in p.prompt_k),
                  p.q_segments, p.k_segments, p.scale)
+    plan = _Plan(meta, b, p, qkv if packed is not None else None, key)
+    _remember(key, plan)
     lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
     prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]
-    return _KernelAttention.apply(meta, *lead, *prompts)
+    return _KernelAttention.apply(plan, *lead, *prompts)
 
 
 def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional[float] = None,
@@ -129,11 +231,15 @@ def prompted_attention(q, k, v, prompt_k=None, prompt_v=None, *, scale: Optional
     q's stride order.  ``backend``: one of :func:`~avstfp_fast.ops.backends.backend_choices`
     ("reference", "torch", "triton", "cuda", "auto").
     """
+    key = _plan_key((q, k, v), prompt_k, prompt_v, scale, segments, backend, None)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return _KernelAttention.apply(plan, q, k, v, *_flat_prompts(prompt_k, prompt_v))
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     (q, k, v), prompt_k, prompt_v = _autocast([q, k, v], prompt_k, prompt_v)
     p = make_problem(q, k, v, prompt_k, prompt_v, scale=scale, segments=segments)
-    return _run(p, _b.select(p, backend))
+    return _run(p, _b.select(p, backend), key)
 
 
 def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, qkv_dim: int,
@@ -146,6 +252,10 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
     by the backward kernel directly — no zero-fill and scatter of three view gradients.
     ``qkv`` must be contiguous (it normally is: the output of the QKV linear layer).
     """
+    key = _plan_key((qkv,), prompt_k, prompt_v, scale, segments, backend, (qkv_dim, seq_dim))
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is not None:
+        return _KernelAttention.apply(plan, qkv, *_flat_prompts(prompt_k, prompt_v))
     if not isinstance(qkv, torch.Tensor):
         raise TypeError(f"qkv: expected a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dim() < 3 or qkv.shape[qkv_dim] != 3:
@@ -161,7 +271,7 @@ def prompted_attention_qkv(qkv: torch.Tensor, prompt_k=None, prompt_v=None, *, q
         # autograd-native backends: views from unbind, whose backward stacks the three
         # gradients (select would zero-fill a qkv-sized buffer per view)
         p.q, p.k, p.v = (t.movedim(seq_dim % t.dim(), -2) for t in qkv.unbind(qkv_dim))
-    return _run(p, b, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
+    return _run(p, b, key, packed=(qkv_dim % qkv.dim(), seq_dim), qkv=qkv)
 
 
 def explain(q, k, v, prompt_k=None, prompt_v=None, *, scale=None, segments=None) -> str:

@@ -22,6 +22,7 @@ the list that the model, the trainer, the demo and the command line accept.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -34,6 +35,8 @@ AUTO = "auto"
 _REGISTRY: Dict[str, "Backend"] = {}
 _LAZY: Dict[str, str] = {}    # name -> module that registers it on import
 _ORDER: List[str] = []        # names in the order they were first registered
+_ENV_VARS: List[str] = []     # environment variables that backends' reasons read
+_VERSION = [0]                # bumped on every (lazy) registration
 
 
 @dataclass(frozen=True)
@@ -189,13 +192,26 @@ def _remember(name: str) -> None:
 def register(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
     _remember(backend.name)
+    _VERSION[0] += 1
     return backend
 
 
-def register_lazy(name: str, module: str) -> None:
-    """Backends with heavy imports (triton, the CUDA extension) load on first use."""
+def register_lazy(name: str, module: str, env: Tuple[str, ...] = ()) -> None:
+    """Backends with heavy imports (triton, the CUDA extension) load on first use.
+    ``env``: environment variables its ``reasons`` read (see :func:`env_token`)."""
     _LAZY[name] = module
     _remember(name)
+    _ENV_VARS.extend(v for v in env if v not in _ENV_VARS)
+    _VERSION[0] += 1
+
+
+def env_token() -> tuple:
+    """Everything outside a problem that the backends' verdicts depend on: the
+    deterministic-algorithms switch, the registry, and the environment variables that
+    backends declared.  The op's per-layout plan cache (ops/attention.py) keys on it, so
+    a change re-runs validation and backend selection."""
+    return (torch.are_deterministic_algorithms_enabled(), _VERSION[0],
+            tuple(map(os.environ.get, _ENV_VARS)))
 
 
 def backend_names() -> Tuple[str, ...]:
@@ -378,5 +394,5 @@ class TorchBackend(Backend):
 
 register(ReferenceBackend())
 register(TorchBackend())
-register_lazy("triton", "avstfp_fast.ops.triton_backend")
+register_lazy("triton", "avstfp_fast.ops.triton_backend", env=("TRITON_INTERPRET",))
 register_lazy("cuda", "avstfp_fast.ops.cuda_backend")

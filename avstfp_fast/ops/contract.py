@@ -35,6 +35,10 @@ class AttnProblem:
     q_segments: Tuple[int, ...]          # lengths of the query pieces (one piece when no segments)
     k_segments: Tuple[int, ...]          # lengths of the key pieces
     scale: float
+    #: hashable token of everything but the data pointers (shapes, strides, dtypes, device,
+    #: segments, scale), set when the op's plan cache has validated this layout; backends
+    #: may key their own per-layout state on it (None: derive it from the tensors)
+    layout: Optional[tuple] = None
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -179,6 +183,18 @@ def make_problem(q, k, v, prompt_k=None, prompt_v=None, *, scale=None,
     return AttnProblem(q, k, v, tuple(pks), tuple(pvs), q_segs, k_segs, float(scale))
 
 
+def stride_order(shape, strides):
+    """The dims of a tensor of ``shape`` laid out like ``strides``, outermost first, as
+    :func:`empty_in_stride_order` allocates them (the last dim always innermost)."""
+    n = len(shape)
+
+    def key(i):
+        broadcast = shape[i] == 1 or strides[i] == 0
+        return (not broadcast, -strides[i], i)         # outermost first
+
+    return sorted(range(n - 1), key=key) + ([n - 1] if n else [])
+
+
 def empty_in_stride_order(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """A fresh dense tensor of ``shape`` whose memory follows ``like``'s stride order.
 
@@ -189,13 +205,7 @@ def empty_in_stride_order(shape, like: torch.Tensor, dtype=None) -> torch.Tensor
     ``expand``-ed batch dim carries no order) are the outermost.
     """
     n = len(shape)
-    strides = like.stride()
-
-    def key(i):
-        broadcast = shape[i] == 1 or strides[i] == 0
-        return (not broadcast, -strides[i], i)         # outermost first
-
-    order = sorted(range(n - 1), key=key) + ([n - 1] if n else [])
+    order = stride_order(shape, like.stride())
     t = torch.empty([shape[i] for i in order], dtype=dtype or like.dtype, device=like.device)
     inv = [0] * n
     for pos, i in enumerate(order):
@@ -216,15 +226,32 @@ def check_kernel_writes(backend: str, **buffers: Optional[torch.Tensor]) -> None
     for name, t in buffers.items():
         if t is None or t.numel() == 0 or t.is_contiguous():    # the common case, cheap
             continue
-        sizes, strides = tuple(t.shape), t.stride()
-        if sizes[-1] > 1 and strides[-1] != 1:
-            raise ValueError(f"{name}: the {backend} backend writes it with a dense last dim "
-                             f"(stride 1), got strides {strides} for shape {sizes}")
-        extent = 1              # memory span of the dims already visited (inner ones)
-        for size, stride in sorted((d for d in zip(sizes, strides) if d[0] > 1),
-                                   key=lambda d: d[1]):
-            if stride < extent:
-                raise ValueError(f"{name}: the {backend} backend writes every element once, "
-                                 f"but strides {strides} for shape {sizes} make elements "
-                                 f"share memory (e.g. an expand()-ed dim)")
-            extent += (size - 1) * stride
+        sizes, strides = t.shape, t.stride()
+        if torch.compiler.is_compiling():                      # traced: no cache state
+            _check_writable(backend, name, tuple(sizes), strides)
+            continue
+        if (sizes, strides) in _WRITABLE:                       # checked before
+            continue
+        _check_writable(backend, name, tuple(sizes), strides)
+        if len(_WRITABLE) >= 1024:
+            _WRITABLE.clear()
+        _WRITABLE.add((sizes, strides))
+
+
+#: (shape, strides) of non-contiguous buffers that passed the check (the result depends
+#: on nothing else)
+_WRITABLE: set = set()
+
+
+def _check_writable(backend: str, name: str, sizes, strides) -> None:
+    if sizes[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{name}: the {backend} backend writes it with a dense last dim "
+                         f"(stride 1), got strides {strides} for shape {sizes}")
+    extent = 1              # memory span of the dims already visited (inner ones)
+    for size, stride in sorted((d for d in zip(sizes, strides) if d[0] > 1),
+                               key=lambda d: d[1]):
+        if stride < extent:
+            raise ValueError(f"{name}: the {backend} backend writes every element once, "
+                             f"but strides {strides} for shape {sizes} make elements "
+                             f"share memory (e.g. an expand()-ed dim)")
+        extent += (size - 1) * stride

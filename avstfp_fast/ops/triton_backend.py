@@ -64,6 +64,7 @@ import torch
 
 from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
+from .launch_cache import launch
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
 
 MAX_SEGMENTS = 4
@@ -252,6 +253,7 @@ class _Plan:
                           WHILE=interpreting(), num_warps=t.num_warps,
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
                   f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}",
@@ -278,8 +280,11 @@ def _ptrs(ts, dummy):
     return tuple(dummy if t is None else t for t in ts)
 
 
-def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
-    key = ("f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, layout=None):
+    # layout: the op's validated layout token (AttnProblem.layout), which fixes every
+    # input's shape and strides; else they are read off the tensors
+    key = ("f", layout, out.stride()) if layout is not None else (
+           "f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
            v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
            tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments), scale)
     pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale)
@@ -288,10 +293,10 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
         return lse
     t = pl.t
     sq, sk, sv, so = pl.st
-    _kernels().prompted_attn_fwd[pl.grid(pl.nqb)](
+    launch(_kernels().prompted_attn_fwd, pl.grid(pl.nqb), (
         q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
-        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale,
-        SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale),
+        lambda: dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
     return lse
 
 
@@ -302,12 +307,14 @@ def _finish_grad(buf, pk, pv, deterministic):
 
 
 def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, dout,
-                   dq, dk, dv, deterministic):
+                   dq, dk, dv, deterministic, layout=None):
     K = _kernels()
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
-    key = ("b", det, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+    key = ("b", det, layout, out.stride(), dout.stride(), dq.stride(), dk.stride(),
+           dv.stride()) if layout is not None else (
+           "b", det, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
            v.stride(), k.shape[-2], out.stride(), dout.stride(), dq.stride(), dk.stride(),
            dv.stride(), tuple(map(_layout_key, pks)), tuple(map(_layout_key, pvs)),
            tuple(q_segments), tuple(k_segments), scale)
@@ -324,27 +331,28 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
     if pl.Bt > 0 and pl.nqb > 0:
         if det:
-            K.prompted_attn_bwd_dq[pl.grid(pl.nqb)](
+            launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
                 q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
                 tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr), tuple(pl.gm),
-                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale,
-                SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale),
+                lambda: dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
             if pl.nkb > 0:
-                K.prompted_attn_bwd_dkdv[pl.grid(pl.nkb)](
+                launch(K.prompted_attn_bwd_dkdv, pl.grid(pl.nkb), (
                     q, k, v, dout, dk, dv, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.NQ,
-                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale, SLOT_N=t.slot_n,
-                    **pl.bwd_const)
+                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale),
+                    lambda: dict(SLOT_N=t.slot_n, **pl.bwd_const), pl.launchers)
         else:
             dqa = torch.zeros((pl.Bt, pl.Lq, pl.E), dtype=torch.float32, device=dev)
-            K.prompted_attn_bwd_pre[pl.grid(pl.nqb)](
-                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq, **pl.const)
+            launch(K.prompted_attn_bwd_pre, pl.grid(pl.nqb), (
+                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq), lambda: pl.const,
+                pl.launchers)
             nb = pl.nkb + pl.npb
-            K.prompted_attn_bwd[pl.grid(nb)](
+            launch(K.prompted_attn_bwd, pl.grid(nb), (
                 q, k, v, dout, dk, dv, dqa, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.sdqa,
                 PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
                 tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
-                pl.scale, SLOT_N=t.slot_n, SLOT_P=t.slot_p,
-                **dict(pl.bwd_const, SLOT_M=t.bwd_slot_m))
+                pl.scale), lambda: dict(pl.bwd_const, SLOT_M=t.bwd_slot_m, SLOT_N=t.slot_n,
+                                        SLOT_P=t.slot_p), pl.launchers)
             dq.copy_(dqa.view(q.shape))
     elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
         dk.zero_()
@@ -439,16 +447,23 @@ class TritonBackend(KernelBackend):
 
     def forward(self, p: AttnProblem, out: torch.Tensor) -> torch.Tensor:
         self.check_writes(out=out)
-        op = _forward_impl if _eager(p.q) else torch.ops.avstfp_triton.attn_fwd
-        return op(p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
-                  list(p.k_segments), p.scale, out)
+        if _eager(p.q):
+            return _forward_impl(p.q, p.k, p.v, p.prompt_k, p.prompt_v, p.q_segments,
+                                 p.k_segments, p.scale, out, p.layout)
+        return torch.ops.avstfp_triton.attn_fwd(
+            p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+            list(p.k_segments), p.scale, out)
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         self.check_writes(dq=dq, dk=dk, dv=dv)
-        op = _backward_impl if _eager(p.q) else torch.ops.avstfp_triton.attn_bwd
-        grads = op(
-            p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
-            list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
+        if _eager(p.q):
+            grads = _backward_impl(p.q, p.k, p.v, p.prompt_k, p.prompt_v, p.q_segments,
+                                   p.k_segments, p.scale, out, lse, dout, dq, dk, dv,
+                                   bool(deterministic), p.layout)
+        else:
+            grads = torch.ops.avstfp_triton.attn_bwd(
+                p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+                list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
         S = len(p.prompt_k)
         dpk = tuple(grads[s] if p.prompt_k[s] is not None else None for s in range(S))
         dpv = tuple(grads[MAX_SEGMENTS + s] if p.prompt_k[s] is not None else None

@@ -30,6 +30,7 @@ import os
 import sys
 
 from ..ops.backends import backend_choices
+from ..train.config import COMPILE_MODES, check_compile_mode
 
 __all__ = ["main", "build_parser"]
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--amp", action=argparse.BooleanOptionalAction, default=True,
       help="bf16 autocast on GPU (default on)")
     a("--compile", action="store_true", help="wrap the model in torch.compile")
+    a("--compile-mode", choices=COMPILE_MODES, default=None,
+      help="torch.compile mode, implies --compile; reduce-overhead captures CUDA graphs "
+           "(GPU only)")
     a("--top-k", type=int, default=5, help="AVAR: classes to report (default 5)")
     a("--top-classes", type=int, default=5, help="classes in the timeline heat map")
     a("--threads", type=int, default=None, help="torch CPU threads")
@@ -168,6 +172,7 @@ def run(args) -> int:
         # device and backend: one-line errors before the model file is even read
         device = str(resolve_device(args.device))
         check_backend_on_device(args.backend, torch.device(device))
+        check_compile_mode(args.compile_mode, device)
         if _is_avqa_model(args.model):
             from .avqa import answer_questions
             return answer_questions(args, device)
@@ -210,7 +215,7 @@ def run(args) -> int:
                               top=args.top_classes)
 
         pred = Predictor(lm, batch_size=args.batch_size, device=device, amp=args.amp,
-                         compile=args.compile, num_workers=args.num_workers,
+                         compile=args.compile_mode or args.compile, num_workers=args.num_workers,
                          top_k=args.top_k, progress=args.progress,
                          short_media=args.short_media)
         stats = pred.run(items, on_result, metrics=metrics)

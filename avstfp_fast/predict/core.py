@@ -214,7 +214,8 @@ class Predictor:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.top_k, self.progress = top_k, progress
         self.amp = amp and self.device.type == "cuda"
-        fwd = torch.compile(lm.model) if compile else lm.model
+        fwd = (torch.compile(lm.model, mode=compile if isinstance(compile, str) else None)
+               if compile else lm.model)          # compile: True, or a torch.compile mode
         self.forward = _Recorder(fwd)
 
     def _autocast(self):

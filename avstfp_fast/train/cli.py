@@ -26,7 +26,7 @@ import logging
 import sys
 
 from ..ops.backends import backend_choices
-from .config import MODEL_OPTIONS, TrainConfig, task_defaults, task_names
+from .config import COMPILE_MODES, MODEL_OPTIONS, TrainConfig, task_defaults, task_names
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--beta-init", dest="beta_init", type=float, default=S,
                    help="initial value of the learnable gates")
     m.add_argument("--compile", action=B, default=S, help="wrap the model in torch.compile")
+    m.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES, default=S,
+                   help="torch.compile mode, implies --compile; reduce-overhead captures "
+                        "CUDA graphs (GPU only)")
     dd = p.add_argument_group("data")
     dd.add_argument("--num-workers", dest="num_workers", type=int, default=S,
                     help="decoding processes per training process (default: 4, at most "

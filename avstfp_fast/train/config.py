@@ -29,6 +29,24 @@ def default_model_config(**kw) -> AVSTFPConfig:
     return AVSTFPConfig(**{"task": None, **kw})
 
 
+#: ``torch.compile`` modes (``--compile-mode``); the CUDA-graph ones need a CUDA device.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: Optional[str], device) -> None:
+    """ValueError unless ``mode`` is None or a ``torch.compile`` mode that runs on
+    ``device`` (CUDA graphs -- reduce-overhead, max-autotune -- need a CUDA device)."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {mode!r}")
+    dev = str(device)
+    if mode in CUDA_GRAPH_MODES and not dev.startswith("cuda"):
+        raise ValueError(f"compile_mode: {mode!r} captures CUDA graphs and needs a CUDA "
+                         f"device, got device {dev!r}")
+
+
 # Model fields settable from the trainer (the head's task/num_classes come from the data).
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(AVSTFPConfig)
                       if f.name not in ("task", "num_classes", "extra"))
@@ -60,6 +78,8 @@ class TrainConfig:
     amp: bool = True                      # bf16 autocast on GPU
     seed: int = 0
     compile: bool = False
+    compile_mode: Optional[str] = None    # torch.compile mode; implies compile (GPU modes:
+                                          # reduce-overhead = CUDA graphs)
     # data
     segments: int = 10
     clip_seconds: float = 10.0
@@ -100,6 +120,9 @@ class TrainConfig:
         if self.task not in tasks:
             raise ValueError(f"task: expected one of {tasks}, got {self.task!r}")
         check_backend_name(self.backend)
+        if self.compile_mode is not None:
+            check_compile_mode(self.compile_mode, "cuda")      # the device is checked at run
+            self.compile = True
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer: expected 'adam' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ck
 from . import ddp
-from .config import TrainConfig
+from .config import TrainConfig, check_compile_mode
 from .data import ResumableDistributedSampler, ShardSampler
 from .metrics import dump_json, dumps_json, format_table
 from .preflight import preflight
@@ -526,7 +526,8 @@ class Trainer:
             print(self.model.parameter_summary(print_it=False), file=sys.stderr, flush=True)
         self.fwd_model = ddp.wrap(self.model, self.device, cfg.find_unused_parameters)
         if cfg.compile:
-            self.fwd_model = torch.compile(self.fwd_model)
+            check_compile_mode(cfg.compile_mode, self.device)
+            self.fwd_model = torch.compile(self.fwd_model, mode=cfg.compile_mode)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         loader = self._loader(train_ds, sampler)
         state.epoch = state.step // self.steps_per_epoch

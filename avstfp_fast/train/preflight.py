@@ -98,6 +98,9 @@ def preflight(cfg) -> torch.device:
     device."""
     device = resolve_device(cfg.device)
     check_backend_on_device(cfg.backend, device)
+    if cfg.compile_mode is not None:
+        from .config import check_compile_mode
+        check_compile_mode(cfg.compile_mode, device)
     if cfg.resume:
         from .checkpoint import load_checkpoint
         load_checkpoint(cfg.resume)          # exists and is a training checkpoint

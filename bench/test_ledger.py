@@ -1,0 +1,82 @@
+"""The byte and launch ledger (bench/ledger.py): its accounting on a toy op sequence, its
+bounds, and one real stage run (in a subprocess: the ledger needs compiled, not
+interpreted, Triton kernels)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ledger
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_span_counts_broadcast_dims_once():
+    t = torch.empty(4, 1, 8, dtype=torch.bfloat16).expand(4, 6, 8)
+    assert ledger._span(t) == 4 * 8 * 2
+    assert ledger._span(torch.empty(0, 3)) == 0
+
+
+def test_recorder_charges_data_moving_ops_only():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    led = ledger.Ledger()
+    ref = [led]
+    with FakeTensorMode():
+        x = torch.empty(64, 32, device="cuda", dtype=torch.float32)
+        led.register(x)
+        with ledger._recorder(ref):
+            a = torch.zeros(64, 32, device="cuda")                 # fill: written only
+            a.copy_(x)                                               # read x, write a
+            b = x.to(torch.bfloat16)                                 # cast: read + write
+            v = x.view(32, 64).t()                                   # views: nothing
+            s = x.sum(0)                                             # reduction
+            e = torch.empty(8, device="cuda")                        # allocation: nothing
+    names = [(i.name, i.read, i.written) for i in led.items]
+    n = 64 * 32 * 4
+    assert names == [("aten.zeros", 0, n), ("aten.copy_", n, n), ("aten._to_copy", n, n // 2),
+                     ("aten.sum", n, 32 * 4)], names
+    assert all(i.launches == 1 for i in led.items)
+    del a, b, v, s, e
+
+
+def test_scratch_is_what_dies_inside_the_call():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    led = ledger.Ledger()
+    with FakeTensorMode():
+        with ledger._recorder([led]):
+            keep = torch.empty(10, device="cuda")
+            tmp = torch.empty(100, device="cuda")
+        item = ledger.Item("kernel", "k", 1)
+        led.touch(item, [keep, tmp])
+        del tmp
+        led.finish()
+    assert item.scratch == 2 * 100 * 4            # one read + one write of the dead buffer
+    del keep
+
+
+def _row(direction, launches, aux, syncs=0):
+    items = [ledger.Item("kernel", "k", launches)]
+    items += [ledger.Item("torch", "aten.zeros", 0, 0, aux)] if aux else []
+    items += [ledger.Item("sync", "aten._local_scalar_dense", 0)] * syncs
+    return ledger.Row("B16", "spatial", direction, "triton", 1000.0, items)
+
+
+@pytest.mark.parametrize("direction,launches,aux,syncs,bad", [
+    ("fwd", 1, 50, 0, 0), ("fwd", 1, 51, 0, 1), ("fwd", 2, 0, 0, 1),
+    ("bwd", 2, 100, 0, 0), ("bwd", 2, 101, 0, 1), ("bwd", 3, 0, 0, 1), ("bwd", 1, 0, 1, 1)])
+def test_bounds(direction, launches, aux, syncs, bad):
+    assert len(_row(direction, launches, aux, syncs).failures()) == bad
+
+
+def test_ledger_runs_a_stage_in_report_mode():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "ledger.py"), "--models", "B16",
+                        "--stages", "temporal"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| triton | temporal | B16 | fwd | 1 (1 + 0) |" in r.stdout
+    assert "| triton | temporal | B16 | bwd |" in r.stdout

@@ -1,0 +1,144 @@
+"""The op's per-layout plan cache (ops/attention.py): a repeated layout skips validation
+and backend selection; any change to what validation reads validates again, with the
+same errors as a first call; results stay those of the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avstfp_fast.ops import attention as A
+from avstfp_fast.ops import prompted_attention, prompted_attention_qkv
+from avstfp_fast.ops.backends import get_backend
+from avstfp_fast.ops.contract import make_problem
+from avstfp_fast.testing import assert_close
+
+
+def _kernel_backend():
+    """A kernel backend that runs here (triton under TRITON_INTERPRET=1), else skip."""
+    q = torch.randn(1, 4, 32)
+    try:
+        b = get_backend("triton")
+    except (ImportError, ValueError) as e:
+        pytest.skip(f"triton unavailable: {e}")
+    if b.why_not(make_problem(q, q, q)) is not None:
+        pytest.skip(f"triton cannot run here: {b.why_not(make_problem(q, q, q))}")
+    return "triton"
+
+
+@pytest.fixture
+def validations(monkeypatch):
+    """Counts make_problem calls made by the public op."""
+    A._PLANS.clear()
+    n = [0]
+    real = A.make_problem
+
+    def counting(*a, **k):
+        n[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(A, "make_problem", counting)
+    yield n
+    A._PLANS.clear()
+
+
+def _qkv(B=2, L=6, H=2, d=32, dtype=torch.float32):
+    return torch.randn(B, L, 3, H, d, dtype=dtype, requires_grad=True)
+
+
+def _ref(qkv, pk, pv):
+    q, k, v = (qkv.select(2, i).movedim(1, -2) for i in range(3))
+    return prompted_attention(q, k, v, pk, pv, backend="reference")
+
+
+def test_repeated_layout_is_validated_once_and_stays_exact(validations):
+    be = _kernel_backend()
+    for i in range(3):                      # fresh data, same layout
+        qkv = _qkv()
+        pk, pv = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+        out = prompted_attention_qkv(qkv, pk, pv, qkv_dim=2, seq_dim=1, backend=be)
+        assert_close(out, _ref(qkv, pk, pv), torch.float32, f"call {i}")
+        g = torch.randn_like(out)
+        (dqkv,) = torch.autograd.grad(out, qkv, g)
+        qkv2 = qkv.detach().requires_grad_()
+        (ref,) = torch.autograd.grad(_ref(qkv2, pk, pv), qkv2, g)
+        assert_close(dqkv, ref, torch.float32, f"dqkv call {i}")
+    assert validations[0] == 1 + 6           # + the reference calls (never cached)
+
+
+def test_unpacked_call_is_cached_too(validations):
+    be = _kernel_backend()
+    for _ in range(2):
+        q, k, v = (torch.randn(2, 5, 32) for _ in range(3))
+        pk = torch.randn(1, 2, 32).expand(2, 2, 32)          # stride-0 prompts
+        out = prompted_attention(q, k, v, pk, pk, backend=be)
+        assert_close(out, prompted_attention(q, k, v, pk, pk, backend="reference"),
+                     torch.float32)
+    assert validations[0] == 1 + 2           # + the reference calls (never cached)
+
+
+def _error(fn):
+    with pytest.raises((ValueError, TypeError)) as e:
+        fn()
+    return type(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("change", ["qkv stride", "prompt dtype", "prompt shape",
+                                    "head dim", "segments", "scale type", "backend"])
+def test_a_changed_layout_validates_again_with_the_same_error(validations, change):
+    be = _kernel_backend()
+    qkv = _qkv(L=6)
+    pk, pv = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    kw = dict(qkv_dim=2, seq_dim=1, backend=be)
+    prompted_attention_qkv(qkv, pk, pv, **kw)                 # cache the good layout
+    bad = dict(qkv=qkv, pk=pk, pv=pv, kw=dict(kw))
+    if change == "qkv stride":
+        bad["qkv"] = torch.randn(6, 2, 3, 2, 32).transpose(0, 1)     # same shape, strided
+    elif change == "prompt dtype":
+        bad["pk"] = pk.double()
+    elif change == "prompt shape":
+        bad["pv"] = torch.randn(2, 4, 32)
+    elif change == "head dim":
+        bad["pk"], bad["pv"] = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    elif change == "segments":
+        bad["kw"]["segments"] = (2, 3)
+        bad["pk"], bad["pv"] = [pk, pk], [pv, pv]
+    elif change == "scale type":
+        bad["kw"]["scale"] = "0.1"
+    elif change == "backend":
+        bad["kw"]["backend"] = "nope"
+
+    def call():
+        return prompted_attention_qkv(bad["qkv"], bad["pk"], bad["pv"], **bad["kw"])
+    cached = _error(call)
+    A._PLANS.clear()
+    assert cached == _error(call)              # exactly what an uncached call raises
+
+
+def test_deterministic_switch_and_environment_are_part_of_the_key(validations, monkeypatch):
+    be = _kernel_backend()
+    qkv = _qkv()
+    prompted_attention_qkv(qkv, qkv_dim=2, seq_dim=1, backend=be)
+    prompted_attention_qkv(qkv, qkv_dim=2, seq_dim=1, backend=be)
+    assert validations[0] == 1
+    try:
+        torch.use_deterministic_algorithms(True)
+        prompted_attention_qkv(qkv, qkv_dim=2, seq_dim=1, backend=be)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert validations[0] == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0")      # the triton backend's verdict changes
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        prompted_attention_qkv(qkv, qkv_dim=2, seq_dim=1, backend=be)
+
+
+def test_autocast_and_generators_take_the_full_path(validations):
+    be = _kernel_backend()
+    qkv = _qkv()
+    prompted_attention_qkv(qkv, qkv_dim=2, seq_dim=1, backend=be)
+    with torch.autocast("cpu", dtype=torch.float16):
+        prompted_attention_qkv(qkv.detach().half(), qkv_dim=2, seq_dim=1, backend=be)
+        prompted_attention_qkv(qkv.detach().half(), qkv_dim=2, seq_dim=1, backend=be)
+    assert validations[0] == 3
+    q = torch.randn(1, 6, 32)
+    out = prompted_attention(q, q, q, segments=(n for n in (2, 4)), backend=be)
+    ref = prompted_attention(q, q, q, segments=(2, 4), backend="reference")
+    assert_close(out, ref, torch.float32)
