@@ -11,6 +11,18 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # Triton fixes at import time whether its kernels are interpreted.  Import them once
+    # here, under this run's TRITON_INTERPRET, so that a test which flips the variable to
+    # see a backend refuse the CPU cannot be the first importer and leave the kernels
+    # half-set-up for the interpreter tests after it (the result would depend on order).
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import avstfp_fast.kernels.prompted_attention  # noqa: F401
+        except ImportError:                 # no triton: its tests skip through why_not
+            pass
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
