@@ -86,7 +86,12 @@ def _boff(b, BS, st):
 def _rows(grp, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
     # tile row r -> (sequence b, position pos, valid)
     r = tl.arange(0, G * SLOT)
-    b = grp * G + r // SLOT
+    if G == 1:
+        # one sequence: a uniform (splat) index, so that its batch offsets are computed
+        # once per program, not once per row held (they stay live across whole loops)
+        b = tl.full([SLOT], 0, tl.int32) + grp
+    else:
+        b = grp * G + r // SLOT
     pos = blk * SLOT + r % SLOT
     return b, pos, (b < BT) & (pos < n)
 
@@ -482,3 +487,219 @@ def prompted_attn_bwd_dkdv(
                            False)
         _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
         _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
+
+
+# ------------------------------------------------------- sequence-owning backward (short)
+@triton.jit
+def _load_kp(KP, kbo, sk, k0, PP, pbo, sp, j, nk, ok, D: tl.constexpr):
+    # rows j of a sequence's combined key source: token keys j < nk (at k0 + j), then its
+    # prompts (row j - nk); ok says j < nk + P (and the sequence exists)
+    # (one load through a per-row choice of pointer, not two loads and a select)
+    ptr = tl.where((j < nk)[:, None], _ptr(KP, kbo, k0 + j, sk, D),
+                   _ptr(PP, pbo, j - nk, sp, D))
+    return tl.load(ptr, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so, sdo, sdq,
+                K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s, cb, cj, k0, nk,
+                nkp, q0, nq, BT, LQ, qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+                SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                WHILE: tl.constexpr, ST1: tl.constexpr):
+    # one query tile m0 of the program's sequences: delta = rowsum(do o) (kept in DELTA
+    # for the key pass), dq over the combined key tiles (S, dP, dQ), written once in the
+    # caller's dtype and layout
+    q_ok = (qb < BT) & (m0 + qi < nq)
+    pos = q0 + m0 + qi
+    q = _load(Q, qbo, pos, sq, q_ok, D)
+    do = _load(DO, dbo, pos, sdo, q_ok, D)
+    o = _load(O, obo, pos, so, q_ok, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row = qb.to(tl.int64) * LQ + pos
+    tl.store(DELTA + row, delta, mask=q_ok)
+    lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
+    dq = tl.zeros([G * SLOT_M, D], tl.float32)
+    if WHILE:
+        n0 = 0
+        while n0 < nkp:
+            dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
+                              PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
+                              qk_scale, G, SLOT_N, D, PREC, True)
+            n0 += SLOT_N
+    else:
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=ST1):
+            dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
+                              PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
+                              qk_scale, G, SLOT_N, D, PREC, True)
+    _store(DQ, dqo, pos, sdq, q_ok, dq * scale, D)
+
+
+@triton.jit
+def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo,
+                 spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT, qk_scale, G: tl.constexpr,
+                 SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                 FOLD: tl.constexpr):
+    # keys n0 + cj of the combined source (FOLD: the tile may hold prompts; else token
+    # keys only, a plain load the pipeliner turns into cp.async)
+    j = n0 + cj
+    ok = (cb < BT) & (j < nkp)
+    if FOLD:
+        k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
+        v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
+    else:
+        k = _load(K, kbo, k0 + j, sk, ok, D)
+        v = _load(V, vbo, k0 + j, sv, ok, D)
+    valid = q_ok[:, None] & _cols_ok(ok, n0, nkp, G, SLOT)[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
+    return dq + _bdot(ds.to(k.dtype), k, G, False, False, PREC)
+
+
+@triton.jit
+def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, PKs,
+                 PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+                 qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+                 SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                 WHILE: tl.constexpr, HAS_P: tl.constexpr, FOLD: tl.constexpr):
+    # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
+    # token rows go to DK/DV, prompt rows to this sequence's fp32 partial in GR
+    BT = BS[3]
+    kb, kj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    j = n0 + kj
+    k_ok = (kb < BT) & (j < nkp)
+    kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
+    if FOLD:
+        k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+        v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
+    else:
+        k = _load(K, kbo, k0 + j, sk, k_ok, D)
+        v = _load(V, vbo, k0 + j, sv, k_ok, D)
+    dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0, nq, LQ,
+                       qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE, False)
+    tok = k_ok & (j < nk)
+    _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
+    _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+    if HAS_P and FOLD:
+        prm = k_ok & (j >= nk)
+        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
+        tl.store(gptr, dk * scale, mask=prm[:, None])
+        tl.store(gptr + gkv, dv, mask=prm[:, None])
+
+
+@triton.jit
+def prompted_attn_bwd_seq(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
+    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale,
+    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
+    D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
+    WHILE: tl.constexpr, OUTER_STAGES: tl.constexpr = 1, ST1: tl.constexpr = 2,
+    PHASES: tl.constexpr = 3, ONE: tl.constexpr = False,
+):
+    # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
+    # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
+    # no other program touches its sequences' dq, dk, dv: nothing is accumulated in global
+    # memory and nothing needs zeroing.  Keys are walked as one combined source, the
+    # segment's token keys and then its prompts (a sequence's prompts share its last key
+    # tile where they fit: 10 keys + 2 prompts are one 16-slot tile):
+    #   pass 1, query-outer: per query tile, delta = rowsum(do o) and dq over all key
+    #     tiles (S, dP, dQ), written once in the input dtype and the caller's layout;
+    #   pass 2, key-outer: per key tile, dk, dv over all query tiles (S, dP, dV, dK),
+    #     reading the deltas pass 1 left in DELTA (same program, after a barrier); token
+    #     rows are written to dk, dv, prompt rows (their dk, dv: the prompt gradients of
+    #     this sequence) once to the sequence's fp32 partial GR[b] (no atomics; the batch
+    #     reduction is a second, deterministic step).
+    # 7 products per tile pair (S and dP twice) and no atomics: bit-exact, so the
+    # deterministic mode uses it as well.
+    pid = tl.program_id(0)
+    seg, grp = pid % NSEG, pid // NSEG
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    nkp = nk + _sel(NP, seg, NSEG)
+    spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
+        _sel_st(sgr, seg, NSEG)
+    PKs, PVs, GRs, gkv = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG), \
+        _sel(GKV, seg, NSEG)
+    if ONE:
+        # every sequence is one query tile and one key tile (packed short sequences, e.g.
+        # 10 queries, 10 keys + 2 prompts in 16 slots): S and dP once, 5 products
+        _seq_one(grp, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq, sk,
+                 sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+                 qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P)
+        return
+    # pass 1: dq, query tile by query tile
+    qb, qi, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
+    qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
+        _boff(qb, BS, sdq)
+    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    if PHASES % 2 == 0:
+        pass
+    elif WHILE:
+        m0 = 0
+        while m0 < nq:
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+            m0 += SLOT_M
+    else:
+        for m0 in tl.range(0, nq, SLOT_M, num_stages=OUTER_STAGES):
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+    # the deltas stored above are read back below by other threads of this program
+    tl.debug_barrier()
+    # pass 2: dk, dv (and the prompts' partials), key tile by key tile
+    if PHASES < 2:
+        pass
+    elif WHILE:
+        n0 = 0
+        while n0 < nkp:
+            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P, True)
+            n0 += SLOT_N
+    else:
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=OUTER_STAGES):
+            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P, True)
+
+
+@triton.jit
+def _seq_one(grp, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq, sk, sv,
+             sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale,
+             G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
+             PREC: tl.constexpr, HAS_P: tl.constexpr):
+    BT = BS[3]
+    qb, qi, q_ok = _rows(grp, 0, BT, nq, G, SLOT_M)
+    pos = q0 + qi
+    q = _load(Q, _boff(qb, BS, sq), pos, sq, q_ok, D)
+    do = _load(DO, _boff(qb, BS, sdo), pos, sdo, q_ok, D)
+    o = _load(O, _boff(qb, BS, so), pos, so, q_ok, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse2 = tl.load(LSE + qb.to(tl.int64) * LQ + pos, mask=q_ok, other=0.0) * 1.4426950408889634
+    kb, j, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    k_ok = (kb < BT) & (j < nkp)
+    kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
+    pko, pvo = _boff(kb, BS, spk_s), _boff(kb, BS, spv_s)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
+    valid = q_ok[:, None] & _cols_ok(k_ok, 0, nkp, G, SLOT_N)[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
+    dq = _bdot(ds.to(k.dtype), k, G, False, False, PREC)
+    _store(DQ, _boff(qb, BS, sdq), pos, sdq, q_ok, dq * scale, D)
+    tok = k_ok & (j < nk)
+    dv = _bdot(p.to(do.dtype), do, G, True, False, PREC)
+    _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+    dk = _bdot(ds.to(q.dtype), q, G, True, False, PREC) * scale
+    _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk, D)
+    if HAS_P:
+        prm = k_ok & (j >= nk)
+        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
+        tl.store(gptr, dk, mask=prm[:, None])
+        tl.store(gptr + gkv, dv, mask=prm[:, None])

@@ -67,6 +67,11 @@ from .contract import AttnProblem
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
 
 MAX_SEGMENTS = 4
+#: The sequence-owning backward's bounds (see :class:`_Tiles`): rows of a sequence
+#: (queries, and keys + prompts) and bytes one program re-reads from L2 (2 x rows x d x
+#: element size: bf16 d 64 allows 768 rows, d 128 384; fp32 d 128 192).
+SEQ_MAX_ROWS = 384
+SEQ_MAX_BYTES = 192 * 1024
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -137,6 +142,9 @@ class _Tiles:
         clamp = lambda n, lo=lo: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
         self.slot_n = clamp(max_k)
         self.slot_p = clamp(max_p, 16)
+        # key tile of the sequence-owning backward, which walks a sequence's keys and then
+        # its prompts as one source (the prompts share the last key tile where they fit)
+        self.slot_kp = clamp(max_k + max_p)
         self.num_warps = 8 if head_dim >= 128 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
@@ -152,11 +160,32 @@ class _Tiles:
         # and no spills.  Its dq product then has 32 rows (mma.sync; the other four
         # products keep 64 key rows and stay on wgmma).
         self.bwd_slot_m = 32 if self.g == 1 else self.slot_m
+        # Backward path.  "seq" (the sequence-owning backward, one program per sequence
+        # group and segment, one launch, no dq accumulator) when a sequence is short:
+        # at most SEQ_MAX_ROWS queries and keys + prompts (6 tiles of 64: every AV-STFP
+        # stage, ViT-L/14 fusion's 321 + 2 included), and
+        # the rows one program re-reads while it walks the other side (its K, V and
+        # prompts in the query pass, its Q and dO in the key pass) within SEQ_MAX_BYTES,
+        # so that ~264 resident programs (2 per SM) re-read them from L2, not DRAM.
+        # Otherwise "fa2": the key-block-parallel fused backward (or, deterministic, the
+        # two-pass one), which spreads a long sequence over many programs.
+        # AVSTFP_TRITON_BWD=seq|fa2 forces a path (tests of the boundary).
+        elem = 4 if dtype == torch.float32 else 2
+        rows = max(max_q, max_k + max_p)
+        fits = rows <= SEQ_MAX_ROWS and 2 * rows * head_dim * elem <= SEQ_MAX_BYTES
+        force = os.environ.get("AVSTFP_TRITON_BWD", "auto")
+        if force in ("seq", "fa2"):
+            fits = force == "seq"
+        self.bwd = "seq" if fits else "fa2"
+        # "seq" on packed tiles whose sequences are one query tile and one key tile (the
+        # temporal stage: 10 queries, 10 keys + 2 prompts in 16 slots): a single step,
+        # S and dP computed once (5 products), nothing carried across loops
+        self.bwd_one = fits and self.kind == "packed" and max_k + max_p <= self.slot_kp
 
     def describe(self) -> str:
         return (f"{self.kind}: G={self.g} SLOT_M={self.slot_m} SLOT_N={self.slot_n} "
                 f"SLOT_P={self.slot_p} num_warps={self.num_warps} "
-                f"num_stages={self.num_stages} (backward: {self.bwd_stages} stages, "
+                f"num_stages={self.num_stages} (backward {self.bwd}: {self.bwd_stages} stages, "
                 f"{self.bwd_slot_m}-row query tiles)")
 
 
@@ -200,13 +229,19 @@ class _Plan:
         else:
             tens = [q, k, v, out, dout, dq, dk, dv]
         # per-segment prompt-gradient buffers: (2, *lead, P, E) fp32, broadcast like pk
+        # (fused backward: atomics); (2, *batch, P, E), one partial per sequence (the
+        # sequence-owning backward); (2, *batch, blocks, P, E) (two-pass)
+        self.seq = seq = dout is not None and t.bwd == "seq"
+        part = deterministic or seq
         self.gshape, gviews = [], []
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pk is None or self.P[s] == 0:
                 self.gshape.append(None)
                 continue
             P = self.P[s]
-            if deterministic:
+            if seq:
+                shp = (2, *batch, P, self.E)
+            elif deterministic:
                 nblk = cdiv(q_segments[s], t.slot_m)
                 shp = (2, *batch, nblk, P, self.E)
             else:
@@ -214,7 +249,7 @@ class _Plan:
                 shp = (2, *lead, P, self.E)
             self.gshape.append(shp)
             g = torch.empty(shp, dtype=torch.float32, device="meta")
-            gviews.append(g[0] if deterministic else g[0].expand(*batch, P, self.E))
+            gviews.append(g[0] if part else g[0].expand(*batch, P, self.E))
         bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews])
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
@@ -237,7 +272,7 @@ class _Plan:
             else:
                 g = torch.empty(self.gshape[s], dtype=torch.float32, device="meta")
                 self.sgr.append(tuple(st[j]) + (g.stride(-2),))
-                self.gm.append(g.stride(-3) if deterministic else 0)
+                self.gm.append(g.stride(-3) if deterministic and not seq else 0)
                 self.gkv.append(g.stride(0))
                 j += 1
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
@@ -295,8 +330,8 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
     return lse
 
 
-def _finish_grad(buf, pk, pv, deterministic):
-    g = buf.sum(-3) if deterministic else buf          # (2, *lead, P, E)
+def _finish_grad(buf, pk, pv, per_block):
+    g = buf.sum(-3) if per_block else buf              # (2, *lead or *batch, P, E)
     return (g[0].sum_to_size(pk.shape).to(pk.dtype, copy=True),
             g[1].sum_to_size(pv.shape).to(pv.dtype, copy=True))
 
@@ -307,7 +342,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
-    key = ("b", det, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+    key = ("b", det, os.environ.get("AVSTFP_TRITON_BWD", "auto"), q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
            v.stride(), k.shape[-2], out.stride(), dout.stride(), dq.stride(), dk.stride(),
            dv.stride(), tuple(map(_layout_key, pks)), tuple(map(_layout_key, pvs)),
            tuple(q_segments), tuple(k_segments), scale)
@@ -316,13 +351,23 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     t = pl.t
     dev = q.device
     bufs = [None if s is None or pl.Bt == 0 else
-            (torch.empty if det else torch.zeros)(s, dtype=torch.float32, device=dev)
+            (torch.empty if det or pl.seq else torch.zeros)(s, dtype=torch.float32,
+                                                             device=dev)
             for s in pl.gshape]
     grs = tuple(lse if b is None else b for b in bufs)
     delta = torch.empty_like(lse)
     sq, sk, sv, so, sdo, sdq, sdk, sdv = pl.st
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
-    if pl.Bt > 0 and pl.nqb > 0:
+    if pl.seq and pl.Bt > 0:
+        # one launch: dq, dk, dv written once each; per-sequence prompt partials
+        K.prompted_attn_bwd_seq[(pl.groups * pl.nseg,)](
+            q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
+            PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
+            tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale,
+            SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, ST1=t.bwd_stages,
+            ONE=t.bwd_one,
+            **pl.bwd_const)
+    elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             K.prompted_attn_bwd_dq[pl.grid(pl.nqb)](
                 q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
@@ -349,7 +394,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
         dk.zero_()
         dv.zero_()
-    if pl.Bt > 0 and pl.nqb == 0:
+    if pl.Bt > 0 and pl.nqb == 0 and not pl.seq:
         dq.zero_()
     grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
@@ -358,7 +403,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         if bufs[s] is None:
             grads[s], grads[MAX_SEGMENTS + s] = torch.zeros_like(pk), torch.zeros_like(pv)
         else:
-            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv, det)
+            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv,
+                                                              det and not pl.seq)
     return tuple(grads)
 
 
