@@ -250,7 +250,37 @@ class _Plan:
             self.gshape.append(shp)
             g = torch.empty(shp, dtype=torch.float32, device="meta")
             gviews.append(g[0] if part else g[0].expand(*batch, P, self.E))
-        bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews])
+        # sequence-owning backward: the prompt gradients (*lead, P, E), dense, in the
+        # prompt's dtype (fp32 where pk and pv broadcast differently: summed further on
+        # the host), written by the reduction kernel; their views over the batch keep
+        # apart the dims they are broadcast over when merging
+        self.pg_lead, self.pg_direct, oviews = [], [], []
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if not seq or self.gshape[s] is None:
+                self.pg_lead.append(None)
+                self.pg_direct.append(False)
+                continue
+            lead = tuple(torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2]))
+            self.pg_lead.append(lead)
+            self.pg_direct.append(tuple(pk.shape[:-2]) == lead == tuple(pv.shape[:-2]))
+            oviews.append(torch.empty((*lead, self.P[s], self.E), device="meta")
+                          .expand(*batch, self.P[s], self.E))
+        bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews
+                                          + oviews])
+        o = len(tens) + len(ex) + len(gviews)
+        self.pg_ks, self.pg_rs, self.pg_rows = [], [], 0
+        for s in range(len(pks)):
+            if self.pg_lead[s] is None:
+                self.pg_ks.append((0,) * 5)
+                self.pg_rs.append((0,) * 5)
+                continue
+            so = st[o]
+            o += 1
+            ks = tuple(n if x != 0 else 1 for n, x in zip(bs, so)) + (0,)
+            rs = tuple(n if x == 0 else 1 for n, x in zip(bs, so)) + (0,)
+            self.pg_ks.append(ks)
+            self.pg_rs.append(rs)
+            self.pg_rows = max(self.pg_rows, ks[0] * ks[1] * ks[2] * ks[3])
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
         self.st = [_st(st[i], x) for i, x in enumerate(tens)]
@@ -397,8 +427,35 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if pl.Bt > 0 and pl.nqb == 0 and not pl.seq:
         dq.zero_()
     grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
+    done = [False] * len(pks)
+    if pl.seq and pl.Bt > 0 and pl.pg_rows > 0:
+        # one more launch: the batch reduction of the per-sequence partials and the cast
+        # (into fp32 where a prompt gradient needs a further host reduction: pk and pv
+        # broadcast differently, or prompts of another dtype than q)
+        direct = all(pl.pg_direct[s] and pks[s].dtype == q.dtype and pvs[s].dtype == q.dtype
+                     for s in range(len(pks)) if pl.pg_lead[s] is not None)
+        odt = q.dtype if direct else torch.float32
+        outs = [None if ld is None else
+                tuple(torch.empty((*ld, pl.P[s], pl.E), dtype=odt, device=dev)
+                      for _ in range(2)) for s, ld in enumerate(pl.pg_lead)]
+        some = next(o for o in outs if o is not None)
+        outs = [some if o is None else o for o in outs]
+        K.prompted_attn_pgrad[(pl.pg_rows, pl.nseg)](
+            grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
+            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.BS,
+            tuple(n * pl.E for n in pl.P), PB=max(2, _p2(max(pl.P))), D=pl.E,
+            NSEG=pl.nseg, WHILE=interpreting(), num_warps=4)
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if pl.pg_lead[s] is None:
+                continue
+            gk, gv = outs[s]
+            if not direct:
+                gk = gk.sum_to_size(pk.shape).to(pk.dtype)
+                gv = gv.sum_to_size(pv.shape).to(pv.dtype)
+            grads[s], grads[MAX_SEGMENTS + s] = gk.view(pk.shape), gv.view(pv.shape)
+            done[s] = True
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
-        if pk is None:
+        if pk is None or done[s]:
             continue
         if bufs[s] is None:
             grads[s], grads[MAX_SEGMENTS + s] = torch.zeros_like(pk), torch.zeros_like(pv)
