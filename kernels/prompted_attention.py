@@ -524,31 +524,25 @@ def _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so
         while n0 < nkp:
             dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
                               PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
-                              qk_scale, G, SLOT_N, D, PREC, True)
+                              qk_scale, G, SLOT_N, D, PREC)
             n0 += SLOT_N
     else:
         for n0 in tl.range(0, nkp, SLOT_N, num_stages=ST1):
             dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
                               PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
-                              qk_scale, G, SLOT_N, D, PREC, True)
+                              qk_scale, G, SLOT_N, D, PREC)
     _store(DQ, dqo, pos, sdq, q_ok, dq * scale, D)
 
 
 @triton.jit
 def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo,
                  spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT, qk_scale, G: tl.constexpr,
-                 SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                 FOLD: tl.constexpr):
-    # keys n0 + cj of the combined source (FOLD: the tile may hold prompts; else token
-    # keys only, a plain load the pipeliner turns into cp.async)
+                 SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    # keys n0 + cj of the combined source (token keys, then prompts)
     j = n0 + cj
     ok = (cb < BT) & (j < nkp)
-    if FOLD:
-        k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
-        v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
-    else:
-        k = _load(K, kbo, k0 + j, sk, ok, D)
-        v = _load(V, vbo, k0 + j, sv, ok, D)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
     valid = q_ok[:, None] & _cols_ok(ok, n0, nkp, G, SLOT)[None, :]
     p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
     return dq + _bdot(ds.to(k.dtype), k, G, False, False, PREC)
@@ -559,7 +553,7 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
                  PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
                  qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
                  SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                 WHILE: tl.constexpr, HAS_P: tl.constexpr, FOLD: tl.constexpr):
+                 WHILE: tl.constexpr, HAS_P: tl.constexpr):
     # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
     # token rows go to DK/DV, prompt rows to this sequence's fp32 partial in GR
     BT = BS[3]
@@ -567,18 +561,14 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
     j = n0 + kj
     k_ok = (kb < BT) & (j < nkp)
     kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
-    if FOLD:
-        k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
-        v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
-    else:
-        k = _load(K, kbo, k0 + j, sk, k_ok, D)
-        v = _load(V, vbo, k0 + j, sv, k_ok, D)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
     dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0, nq, LQ,
                        qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE, False)
     tok = k_ok & (j < nk)
     _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
     _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
-    if HAS_P and FOLD:
+    if HAS_P:
         prm = k_ok & (j >= nk)
         gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
         tl.store(gptr, dk * scale, mask=prm[:, None])
@@ -591,8 +581,7 @@ def prompted_attn_bwd_seq(
     PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
-    WHILE: tl.constexpr, OUTER_STAGES: tl.constexpr = 1, ST1: tl.constexpr = 2,
-    PHASES: tl.constexpr = 3, ONE: tl.constexpr = False,
+    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr,
 ):
     # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
     # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
@@ -633,9 +622,7 @@ def prompted_attn_bwd_seq(
     cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
     kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
     pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
-    if PHASES % 2 == 0:
-        pass
-    elif WHILE:
+    if WHILE:
         m0 = 0
         while m0 < nq:
             _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
@@ -644,7 +631,7 @@ def prompted_attn_bwd_seq(
                         SLOT_N, D, PREC, WHILE, ST1)
             m0 += SLOT_M
     else:
-        for m0 in tl.range(0, nq, SLOT_M, num_stages=OUTER_STAGES):
+        for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
             _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
                         sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
                         cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
@@ -652,22 +639,20 @@ def prompted_attn_bwd_seq(
     # the deltas stored above are read back below by other threads of this program
     tl.debug_barrier()
     # pass 2: dk, dv (and the prompts' partials), key tile by key tile
-    if PHASES < 2:
-        pass
-    elif WHILE:
+    if WHILE:
         n0 = 0
         while n0 < nkp:
             _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
                          sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
                          k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P, True)
+                         WHILE, HAS_P)
             n0 += SLOT_N
     else:
-        for n0 in tl.range(0, nkp, SLOT_N, num_stages=OUTER_STAGES):
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
             _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
                          sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
                          k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P, True)
+                         WHILE, HAS_P)
 
 
 @triton.jit
