@@ -162,18 +162,20 @@ def _cols_ok(ok, j0, n, G: tl.constexpr, SLOT: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
-              qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
-              PREC: tl.constexpr):
-    # keys j0 + cj (< n) of source (KP, VP), first row at offset jo; score column c of a
-    # row is key j0 + c of the row's own sequence (per-sequence products, _bdot):
+def _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+              j0, k0, nk, nkp, cb, cj, BT, qk_scale, G: tl.constexpr, SLOT: tl.constexpr,
+              D: tl.constexpr, PREC: tl.constexpr):
+    # keys j0 + cj (< nk + P) of the combined source -- the segment's token keys, then its
+    # prompts, which share the last key tile where they fit; score column c of a row is
+    # key j0 + c of the row's own sequence (per-sequence products, _bdot):
     # s = q k^T (log2 units); m' = max(m, rowmax s); p = 2^(s - m'); a = 2^(m - m')
     # l' = a l + sum p ;  acc' = a acc + p v        (rows with no valid key yet keep m=-inf)
-    ok = (cb < BT) & (j0 + cj < n)
-    k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
-    v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
+    j = j0 + cj
+    ok = (cb < BT) & (j < nkp)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
     s = _bdot(q, k, G, False, True, PREC) * qk_scale
-    s = tl.where(_cols_ok(ok, j0, n, G, SLOT)[None, :], s, float("-inf"))
+    s = tl.where(_cols_ok(ok, j0, nkp, G, SLOT)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -184,61 +186,66 @@ def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
 
 
 @triton.jit
-def _fwd_source(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, jo, n, cb, cj, BT,
-                qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
-                PREC: tl.constexpr, WHILE: tl.constexpr):
-    # the online softmax over one key source of n rows, SLOT rows per sequence and step
-    if WHILE:
-        j0 = 0
-        while j0 < n:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
-            j0 += SLOT
-    else:
-        for j0 in range(0, n, SLOT):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
-    return acc, m_i, l_i
+def _seg_block(pid, NBS, NSEG: tl.constexpr):
+    # grid axis 0 = group * sum(NBS) + (block index within the group's segments): the
+    # segments' blocks are laid end to end, so no program is spent on a shorter segment
+    # (ViT-B/16 spatial: 1 + 4 query blocks per group instead of 2 x 4)
+    tot = NBS[0]
+    for s in tl.static_range(1, NSEG):
+        tot += NBS[s]
+    grp, r = pid // tot, pid % tot
+    seg = 0
+    start = 0
+    for s in tl.static_range(0, NSEG - 1):
+        start += NBS[s]
+        seg = tl.where(r >= start, s + 1, seg)
+    return grp, seg, r - _start(NBS, seg, NSEG)
 
 
 @triton.jit
 def prompted_attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so,
-    PK, PV, spk, spv, NP, NQ, NK, BS, NB, LQ, qk_scale,
-    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
+    PK, PV, spk, spv, NP, NQ, NK, NBS, BS, LQ, qk_scale,
+    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # o_i = sum_j softmax_j(scale q_i.k_j) v_j over j in [token keys of the segment; its
     # prompts];  lse_i = log sum_j exp(scale q_i.k_j)   (natural log)
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
+    # Grid axis 0 only: (group, segment, query block), see _seg_block.
+    grp, seg, blk = _seg_block(tl.program_id(0), NBS, NSEG)
     nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
     q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    nkp = nk + _sel(NP, seg, NSEG)
     BT = BS[3]
-    if blk * SLOT_M < nq:
-        qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
-        q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
-        m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([G * SLOT_M], tl.float32)
-        acc = tl.zeros([G * SLOT_M, D], tl.float32)
-        # 1) token keys/values of this segment
-        cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K, V, _boff(cb, BS, sk),
-                                    _boff(cb, BS, sv), sk, sv, k0, nk, cb, cj, BT,
-                                    qk_scale, G, SLOT_N, D, PREC, WHILE)
-        # 2) the segment's prompt keys/values (broadcast strides, often 0 over the batch)
-        spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
-        pb, pj, _ = _rows(grp, 0, BT, 0, G, SLOT_P)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, _sel(PK, seg, NSEG),
-                                    _sel(PV, seg, NSEG), _boff(pb, BS, spk_s),
-                                    _boff(pb, BS, spv_s), spk_s, spv_s, 0,
-                                    _sel(NP, seg, NSEG), pb, pj, BT, qk_scale, G, SLOT_P,
-                                    D, PREC, WHILE)
-        # 3) o = acc / l ;  lse = (m + log2 l) * ln 2
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        _store(O, _boff(qb, BS, so), q0 + qi, so, q_ok, acc / l_safe[:, None], D)
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-        tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
+    qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
+    q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
+    m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([G * SLOT_M], tl.float32)
+    acc = tl.zeros([G * SLOT_M, D], tl.float32)
+    # the segment's token keys/values, then its prompt keys/values (broadcast strides,
+    # often 0 over the batch), as one source
+    spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
+    PKs, PVs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG)
+    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    if WHILE:
+        j0 = 0
+        while j0 < nkp:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs,
+                                      pko, pvo, spk_s, spv_s, j0, k0, nk, nkp, cb, cj, BT,
+                                      qk_scale, G, SLOT_N, D, PREC)
+            j0 += SLOT_N
+    else:
+        for j0 in range(0, nkp, SLOT_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs,
+                                      pko, pvo, spk_s, spv_s, j0, k0, nk, nkp, cb, cj, BT,
+                                      qk_scale, G, SLOT_N, D, PREC)
+    # o = acc / l ;  lse = (m + log2 l) * ln 2
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store(O, _boff(qb, BS, so), q0 + qi, so, q_ok, acc / l_safe[:, None], D)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
 
 
 # --------------------------------------------------------------------------- backward

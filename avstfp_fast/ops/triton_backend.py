@@ -308,6 +308,7 @@ class _Plan:
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
         self.NP = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
+        self.nqbs = tuple(cdiv(n, t.slot_m) for n in q_segments)   # per segment
         self.nkb = max(cdiv(n, t.slot_n) for n in k_segments)
         self.npb = max([0] + [cdiv(n, t.slot_p) for n in self.P])
         self.groups = cdiv(self.Bt, t.g)
@@ -353,10 +354,10 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
         return lse
     t = pl.t
     sq, sk, sv, so = pl.st
-    _kernels().prompted_attn_fwd[pl.grid(pl.nqb)](
+    _kernels().prompted_attn_fwd[(pl.groups * sum(pl.nqbs),)](
         q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
-        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale,
-        SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const)
+        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.nqbs, pl.BS, pl.Lq, pl.qk_scale,
+        SLOT_N=t.slot_kp, **pl.const)
     return lse
 
 
