@@ -585,10 +585,10 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
 @triton.jit
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
-    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale,
+    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
-    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr,
+    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
 ):
     # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
     # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
@@ -618,9 +618,42 @@ def prompted_attn_bwd_seq(
     if ONE:
         # every sequence is one query tile and one key tile (packed short sequences, e.g.
         # 10 queries, 10 keys + 2 prompts in 16 slots): S and dP once, 5 products
-        _seq_one(grp, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq, sk,
-                 sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
-                 qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P)
+        if DIRECT:
+            # the program's sequences share their prompts (GS = the product of the batch
+            # dims the prompts are not broadcast over): it sums their prompt gradients
+            # over all NIT steps and writes them once, in the prompts' dtype, to GR (the
+            # gradient itself, (*lead, P, D) dense, dpv at + GKV): no partials, no second
+            # launch
+            gk = tl.zeros([SLOT_N, D], tl.float32)
+            gv = tl.zeros([SLOT_N, D], tl.float32)
+            if WHILE:
+                it = 0
+                while it < NIT:
+                    dk, dv = _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs,
+                                      GRs, sq, so, sdo, sdq, sk, sv, sdk, sdv, spk_s, spv_s,
+                                      sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+                                      scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, True)
+                    gk += dk
+                    gv += dv
+                    it += 1
+            else:
+                for it in range(0, NIT):
+                    dk, dv = _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs,
+                                      GRs, sq, so, sdo, sdq, sk, sv, sdk, sdv, spk_s, spv_s,
+                                      sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+                                      scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, True)
+                    gk += dk
+                    gv += dv
+            c = tl.arange(0, SLOT_N)
+            prm = (c >= nk) & (c < nkp)
+            P = nkp - nk
+            o = grp.to(tl.int64) * P * D + (c - nk)[:, None] * D + tl.arange(0, D)[None, :]
+            tl.store(GRs + o, gk.to(GRs.dtype.element_ty), mask=prm[:, None])
+            tl.store(GRs + gkv + o, gv.to(GRs.dtype.element_ty), mask=prm[:, None])
+        else:
+            _seq_one(grp, 0, 0, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo,
+                     sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,
+                     LQ, qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, False)
         return
     # pass 1: dq, query tile by query tile
     qb, qi, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
@@ -663,19 +696,36 @@ def prompted_attn_bwd_seq(
 
 
 @triton.jit
-def _seq_one(grp, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq, sk, sv,
-             sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale,
-             G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
-             PREC: tl.constexpr, HAS_P: tl.constexpr):
+def _rows_it(grp, it, GS, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
+    # like _rows, for the direct prompt-gradient mode: sequence g of step it of program
+    # grp is b = (it G + g) GS + grp -- all of a program's sequences share the prompt rows
+    # (the batch dims the prompts are broadcast over lead, GS = the other dims' product)
+    r = tl.arange(0, G * SLOT)
+    b = (it * G + r // SLOT) * GS + grp
+    pos = r % SLOT
+    return b, pos, (b < BT) & (pos < n)
+
+
+@triton.jit
+def _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq,
+             sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+             scale, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr,
+             D: tl.constexpr, PREC: tl.constexpr, HAS_P: tl.constexpr, DIRECT: tl.constexpr):
+    # One step for G whole sequences; returns their prompt rows' dk, dv (DIRECT: summed
+    # by the caller; else stored as per-sequence partials here)
     BT = BS[3]
-    qb, qi, q_ok = _rows(grp, 0, BT, nq, G, SLOT_M)
+    if DIRECT:
+        qb, qi, q_ok = _rows_it(grp, it, GS, BT, nq, G, SLOT_M)
+        kb, j, _ = _rows_it(grp, it, GS, BT, 0, G, SLOT_N)
+    else:
+        qb, qi, q_ok = _rows(grp, 0, BT, nq, G, SLOT_M)
+        kb, j, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
     pos = q0 + qi
     q = _load(Q, _boff(qb, BS, sq), pos, sq, q_ok, D)
     do = _load(DO, _boff(qb, BS, sdo), pos, sdo, q_ok, D)
     o = _load(O, _boff(qb, BS, so), pos, so, q_ok, D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse2 = tl.load(LSE + qb.to(tl.int64) * LQ + pos, mask=q_ok, other=0.0) * 1.4426950408889634
-    kb, j, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
     k_ok = (kb < BT) & (j < nkp)
     kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
     pko, pvo = _boff(kb, BS, spk_s), _boff(kb, BS, spv_s)
@@ -690,11 +740,25 @@ def _seq_one(grp, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, s
     _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
     dk = _bdot(ds.to(q.dtype), q, G, True, False, PREC) * scale
     _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk, D)
-    if HAS_P:
-        prm = k_ok & (j >= nk)
-        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
-        tl.store(gptr, dk, mask=prm[:, None])
-        tl.store(gptr + gkv, dv, mask=prm[:, None])
+    if DIRECT:
+        # the G sequences share their prompts: one plain (not per-sequence) product over
+        # all G SLOT_M query rows sums their prompt gradients; rows c >= nk of the
+        # [SLOT_N, D] results are prompts c - nk (the token rows mix sequences: unused).
+        # (The launcher uses G = 1 here, where they are the dk, dv products.)
+        if G == 1:
+            gk, gv = dk, dv
+        else:
+            gk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+            gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    else:
+        if HAS_P:
+            prm = k_ok & (j >= nk)
+            gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
+            tl.store(gptr, dk, mask=prm[:, None])
+            tl.store(gptr + gkv, dv, mask=prm[:, None])
+        gk = tl.zeros([SLOT_N, D], tl.float32)
+        gv = tl.zeros([SLOT_N, D], tl.float32)
+    return gk, gv
 
 
 # ------------------------------------------------------------ prompt-gradient reduction

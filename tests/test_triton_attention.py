@@ -122,7 +122,8 @@ def _grads(q, k, v, pks, pvs, segs, deterministic=False):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["long", "packed-one", "packed-two-phase", "segments"])
+@pytest.mark.parametrize("case", ["long", "packed-one", "packed-direct", "packed-two-phase",
+                                  "segments"])
 def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     """The sequence-owning backward (one program per sequence; AVSTFP_TRITON_BWD=seq) and
     the key-block-parallel one (fa2) give the same gradients on the same inputs, on every
@@ -137,6 +138,10 @@ def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     elif case == "packed-one":   # temporal-like: 10 queries, 10 keys + 2 prompts
         q, k, v = (rnd(5, 10, 32, dtype=dtype) for _ in range(3))
         pks, pvs, segs = [rnd(5, 2, 32, dtype=dtype)], [rnd(1, 2, 32, dtype=dtype)], None
+    elif case == "packed-direct":   # temporal layout: prompts (N, P, d) over batch (B, N)
+        monkeypatch.setattr(TB, "DIRECT_MIN_PROGRAMS", 1)
+        q, k, v = (rnd(8, 3, 10, 32, dtype=dtype) for _ in range(3))
+        pks, pvs, segs = [rnd(3, 2, 32, dtype=dtype)], [rnd(3, 2, 32, dtype=dtype)], None
     elif case == "packed-two-phase":   # 30 keys + 5 prompts: more than one key tile
         q, k, v = rnd(5, 10, 32, dtype=dtype), rnd(5, 30, 32, dtype=dtype), rnd(5, 30, 32, dtype=dtype)
         pks, pvs, segs = [rnd(5, 32, dtype=dtype)], [rnd(5, 32, dtype=dtype)], None
@@ -148,13 +153,17 @@ def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
         pvs = [rnd(3, 32, dtype=dtype), rnd(2, 32, dtype=dtype), rnd(2, 4, 32, dtype=dtype),
                rnd(1, 32, dtype=dtype)]
     res = {}
+    TB._PLANS.clear()
     for path in ("seq", "fa2"):
         monkeypatch.setenv("AVSTFP_TRITON_BWD", path)
         res[path] = _grads(q, k, v, pks, pvs, segs)
     p = make_problem(q, k, v, pks if segs else pks[0], pvs if segs else pvs[0], segments=segs)
     monkeypatch.setenv("AVSTFP_TRITON_BWD", "seq")
     t = TB.tile_for(p)
-    assert t.bwd == "seq" and t.bwd_one == (case == "packed-one"), t.describe()
+    assert t.bwd == "seq", t.describe()
+    assert t.bwd_one == (case in ("packed-one", "packed-direct")), t.describe()
+    assert any(pl.direct for pl in TB._PLANS.values()) == (case == "packed-direct")
+    TB._PLANS.clear()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for i, (a, b) in enumerate(zip(res["seq"], res["fa2"])):
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), \

@@ -72,6 +72,9 @@ MAX_SEGMENTS = 4
 #: element size: bf16 d 64 allows 768 rows, d 128 384; fp32 d 128 192).
 SEQ_MAX_ROWS = 384
 SEQ_MAX_BYTES = 192 * 1024
+#: Direct prompt gradients of packed one-step sequences (see :class:`_Plan`) only with at
+#: least this many programs (prompt row sets): ViT-B/16 temporal has 2952.
+DIRECT_MIN_PROGRAMS = 512
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -281,6 +284,25 @@ class _Plan:
             self.pg_ks.append(ks)
             self.pg_rs.append(rs)
             self.pg_rows = max(self.pg_rows, ks[0] * ks[1] * ks[2] * ks[3])
+        # Packed one-step sequences whose prompts are broadcast over the leading batch
+        # dims only (the temporal stage: prompts (N, H, P, d) over batch (B, N, H)): each
+        # program owns the R = B sequences of one prompt row set, one per step, and writes
+        # their summed prompt gradient directly (one launch, no partials).  Needs enough
+        # programs (GS >= DIRECT_MIN_PROGRAMS).
+        self.direct, self.gs, self.nit = False, 0, 0
+        if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
+                and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
+            ks, rs = self.pg_ks[0][:4], self.pg_rs[0][:4]
+            lead_ok, kept = True, False
+            for kd, rd in zip(ks, rs):
+                kept = kept or kd > 1
+                lead_ok = lead_ok and not (kept and rd > 1)
+            R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
+            if lead_ok and GS >= DIRECT_MIN_PROGRAMS:
+                # one sequence per step (G = 1, 16-row tiles, 8 steps at batch 8): with
+                # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
+                # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
+                self.direct, self.gs, self.nit = True, GS, R
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
         self.st = [_st(st[i], x) for i, x in enumerate(tens)]
@@ -305,6 +327,9 @@ class _Plan:
                 self.gm.append(g.stride(-3) if deterministic and not seq else 0)
                 self.gkv.append(g.stride(0))
                 j += 1
+        if self.direct:          # the gradient itself, (2, *lead, P, E) in q's dtype
+            self.gshape[0] = (2, *self.pg_lead[0], self.P[0], self.E)
+            self.gkv[0] = self.gs * self.P[0] * self.E
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
         self.NP = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
@@ -382,8 +407,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     t = pl.t
     dev = q.device
     bufs = [None if s is None or pl.Bt == 0 else
-            (torch.empty if det or pl.seq else torch.zeros)(s, dtype=torch.float32,
-                                                             device=dev)
+            (torch.empty if det or pl.seq else torch.zeros)(
+                s, dtype=q.dtype if pl.direct else torch.float32, device=dev)
             for s in pl.gshape]
     grs = tuple(lse if b is None else b for b in bufs)
     delta = torch.empty_like(lse)
@@ -391,13 +416,14 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
     if pl.seq and pl.Bt > 0:
         # one launch: dq, dk, dv written once each; per-sequence prompt partials
-        K.prompted_attn_bwd_seq[(pl.groups * pl.nseg,)](
+        # (direct: one program per prompt row set, its gradient written in place)
+        K.prompted_attn_bwd_seq[(pl.gs if pl.direct else pl.groups * pl.nseg,)](
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
-            tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale,
-            SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, ST1=t.bwd_stages,
-            ONE=t.bwd_one,
-            **pl.bwd_const)
+            tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
+            pl.nit, SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
+            ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
+            **(dict(pl.bwd_const, G=1) if pl.direct else pl.bwd_const))
     elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             K.prompted_attn_bwd_dq[pl.grid(pl.nqb)](
@@ -429,7 +455,11 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         dq.zero_()
     grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
     done = [False] * len(pks)
-    if pl.seq and pl.Bt > 0 and pl.pg_rows > 0:
+    if pl.direct and pl.Bt > 0:
+        grads[0] = bufs[0][0].view(pks[0].shape)
+        grads[MAX_SEGMENTS] = bufs[0][1].view(pvs[0].shape)
+        done[0] = True
+    elif pl.seq and pl.Bt > 0 and pl.pg_rows > 0:
         # one more launch: the batch reduction of the per-sequence partials and the cast
         # (into fp32 where a prompt gradient needs a further host reduction: pk and pv
         # broadcast differently, or prompts of another dtype than q)
