@@ -11,13 +11,21 @@ Operand descriptors (shared by all kernels)
   :func:`_boff` splits a flat batch index with div/mod.  Broadcast dims (prompts) have
   stride 0.  Integer arguments equal to 1 become constants at launch, so unused dims
   cost nothing.
-* Segments (block-diagonal attention, each block with its own prompts): grid axis 1.
+* Segments (block-diagonal attention, each block with its own prompts): grid axis 1 of
+  the key-block-parallel ("fa2") backward kernels; the forward lays the segments' query
+  blocks end to end on axis 0 (:func:`_seg_block`, no program for a shorter segment's
+  missing blocks) and the sequence-owning backward uses axis 0 = group * NSEG + segment.
   Per-segment values arrive as small tuples, one entry per segment (``NSEG`` <= 4):
   lengths ``NQ``/``NK``, prompt pointers ``PK``/``PV``, their stride tuples, prompt counts
   ``NP``; :func:`_sel` picks entry ``seg`` (a where-chain: tuples cannot be indexed by a
   run-time value, and the interpreter cannot follow address tables in memory).
 * Grid axis 0 is ``group * NB + block``: the ``NB`` query (or key) blocks of a sequence
   group are adjacent, so they run together and share the group's K/V in L2.
+* Prompts as the last keys: the forward and the sequence-owning backward walk a segment's
+  token keys and then its prompts as one source (:func:`_load_kp` picks each row's
+  pointer), so the prompts share the last key tile where they fit (49 + 10, 54 + 2 and
+  5 + 10 keys are one 64-row tile; 10 + 2 one 16-slot tile).  The fa2 backward kernels
+  keep separate prompt steps / blocks.
 * A program owns ``G`` sequences (``b = group * G + g``) and ``SLOT`` positions of each:
   tile row ``r`` is sequence ``r // SLOT``, position ``block * SLOT + r % SLOT``.  Long
   sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack several

@@ -2,15 +2,30 @@
 
 Design note
 -----------
-Kernels: ``avstfp_fast/kernels/prompted_attention.py``.  Forward: one online-softmax pass
-per query block over its sequence's token keys/values and then the prompt keys/values,
-read in place: nothing is concatenated, expanded, permuted or padded.  Backward
-(default): a small kernel computing ``delta = rowsum(do * o)``, then ONE pass per key
-block (token blocks, then prompt blocks) computing dk/dv and adding ``scale * ds^T k``
-into an fp32 dq accumulator with atomics -- 5 matrix products per tile pair (S, dP, dV,
-dK, dQ), as FlashAttention-2.  ``deterministic=True``: a dq pass (which also stores the
-per-program prompt-gradient partials) and a dk/dv pass, no atomics -- S and dP are
-computed twice (7 products), bit-exact across runs.
+Kernels: ``avstfp_fast/kernels/prompted_attention.py``.  Forward (one launch): one
+online-softmax pass per query block over its sequence's token keys/values and then the
+prompt keys/values as one key source (the prompts share the last key tile where they
+fit), read in place: nothing is concatenated, expanded, permuted or padded.
+
+Backward, short sequences (the tile table's ``bwd == "seq"``: every AV-STFP stage): the
+*sequence-owning* kernel, one program per (sequence group, segment), so no other program
+touches its sequences' gradients: it computes ``delta`` itself, writes dq once in the
+input dtype and the caller's layout (no fp32 accumulator, no zero fill, no copy) and dk,
+dv once each.  Spatial/fusion: a query-outer pass (S, dP, dQ) and a key-outer pass (S,
+dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are one fp32 partial per
+sequence, summed over the batch in a fixed order and cast by ``prompted_attn_pgrad``
+(2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
+16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
+program walks all sequences of one prompt row set and writes their prompt gradient
+directly (1 launch).  No atomics: bit-exact, so ``deterministic=True`` takes the same
+path.
+
+Backward, long sequences (``bwd == "fa2"``): a small kernel computing ``delta = rowsum(do
+* o)``, then ONE pass per key block (token blocks, then prompt blocks) computing dk/dv and
+adding ``scale * ds^T k`` into an fp32 dq accumulator with atomics -- 5 matrix products
+per tile pair (S, dP, dV, dK, dQ), as FlashAttention-2.  ``deterministic=True``: a dq pass
+(which also stores the per-program prompt-gradient partials) and a dk/dv pass, no
+atomics -- S and dP are computed twice (7 products), bit-exact across runs.
 
 *Operand descriptors.*  Each operand is a base pointer plus a stride tuple (4 merged
 batch strides + the sequence stride; the head dim must have stride 1); per-segment
@@ -27,7 +42,9 @@ layout (:class:`_Plan`), so an eager forward spends ~10 µs in Python before the
 
 *Grid.*  Axis 0 = ``group * blocks + block``: the query (or key) blocks of one sequence
 group are adjacent, so they run at the same time and share its K/V in L2; limit 2^31-1
-(batch products above 65535 are fine).  Axis 1 = segment.
+(batch products above 65535 are fine).  Segments: the forward lays each group's segment
+blocks end to end on axis 0 (no empty programs), the sequence-owning backward uses
+``group * segments + segment``, the fa2 kernels axis 1.
 
 *Tiles.*  A small table of shape classes (:class:`_Tiles`), chosen per call from the
 lengths, never autotuned; ``AVSTFP_PRINT_TILES=1`` prints the choice for each new
@@ -41,10 +58,13 @@ sm_90 by ``bench/static_sm90.py`` (run in CI).
 
 *Prompts.*  ``prompt_k``/``prompt_v`` are a second key/value source addressed through
 their broadcast strides (stride 0 over batch dims they are shared in).  Their gradients
-are reduced inside the kernels: default, relaxed fp32 atomics into a buffer of the
-prompt's own (un-broadcast) shape addressed through the broadcast strides; deterministic,
-each dq-pass program stores its partial at ``[b, block]`` of a
-``(2, *batch, n_blocks, P, E)`` buffer, summed afterwards in a fixed order.
+are reduced without atomics on the sequence-owning path (per-sequence fp32 partials
+``(2, *batch, P, E)`` summed by ``prompted_attn_pgrad`` over the dims the prompt is
+broadcast over, in a fixed order, or summed on chip and written directly, see above).
+fa2 path: default, relaxed fp32 atomics into a buffer of the prompt's own (un-broadcast)
+shape addressed through the broadcast strides; deterministic, each dq-pass program stores
+its partial at ``[b, block]`` of a ``(2, *batch, n_blocks, P, E)`` buffer, summed
+afterwards in a fixed order.
 
 *Floors* (bytes and executed FLOPs per stage and tile): ``bench/floors.py`` and
 ``docs/design.md``, "Floors: bytes and FLOPs".
@@ -79,7 +99,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
 _LOG2E = 1.4426950408889634
-#: Backward scheme of the default (non-deterministic) mode; ``bench/floors.py`` names.
+#: Backward scheme of the default (non-deterministic) mode of the long-sequence ("fa2")
+#: path; ``bench/floors.py`` names.  (Short sequences: see ``_Tiles.bwd``.)
 BACKWARD_SCHEME = "fused"
 
 
