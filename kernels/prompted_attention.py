@@ -773,64 +773,67 @@ def _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so
 @triton.jit
 def prompted_attn_pgrad(
     GR, GKV, OK, OV, NP, KS, RS, BS, PE,
-    PB: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, WHILE: tl.constexpr,
+    RB: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, WHILE: tl.constexpr,
 ):
     # dpk, dpv of each segment's prompts from the sequence-owning backward's partials
-    # GR[s] ((2, *batch, P, D) fp32, dense; dpv at + GKV[s]): output row block l (a flat
-    # index over the merged batch dims the prompt is not broadcast over, sizes KS[s],
-    # 1 elsewhere) sums the partials of every sequence b that broadcasts to it (the
-    # other dims, sizes RS[s]) in a fixed order (deterministic), then casts to the
-    # prompt's dtype: OK[s] / OV[s], (*lead, P, D) dense.  Grid: (max rows, NSEG).
-    l, seg = tl.program_id(0), tl.program_id(1)
+    # GR[s] ((2, *batch, P, D) fp32, dense; dpv at + GKV[s]).  Program (l * P + p, s):
+    # prompt row p of output row set l (a flat index over the merged batch dims the
+    # prompt is not broadcast over, sizes KS[s], 1 elsewhere) sums the partials of every
+    # sequence b that broadcasts to it (the other dims, sizes RS[s]), RB sequences per
+    # step, in a fixed order (deterministic), then casts to the prompt's dtype:
+    # OK[s] / OV[s], (*lead, P, D) dense.  Grid: (max rows x P, NSEG).
+    pid, seg = tl.program_id(0), tl.program_id(1)
     ks, rs = _sel_st(KS, seg, NSEG), _sel_st(RS, seg, NSEG)
     P = _sel(NP, seg, NSEG)
     nl = ks[0] * ks[1] * ks[2] * ks[3]
     nr = rs[0] * rs[1] * rs[2] * rs[3]
-    if l < nl:
-        # kept coordinates of l
-        k3 = l % ks[3]
-        t = l // ks[3]
-        k2 = t % ks[2]
-        t = t // ks[2]
-        k1 = t % ks[1]
-        k0 = t // ks[1]
-        G = _sel(GR, seg, NSEG)
-        gkv = _sel(GKV, seg, NSEG)
-        pe = _sel(PE, seg, NSEG)
-        r_ = tl.arange(0, PB)
-        d = tl.arange(0, D)
-        offs = r_[:, None] * D + d[None, :]
-        ok = (r_ < P)[:, None]
-        ak = tl.zeros([PB, D], tl.float32)
-        av = tl.zeros([PB, D], tl.float32)
-        S1, S2, S3 = BS[0], BS[1], BS[2]
-        if WHILE:
-            r = 0
-            while r < nr:
-                b = _pg_b(r, rs, k0, k1, k2, k3, S1, S2, S3)
-                ptr = G + b.to(tl.int64) * pe + offs
-                ak += tl.load(ptr, mask=ok, other=0.0)
-                av += tl.load(ptr + gkv, mask=ok, other=0.0)
-                r += 1
-        else:
-            for r in range(0, nr):
-                b = _pg_b(r, rs, k0, k1, k2, k3, S1, S2, S3)
-                ptr = G + b.to(tl.int64) * pe + offs
-                ak += tl.load(ptr, mask=ok, other=0.0)
-                av += tl.load(ptr + gkv, mask=ok, other=0.0)
-        Ks, Vs = _sel(OK, seg, NSEG), _sel(OV, seg, NSEG)
-        o = l.to(tl.int64) * pe + offs
-        tl.store(Ks + o, ak.to(Ks.dtype.element_ty), mask=ok)
-        tl.store(Vs + o, av.to(Vs.dtype.element_ty), mask=ok)
+    if P > 0:
+        l, p = pid // P, pid % P
+        if l < nl:
+            # kept coordinates of l
+            k3 = l % ks[3]
+            t = l // ks[3]
+            k2 = t % ks[2]
+            t = t // ks[2]
+            k1 = t % ks[1]
+            k0 = t // ks[1]
+            G = _sel(GR, seg, NSEG)
+            gkv = _sel(GKV, seg, NSEG)
+            pe = _sel(PE, seg, NSEG)
+            d = tl.arange(0, D)
+            ak = tl.zeros([D], tl.float32)
+            av = tl.zeros([D], tl.float32)
+            S1, S2, S3 = BS[0], BS[1], BS[2]
+            if WHILE:
+                r0 = 0
+                while r0 < nr:
+                    ak, av = _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3,
+                                      S1, S2, S3, RB, D)
+                    r0 += RB
+            else:
+                for r0 in range(0, nr, RB):
+                    ak, av = _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3,
+                                      S1, S2, S3, RB, D)
+            Ks, Vs = _sel(OK, seg, NSEG), _sel(OV, seg, NSEG)
+            o = l.to(tl.int64) * pe + p * D + d
+            tl.store(Ks + o, ak.to(Ks.dtype.element_ty))
+            tl.store(Vs + o, av.to(Vs.dtype.element_ty))
 
 
 @triton.jit
-def _pg_b(r, rs, k0, k1, k2, k3, S1, S2, S3):
-    # flat batch index of the sequence with kept coordinates k* and reduced ones from r
+def _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3, S1, S2, S3,
+             RB: tl.constexpr, D: tl.constexpr):
+    # RB sequences r0 + i (flat over the reduced dims) of the kept coordinates k*
+    r = r0 + tl.arange(0, RB)
     r3 = r % rs[3]
     t = r // rs[3]
     r2 = t % rs[2]
     t = t // rs[2]
     r1 = t % rs[1]
-    r0 = t // rs[1]
-    return (((k0 + r0) * S1 + (k1 + r1)) * S2 + (k2 + r2)) * S3 + (k3 + r3)
+    r0_ = t // rs[1]
+    b = (((k0 + r0_) * S1 + (k1 + r1)) * S2 + (k2 + r2)) * S3 + (k3 + r3)
+    ptr = G + b.to(tl.int64)[:, None] * pe + p * D + d[None, :]
+    ok = (r < nr)[:, None]
+    ak += tl.sum(tl.load(ptr, mask=ok, other=0.0), 0)
+    av += tl.sum(tl.load(ptr + gkv, mask=ok, other=0.0), 0)
+    return ak, av

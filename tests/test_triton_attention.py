@@ -202,10 +202,11 @@ def test_sequence_backward_is_bit_exact_and_launches_twice():
     """The sequence-owning backward has no atomics: two runs (and the deterministic
     mode) give identical bits; it is one kernel plus the prompt-gradient reduction."""
     from avstfp_fast.ops import triton_backend as TB
-    q, k, v = (rnd(2, 3, 30, 32, dtype=torch.float16) for _ in range(3))
-    pks = [rnd(3, 5, 32, dtype=torch.float16), rnd(3, 2, 32, dtype=torch.float16)]
-    pvs = [rnd(3, 5, 32, dtype=torch.float16), rnd(3, 2, 32, dtype=torch.float16)]
-    runs = [_grads(q, k, v, pks, pvs, (12, 18), det) for det in (False, False, True)]
+    # (prompts small next to the sequences: partials within SEQ_MAX_PARTIAL, see below)
+    q, k, v = (rnd(2, 3, 40, 32, dtype=torch.float16) for _ in range(3))
+    pks = [rnd(3, 2, 32, dtype=torch.float16), rnd(3, 1, 32, dtype=torch.float16)]
+    pvs = [rnd(3, 2, 32, dtype=torch.float16), rnd(3, 1, 32, dtype=torch.float16)]
+    runs = [_grads(q, k, v, pks, pvs, (16, 24), det) for det in (False, False, True)]
     for a, b, c in zip(*runs):
         assert torch.equal(a, b) and torch.equal(a, c)
     launches = []
@@ -221,7 +222,7 @@ def test_sequence_backward_is_bit_exact_and_launches_twice():
     for n in saved:
         setattr(K, n, Rec(n))
     try:
-        p = make_problem(q, k, v, pks, pvs, segments=(12, 18))
+        p = make_problem(q, k, v, pks, pvs, segments=(16, 24))
         out = torch.empty_like(q)
         be = TB.TritonBackend()
         lse = be.forward(p, out)
@@ -233,6 +234,9 @@ def test_sequence_backward_is_bit_exact_and_launches_twice():
             setattr(K, name, fn)
     assert n_fwd == 1
     assert launches[1:] == ["prompted_attn_bwd_seq", "prompted_attn_pgrad"]
+    # where the partials would cost more (2 prompts on 10 + 10 rows, shared over the whole
+    # batch: no direct mode), the fa2 path takes over
+    assert TB._partial_share(q, [rnd(2, 32)], [10], [10]) > TB.SEQ_MAX_PARTIAL
 
 
 # ------------------------------------------------------------- determinism

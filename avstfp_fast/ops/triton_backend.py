@@ -95,6 +95,11 @@ SEQ_MAX_BYTES = 192 * 1024
 #: Direct prompt gradients of packed one-step sequences (see :class:`_Plan`) only with at
 #: least this many programs (prompt row sets): ViT-B/16 temporal has 2952.
 DIRECT_MIN_PROGRAMS = 512
+#: Otherwise the sequence-owning backward reduces per-sequence fp32 partials of the prompt
+#: gradients; it is chosen only while they add at most this share to the backward's
+#: minimum bytes (ViT-B/16 spatial 8%, fusion 0.8%); above (e.g. 2 prompts on 10 + 10
+#: rows and no direct mode: 20%), the fa2 path's atomics into the prompt's own shape.
+SEQ_MAX_PARTIAL = 0.10
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -213,6 +218,37 @@ class _Tiles:
                 f"{self.bwd_slot_m}-row query tiles)")
 
 
+def _direct_shape(batch, q, pks, pvs, t: _Tiles, nseg: int) -> bool:
+    """Whether the sequence-owning backward can write the prompt gradients directly (see
+    ``_Plan``): packed one-step tiles, one segment with prompts of q's dtype, pk and pv
+    shaped alike, broadcast only over leading batch dims, and enough prompt row sets."""
+    pk, pv = pks[0], pvs[0]
+    if not (t.bwd_one and nseg == 1 and pk is not None and pk.shape[-2] > 0
+            and pk.dtype == q.dtype == pv.dtype):
+        return False
+    lead = tuple(torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2]))
+    if tuple(pk.shape[:-2]) != lead or tuple(pv.shape[:-2]) != lead or len(lead) > len(batch):
+        return False
+    full = (1,) * (len(batch) - len(lead)) + lead
+    kept, gs = False, 1
+    for nb, nl in zip(batch, full):
+        if nb == 1:
+            continue
+        if nl == nb:
+            kept, gs = True, gs * nb
+        elif kept:                      # a broadcast dim inside a kept one
+            return False
+    return gs >= DIRECT_MIN_PROGRAMS
+
+
+def _partial_share(q, pks, q_segments, k_segments) -> float:
+    """Bytes of the per-sequence prompt-gradient partials (fp32 dpk and dpv rows, written
+    and read) over the backward's minimum bytes (~8 rows of d elements per query and key
+    row: q, o, do, dq; k, v, dk, dv): 4 P / (elem (Lq + Lk))."""
+    P = sum(0 if pk is None else pk.shape[-2] for pk in pks)
+    return 4.0 * P / (q.element_size() * max(1, sum(q_segments) + sum(k_segments)))
+
+
 def tile_for(p: AttnProblem) -> _Tiles:
     """The tile configuration the launchers use for problem ``p``."""
     return _Tiles(max(p.q_segments), max(p.k_segments),
@@ -255,7 +291,10 @@ class _Plan:
         # per-segment prompt-gradient buffers: (2, *lead, P, E) fp32, broadcast like pk
         # (fused backward: atomics); (2, *batch, P, E), one partial per sequence (the
         # sequence-owning backward); (2, *batch, blocks, P, E) (two-pass)
-        self.seq = seq = dout is not None and t.bwd == "seq"
+        self.seq = seq = dout is not None and t.bwd == "seq" and (
+            os.environ.get("AVSTFP_TRITON_BWD") == "seq"
+            or _direct_shape(batch, q, pks, pvs, t, len(q_segments))
+            or _partial_share(q, pks, q_segments, k_segments) <= SEQ_MAX_PARTIAL)
         part = deterministic or seq
         self.gshape, gviews = [], []
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
@@ -366,7 +405,10 @@ class _Plan:
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
-                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}",
+                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
+                  + ("" if dout is None else
+                     f"; backward path {'seq' if self.seq else 'fa2'}"
+                     + (" (direct prompt gradients)" if self.direct else "")),
                   file=sys.stderr)
 
     def grid(self, blocks: int):
@@ -492,11 +534,11 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
                       for _ in range(2)) for s, ld in enumerate(pl.pg_lead)]
         some = next(o for o in outs if o is not None)
         outs = [some if o is None else o for o in outs]
-        K.prompted_attn_pgrad[(pl.pg_rows, pl.nseg)](
+        K.prompted_attn_pgrad[(pl.pg_rows * max(pl.P), pl.nseg)](
             grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
             pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.BS,
-            tuple(n * pl.E for n in pl.P), PB=max(2, _p2(max(pl.P))), D=pl.E,
-            NSEG=pl.nseg, WHILE=interpreting(), num_warps=4)
+            tuple(n * pl.E for n in pl.P), RB=16, D=pl.E, NSEG=pl.nseg,
+            WHILE=interpreting(), num_warps=4)
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pl.pg_lead[s] is None:
                 continue
