@@ -210,6 +210,11 @@ class _Tiles:
         # temporal stage: 10 queries, 10 keys + 2 prompts in 16 slots): a single step,
         # S and dP computed once (5 products), nothing carried across loops
         self.bwd_one = fits and self.kind == "packed" and max_k + max_p <= self.slot_kp
+        # a packed forward whose keys + prompts are one tile walks one step: nothing to
+        # pipeline, and one stage keeps Triton 3.6 at 3 CTAs/SM (167 registers; 2 stages:
+        # 172, 2 CTAs/SM; Triton 3.8: 168 either way)
+        self.fwd_stages = (1 if self.kind == "packed" and max_k + max_p <= self.slot_kp
+                           else self.num_stages)
 
     def describe(self) -> str:
         return (f"{self.kind}: G={self.g} SLOT_M={self.slot_m} SLOT_N={self.slot_n} "
@@ -403,6 +408,7 @@ class _Plan:
                           WHILE=interpreting(), num_warps=t.num_warps,
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
                   f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
@@ -445,7 +451,7 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out):
     _kernels().prompted_attn_fwd[(pl.groups * sum(pl.nqbs),)](
         q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
         tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.nqbs, pl.BS, pl.Lq, pl.qk_scale,
-        SLOT_N=t.slot_kp, **pl.const)
+        SLOT_N=t.slot_kp, **pl.fwd_const)
     return lse
 
 
