@@ -12,6 +12,10 @@ whether global->shared loads are 16-byte ``cp.async``; from these the occupancy
 (CTAs and warps per SM) and the waves on 132 SMs.  Floors (minimum bytes, useful and
 executed FLOPs, at nominal sm_90 ceilings) come from ``bench/floors.py``.
 
+The kernels: forward; sequence-owning backward and its prompt-gradient reduction (every
+AV-STFP stage shape); the key-block-parallel (fa2) backward kernels run only for longer
+sequences and do not appear at these shapes.
+
 Fails (exit 1) on: any spill for head dim 64, fewer than 2 CTAs/SM for head dim 64,
 a bf16/fp16 main (64+ row) matrix product not on wgmma, a bf16/fp16 per-sequence
 (batched, 3-D) product of the packed temporal tile not on tensor cores (mma.sync: wgmma

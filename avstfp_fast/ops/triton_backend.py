@@ -150,7 +150,12 @@ class _Tiles:
     ``long``     Lq > 32 (spatial, fusion): 64 queries x 64 keys, one sequence.
     Prompt tiles: next_pow2(P) clamped to the key tile's bounds.  Head dim 128 uses 8
     warps; fp32 (IEEE FMA dots, no tensor cores) one pipeline stage and key tiles of at
-    most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90)."""
+    most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90).
+    ``slot_kp``: the key tile of the kernels that walk keys + prompts as one source.
+    Backward path ``bwd``: ``"seq"`` (sequence-owning) while a sequence has at most
+    SEQ_MAX_ROWS queries and keys + prompts and 2 x rows x d x element size <=
+    SEQ_MAX_BYTES, else ``"fa2"``; ``bwd_one``: packed sequences that are one tile
+    (one backward step)."""
 
     def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
