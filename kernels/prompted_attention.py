@@ -593,7 +593,7 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
 @triton.jit
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
-    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
+    PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
     WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
@@ -629,9 +629,8 @@ def prompted_attn_bwd_seq(
         if DIRECT:
             # the program's sequences share their prompts (GS = the product of the batch
             # dims the prompts are not broadcast over): it sums their prompt gradients
-            # over all NIT steps and writes them once, in the prompts' dtype, to GR (the
-            # gradient itself, (*lead, P, D) dense, dpv at + GKV): no partials, no second
-            # launch
+            # over all NIT steps and writes them once, in the prompts' dtype, to GR and GV
+            # (dpk and dpv themselves, (*lead, P, D) dense): no partials, no second launch
             gk = tl.zeros([SLOT_N, D], tl.float32)
             gv = tl.zeros([SLOT_N, D], tl.float32)
             if WHILE:
@@ -657,7 +656,8 @@ def prompted_attn_bwd_seq(
             P = nkp - nk
             o = grp.to(tl.int64) * P * D + (c - nk)[:, None] * D + tl.arange(0, D)[None, :]
             tl.store(GRs + o, gk.to(GRs.dtype.element_ty), mask=prm[:, None])
-            tl.store(GRs + gkv + o, gv.to(GRs.dtype.element_ty), mask=prm[:, None])
+            GVs = _sel(GV, seg, NSEG)
+            tl.store(GVs + o, gv.to(GVs.dtype.element_ty), mask=prm[:, None])
         else:
             _seq_one(grp, 0, 0, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo,
                      sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,

@@ -480,11 +480,18 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
                det)
     t = pl.t
     dev = q.device
-    bufs = [None if s is None or pl.Bt == 0 else
-            (torch.empty if det or pl.seq else torch.zeros)(
-                s, dtype=q.dtype if pl.direct else torch.float32, device=dev)
-            for s in pl.gshape]
+    if pl.direct and pl.Bt > 0:       # dpk, dpv themselves (separate: the custom op's
+        shp = pl.gshape[0][1:]         # outputs must not alias each other)
+        bufs = [torch.empty(shp, dtype=q.dtype, device=dev)]
+        gvs = (torch.empty(shp, dtype=q.dtype, device=dev),)
+    else:
+        bufs = [None if s is None or pl.Bt == 0 else
+                (torch.empty if det or pl.seq else torch.zeros)(s, dtype=torch.float32,
+                                                                 device=dev)
+                for s in pl.gshape]
     grs = tuple(lse if b is None else b for b in bufs)
+    if not (pl.direct and pl.Bt > 0):
+        gvs = grs
     delta = torch.empty_like(lse)
     sq, sk, sv, so, sdo, sdq, sdk, sdv = pl.st
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
@@ -493,7 +500,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         # (direct: one program per prompt row set, its gradient written in place)
         K.prompted_attn_bwd_seq[(pl.gs if pl.direct else pl.groups * pl.nseg,)](
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
-            PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
+            PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
             pl.nit, SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
             ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
@@ -530,8 +537,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
     done = [False] * len(pks)
     if pl.direct and pl.Bt > 0:
-        grads[0] = bufs[0][0].view(pks[0].shape)
-        grads[MAX_SEGMENTS] = bufs[0][1].view(pvs[0].shape)
+        grads[0] = bufs[0].view(pks[0].shape)
+        grads[MAX_SEGMENTS] = gvs[0].view(pvs[0].shape)
         done[0] = True
     elif pl.seq and pl.Bt > 0 and pl.pg_rows > 0:
         # one more launch: the batch reduction of the per-sequence partials and the cast
