@@ -12,6 +12,10 @@ whether global->shared loads are 16-byte ``cp.async``; from these the occupancy
 (CTAs and warps per SM) and the waves on 132 SMs.  Floors (minimum bytes, useful and
 executed FLOPs, at nominal sm_90 ceilings) come from ``bench/floors.py``.
 
+The kernels: forward; sequence-owning backward and its prompt-gradient reduction (every
+AV-STFP stage shape); the key-block-parallel (fa2) backward kernels run only for longer
+sequences and do not appear at these shapes.
+
 Fails (exit 1) on: any spill for head dim 64, fewer than 2 CTAs/SM for head dim 64,
 a bf16/fp16 main (64+ row) matrix product not on wgmma, a bf16/fp16 per-sequence
 (batched, 3-D) product of the packed temporal tile not on tensor cores (mma.sync: wgmma
@@ -326,6 +330,31 @@ def floor_rows(models=MODELS) -> List[Dict]:
                 prompts=tuple(t.shape[-2] for t in pr), head_dim=64, elem=2,
                 prompt_rows=sum(t.numel() // 64 for t in pr))
             t = TB.tile_for(p)
+            if getattr(t, "bwd", "fa2") == "seq":
+                # the kernels walk a sequence's keys and then its prompts as one source
+                # (prompts in the last key tile): executed FLOPs of the folded problem;
+                # backward: the one-tile step has 5 products, the two-pass walk 7
+                tile = floors.Tile(t.g, t.slot_m, t.slot_kp, t.slot_kp)
+                bwd = "fused" if t.bwd_one else "two-pass"
+                s = floors.summary(call, tile, bwd)
+                fold = dataclasses.replace(
+                    call, k_segments=tuple(n + P for n, P in
+                                           zip(call.k_segments, call.prompts)),
+                    prompts=(0,) * len(call.prompts))
+                for passes in ("fwd", "fwdbwd"):
+                    e = floors.executed_flops(fold, tile, passes, bwd)
+                    s[f"{passes}_executed_flops"] = e
+                    s[f"{passes}_useful_fraction"] = s[f"{passes}_useful_flops"] / e
+                    s[f"{passes}_floor_s"] = floors.floor_s(
+                        s[f"{passes}_bytes"], e, **floors.NOMINAL_SM90)
+                s.update(model=model, stage=stage,
+                         tile=f"{t.g}x({t.slot_m},{t.slot_kp} keys+prompts)",
+                         backward="sequence-owning, " + (
+                             "one step (5 products)" if t.bwd_one else
+                             f"two passes (7 products, {t.bwd_slot_m}-row q tiles in the "
+                             f"key pass)"))
+                rows.append(s)
+                continue
             tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
             bwd = getattr(TB, "BACKWARD_SCHEME", "two-pass")
             bq = getattr(t, "bwd_slot_m", t.slot_m) if bwd == "fused" else t.slot_m

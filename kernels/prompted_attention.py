@@ -11,13 +11,21 @@ Operand descriptors (shared by all kernels)
   :func:`_boff` splits a flat batch index with div/mod.  Broadcast dims (prompts) have
   stride 0.  Integer arguments equal to 1 become constants at launch, so unused dims
   cost nothing.
-* Segments (block-diagonal attention, each block with its own prompts): grid axis 1.
+* Segments (block-diagonal attention, each block with its own prompts): grid axis 1 of
+  the key-block-parallel ("fa2") backward kernels; the forward lays the segments' query
+  blocks end to end on axis 0 (:func:`_seg_block`, no program for a shorter segment's
+  missing blocks) and the sequence-owning backward uses axis 0 = group * NSEG + segment.
   Per-segment values arrive as small tuples, one entry per segment (``NSEG`` <= 4):
   lengths ``NQ``/``NK``, prompt pointers ``PK``/``PV``, their stride tuples, prompt counts
   ``NP``; :func:`_sel` picks entry ``seg`` (a where-chain: tuples cannot be indexed by a
   run-time value, and the interpreter cannot follow address tables in memory).
 * Grid axis 0 is ``group * NB + block``: the ``NB`` query (or key) blocks of a sequence
   group are adjacent, so they run together and share the group's K/V in L2.
+* Prompts as the last keys: the forward and the sequence-owning backward walk a segment's
+  token keys and then its prompts as one source (:func:`_load_kp` picks each row's
+  pointer), so the prompts share the last key tile where they fit (49 + 10, 54 + 2 and
+  5 + 10 keys are one 64-row tile; 10 + 2 one 16-slot tile).  The fa2 backward kernels
+  keep separate prompt steps / blocks.
 * A program owns ``G`` sequences (``b = group * G + g``) and ``SLOT`` positions of each:
   tile row ``r`` is sequence ``r // SLOT``, position ``block * SLOT + r % SLOT``.  Long
   sequences use ``G = 1``; short ones (temporal stage: ~10 queries, 12 keys) pack several
@@ -86,7 +94,12 @@ def _boff(b, BS, st):
 def _rows(grp, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
     # tile row r -> (sequence b, position pos, valid)
     r = tl.arange(0, G * SLOT)
-    b = grp * G + r // SLOT
+    if G == 1:
+        # one sequence: a uniform (splat) index, so that its batch offsets are computed
+        # once per program, not once per row held (they stay live across whole loops)
+        b = tl.full([SLOT], 0, tl.int32) + grp
+    else:
+        b = grp * G + r // SLOT
     pos = blk * SLOT + r % SLOT
     return b, pos, (b < BT) & (pos < n)
 
@@ -157,18 +170,20 @@ def _cols_ok(ok, j0, n, G: tl.constexpr, SLOT: tl.constexpr):
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
-              qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
-              PREC: tl.constexpr):
-    # keys j0 + cj (< n) of source (KP, VP), first row at offset jo; score column c of a
-    # row is key j0 + c of the row's own sequence (per-sequence products, _bdot):
+def _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+              j0, k0, nk, nkp, cb, cj, BT, qk_scale, G: tl.constexpr, SLOT: tl.constexpr,
+              D: tl.constexpr, PREC: tl.constexpr):
+    # keys j0 + cj (< nk + P) of the combined source -- the segment's token keys, then its
+    # prompts, which share the last key tile where they fit; score column c of a row is
+    # key j0 + c of the row's own sequence (per-sequence products, _bdot):
     # s = q k^T (log2 units); m' = max(m, rowmax s); p = 2^(s - m'); a = 2^(m - m')
     # l' = a l + sum p ;  acc' = a acc + p v        (rows with no valid key yet keep m=-inf)
-    ok = (cb < BT) & (j0 + cj < n)
-    k = _load(KP, kbo, jo + j0 + cj, sk, ok, D)
-    v = _load(VP, vbo, jo + j0 + cj, sv, ok, D)
+    j = j0 + cj
+    ok = (cb < BT) & (j < nkp)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
     s = _bdot(q, k, G, False, True, PREC) * qk_scale
-    s = tl.where(_cols_ok(ok, j0, n, G, SLOT)[None, :], s, float("-inf"))
+    s = tl.where(_cols_ok(ok, j0, nkp, G, SLOT)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
@@ -179,61 +194,66 @@ def _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo, n, cb, cj, BT,
 
 
 @triton.jit
-def _fwd_source(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, jo, n, cb, cj, BT,
-                qk_scale, G: tl.constexpr, SLOT: tl.constexpr, D: tl.constexpr,
-                PREC: tl.constexpr, WHILE: tl.constexpr):
-    # the online softmax over one key source of n rows, SLOT rows per sequence and step
-    if WHILE:
-        j0 = 0
-        while j0 < n:
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
-            j0 += SLOT
-    else:
-        for j0 in range(0, n, SLOT):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, KP, VP, kbo, vbo, sk, sv, j0, jo,
-                                      n, cb, cj, BT, qk_scale, G, SLOT, D, PREC)
-    return acc, m_i, l_i
+def _seg_block(pid, NBS, NSEG: tl.constexpr):
+    # grid axis 0 = group * sum(NBS) + (block index within the group's segments): the
+    # segments' blocks are laid end to end, so no program is spent on a shorter segment
+    # (ViT-B/16 spatial: 1 + 4 query blocks per group instead of 2 x 4)
+    tot = NBS[0]
+    for s in tl.static_range(1, NSEG):
+        tot += NBS[s]
+    grp, r = pid // tot, pid % tot
+    seg = 0
+    start = 0
+    for s in tl.static_range(0, NSEG - 1):
+        start += NBS[s]
+        seg = tl.where(r >= start, s + 1, seg)
+    return grp, seg, r - _start(NBS, seg, NSEG)
 
 
 @triton.jit
 def prompted_attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so,
-    PK, PV, spk, spv, NP, NQ, NK, BS, NB, LQ, qk_scale,
-    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
+    PK, PV, spk, spv, NP, NQ, NK, NBS, BS, LQ, qk_scale,
+    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # o_i = sum_j softmax_j(scale q_i.k_j) v_j over j in [token keys of the segment; its
     # prompts];  lse_i = log sum_j exp(scale q_i.k_j)   (natural log)
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
+    # Grid axis 0 only: (group, segment, query block), see _seg_block.
+    grp, seg, blk = _seg_block(tl.program_id(0), NBS, NSEG)
     nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
     q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    nkp = nk + _sel(NP, seg, NSEG)
     BT = BS[3]
-    if blk * SLOT_M < nq:
-        qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
-        q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
-        m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([G * SLOT_M], tl.float32)
-        acc = tl.zeros([G * SLOT_M, D], tl.float32)
-        # 1) token keys/values of this segment
-        cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, K, V, _boff(cb, BS, sk),
-                                    _boff(cb, BS, sv), sk, sv, k0, nk, cb, cj, BT,
-                                    qk_scale, G, SLOT_N, D, PREC, WHILE)
-        # 2) the segment's prompt keys/values (broadcast strides, often 0 over the batch)
-        spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
-        pb, pj, _ = _rows(grp, 0, BT, 0, G, SLOT_P)
-        acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, _sel(PK, seg, NSEG),
-                                    _sel(PV, seg, NSEG), _boff(pb, BS, spk_s),
-                                    _boff(pb, BS, spv_s), spk_s, spv_s, 0,
-                                    _sel(NP, seg, NSEG), pb, pj, BT, qk_scale, G, SLOT_P,
-                                    D, PREC, WHILE)
-        # 3) o = acc / l ;  lse = (m + log2 l) * ln 2
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        _store(O, _boff(qb, BS, so), q0 + qi, so, q_ok, acc / l_safe[:, None], D)
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
-        tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
+    qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
+    q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
+    m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([G * SLOT_M], tl.float32)
+    acc = tl.zeros([G * SLOT_M, D], tl.float32)
+    # the segment's token keys/values, then its prompt keys/values (broadcast strides,
+    # often 0 over the batch), as one source
+    spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
+    PKs, PVs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG)
+    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    if WHILE:
+        j0 = 0
+        while j0 < nkp:
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs,
+                                      pko, pvo, spk_s, spv_s, j0, k0, nk, nkp, cb, cj, BT,
+                                      qk_scale, G, SLOT_N, D, PREC)
+            j0 += SLOT_N
+    else:
+        for j0 in range(0, nkp, SLOT_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K, V, kbo, vbo, sk, sv, PKs, PVs,
+                                      pko, pvo, spk_s, spv_s, j0, k0, nk, nkp, cb, cj, BT,
+                                      qk_scale, G, SLOT_N, D, PREC)
+    # o = acc / l ;  lse = (m + log2 l) * ln 2
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store(O, _boff(qb, BS, so), q0 + qi, so, q_ok, acc / l_safe[:, None], D)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    tl.store(LSE + qb.to(tl.int64) * LQ + q0 + qi, lse, mask=q_ok)
 
 
 # --------------------------------------------------------------------------- backward
@@ -482,3 +502,338 @@ def prompted_attn_bwd_dkdv(
                            False)
         _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
         _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
+
+
+# ------------------------------------------------------- sequence-owning backward (short)
+@triton.jit
+def _load_kp(KP, kbo, sk, k0, PP, pbo, sp, j, nk, ok, D: tl.constexpr):
+    # rows j of a sequence's combined key source: token keys j < nk (at k0 + j), then its
+    # prompts (row j - nk); ok says j < nk + P (and the sequence exists)
+    # (one load through a per-row choice of pointer, not two loads and a select)
+    ptr = tl.where((j < nk)[:, None], _ptr(KP, kbo, k0 + j, sk, D),
+                   _ptr(PP, pbo, j - nk, sp, D))
+    return tl.load(ptr, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so, sdo, sdq,
+                K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s, cb, cj, k0, nk,
+                nkp, q0, nq, BT, LQ, qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+                SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                WHILE: tl.constexpr, ST1: tl.constexpr):
+    # one query tile m0 of the program's sequences: delta = rowsum(do o) (kept in DELTA
+    # for the key pass), dq over the combined key tiles (S, dP, dQ), written once in the
+    # caller's dtype and layout
+    q_ok = (qb < BT) & (m0 + qi < nq)
+    pos = q0 + m0 + qi
+    q = _load(Q, qbo, pos, sq, q_ok, D)
+    do = _load(DO, dbo, pos, sdo, q_ok, D)
+    o = _load(O, obo, pos, so, q_ok, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row = qb.to(tl.int64) * LQ + pos
+    tl.store(DELTA + row, delta, mask=q_ok)
+    lse2 = tl.load(LSE + row, mask=q_ok, other=0.0) * 1.4426950408889634
+    dq = tl.zeros([G * SLOT_M, D], tl.float32)
+    if WHILE:
+        n0 = 0
+        while n0 < nkp:
+            dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
+                              PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
+                              qk_scale, G, SLOT_N, D, PREC)
+            n0 += SLOT_N
+    else:
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=ST1):
+            dq = _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs,
+                              PVs, pko, pvo, spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT,
+                              qk_scale, G, SLOT_N, D, PREC)
+    _store(DQ, dqo, pos, sdq, q_ok, dq * scale, D)
+
+
+@triton.jit
+def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo,
+                 spk_s, spv_s, n0, k0, nk, nkp, cb, cj, BT, qk_scale, G: tl.constexpr,
+                 SLOT: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+    # keys n0 + cj of the combined source (token keys, then prompts)
+    j = n0 + cj
+    ok = (cb < BT) & (j < nkp)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, ok, D)
+    valid = q_ok[:, None] & _cols_ok(ok, n0, nkp, G, SLOT)[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
+    return dq + _bdot(ds.to(k.dtype), k, G, False, False, PREC)
+
+
+@triton.jit
+def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, PKs,
+                 PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+                 qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+                 SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                 WHILE: tl.constexpr, HAS_P: tl.constexpr):
+    # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
+    # token rows go to DK/DV, prompt rows to this sequence's fp32 partial in GR
+    BT = BS[3]
+    kb, kj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    j = n0 + kj
+    k_ok = (kb < BT) & (j < nkp)
+    kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
+    dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0, nq, LQ,
+                       qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE, False)
+    tok = k_ok & (j < nk)
+    _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
+    _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+    if HAS_P:
+        prm = k_ok & (j >= nk)
+        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
+        tl.store(gptr, dk * scale, mask=prm[:, None])
+        tl.store(gptr + gkv, dv, mask=prm[:, None])
+
+
+@triton.jit
+def prompted_attn_bwd_seq(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
+    PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
+    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
+    D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
+    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
+):
+    # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
+    # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
+    # no other program touches its sequences' dq, dk, dv: nothing is accumulated in global
+    # memory and nothing needs zeroing.  Keys are walked as one combined source, the
+    # segment's token keys and then its prompts (a sequence's prompts share its last key
+    # tile where they fit: 10 keys + 2 prompts are one 16-slot tile):
+    #   pass 1, query-outer: per query tile, delta = rowsum(do o) and dq over all key
+    #     tiles (S, dP, dQ), written once in the input dtype and the caller's layout;
+    #   pass 2, key-outer: per key tile, dk, dv over all query tiles (S, dP, dV, dK),
+    #     reading the deltas pass 1 left in DELTA (same program, after a barrier); token
+    #     rows are written to dk, dv, prompt rows (their dk, dv: the prompt gradients of
+    #     this sequence) once to the sequence's fp32 partial GR[b] (no atomics; the batch
+    #     reduction is a second, deterministic step).
+    # 7 products per tile pair (S and dP twice) and no atomics: bit-exact, so the
+    # deterministic mode uses it as well.
+    pid = tl.program_id(0)
+    seg, grp = pid % NSEG, pid // NSEG
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    BT = BS[3]
+    nkp = nk + _sel(NP, seg, NSEG)
+    spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
+        _sel_st(sgr, seg, NSEG)
+    PKs, PVs, GRs, gkv = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG), \
+        _sel(GKV, seg, NSEG)
+    if ONE:
+        # every sequence is one query tile and one key tile (packed short sequences, e.g.
+        # 10 queries, 10 keys + 2 prompts in 16 slots): S and dP once, 5 products
+        if DIRECT:
+            # the program's sequences share their prompts (GS = the product of the batch
+            # dims the prompts are not broadcast over): it sums their prompt gradients
+            # over all NIT steps and writes them once, in the prompts' dtype, to GR and GV
+            # (dpk and dpv themselves, (*lead, P, D) dense): no partials, no second launch
+            gk = tl.zeros([SLOT_N, D], tl.float32)
+            gv = tl.zeros([SLOT_N, D], tl.float32)
+            if WHILE:
+                it = 0
+                while it < NIT:
+                    dk, dv = _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs,
+                                      GRs, sq, so, sdo, sdq, sk, sv, sdk, sdv, spk_s, spv_s,
+                                      sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+                                      scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, True)
+                    gk += dk
+                    gv += dv
+                    it += 1
+            else:
+                for it in range(0, NIT):
+                    dk, dv = _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs,
+                                      GRs, sq, so, sdo, sdq, sk, sv, sdk, sdv, spk_s, spv_s,
+                                      sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+                                      scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, True)
+                    gk += dk
+                    gv += dv
+            c = tl.arange(0, SLOT_N)
+            prm = (c >= nk) & (c < nkp)
+            P = nkp - nk
+            o = grp.to(tl.int64) * P * D + (c - nk)[:, None] * D + tl.arange(0, D)[None, :]
+            tl.store(GRs + o, gk.to(GRs.dtype.element_ty), mask=prm[:, None])
+            GVs = _sel(GV, seg, NSEG)
+            tl.store(GVs + o, gv.to(GVs.dtype.element_ty), mask=prm[:, None])
+        else:
+            _seq_one(grp, 0, 0, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo,
+                     sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,
+                     LQ, qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, False)
+        return
+    # pass 1: dq, query tile by query tile
+    qb, qi, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
+    qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
+        _boff(qb, BS, sdq)
+    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    if WHILE:
+        m0 = 0
+        while m0 < nq:
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+            m0 += SLOT_M
+    else:
+        for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+    # the deltas stored above are read back below by other threads of this program
+    tl.debug_barrier()
+    # pass 2: dk, dv (and the prompts' partials), key tile by key tile
+    if WHILE:
+        n0 = 0
+        while n0 < nkp:
+            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P)
+            n0 += SLOT_N
+    else:
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
+            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P)
+
+
+@triton.jit
+def _rows_it(grp, it, GS, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
+    # like _rows, for the direct prompt-gradient mode: sequence g of step it of program
+    # grp is b = (it G + g) GS + grp -- all of a program's sequences share the prompt rows
+    # (the batch dims the prompts are broadcast over lead, GS = the other dims' product)
+    r = tl.arange(0, G * SLOT)
+    b = (it * G + r // SLOT) * GS + grp
+    pos = r % SLOT
+    return b, pos, (b < BT) & (pos < n)
+
+
+@triton.jit
+def _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so, sdo, sdq,
+             sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+             scale, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr,
+             D: tl.constexpr, PREC: tl.constexpr, HAS_P: tl.constexpr, DIRECT: tl.constexpr):
+    # One step for G whole sequences; returns their prompt rows' dk, dv (DIRECT: summed
+    # by the caller; else stored as per-sequence partials here)
+    BT = BS[3]
+    if DIRECT:
+        qb, qi, q_ok = _rows_it(grp, it, GS, BT, nq, G, SLOT_M)
+        kb, j, _ = _rows_it(grp, it, GS, BT, 0, G, SLOT_N)
+    else:
+        qb, qi, q_ok = _rows(grp, 0, BT, nq, G, SLOT_M)
+        kb, j, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    pos = q0 + qi
+    q = _load(Q, _boff(qb, BS, sq), pos, sq, q_ok, D)
+    do = _load(DO, _boff(qb, BS, sdo), pos, sdo, q_ok, D)
+    o = _load(O, _boff(qb, BS, so), pos, so, q_ok, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse2 = tl.load(LSE + qb.to(tl.int64) * LQ + pos, mask=q_ok, other=0.0) * 1.4426950408889634
+    k_ok = (kb < BT) & (j < nkp)
+    kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
+    pko, pvo = _boff(kb, BS, spk_s), _boff(kb, BS, spv_s)
+    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
+    valid = q_ok[:, None] & _cols_ok(k_ok, 0, nkp, G, SLOT_N)[None, :]
+    p, ds = _probs(q, do, k, v, lse2, delta, valid, qk_scale, G, PREC)
+    dq = _bdot(ds.to(k.dtype), k, G, False, False, PREC)
+    _store(DQ, _boff(qb, BS, sdq), pos, sdq, q_ok, dq * scale, D)
+    tok = k_ok & (j < nk)
+    dv = _bdot(p.to(do.dtype), do, G, True, False, PREC)
+    _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+    dk = _bdot(ds.to(q.dtype), q, G, True, False, PREC) * scale
+    _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk, D)
+    if DIRECT:
+        # the G sequences share their prompts: one plain (not per-sequence) product over
+        # all G SLOT_M query rows sums their prompt gradients; rows c >= nk of the
+        # [SLOT_N, D] results are prompts c - nk (the token rows mix sequences: unused).
+        # (The launcher uses G = 1 here, where they are the dk, dv products.)
+        if G == 1:
+            gk, gv = dk, dv
+        else:
+            gk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+            gv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    else:
+        if HAS_P:
+            prm = k_ok & (j >= nk)
+            gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
+            tl.store(gptr, dk, mask=prm[:, None])
+            tl.store(gptr + gkv, dv, mask=prm[:, None])
+        gk = tl.zeros([SLOT_N, D], tl.float32)
+        gv = tl.zeros([SLOT_N, D], tl.float32)
+    return gk, gv
+
+
+# ------------------------------------------------------------ prompt-gradient reduction
+@triton.jit
+def prompted_attn_pgrad(
+    GR, GKV, OK, OV, NP, KS, RS, BS, PE,
+    RB: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, WHILE: tl.constexpr,
+):
+    # dpk, dpv of each segment's prompts from the sequence-owning backward's partials
+    # GR[s] ((2, *batch, P, D) fp32, dense; dpv at + GKV[s]).  Program (l * P + p, s):
+    # prompt row p of output row set l (a flat index over the merged batch dims the
+    # prompt is not broadcast over, sizes KS[s], 1 elsewhere) sums the partials of every
+    # sequence b that broadcasts to it (the other dims, sizes RS[s]), RB sequences per
+    # step, in a fixed order (deterministic), then casts to the prompt's dtype:
+    # OK[s] / OV[s], (*lead, P, D) dense.  Grid: (max rows x P, NSEG).
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    ks, rs = _sel_st(KS, seg, NSEG), _sel_st(RS, seg, NSEG)
+    P = _sel(NP, seg, NSEG)
+    nl = ks[0] * ks[1] * ks[2] * ks[3]
+    nr = rs[0] * rs[1] * rs[2] * rs[3]
+    if P > 0:
+        l, p = pid // P, pid % P
+        if l < nl:
+            # kept coordinates of l
+            k3 = l % ks[3]
+            t = l // ks[3]
+            k2 = t % ks[2]
+            t = t // ks[2]
+            k1 = t % ks[1]
+            k0 = t // ks[1]
+            G = _sel(GR, seg, NSEG)
+            gkv = _sel(GKV, seg, NSEG)
+            pe = _sel(PE, seg, NSEG)
+            d = tl.arange(0, D)
+            ak = tl.zeros([D], tl.float32)
+            av = tl.zeros([D], tl.float32)
+            S1, S2, S3 = BS[0], BS[1], BS[2]
+            if WHILE:
+                r0 = 0
+                while r0 < nr:
+                    ak, av = _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3,
+                                      S1, S2, S3, RB, D)
+                    r0 += RB
+            else:
+                for r0 in range(0, nr, RB):
+                    ak, av = _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3,
+                                      S1, S2, S3, RB, D)
+            Ks, Vs = _sel(OK, seg, NSEG), _sel(OV, seg, NSEG)
+            o = l.to(tl.int64) * pe + p * D + d
+            tl.store(Ks + o, ak.to(Ks.dtype.element_ty))
+            tl.store(Vs + o, av.to(Vs.dtype.element_ty))
+
+
+@triton.jit
+def _pg_step(ak, av, G, gkv, pe, p, d, r0, nr, rs, k0, k1, k2, k3, S1, S2, S3,
+             RB: tl.constexpr, D: tl.constexpr):
+    # RB sequences r0 + i (flat over the reduced dims) of the kept coordinates k*
+    r = r0 + tl.arange(0, RB)
+    r3 = r % rs[3]
+    t = r // rs[3]
+    r2 = t % rs[2]
+    t = t // rs[2]
+    r1 = t % rs[1]
+    r0_ = t // rs[1]
+    b = (((k0 + r0_) * S1 + (k1 + r1)) * S2 + (k2 + r2)) * S3 + (k3 + r3)
+    ptr = G + b.to(tl.int64)[:, None] * pe + p * D + d[None, :]
+    ok = (r < nr)[:, None]
+    ak += tl.sum(tl.load(ptr, mask=ok, other=0.0), 0)
+    av += tl.sum(tl.load(ptr + gkv, mask=ok, other=0.0), 0)
+    return ak, av

@@ -94,6 +94,23 @@ def test_edge_inputs_match_reference(backend):
     _property(backend)
 
 
+@pytest.mark.parametrize("path", ["seq", "fa2"])
+def test_triton_edge_inputs_on_each_backward_path(monkeypatch, path):
+    """The triton backend picks its backward path by the sequence lengths and prompt counts
+    (the sequence-owning one for short sequences, fa2 for long ones); the drawn cases
+    reach both, so here each is forced on a few draws of its own."""
+    monkeypatch.setenv("AVSTFP_TRITON_BWD", path)
+    _skip_unless_runs("triton")
+
+    @settings(max_examples=4, deadline=None, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(edge_cases(**SPACE["triton"]))
+    def run(case):
+        check_edge_case(case, "triton", DEVICE["triton"], same_precision_rule=True,
+                        **_rules("triton", case))
+    run()
+
+
 # ----------------------------------------------------------------------------- minimal cases
 def _minimal_cases():
     """The minimal reproductions of the bugs these tests were written for."""

@@ -2,15 +2,30 @@
 
 Design note
 -----------
-Kernels: ``avstfp_fast/kernels/prompted_attention.py``.  Forward: one online-softmax pass
-per query block over its sequence's token keys/values and then the prompt keys/values,
-read in place: nothing is concatenated, expanded, permuted or padded.  Backward
-(default): a small kernel computing ``delta = rowsum(do * o)``, then ONE pass per key
-block (token blocks, then prompt blocks) computing dk/dv and adding ``scale * ds^T k``
-into an fp32 dq accumulator with atomics -- 5 matrix products per tile pair (S, dP, dV,
-dK, dQ), as FlashAttention-2.  ``deterministic=True``: a dq pass (which also stores the
-per-program prompt-gradient partials) and a dk/dv pass, no atomics -- S and dP are
-computed twice (7 products), bit-exact across runs.
+Kernels: ``avstfp_fast/kernels/prompted_attention.py``.  Forward (one launch): one
+online-softmax pass per query block over its sequence's token keys/values and then the
+prompt keys/values as one key source (the prompts share the last key tile where they
+fit), read in place: nothing is concatenated, expanded, permuted or padded.
+
+Backward, short sequences (the tile table's ``bwd == "seq"``: every AV-STFP stage): the
+*sequence-owning* kernel, one program per (sequence group, segment), so no other program
+touches its sequences' gradients: it computes ``delta`` itself, writes dq once in the
+input dtype and the caller's layout (no fp32 accumulator, no zero fill, no copy) and dk,
+dv once each.  Spatial/fusion: a query-outer pass (S, dP, dQ) and a key-outer pass (S,
+dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are one fp32 partial per
+sequence, summed over the batch in a fixed order and cast by ``prompted_attn_pgrad``
+(2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
+16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
+program walks all sequences of one prompt row set and writes their prompt gradient
+directly (1 launch).  No atomics: bit-exact, so ``deterministic=True`` takes the same
+path.
+
+Backward, long sequences (``bwd == "fa2"``): a small kernel computing ``delta = rowsum(do
+* o)``, then ONE pass per key block (token blocks, then prompt blocks) computing dk/dv and
+adding ``scale * ds^T k`` into an fp32 dq accumulator with atomics -- 5 matrix products
+per tile pair (S, dP, dV, dK, dQ), as FlashAttention-2.  ``deterministic=True``: a dq pass
+(which also stores the per-program prompt-gradient partials) and a dk/dv pass, no
+atomics -- S and dP are computed twice (7 products), bit-exact across runs.
 
 *Operand descriptors.*  Each operand is a base pointer plus a stride tuple (4 merged
 batch strides + the sequence stride; the head dim must have stride 1); per-segment
@@ -27,7 +42,9 @@ layout (:class:`_Plan`), so an eager forward spends ~10 µs in Python before the
 
 *Grid.*  Axis 0 = ``group * blocks + block``: the query (or key) blocks of one sequence
 group are adjacent, so they run at the same time and share its K/V in L2; limit 2^31-1
-(batch products above 65535 are fine).  Axis 1 = segment.
+(batch products above 65535 are fine).  Segments: the forward lays each group's segment
+blocks end to end on axis 0 (no empty programs), the sequence-owning backward uses
+``group * segments + segment``, the fa2 kernels axis 1.
 
 *Tiles.*  A small table of shape classes (:class:`_Tiles`), chosen per call from the
 lengths, never autotuned; ``AVSTFP_PRINT_TILES=1`` prints the choice for each new
@@ -41,10 +58,13 @@ sm_90 by ``bench/static_sm90.py`` (run in CI).
 
 *Prompts.*  ``prompt_k``/``prompt_v`` are a second key/value source addressed through
 their broadcast strides (stride 0 over batch dims they are shared in).  Their gradients
-are reduced inside the kernels: default, relaxed fp32 atomics into a buffer of the
-prompt's own (un-broadcast) shape addressed through the broadcast strides; deterministic,
-each dq-pass program stores its partial at ``[b, block]`` of a
-``(2, *batch, n_blocks, P, E)`` buffer, summed afterwards in a fixed order.
+are reduced without atomics on the sequence-owning path (per-sequence fp32 partials
+``(2, *batch, P, E)`` summed by ``prompted_attn_pgrad`` over the dims the prompt is
+broadcast over, in a fixed order, or summed on chip and written directly, see above).
+fa2 path: default, relaxed fp32 atomics into a buffer of the prompt's own (un-broadcast)
+shape addressed through the broadcast strides; deterministic, each dq-pass program stores
+its partial at ``[b, block]`` of a ``(2, *batch, n_blocks, P, E)`` buffer, summed
+afterwards in a fixed order.
 
 *Floors* (bytes and executed FLOPs per stage and tile): ``bench/floors.py`` and
 ``docs/design.md``, "Floors: bytes and FLOPs".
@@ -68,11 +88,25 @@ from .launch_cache import launch
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
 
 MAX_SEGMENTS = 4
+#: The sequence-owning backward's bounds (see :class:`_Tiles`): rows of a sequence
+#: (queries, and keys + prompts) and bytes one program re-reads from L2 (2 x rows x d x
+#: element size: bf16 d 64 allows 768 rows, d 128 384; fp32 d 128 192).
+SEQ_MAX_ROWS = 384
+SEQ_MAX_BYTES = 192 * 1024
+#: Direct prompt gradients of packed one-step sequences (see :class:`_Plan`) only with at
+#: least this many programs (prompt row sets): ViT-B/16 temporal has 2952.
+DIRECT_MIN_PROGRAMS = 512
+#: Otherwise the sequence-owning backward reduces per-sequence fp32 partials of the prompt
+#: gradients; it is chosen only while they add at most this share to the backward's
+#: minimum bytes (ViT-B/16 spatial 8%, fusion 0.8%); above (e.g. 2 prompts on 10 + 10
+#: rows and no direct mode: 20%), the fa2 path's atomics into the prompt's own shape.
+SEQ_MAX_PARTIAL = 0.10
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
 _LOG2E = 1.4426950408889634
-#: Backward scheme of the default (non-deterministic) mode; ``bench/floors.py`` names.
+#: Backward scheme of the default (non-deterministic) mode of the long-sequence ("fa2")
+#: path; ``bench/floors.py`` names.  (Short sequences: see ``_Tiles.bwd``.)
 BACKWARD_SCHEME = "fused"
 
 
@@ -117,7 +151,12 @@ class _Tiles:
     ``long``     Lq > 32 (spatial, fusion): 64 queries x 64 keys, one sequence.
     Prompt tiles: next_pow2(P) clamped to the key tile's bounds.  Head dim 128 uses 8
     warps; fp32 (IEEE FMA dots, no tensor cores) one pipeline stage and key tiles of at
-    most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90)."""
+    most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90).
+    ``slot_kp``: the key tile of the kernels that walk keys + prompts as one source.
+    Backward path ``bwd``: ``"seq"`` (sequence-owning) while a sequence has at most
+    SEQ_MAX_ROWS queries and keys + prompts and 2 x rows x d x element size <=
+    SEQ_MAX_BYTES, else ``"fa2"``; ``bwd_one``: packed sequences that are one tile
+    (one backward step)."""
 
     def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
@@ -138,6 +177,9 @@ class _Tiles:
         clamp = lambda n, lo=lo: min(max(_p2(max(n, 1)), lo), max(lo, hi))   # noqa: E731
         self.slot_n = clamp(max_k)
         self.slot_p = clamp(max_p, 16)
+        # key tile of the sequence-owning backward, which walks a sequence's keys and then
+        # its prompts as one source (the prompts share the last key tile where they fit)
+        self.slot_kp = clamp(max_k + max_p)
         self.num_warps = 8 if head_dim >= 128 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
@@ -153,12 +195,69 @@ class _Tiles:
         # and no spills.  Its dq product then has 32 rows (mma.sync; the other four
         # products keep 64 key rows and stay on wgmma).
         self.bwd_slot_m = 32 if self.g == 1 else self.slot_m
+        # Backward path.  "seq" (the sequence-owning backward, one program per sequence
+        # group and segment, one launch, no dq accumulator) when a sequence is short:
+        # at most SEQ_MAX_ROWS queries and keys + prompts (6 tiles of 64: every AV-STFP
+        # stage, ViT-L/14 fusion's 321 + 2 included), and
+        # the rows one program re-reads while it walks the other side (its K, V and
+        # prompts in the query pass, its Q and dO in the key pass) within SEQ_MAX_BYTES,
+        # so that ~264 resident programs (2 per SM) re-read them from L2, not DRAM.
+        # Otherwise "fa2": the key-block-parallel fused backward (or, deterministic, the
+        # two-pass one), which spreads a long sequence over many programs.
+        # AVSTFP_TRITON_BWD=seq|fa2 forces a path (tests of the boundary).
+        elem = 4 if dtype == torch.float32 else 2
+        rows = max(max_q, max_k + max_p)
+        fits = rows <= SEQ_MAX_ROWS and 2 * rows * head_dim * elem <= SEQ_MAX_BYTES
+        force = os.environ.get("AVSTFP_TRITON_BWD", "auto")
+        if force in ("seq", "fa2"):
+            fits = force == "seq"
+        self.bwd = "seq" if fits else "fa2"
+        # "seq" on packed tiles whose sequences are one query tile and one key tile (the
+        # temporal stage: 10 queries, 10 keys + 2 prompts in 16 slots): a single step,
+        # S and dP computed once (5 products), nothing carried across loops
+        self.bwd_one = fits and self.kind == "packed" and max_k + max_p <= self.slot_kp
+        # a packed forward whose keys + prompts are one tile walks one step: nothing to
+        # pipeline, and one stage keeps Triton 3.6 at 3 CTAs/SM (167 registers; 2 stages:
+        # 172, 2 CTAs/SM; Triton 3.8: 168 either way)
+        self.fwd_stages = (1 if self.kind == "packed" and max_k + max_p <= self.slot_kp
+                           else self.num_stages)
 
     def describe(self) -> str:
         return (f"{self.kind}: G={self.g} SLOT_M={self.slot_m} SLOT_N={self.slot_n} "
                 f"SLOT_P={self.slot_p} num_warps={self.num_warps} "
-                f"num_stages={self.num_stages} (backward: {self.bwd_stages} stages, "
+                f"num_stages={self.num_stages} (backward {self.bwd}: {self.bwd_stages} stages, "
                 f"{self.bwd_slot_m}-row query tiles)")
+
+
+def _direct_shape(batch, q, pks, pvs, t: _Tiles, nseg: int) -> bool:
+    """Whether the sequence-owning backward can write the prompt gradients directly (see
+    ``_Plan``): packed one-step tiles, one segment with prompts of q's dtype, pk and pv
+    shaped alike, broadcast only over leading batch dims, and enough prompt row sets."""
+    pk, pv = pks[0], pvs[0]
+    if not (t.bwd_one and nseg == 1 and pk is not None and pk.shape[-2] > 0
+            and pk.dtype == q.dtype == pv.dtype):
+        return False
+    lead = tuple(torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2]))
+    if tuple(pk.shape[:-2]) != lead or tuple(pv.shape[:-2]) != lead or len(lead) > len(batch):
+        return False
+    full = (1,) * (len(batch) - len(lead)) + lead
+    kept, gs = False, 1
+    for nb, nl in zip(batch, full):
+        if nb == 1:
+            continue
+        if nl == nb:
+            kept, gs = True, gs * nb
+        elif kept:                      # a broadcast dim inside a kept one
+            return False
+    return gs >= DIRECT_MIN_PROGRAMS
+
+
+def _partial_share(q, pks, q_segments, k_segments) -> float:
+    """Bytes of the per-sequence prompt-gradient partials (fp32 dpk and dpv rows, written
+    and read) over the backward's minimum bytes (~8 rows of d elements per query and key
+    row: q, o, do, dq; k, v, dk, dv): 4 P / (elem (Lq + Lk))."""
+    P = sum(0 if pk is None else pk.shape[-2] for pk in pks)
+    return 4.0 * P / (q.element_size() * max(1, sum(q_segments) + sum(k_segments)))
 
 
 def tile_for(p: AttnProblem) -> _Tiles:
@@ -201,13 +300,22 @@ class _Plan:
         else:
             tens = [q, k, v, out, dout, dq, dk, dv]
         # per-segment prompt-gradient buffers: (2, *lead, P, E) fp32, broadcast like pk
+        # (fused backward: atomics); (2, *batch, P, E), one partial per sequence (the
+        # sequence-owning backward); (2, *batch, blocks, P, E) (two-pass)
+        self.seq = seq = dout is not None and t.bwd == "seq" and (
+            os.environ.get("AVSTFP_TRITON_BWD") == "seq"
+            or _direct_shape(batch, q, pks, pvs, t, len(q_segments))
+            or _partial_share(q, pks, q_segments, k_segments) <= SEQ_MAX_PARTIAL)
+        part = deterministic or seq
         self.gshape, gviews = [], []
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pk is None or self.P[s] == 0:
                 self.gshape.append(None)
                 continue
             P = self.P[s]
-            if deterministic:
+            if seq:
+                shp = (2, *batch, P, self.E)
+            elif deterministic:
                 nblk = cdiv(q_segments[s], t.slot_m)
                 shp = (2, *batch, nblk, P, self.E)
             else:
@@ -215,8 +323,57 @@ class _Plan:
                 shp = (2, *lead, P, self.E)
             self.gshape.append(shp)
             g = torch.empty(shp, dtype=torch.float32, device="meta")
-            gviews.append(g[0] if deterministic else g[0].expand(*batch, P, self.E))
-        bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews])
+            gviews.append(g[0] if part else g[0].expand(*batch, P, self.E))
+        # sequence-owning backward: the prompt gradients (*lead, P, E), dense, in the
+        # prompt's dtype (fp32 where pk and pv broadcast differently: summed further on
+        # the host), written by the reduction kernel; their views over the batch keep
+        # apart the dims they are broadcast over when merging
+        self.pg_lead, self.pg_direct, oviews = [], [], []
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if not seq or self.gshape[s] is None:
+                self.pg_lead.append(None)
+                self.pg_direct.append(False)
+                continue
+            lead = tuple(torch.broadcast_shapes(pk.shape[:-2], pv.shape[:-2]))
+            self.pg_lead.append(lead)
+            self.pg_direct.append(tuple(pk.shape[:-2]) == lead == tuple(pv.shape[:-2]))
+            oviews.append(torch.empty((*lead, self.P[s], self.E), device="meta")
+                          .expand(*batch, self.P[s], self.E))
+        bs, st = merge_batch_dims(batch, [x.stride()[:nb] for x in tens + ex + gviews
+                                          + oviews])
+        o = len(tens) + len(ex) + len(gviews)
+        self.pg_ks, self.pg_rs, self.pg_rows = [], [], 0
+        for s in range(len(pks)):
+            if self.pg_lead[s] is None:
+                self.pg_ks.append((0,) * 5)
+                self.pg_rs.append((0,) * 5)
+                continue
+            so = st[o]
+            o += 1
+            ks = tuple(n if x != 0 else 1 for n, x in zip(bs, so)) + (0,)
+            rs = tuple(n if x == 0 else 1 for n, x in zip(bs, so)) + (0,)
+            self.pg_ks.append(ks)
+            self.pg_rs.append(rs)
+            self.pg_rows = max(self.pg_rows, ks[0] * ks[1] * ks[2] * ks[3])
+        # Packed one-step sequences whose prompts are broadcast over the leading batch
+        # dims only (the temporal stage: prompts (N, H, P, d) over batch (B, N, H)): each
+        # program owns the R = B sequences of one prompt row set, one per step, and writes
+        # their summed prompt gradient directly (one launch, no partials).  Needs enough
+        # programs (GS >= DIRECT_MIN_PROGRAMS).
+        self.direct, self.gs, self.nit = False, 0, 0
+        if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
+                and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
+            ks, rs = self.pg_ks[0][:4], self.pg_rs[0][:4]
+            lead_ok, kept = True, False
+            for kd, rd in zip(ks, rs):
+                kept = kept or kd > 1
+                lead_ok = lead_ok and not (kept and rd > 1)
+            R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
+            if lead_ok and GS >= DIRECT_MIN_PROGRAMS:
+                # one sequence per step (G = 1, 16-row tiles, 8 steps at batch 8): with
+                # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
+                # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
+                self.direct, self.gs, self.nit = True, GS, R
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
         self.st = [_st(st[i], x) for i, x in enumerate(tens)]
@@ -238,12 +395,16 @@ class _Plan:
             else:
                 g = torch.empty(self.gshape[s], dtype=torch.float32, device="meta")
                 self.sgr.append(tuple(st[j]) + (g.stride(-2),))
-                self.gm.append(g.stride(-3) if deterministic else 0)
+                self.gm.append(g.stride(-3) if deterministic and not seq else 0)
                 self.gkv.append(g.stride(0))
                 j += 1
+        if self.direct:          # the gradient itself, (2, *lead, P, E) in q's dtype
+            self.gshape[0] = (2, *self.pg_lead[0], self.P[0], self.E)
+            self.gkv[0] = self.gs * self.P[0] * self.E
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
         self.NP = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
+        self.nqbs = tuple(cdiv(n, t.slot_m) for n in q_segments)   # per segment
         self.nkb = max(cdiv(n, t.slot_n) for n in k_segments)
         self.npb = max([0] + [cdiv(n, t.slot_p) for n in self.P])
         self.groups = cdiv(self.Bt, t.g)
@@ -254,9 +415,13 @@ class _Plan:
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
         self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
+        self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
-                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}",
+                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
+                  + ("" if dout is None else
+                     f"; backward path {'seq' if self.seq else 'fa2'}"
+                     + (" (direct prompt gradients)" if self.direct else "")),
                   file=sys.stderr)
 
     def grid(self, blocks: int):
@@ -293,15 +458,15 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, layout=
         return lse
     t = pl.t
     sq, sk, sv, so = pl.st
-    launch(_kernels().prompted_attn_fwd, pl.grid(pl.nqb), (
+    launch(_kernels().prompted_attn_fwd, (pl.groups * sum(pl.nqbs),), (
         q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
-        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale),
-        lambda: dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
+        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.nqbs, pl.BS, pl.Lq, pl.qk_scale),
+        lambda: dict(SLOT_N=t.slot_kp, **pl.fwd_const), pl.launchers)
     return lse
 
 
-def _finish_grad(buf, pk, pv, deterministic):
-    g = buf.sum(-3) if deterministic else buf          # (2, *lead, P, E)
+def _finish_grad(buf, pk, pv, per_block):
+    g = buf.sum(-3) if per_block else buf              # (2, *lead or *batch, P, E)
     return (g[0].sum_to_size(pk.shape).to(pk.dtype, copy=True),
             g[1].sum_to_size(pv.shape).to(pv.dtype, copy=True))
 
@@ -312,9 +477,10 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
-    key = ("b", det, layout, out.stride(), dout.stride(), dq.stride(), dk.stride(),
+    path = os.environ.get("AVSTFP_TRITON_BWD", "auto")      # a forced path is a new plan
+    key = ("b", det, path, layout, out.stride(), dout.stride(), dq.stride(), dk.stride(),
            dv.stride()) if layout is not None else (
-           "b", det, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+           "b", det, path, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
            v.stride(), k.shape[-2], out.stride(), dout.stride(), dq.stride(), dk.stride(),
            dv.stride(), tuple(map(_layout_key, pks)), tuple(map(_layout_key, pvs)),
            tuple(q_segments), tuple(k_segments), scale)
@@ -322,14 +488,33 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
                det)
     t = pl.t
     dev = q.device
-    bufs = [None if s is None or pl.Bt == 0 else
-            (torch.empty if det else torch.zeros)(s, dtype=torch.float32, device=dev)
-            for s in pl.gshape]
+    if pl.direct and pl.Bt > 0:       # dpk, dpv themselves (separate: the custom op's
+        shp = pl.gshape[0][1:]         # outputs must not alias each other)
+        bufs = [torch.empty(shp, dtype=q.dtype, device=dev)]
+        gvs = (torch.empty(shp, dtype=q.dtype, device=dev),)
+    else:
+        bufs = [None if s is None or pl.Bt == 0 else
+                (torch.empty if det or pl.seq else torch.zeros)(s, dtype=torch.float32,
+                                                                 device=dev)
+                for s in pl.gshape]
     grs = tuple(lse if b is None else b for b in bufs)
+    if not (pl.direct and pl.Bt > 0):
+        gvs = grs
     delta = torch.empty_like(lse)
     sq, sk, sv, so, sdo, sdq, sdk, sdv = pl.st
     PK, PV = _ptrs(pks, q), _ptrs(pvs, q)
-    if pl.Bt > 0 and pl.nqb > 0:
+    if pl.seq and pl.Bt > 0:
+        # one launch: dq, dk, dv written once each; per-sequence prompt partials
+        # (direct: one program per prompt row set, its gradient written in place)
+        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.groups * pl.nseg,), (
+            q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
+            PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
+            tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
+            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
+                                  ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
+                                  **(dict(pl.bwd_const, G=1) if pl.direct
+                                     else pl.bwd_const)), pl.launchers)
+    elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
                 q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
@@ -357,16 +542,49 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     elif pl.Bt > 0 and pl.nkb > 0:          # no queries: dk = dv = 0
         dk.zero_()
         dv.zero_()
-    if pl.Bt > 0 and pl.nqb == 0:
+    if pl.Bt > 0 and pl.nqb == 0 and not pl.seq:
         dq.zero_()
     grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
+    done = [False] * len(pks)
+    if pl.direct and pl.Bt > 0:
+        grads[0] = bufs[0].view(pks[0].shape)
+        grads[MAX_SEGMENTS] = gvs[0].view(pvs[0].shape)
+        done[0] = True
+    elif pl.seq and pl.Bt > 0 and pl.pg_rows > 0:
+        # one more launch: the batch reduction of the per-sequence partials and the cast
+        # (into fp32 where a prompt gradient needs a further host reduction: pk and pv
+        # broadcast differently, or prompts of another dtype than q)
+        direct = all(pl.pg_direct[s] and pks[s].dtype == q.dtype and pvs[s].dtype == q.dtype
+                     for s in range(len(pks)) if pl.pg_lead[s] is not None)
+        odt = q.dtype if direct else torch.float32
+        outs = [None if ld is None else
+                tuple(torch.empty((*ld, pl.P[s], pl.E), dtype=odt, device=dev)
+                      for _ in range(2)) for s, ld in enumerate(pl.pg_lead)]
+        some = next(o for o in outs if o is not None)
+        outs = [some if o is None else o for o in outs]
+        launch(K.prompted_attn_pgrad, (pl.pg_rows * max(pl.P), pl.nseg), (
+            grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
+            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.BS,
+            tuple(n * pl.E for n in pl.P)), lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg,
+                                                          WHILE=interpreting(), num_warps=4),
+            pl.launchers)
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if pl.pg_lead[s] is None:
+                continue
+            gk, gv = outs[s]
+            if not direct:
+                gk = gk.sum_to_size(pk.shape).to(pk.dtype)
+                gv = gv.sum_to_size(pv.shape).to(pv.dtype)
+            grads[s], grads[MAX_SEGMENTS + s] = gk.view(pk.shape), gv.view(pv.shape)
+            done[s] = True
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
-        if pk is None:
+        if pk is None or done[s]:
             continue
         if bufs[s] is None:
             grads[s], grads[MAX_SEGMENTS + s] = torch.zeros_like(pk), torch.zeros_like(pv)
         else:
-            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv, det)
+            grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv,
+                                                              det and not pl.seq)
     return tuple(grads)
 
 

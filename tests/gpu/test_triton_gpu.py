@@ -1,5 +1,6 @@
-"""Triton backend on a GPU, what only a GPU shows: 4 segments through the fused backward,
-short queries over long keys, and batch products above 65535 (grid axis 0).  The op's
+"""Triton backend on a GPU, what only a GPU shows: 4 segments, both backward paths
+(sequence-owning and fa2) at the stage layouts, short queries over long keys, and batch
+products above 65535 (grid axis 0).  The op's
 contract cases (stage shapes, layouts, odd lengths, determinism, torch.compile) run for
 every backend in tests/test_backend_contract.py.  Skipped without CUDA (marker ``gpu``)."""
 import os
@@ -72,6 +73,37 @@ def test_short_queries_over_long_keys(Lq, Lk):
         return prompted_attention(q, k, v, pk, pv, backend=backend)
     _check(fn, [q, k, v, _p(3, 2, 64, dtype=dtype), _p(3, 2, 64, dtype=dtype)], dtype,
            f"short-q {Lq}x{Lk}")
+
+
+# --------------------------------------------------------------------------- backward paths
+@pytest.mark.parametrize("stage", ["temporal", "spatial", "fusion"])
+@pytest.mark.parametrize("path", ["seq", "fa2"])
+def test_stage_backward_paths(monkeypatch, stage, path):
+    """Both backward paths at the ViT-B/16 stage layouts (batch 2, bf16): the sequence-
+    owning one (with the temporal stage's direct prompt gradients: DIRECT_MIN_PROGRAMS
+    lowered so that batch 2 qualifies) and the key-block-parallel fa2 one."""
+    from avstfp_fast.ops import triton_backend as TB
+    monkeypatch.setenv("AVSTFP_TRITON_BWD", path)
+    monkeypatch.setattr(TB, "DIRECT_MIN_PROGRAMS", 1)
+    TB._PLANS.clear()
+    dtype = torch.bfloat16
+    qkv = _qkv(2, 10, 246, 12, 64, dtype)
+    if stage == "temporal":
+        ps, segs, seq_dim = [_p(246, 12, 2, 64, dtype=dtype)] * 2, None, 1
+    elif stage == "spatial":
+        ps, segs, seq_dim = [_p(12, 10, 64, dtype=dtype) for _ in range(4)], (49, 197), 2
+    else:
+        ps, segs, seq_dim = [_p(12, 2, 64, dtype=dtype)] * 2, None, 2
+    ps = [t.clone() for t in ps]
+
+    def fn(x, *rest):
+        *ps, backend = rest
+        n = len(ps) // 2
+        pk, pv = (list(ps[:n]), list(ps[n:])) if segs else (ps[0], ps[1])
+        return prompted_attention_qkv(x, pk, pv, qkv_dim=3, seq_dim=seq_dim, segments=segs,
+                                      backend=backend)
+    _check(fn, [qkv, *ps], dtype, f"{stage} backward {path}")
+    TB._PLANS.clear()
 
 
 # --------------------------------------------------------------------------- determinism
