@@ -125,6 +125,16 @@ __device__ __forceinline__ void store16(void* dst, const uint4& v) {
 }
 #endif
 
+// Every exit path of a kernel that issued copies drains them: commit whatever is still open
+// (copies issued after the last commit belong to no group, and cp.async.wait_group does
+// not wait for them) and wait for all groups (= cp.async.wait_all).  A copy still in flight
+// when its CTA exits lands in shared memory that the next CTA on the SM may already use.
+// The CPU emulation fails any launch whose CTA ends with a copy it never waited for.
+__device__ __forceinline__ void cp_async_drain() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
 // Groups a thread may leave pending when it needs the oldest tile of a STAGES-deep pipeline
 // (each iteration commits one group; with one stage the tile is waited for right away).
 template <int STAGES>
@@ -492,7 +502,7 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
         }
         warp_mm<T, D, BN, false>(Pw, L::LDP, sV, L::LDT, Ow, L::LDO, true);   // O += P V
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     for (int r = tid; r < nq; r += UT) {
@@ -626,7 +636,7 @@ dq_kernel(const __grid_constant__ AttnParams p) {
         }
         warp_mm<T, D, BN, false>(dSw, L::LDP, sK, L::LDT, dQw, L::LDA, true);  // dQ += dS K
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     store_tile<T, D, UT>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
@@ -711,7 +721,10 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         }
     };
 
-    {
+    // K and V of the tile, as a commit group of their own (older than every Q/dO group, so
+    // the pipeline's waits cover it).  A segment without queries (segments=(0, n) with
+    // prompts, or Lq = 0) issues no copies at all: its keys' gradients are zero.
+    if (nqt > 0) {
         const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
         const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
         load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
@@ -719,6 +732,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
                                  kt.np, vec, tid);
     }
+    cp_async_commit();
 #pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < nqt) issue_q(st, st);
@@ -768,7 +782,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         warp_mm<T, D, BM, false>(Pw, L::LDP, sdO, L::LDT, dVw, L::LDA, true);  // dV += P^T dO
         warp_mm<T, D, BM, false>(dSw, L::LDP, sQ, L::LDT, dKw, L::LDA, true);  // dK += dS^T Q
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     if (kt.nk > 0) {   // rows [0, nk): keys

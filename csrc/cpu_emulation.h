@@ -536,6 +536,27 @@ const char* emu_kernel_table() {
     return out.c_str();
 }
 
+// Self-test of the pending-copy check at CTA exit: a one-warp kernel whose lane 0 issues a
+// 16-byte cp.async and then (which = 0) exits without committing it, (1) commits it and
+// exits without waiting, (2) drains it as the kernels do.  Returns the launch's error code
+// (cudaErrorLaunchFailure for 0 and 1, cudaSuccess for 2).
+namespace avstfp_emu {
+alignas(16) inline unsigned char g_selftest_buf[16];
+inline void selftest_kernel(int which) {
+    if ((threadIdx.x & 31) == 0) {
+        cp_async16(avstfp::detail::smem, g_selftest_buf, true);
+        if (which >= 1) cp_async_commit();
+        if (which == 2) cp_async_wait<0>();
+    }
+}
+}  // namespace avstfp_emu
+
+int emu_selftest_pending_copy(int which) {
+    avstfp_emu::g_error.clear();
+    AVSTFP_LAUNCH(avstfp_emu::selftest_kernel, dim3(2), 32, 16, nullptr, which);
+    return (int)cudaGetLastError();
+}
+
 int emu_forward(const avstfp::AttnParams* p) {
     using namespace avstfp;
     avstfp_emu::g_error.clear();
