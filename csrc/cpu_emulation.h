@@ -502,24 +502,9 @@ inline cudaError_t cudaGetLastError() {
 // ------------------------------------------------------------------ entry points
 extern "C" {
 
-int emu_params_size() { return (int)sizeof(avstfp::AttnParams); }
-
-// offsets of a few fields, so the ctypes mirror can check its layout
-long emu_params_offset(int which) {
-    using avstfp::AttnParams;
-    switch (which) {
-        case 0: return offsetof(AttnParams, q);
-        case 1: return offsetof(AttnParams, pk);
-        case 2: return offsetof(AttnParams, dpv);
-        case 3: return offsetof(AttnParams, lse);
-        case 4: return offsetof(AttnParams, Lq);
-        case 5: return offsetof(AttnParams, n_prompt);
-        case 6: return offsetof(AttnParams, scale);
-        case 7: return offsetof(AttnParams, short_tiles);
-        case 8: return offsetof(AttnParams, vec16_out);
-        default: return -1;
-    }
-}
+// Plan size, so that the Python side (avstfp_fast/ops/layout.py) can check it agrees.
+int emu_plan_ints() { return avstfp::kPlanInts; }
+int emu_num_pointers() { return avstfp::kNumPointers; }
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
@@ -557,26 +542,35 @@ int emu_selftest_pending_copy(int which) {
     return (int)cudaGetLastError();
 }
 
-int emu_forward(const avstfp::AttnParams* p) {
+// Forward / backward from a launch plan (LaunchPlan.ints()) and the pointers, unpacked by
+// the same unpack_params as the torch binding.  Returns a cudaError_t; the message is
+// emu_error() (a plan error is reported as cudaErrorInvalidValue).
+static int emu_run(const int64_t* plan, int64_t n, void* const* ptrs, bool backward) {
     using namespace avstfp;
     avstfp_emu::g_error.clear();
-    switch (p->dtype) {
-        case kF16: return detail::launch_fwd_t<__half>(*p, nullptr);
-        case kBF16: return detail::launch_fwd_t<__nv_bfloat16>(*p, nullptr);
-        case kF32: return detail::launch_fwd_t<float>(*p, nullptr);
-        default: return cudaErrorInvalidValue;
+    AttnParams p;
+    if (const char* err = unpack_params(plan, n, ptrs, p)) {
+        avstfp_emu::g_error = err;
+        return cudaErrorInvalidValue;
+    }
+    if (p.nseq == 0) return cudaSuccess;
+    switch (p.dtype) {
+        case kF16: return backward ? detail::launch_bwd_t<__half>(p, nullptr)
+                                   : detail::launch_fwd_t<__half>(p, nullptr);
+        case kBF16: return backward ? detail::launch_bwd_t<__nv_bfloat16>(p, nullptr)
+                                    : detail::launch_fwd_t<__nv_bfloat16>(p, nullptr);
+        case kF32: return backward ? detail::launch_bwd_t<float>(p, nullptr)
+                                   : detail::launch_fwd_t<float>(p, nullptr);
+        default: avstfp_emu::g_error = "bad dtype code"; return cudaErrorInvalidValue;
     }
 }
 
-int emu_backward(const avstfp::AttnParams* p) {
-    using namespace avstfp;
-    avstfp_emu::g_error.clear();
-    switch (p->dtype) {
-        case kF16: return detail::launch_bwd_t<__half>(*p, nullptr);
-        case kBF16: return detail::launch_bwd_t<__nv_bfloat16>(*p, nullptr);
-        case kF32: return detail::launch_bwd_t<float>(*p, nullptr);
-        default: return cudaErrorInvalidValue;
-    }
+int emu_forward(const int64_t* plan, int64_t n, void* const* ptrs) {
+    return emu_run(plan, n, ptrs, false);
+}
+
+int emu_backward(const int64_t* plan, int64_t n, void* const* ptrs) {
+    return emu_run(plan, n, ptrs, true);
 }
 
 }  // extern "C"
