@@ -997,6 +997,8 @@ struct KernelInfo {
     size_t stage_bytes;   // bytes of global memory one stage copies, per CTA
     int loads_tiles;      // 1: loops over K/V (or Q/dO) tiles
     int pack;             // units (sequences/tiles) per CTA
+    size_t score_smem;    // bytes per CTA of fp32 score-shaped tiles (S, dP) in shared memory
+    size_t acc_smem;      // bytes per CTA of fp32 accumulators (O, dQ, dK, dV) in shared memory
 };
 
 template <typename T> constexpr const char* type_name();
@@ -1006,7 +1008,7 @@ template <> constexpr const char* type_name<float>() { return "float"; }
 
 template <class F>
 void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, int pack,
-          size_t unit_smem, int stage_rows) {
+          size_t unit_smem, int stage_rows, size_t unit_score, size_t unit_acc) {
     KernelInfo k{};
     std::snprintf(k.name, sizeof k.name, "%s<%s, %d, %d, %d, %d, %d>", kern, tn, d, a, b, s,
                   pack);
@@ -1017,6 +1019,8 @@ void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, i
                     (std::strcmp(tn, "float") == 0 ? 4 : 2);
     k.loads_tiles = 1;
     k.pack = pack;
+    k.score_smem = pack * unit_score;
+    k.acc_smem = pack * unit_acc;
     f(k);
 }
 
@@ -1024,9 +1028,16 @@ template <typename T, int D, int BM, int FN, int FS, int QN, int QS, int KM, int
           class F>
 void kernel_infos_set(F&& f) {
     const char* tn = type_name<T>();
-    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, FwdSmem<T, D, BM, FN, FS>::bytes, FN);
-    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, DqSmem<T, D, BM, QN, QS>::bytes, QN);
-    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, DkvSmem<T, D, BM, KM, KS>::bytes, KM);
+    // fp32 score tiles: forward S (fp32 writes P over it), dQ S and dP, dK/dV S^T and dP^T
+    using LF = FwdSmem<T, D, BM, FN, FS>;
+    using LQ = DqSmem<T, D, BM, QN, QS>;
+    using LK = DkvSmem<T, D, BM, KM, KS>;
+    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN,
+         sizeof(float) * BM * LF::LDS, sizeof(float) * BM * LF::LDO);
+    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN,
+         2 * sizeof(float) * BM * LQ::LDS, sizeof(float) * BM * LQ::LDA);
+    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM,
+         2 * sizeof(float) * BM * LK::LDS, 2 * sizeof(float) * BM * LK::LDA);
 }
 
 template <typename T, int D, class F>

@@ -508,7 +508,8 @@ int emu_num_pointers() { return avstfp::kNumPointers; }
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
-// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles|pack
+// One line per kernel instance:
+// name|threads|smem|stages|stage_bytes|loads_tiles|pack|score_smem|acc_smem
 const char* emu_kernel_table() {
     static std::string out;
     out.clear();
@@ -516,7 +517,8 @@ const char* emu_kernel_table() {
         out += std::string(k.name) + "|" + std::to_string(k.threads) + "|" +
                std::to_string(k.smem) + "|" + std::to_string(k.stages) + "|" +
                std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "|" +
-               std::to_string(k.pack) + "\n";
+               std::to_string(k.pack) + "|" + std::to_string(k.score_smem) + "|" +
+               std::to_string(k.acc_smem) + "\n";
     });
     return out.c_str();
 }

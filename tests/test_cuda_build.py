@@ -81,8 +81,17 @@ def test_static_contract_sm90(cuda_objs, emu):
     assert len(rows) >= 9 * 4, [x["kernel"] for x in rows]
     assert st.cuda_failures(rows) == []
     for x in rows:
+        what = f"{x['kernel']}<{x['config']}>"
         if x["kernel"] in ("fwd_kernel", "dq_kernel"):
-            assert 128 in x["store_bits"], f"{x['kernel']}<{x['config']}>: no 16-byte stores"
+            assert 128 in x["store_bits"], f"{what}: no 16-byte stores"
+        if x["kernel"] != "delta_kernel":
+            assert x["cp_async_16B"], f"{what}: cp.async copies narrower than 16 bytes"
+            if not x["config"].startswith("float"):
+                assert x["hmma"] > 0, f"{what}: no tensor-core instructions (HMMA)"
+    # the FlashAttention-2 targets are reported (bench/results/static-sm90-cuda.md), not
+    # failed, until the mma.sync/ldmatrix kernels exist: they must at least be computed
+    gaps = st.fa2_gaps(rows)
+    assert all(isinstance(g, str) for g in gaps)
 
 
 # --------------------------------------------------------------------------- _build.py
