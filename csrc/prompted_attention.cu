@@ -9,8 +9,10 @@
 // softmax: nothing is concatenated, expanded, permuted or copied.
 //
 // Addressing (attn_params.h).  Every operand is (*batch, rows, head_dim) with a dense last
-// dim and arbitrary strides elsewhere.  The binding merges mergeable batch dims and passes
-// at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in elements).
+// dim and arbitrary strides elsewhere.  The launch plan (avstfp_fast/ops/layout.py,
+// LaunchPlan, read by unpack_params in attn_params.h) merges mergeable batch dims and
+// gives at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in
+// elements); the binding only adds the pointers.
 // A work item's flat sequence index b is un-flattened row-major into (b0..b3) and
 // sum_i b_i * bstride[i] is added to each base pointer.  The temporal stage is then simply
 // a (B, N, H) batch over a (B, M, N, 3, H, d) buffer with sequence dim M; spatial/fusion a
@@ -79,9 +81,12 @@
 //   deterministic=True, a plain store into a (*batch, P, d) fp32 buffer that the caller
 //   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
 //
+// Every exit path drains its copies (cp_async_drain: commit + wait_group 0); a program
+// with nothing to compute (a dK/dV tile of a segment without queries) issues none.
+//
 // Testing without a GPU.  cpu_emulation.h runs this very code on the CPU (threads as
 // fibers, WMMA emulated, cp.async modelled with late landing and early clobber plus a
-// pending-read check, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
+// pending-read check and a fatal check for copies still pending when a CTA ends, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
 // wrap is always exercised); tests/test_cuda_build.py checks it against the float64
 // reference, and checks that deliberately broken pipelines (a misplaced cp.async wait, a
 // missing barrier after it: AVSTFP_TEST_FAULT) fail there.

@@ -1,4 +1,4 @@
-"""Batch-dimension merging for the kernel backends (one place for all of them).
+"""Batch-dimension merging and the launch plan for the kernel backends (one place for all).
 
 The kernels address every operand as ``base + sum_d i_d * stride_d + pos * seq_stride``
 over at most :data:`MAX_BATCH_DIMS` batch dims, recovering ``(i0, i1, i2, i3)`` from the
@@ -7,6 +7,10 @@ and the batch strides of every operand into that form: it drops size-1 dims and 
 adjacent dims that *every* operand lays out densely one inside the other (so a
 ``(B, N, H)`` batch of a contiguous buffer becomes one dim), then left-pads to four dims.
 Broadcast operands (stride 0) merge only where all others are stride 0 too.
+
+:class:`LaunchPlan` builds on it: the whole launch description of one call (merged batch
+sizes, every operand's strides, the segment table, the prompt-gradient buffers) in the
+names of ``csrc/attn_params.h``; the CUDA binding and the emulation tests read it as is.
 """
 from __future__ import annotations
 
