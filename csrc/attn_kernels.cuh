@@ -198,6 +198,12 @@ __device__ __forceinline__ uint32_t pack_word(const float* x, float m) {
         return bits_of(from_f<T>(x[0] * m)) | (bits_of(from_f<T>(x[1] * m)) << 16);
 }
 
+}  // namespace detail
+}  // namespace avstfp
+#include "warp_mma.cuh"
+namespace avstfp {
+namespace detail {
+
 // out[r, c] = from_f<T>(s[r, c] * rowmul[r] * mul) for r < nrows (rowmul may be null), by
 // the NT threads of a unit; vec16: one 16-byte store per 16/sizeof(T) elements.
 template <typename T, int D, int NT>

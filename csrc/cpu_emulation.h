@@ -35,6 +35,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -150,6 +151,8 @@ struct Block {
     unsigned bar_gen = 0, bar_arrived = 0;
     std::vector<unsigned> wgen, warrived;
     std::vector<float> slot;
+    std::vector<const void*> xptr;                 // ldmatrix row addresses, per thread
+    std::vector<std::array<uint32_t, 6>> xreg;     // mma A (4) and B (2) registers
     std::function<void()> body;
 };
 inline Block* g_blk = nullptr;
@@ -197,6 +200,8 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     b.wgen.assign((nthreads + 31) / 32, 0);
     b.warrived.assign((nthreads + 31) / 32, 0);
     b.slot.assign(nthreads, 0.f);
+    b.xptr.assign(nthreads, nullptr);
+    b.xreg.assign(nthreads, {});
     b.async.assign(nthreads, AsyncState{});
     b.body = body;
     while (g_stacks.size() < nthreads) g_stacks.emplace_back(kStack);
@@ -361,6 +366,100 @@ inline void store16(void* dst, const uint4& v) {
     std::memcpy(dst, &v, 16);
 }
 
+// ------------------------------------------------------------------ ldmatrix / mma.sync
+// The warp-level tensor-core instructions of warp_mma.cuh, lane by lane from the PTX ISA
+// fragment layouts (documented there): every lane posts its operand (a row address, or its
+// A/B registers), the warp meets, each lane computes its own result registers from the
+// posted operands, the warp meets again.  Row addresses are checked: in shared memory,
+// 16-byte aligned, no cp.async pending on the 16 bytes.  Products are exact in fp32 (a
+// product of two 16-bit floats is), summed in k order on top of the accumulator.
+namespace avstfp_emu {
+inline float half_bits_to_float(uint16_t h, bool bf16) {
+    if (bf16) {
+        const uint32_t x = (uint32_t)h << 16;
+        float f;
+        std::memcpy(&f, &x, 4);
+        return f;
+    }
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    Block& b = *g_blk;
+    const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    if (!in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
+        fail("ldmatrix: row address not 16-byte aligned shared memory");
+    else
+        check_ready(static_cast<const uint16_t*>(row), 1, 8, 8, "ldmatrix");
+    b.xptr[t] = row;
+    syncwarp();
+    const unsigned g = lane / 4, tq = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!TRANS) {   // row g, elements 2t, 2t+1
+            const auto* p = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + g]);
+            lo = p ? p[2 * tq] : 0;
+            hi = p ? p[2 * tq + 1] : 0;
+        } else {        // column g, rows 2t, 2t+1
+            const auto* p0 = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + 2 * tq]);
+            const auto* p1 = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + 2 * tq + 1]);
+            lo = p0 ? p0[g] : 0;
+            hi = p1 ? p1[g] : 0;
+        }
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    syncwarp();
+}
+
+template <bool BF16>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    Block& b = *g_blk;
+    const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    b.xreg[t] = {a[0], a[1], a[2], a[3], b0, b1};
+    syncwarp();
+    auto el = [](uint32_t reg, int hi) { return (uint16_t)(hi ? reg >> 16 : reg & 0xffffu); };
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {   // scatter every lane's registers (layouts above)
+        const auto& x = b.xreg[w0 + l];
+        const unsigned g = l / 4, tq = l % 4;
+        for (int h = 0; h < 2; ++h) {
+            A[g][2 * tq + h] = half_bits_to_float(el(x[0], h), BF16);
+            A[g + 8][2 * tq + h] = half_bits_to_float(el(x[1], h), BF16);
+            A[g][2 * tq + 8 + h] = half_bits_to_float(el(x[2], h), BF16);
+            A[g + 8][2 * tq + 8 + h] = half_bits_to_float(el(x[3], h), BF16);
+            B[2 * tq + h][g] = half_bits_to_float(el(x[4], h), BF16);
+            B[2 * tq + 8 + h][g] = half_bits_to_float(el(x[5], h), BF16);
+        }
+    }
+    const unsigned g = lane / 4, tq = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * tq + (i % 2);
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        d[i] = acc;
+    }
+    syncwarp();
+}
+}  // namespace avstfp_emu
+
+namespace avstfp {
+namespace detail {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    avstfp_emu::ldmatrix_x4<false>(r, row);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    avstfp_emu::ldmatrix_x4<true>(r, row);
+}
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    avstfp_emu::mma_m16n8k16<std::is_same<T, __nv_bfloat16>::value>(d, a, b0, b1);
+}
+}  // namespace detail
+}  // namespace avstfp
+
 // ------------------------------------------------------------------ WMMA
 namespace nvcuda {
 namespace wmma {
@@ -521,6 +620,61 @@ const char* emu_kernel_table() {
                std::to_string(k.acc_smem) + "\n";
     });
     return out.c_str();
+}
+
+// Fragment test of warp_mma.cuh (tests/test_cuda_build.py::test_emulated_mma_fragments):
+// one warp computes S = A B^T (A: 16 x D, B: N rows of D; load_a_frags + mma_abt) and
+// O = S V (S rounded to the input type, V: N rows of D; mma_pv), the two products of the
+// forward, from row-major inputs copied into padded shared tiles, and writes S and O
+// (row-major fp32) from the C fragments.
+}  // extern "C"
+namespace avstfp_emu {
+struct FragArgs { const void *a, *b, *v; float *s, *o; };
+template <typename T, int D, int N>
+inline void frag_kernel(FragArgs f) {
+    using namespace avstfp::detail;
+    constexpr int LD = pitch<T>(D);
+    T* sA = reinterpret_cast<T*>(avstfp::detail::smem);
+    T* sB = sA + 16 * LD;
+    T* sV = sB + N * LD;
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i < 16 * D; i += 32) sA[(i / D) * LD + i % D] = ((const T*)f.a)[i];
+    for (int i = lane; i < N * D; i += 32) {
+        sB[(i / D) * LD + i % D] = ((const T*)f.b)[i];
+        sV[(i / D) * LD + i % D] = ((const T*)f.v)[i];
+    }
+    __syncwarp();
+    uint32_t a[D / 16][4];
+    load_a_frags<T, D>(a, sA, LD);
+    float sacc[N / 8][4] = {};
+    mma_abt<T, N, D>(sacc, a, sB, LD);
+    float oacc[D / 8][4] = {};
+    mma_pv<T, D, N>(oacc, sacc, sV, LD);
+    const int g = lane / 4, tq = lane % 4;
+    for (int j = 0; j < N / 8; ++j)
+        for (int i = 0; i < 4; ++i) f.s[(g + 8 * (i / 2)) * N + 8 * j + 2 * tq + i % 2] = sacc[j][i];
+    for (int j = 0; j < D / 8; ++j)
+        for (int i = 0; i < 4; ++i) f.o[(g + 8 * (i / 2)) * D + 8 * j + 2 * tq + i % 2] = oacc[j][i];
+}
+template <typename T>
+inline int frag_run(int D, int N, FragArgs f) {
+#define AVSTFP_FRAG(D_, N_) \
+    if (D == D_ && N == N_) { AVSTFP_LAUNCH((frag_kernel<T, D_, N_>), dim3(1), 32, 0, nullptr, f); return (int)cudaGetLastError(); }
+    AVSTFP_FRAG(32, 16) AVSTFP_FRAG(64, 16) AVSTFP_FRAG(128, 16)
+    AVSTFP_FRAG(32, 32) AVSTFP_FRAG(64, 32) AVSTFP_FRAG(128, 32)
+    AVSTFP_FRAG(32, 64) AVSTFP_FRAG(64, 64) AVSTFP_FRAG(128, 64)
+#undef AVSTFP_FRAG
+    return -1;
+}
+}  // namespace avstfp_emu
+extern "C" {
+
+int emu_mma_fragments(int bf16, int D, int N, const void* a, const void* b, const void* v,
+                      float* s, float* o) {
+    avstfp_emu::g_error.clear();
+    const avstfp_emu::FragArgs f{a, b, v, s, o};
+    return bf16 ? avstfp_emu::frag_run<__nv_bfloat16>(D, N, f)
+                : avstfp_emu::frag_run<__half>(D, N, f);
 }
 
 // Self-test of the pending-copy check at CTA exit: a one-warp kernel whose lane 0 issues a

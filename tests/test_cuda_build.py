@@ -637,6 +637,28 @@ def test_unpack_rejects_bad_plans(emu, what, edit, msg):
         _launch_ints(emu, emu.emu_forward, ints, ptrs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,N", [(32, 16), (64, 16), (128, 16), (32, 32), (64, 32), (128, 32),
+                                 (32, 64), (64, 64), (128, 64)])
+def test_emulated_mma_fragments(emu, dtype, D, N):
+    """warp_mma.cuh's ldmatrix / mma.sync products, emulated lane by lane from the PTX
+    fragment layouts, equal plain matrix products for every (head dim, key tile) shape the
+    forward uses: S = A B^T (A 16 x D, B the key tile N x D) and O = round(S) V."""
+    a = torch.randn(16, D, dtype=dtype)
+    b = torch.randn(N, D, dtype=dtype)
+    v = torch.randn(N, D, dtype=dtype)
+    s = torch.full((16, N), float("nan"))
+    o = torch.full((16, D), float("nan"))
+    emu.emu_mma_fragments.argtypes = [C.c_int, C.c_int, C.c_int] + [C.c_void_p] * 5
+    rc = emu.emu_mma_fragments(int(dtype == torch.bfloat16), D, N, a.data_ptr(), b.data_ptr(),
+                               v.data_ptr(), s.data_ptr(), o.data_ptr())
+    assert rc == 0, emu.emu_error().decode()
+    s_ref = a.double() @ b.double().T
+    assert rel_err(s, s_ref) < 1e-6
+    o_ref = s.to(dtype).double() @ v.double()   # P rounded to the input type, as the kernel
+    assert rel_err(o, o_ref) < 1e-6
+
+
 class _EmulatedOps:
     """torch.ops.avstfp_cuda with the kernels run by the emulation on CPU tensors: the
     pointer filling of csrc/binding.cpp (operand order of the plan; one (2, *lead, P, E)
