@@ -390,11 +390,14 @@ __device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, cons
 }
 
 // ================================================================== forward
-// Shared memory of one unit.  fp32: P is written over S in place (same type and pitch;
-// each element is read and then written by the same lane).
+// Shared memory of one unit.  fp16/bf16 (MMA: the register-resident forward below): the
+// Q tile and the K/V stages only.  fp32: also S, O and the row statistics; P is written
+// over S in place (same type and pitch; each element is read and then written by the
+// same lane).
 template <typename T, int D, int BM, int BN, int STAGES>
 struct FwdSmem {
     static constexpr bool F32 = std::is_same<T, float>::value;
+    static constexpr bool MMA = !F32;
     static constexpr int LDT = pitch<T>(D), LDS = pitch<float>(BN), LDP = pitch<T>(BN),
                          LDO = pitch<float>(D);
     static constexpr size_t tile = align128(sizeof(T) * BN * LDT);   // one K or V tile
@@ -405,12 +408,178 @@ struct FwdSmem {
     static constexpr size_t o = pm + align128(F32 ? sizeof(float) * BM * LDS
                                                   : sizeof(T) * BM * LDP);
     static constexpr size_t stat = o + align128(sizeof(float) * BM * LDO);
-    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
+    static constexpr size_t bytes = MMA ? s : stat + align128(sizeof(float) * 2 * BM);
+    // fp32 tiles of scores (S) and accumulators (O) in this layout (static contract)
+    static constexpr size_t score_bytes = MMA ? 0 : sizeof(float) * BM * LDS;
+    static constexpr size_t acc_bytes = MMA ? 0 : sizeof(float) * BM * LDO;
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_mma_body(const AttnParams& p);
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_smem_body(const AttnParams& p);
+
+// Forward: fp16/bf16 keep scores, probabilities, the online softmax and O in registers
+// (fwd_mma_body, mma.sync + ldmatrix: FlashAttention-2's structure); fp32 keeps the
+// shared-memory FMA path (fwd_smem_body), whose products meet the 1e-5 bound without TF32.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
 __global__ void __launch_bounds__(PACK * BM * 2, 1)
 fwd_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (FwdSmem<T, D, BM, BN, STAGES>::MMA)
+        fwd_mma_body<T, D, BM, BN, STAGES, PACK>(p);
+    else
+        fwd_smem_body<T, D, BM, BN, STAGES, PACK>(p);
+}
+
+// One warp owns 16 query rows.  Per key tile: S = Q K^T into C fragments (Q's A fragments
+// loaded once by ldmatrix, K's by ldmatrix.x4), masked and scaled in registers; the row max
+// and the rescale factor come from the 4 lanes that share a row (two xor shuffles); P stays
+// in the same registers and becomes the A operand of O += P V (V by ldmatrix.x4.trans).
+// The row sum is kept per lane and reduced once at the end.  The output goes through the
+// warp's own (no longer needed) Q rows in shared memory, for 16-byte stores.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
+    using L = FwdSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
+
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+
+    T* Qw = sQ + warp * 16 * L::LDT;
+    uint32_t qf[D / 16][4];                    // Q's A fragments (loaded with tile 0)
+    float o[D / 8][4];                         // O, C fragments: columns 8j .. 8j+7
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};       // running max (log2 units): rows g, g+8
+    float l[2] = {0.f, 0.f};                   // this lane's part of the running sum
+
+#pragma unroll 1
+    for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j (and Q) landed
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        if (j == 0) load_a_frags<T, D>(qf, Qw, L::LDT);
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
+        const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;   // valid keys of the tile (>= 1)
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        mma_abt<T, BN, D>(s, qf, sK, L::LDT);                    // S = Q K^T
+
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                s[n][i] = c < nk ? s[n][i] * sl2 : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {   // the 4 lanes of a row: xor 1, 2
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            const float m_new = fmaxf(m[h], mx[h]);   // finite: the tile has a key
+            alpha[h] = exp2f(m[h] - m_new);          // 0 on the first tile
+            m[h] = m_new;
+        }
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[n][i] = exp2f(s[n][i] - m[i >> 1]);   // masked keys: exp2(-inf) = 0
+                sum[i >> 1] += s[n][i];
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + sum[h];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        mma_pv<T, D, BN>(o, s, sV, L::LDT);                      // O += P V
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    float inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        inv[h] = 1.f / l[h];
+        const int r = warp * 16 + g + 8 * h;
+        if (tq == 0 && r < nq) p.lse[b * p.Lq + q0 + r] = (m[h] + log2f(l[h])) * kLn2;
+    }
+    // O / l into this warp's Q rows (their fragments are in registers), then to global
+    __syncwarp();
+    uint32_t* Qw32 = reinterpret_cast<uint32_t*>(Qw);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            Qw32[((g + 8 * h) * L::LDT + n * 8 + 2 * tq) / 2] =
+                pack2<T>(o[n][2 * h] * inv[h], o[n][2 * h + 1] * inv[h]);
+    __syncwarp();
+    const int rows = min(16, nq - warp * 16);
+    T* gout = (T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride;
+    if (p.vec16_out != 0) {
+        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;
+        for (int i = lane; i < rows * CH; i += 32) {
+            const int r = i / CH, c = (i % CH) * EPC;
+            const uint32_t* x = reinterpret_cast<const uint32_t*>(Qw + r * L::LDT + c);
+            store16(gout + (int64_t)r * p.o.rstride + c, make_uint4(x[0], x[1], x[2], x[3]));
+        }
+    } else {
+        for (int i = lane; i < rows * D; i += 32)
+            gout[(int64_t)(i / D) * p.o.rstride + i % D] = Qw[(i / D) * L::LDT + i % D];
+    }
+}
+
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     using L = FwdSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -1038,8 +1207,8 @@ void kernel_infos_set(F&& f) {
     using LF = FwdSmem<T, D, BM, FN, FS>;
     using LQ = DqSmem<T, D, BM, QN, QS>;
     using LK = DkvSmem<T, D, BM, KM, KS>;
-    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN,
-         sizeof(float) * BM * LF::LDS, sizeof(float) * BM * LF::LDO);
+    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN, LF::score_bytes,
+         LF::acc_bytes);
     info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN,
          2 * sizeof(float) * BM * LQ::LDS, sizeof(float) * BM * LQ::LDA);
     info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM,
