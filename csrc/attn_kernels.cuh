@@ -419,11 +419,17 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p);
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
 __device__ __forceinline__ void fwd_smem_body(const AttnParams& p);
 
+// CTAs per SM the forward asks ptxas to fit (registers <= 64K / (128 * n)): the packed
+// 16-bit forward at head dim <= 64 fits 4 CTAs (16 warps) per SM in <= 128 registers
+// without spills (checked by the static contract, sm_80 and sm_90a).
+template <typename T, int D, int PACK>
+constexpr int kFwdMinBlocks = (!std::is_same<T, float>::value && D <= 64) ? 4 : 1;
+
 // Forward: fp16/bf16 keep scores, probabilities, the online softmax and O in registers
 // (fwd_mma_body, mma.sync + ldmatrix: FlashAttention-2's structure); fp32 keeps the
 // shared-memory FMA path (fwd_smem_body), whose products meet the 1e-5 bound without TF32.
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
-__global__ void __launch_bounds__(PACK * BM * 2, 1)
+__global__ void __launch_bounds__(PACK * BM * 2, kFwdMinBlocks<T, D, PACK>)
 fwd_kernel(const __grid_constant__ AttnParams p) {
     if constexpr (FwdSmem<T, D, BM, BN, STAGES>::MMA)
         fwd_mma_body<T, D, BM, BN, STAGES, PACK>(p);
