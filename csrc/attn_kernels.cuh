@@ -437,6 +437,39 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
         fwd_smem_body<T, D, BM, BN, STAGES, PACK>(p);
 }
 
+// C fragments acc[D/8][4] of a warp's 16 x D tile, times mul, into shared rows s (pitch
+// ld, type T): the staging step before 16-byte global stores.
+template <typename T, int D>
+__device__ __forceinline__ void stage_frags(T* s, int ld, const float (&acc)[D / 8][4],
+                                            float mul0, float mul1) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    uint32_t* s32 = reinterpret_cast<uint32_t*>(s);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        s32[(g * ld + n * 8 + 2 * tq) / 2] = pack2<T>(acc[n][0] * mul0, acc[n][1] * mul0);
+        s32[((g + 8) * ld + n * 8 + 2 * tq) / 2] = pack2<T>(acc[n][2] * mul1, acc[n][3] * mul1);
+    }
+}
+
+// Rows [0, rows) (rows <= 16) of a warp's staged T tile s (pitch ld) to global g (row
+// stride rstride), by the 32 lanes: 16-byte stores when vec16, else element by element.
+template <typename T, int D>
+__device__ __forceinline__ void warp_store_rows(T* g, int64_t rstride, const T* s, int ld,
+                                                int rows, bool vec16) {
+    const int lane = threadIdx.x & 31;
+    if (vec16) {
+        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;
+        for (int i = lane; i < rows * CH; i += 32) {
+            const int r = i / CH, c = (i % CH) * EPC;
+            const uint32_t* x = reinterpret_cast<const uint32_t*>(s + r * ld + c);
+            store16(g + (int64_t)r * rstride + c, make_uint4(x[0], x[1], x[2], x[3]));
+        }
+    } else {
+        for (int i = lane; i < rows * D; i += 32)
+            g[(int64_t)(i / D) * rstride + i % D] = s[(i / D) * ld + i % D];
+    }
+}
+
 // One warp owns 16 query rows.  Per key tile: S = Q K^T into C fragments (Q's A fragments
 // loaded once by ldmatrix, K's by ldmatrix.x4), masked and scaled in registers; the row max
 // and the rescale factor come from the 4 lanes that share a row (two xor shuffles); P stays
@@ -561,27 +594,10 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
     }
     // O / l into this warp's Q rows (their fragments are in registers), then to global
     __syncwarp();
-    uint32_t* Qw32 = reinterpret_cast<uint32_t*>(Qw);
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            Qw32[((g + 8 * h) * L::LDT + n * 8 + 2 * tq) / 2] =
-                pack2<T>(o[n][2 * h] * inv[h], o[n][2 * h + 1] * inv[h]);
+    stage_frags<T, D>(Qw, L::LDT, o, inv[0], inv[1]);
     __syncwarp();
-    const int rows = min(16, nq - warp * 16);
-    T* gout = (T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride;
-    if (p.vec16_out != 0) {
-        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;
-        for (int i = lane; i < rows * CH; i += 32) {
-            const int r = i / CH, c = (i % CH) * EPC;
-            const uint32_t* x = reinterpret_cast<const uint32_t*>(Qw + r * L::LDT + c);
-            store16(gout + (int64_t)r * p.o.rstride + c, make_uint4(x[0], x[1], x[2], x[3]));
-        }
-    } else {
-        for (int i = lane; i < rows * D; i += 32)
-            gout[(int64_t)(i / D) * p.o.rstride + i % D] = Qw[(i / D) * L::LDT + i % D];
-    }
+    warp_store_rows<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                          p.o.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
 }
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
@@ -730,12 +746,133 @@ struct DqSmem {
     static constexpr size_t dq = F32 ? dp + align128(sizeof(float) * BM * LDS)
                                      : ds + align128(sizeof(T) * BM * LDP);
     static constexpr size_t stat = dq + align128(sizeof(float) * BM * LDA);
-    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
+    static constexpr bool MMA = !F32;   // fp16/bf16: Q, dO and the K/V stages only
+    static constexpr size_t bytes = MMA ? s : stat + align128(sizeof(float) * 2 * BM);
+    static constexpr size_t score_bytes = MMA ? 0 : 2 * sizeof(float) * BM * LDS;   // S, dP
+    static constexpr size_t acc_bytes = MMA ? 0 : sizeof(float) * BM * LDA;         // dQ
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_mma_body(const AttnParams& p);
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_smem_body(const AttnParams& p);
+
+// dQ: fp16/bf16 in registers (dq_mma_body), fp32 through shared memory (dq_smem_body).
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
 __global__ void __launch_bounds__(PACK * BM * 2, 1)
 dq_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (DqSmem<T, D, BM, BN, STAGES>::MMA)
+        dq_mma_body<T, D, BM, BN, STAGES, PACK>(p);
+    else
+        dq_smem_body<T, D, BM, BN, STAGES, PACK>(p);
+}
+
+// One warp owns 16 query rows: Q's and dO's A fragments loaded once; per key tile
+// S = Q K^T and dP = dO V^T into C fragments, P = exp2(S log2e scale - lse log2e) and
+// dS = P (dP - delta) in the same registers, which become the A operand of dQ += dS K.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
+    using L = DqSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    T* sdO = reinterpret_cast<T*>(base + L::dout);
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
+
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+    load_tile<T, BM, D, UT>(sdO,
+                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
+                            p.dout.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+    float lse[2], dlt[2];   // rows g, g+8 of this warp (log2 units); padded rows: 0
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + g + 8 * h;
+        lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
+        dlt[h] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+    }
+
+    T* Qw = sQ + warp * 16 * L::LDT;
+    const T* dOw = sdO + warp * 16 * L::LDT;
+    uint32_t qf[D / 16][4], df[D / 16][4];
+    float dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+#pragma unroll 1
+    for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        if (j == 0) {
+            load_a_frags<T, D>(qf, Qw, L::LDT);
+            load_a_frags<T, D>(df, dOw, L::LDT);
+        }
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
+        const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;
+
+        float sc[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[n][i] = dp[n][i] = 0.f;
+        mma_abt<T, BN, D>(sc, qf, sK, L::LDT);    // S = Q K^T
+        mma_abt<T, BN, D>(dp, df, sV, L::LDT);    // dP = dO V^T
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                const float pr = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;
+                sc[n][i] = pr * (dp[n][i] - dlt[i >> 1]);   // dS
+            }
+        mma_pv<T, D, BN>(dq, sc, sK, L::LDT);     // dQ += dS K
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    __syncwarp();
+    stage_frags<T, D>(Qw, L::LDT, dq, p.scale, p.scale);
+    __syncwarp();
+    warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
+                          p.dq.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+}
+
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     using L = DqSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -846,12 +983,207 @@ struct DkvSmem {
     static constexpr size_t dk = F32 ? dp + align128(sizeof(float) * BN * LDS)
                                      : ds + align128(sizeof(T) * BN * LDP);
     static constexpr size_t dv = dk + align128(sizeof(float) * BN * LDA);
-    static constexpr size_t bytes = dv + align128(sizeof(float) * BN * LDA);
+    static constexpr bool MMA = !F32;   // fp16/bf16: K, V, the Q/dO and lse/delta stages only
+    static constexpr size_t bytes = MMA ? s : dv + align128(sizeof(float) * BN * LDA);
+    static constexpr size_t score_bytes = MMA ? 0 : 2 * sizeof(float) * BN * LDS;  // S^T, dP^T
+    static constexpr size_t acc_bytes = MMA ? 0 : 2 * sizeof(float) * BN * LDA;    // dK, dV
 };
 
 template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_mma_body(const AttnParams& p);
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_smem_body(const AttnParams& p);
+
+// dK/dV: fp16/bf16 in registers (dkv_mma_body), fp32 through shared memory (dkv_smem_body).
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
 __global__ void __launch_bounds__(PACK * BN * 2, 1)
 dkv_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (DkvSmem<T, D, BN, BM, STAGES>::MMA)
+        dkv_mma_body<T, D, BN, BM, STAGES, PACK>(p);
+    else
+        dkv_smem_body<T, D, BN, BM, STAGES, PACK>(p);
+}
+
+// One warp owns 16 key rows (keys, then prompts): K's and V's A fragments loaded once;
+// per query tile S^T = K Q^T and dP^T = V dO^T into C fragments (columns: queries),
+// P^T = exp2(S^T log2e scale - lse) and dS^T = P^T (dP^T - delta) in the same registers,
+// which become the A operands of dV += P^T dO and dK += dS^T Q; dK and dV stay in
+// registers until the end.  Key rows go out through the warp's own K/V rows in shared
+// memory (16-byte stores); prompt rows go from the registers to the fp32 prompt-grad
+// buffer (atomics, or per-sequence stores in deterministic mode).
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
+    using L = DkvSmem<T, D, BN, BM, STAGES>;
+    constexpr int UT = BN * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_key_tiles_all(p, BN);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, j = (int)(w % tiles);   // (segment, key tile) from the tile index
+    while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sK = reinterpret_cast<T*>(base + L::k);
+    T* sV = reinterpret_cast<T*>(base + L::v);
+    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
+    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
+    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+    const int nqt = cdiv(p.q_len[seg], BM);
+    const T* gq = (const T*)p.q.ptr + boff(p.q, bi);
+    const T* gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
+
+    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
+    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain stores
+    auto issue_q = [=, &p](int i, int st) {
+        const int q0 = p.q_start[seg] + i * BM;
+        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
+        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
+                                tid);
+        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
+                                nq, vec, tid);
+        float* lse = stLse(st);
+        for (int r = tid; r < BM; r += UT) {
+            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+        }
+    };
+
+    // K and V as a commit group of their own; none for a segment without queries
+    if (nqt > 0) {
+        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
+        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
+        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
+                                 kt.np, vec, tid);
+        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
+                                 kt.np, vec, tid);
+    }
+    cp_async_commit();
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nqt) issue_q(st, st);
+        cp_async_commit();
+    }
+
+    T* Kw = sK + warp * 16 * L::LDT;
+    T* Vw = sV + warp * 16 * L::LDT;
+    // Head dim 128: dK and dV alone take 128 registers, so K's and V's fragments (64 more)
+    // are reloaded from shared memory for every query tile instead of kept (no spills).
+    constexpr bool kKeepKV = D <= 32;
+    uint32_t kf[D / 16][4], vf[kKeepKV ? D / 16 : 1][4];
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.f;
+
+#pragma unroll 1
+    for (int i = 0; i < nqt; ++i) {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_q(i, 0);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int in = i + STAGES - 1;
+            if (in < nqt) issue_q(in, in % STAGES);
+            cp_async_commit();
+        }
+        const T* sQ = stQ(i % STAGES);
+        const T* sdO = stdO(i % STAGES);
+        const float* sLse = stLse(i % STAGES);
+        const float* sDelta = sLse + BM;
+
+        float pt[BM / 8][4], dst[BM / 8][4];
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pt[n][e] = dst[n][e] = 0.f;
+        if constexpr (kKeepKV) {   // K, V fragments loaded once, live across the loop
+            if (i == 0) {
+                load_a_frags<T, D>(kf, Kw, L::LDT);
+                load_a_frags<T, D>(vf, Vw, L::LDT);
+            }
+            mma_abt<T, BM, D>(pt, kf, sQ, L::LDT);     // S^T = K Q^T
+            mma_abt<T, BM, D>(dst, vf, sdO, L::LDT);   // dP^T = V dO^T
+        } else {                   // reloaded per query tile, one at a time
+            load_a_frags<T, D>(kf, Kw, L::LDT);
+            mma_abt<T, BM, D>(pt, kf, sQ, L::LDT);
+            load_a_frags<T, D>(kf, Vw, L::LDT);
+            mma_abt<T, BM, D>(dst, kf, sdO, L::LDT);
+        }
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);   // query
+                const float pr = exp2f(pt[n][e] * sl2 - sLse[c]);
+                pt[n][e] = pr;                             // P^T
+                dst[n][e] = pr * (dst[n][e] - sDelta[c]);  // dS^T
+            }
+        mma_pv<T, D, BM>(dv, pt, sdO, L::LDT);     // dV += P^T dO
+        mma_pv<T, D, BM>(dk, dst, sQ, L::LDT);     // dK += dS^T Q
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    // key rows [0, nk) of the tile: staged in the warp's own K/V rows, 16-byte stores
+    const int r0 = warp * 16;
+    const int nkw = min(16, kt.nk - r0);
+    if (nkw > 0) {
+        __syncwarp();
+        stage_frags<T, D>(Kw, L::LDT, dk, p.scale, p.scale);
+        stage_frags<T, D>(Vw, L::LDT, dv, 1.f, 1.f);
+        __syncwarp();
+        const bool v16 = p.vec16_out != 0;
+        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
+                              p.dk.rstride, Kw, L::LDT, nkw, v16);
+        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
+                              p.dv.rstride, Vw, L::LDT, nkw, v16);
+    }
+    // prompt rows [nk, nk + np): float32 gradients from the registers
+    if (kt.np > 0 && r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
+        const Operand& ok = p.dpk[seg];
+        const Operand& ov = p.dpv[seg];
+        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
+        const bool atomic = p.atomic_prompt_grads != 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
+            if (r < 0 || r >= kt.np) continue;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = n * 8 + 2 * tq + e;
+                    float* ak = gk + (int64_t)r * ok.rstride + c;
+                    float* av = gv + (int64_t)r * ov.rstride + c;
+                    const float vk = dk[n][2 * h + e] * p.scale, vv = dv[n][2 * h + e];
+                    if (atomic) {
+                        atomicAdd(ak, vk);
+                        atomicAdd(av, vv);
+                    } else {
+                        *ak = vk;
+                        *av = vv;
+                    }
+                }
+        }
+    }
+}
+
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
     using L = DkvSmem<T, D, BN, BM, STAGES>;
     constexpr int UT = BN * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -1215,10 +1547,10 @@ void kernel_infos_set(F&& f) {
     using LK = DkvSmem<T, D, BM, KM, KS>;
     info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN, LF::score_bytes,
          LF::acc_bytes);
-    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN,
-         2 * sizeof(float) * BM * LQ::LDS, sizeof(float) * BM * LQ::LDA);
-    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM,
-         2 * sizeof(float) * BM * LK::LDS, 2 * sizeof(float) * BM * LK::LDA);
+    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN, LQ::score_bytes,
+         LQ::acc_bytes);
+    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM, LK::score_bytes,
+         LK::acc_bytes);
 }
 
 template <typename T, int D, class F>
