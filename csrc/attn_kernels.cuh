@@ -13,7 +13,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 // Kernel launch; the CPU emulation used by the tests (cpu_emulation.h) redefines it.
 #define AVSTFP_LAUNCH(kern, grid, block, smem, stream, p) kern<<<grid, block, smem, stream>>>(p)
 #endif
@@ -64,7 +63,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 }
 
 // Row pitch (elements) of a shared tile of `cols` elements of type T: padded by 16 bytes
-// (fewer bank conflicts; keeps every 16-row/16-column WMMA sub-tile 32-byte aligned).
+// (ldmatrix's 8 row addresses fall in distinct banks; rows stay 16-byte aligned).
 template <typename T> __host__ __device__ constexpr int pitch(int cols) {
     return cols + int(16 / sizeof(T));
 }
@@ -230,50 +229,28 @@ __device__ __forceinline__ void store_tile(T* g, int64_t rstride, const float* s
     }
 }
 
-// ------------------------------------------------------------------ warp matrix product
-// C[16][N] (float, pitch ldc) = (accumulate ? C : 0) + A[16][K] * B, one warp.
-// A: row-major T (pitch lda).  B_COL=false: B is K x N row-major (pitch ldb);
-// B_COL=true: B is stored transposed, as N rows of K (i.e. the product is A * B_stored^T).
-// fp16/bf16: tensor cores through WMMA 16x16x16 with float accumulation; fp32: plain FMA.
+// ------------------------------------------------------------------ warp matrix product (fp32)
+// C[16][N] (float, pitch ldc) = (accumulate ? C : 0) + A[16][K] * B, one warp, plain FMA
+// (the fp32 kernels; no TF32, to meet the 1e-5 bound).  A: row-major (pitch lda).
+// B_COL=false: B is K x N row-major (pitch ldb); B_COL=true: B is stored transposed, as N
+// rows of K (i.e. the product is A * B_stored^T).  fp16/bf16 use warp_mma.cuh instead.
 template <typename T, int N, int K, bool B_COL>
 __device__ __forceinline__ void warp_mm(const T* A, int lda, const T* B, int ldb, float* C,
                                         int ldc, bool accumulate) {
+    static_assert(std::is_same<T, float>::value, "fp16/bf16 products use warp_mma.cuh");
     static_assert(N % 16 == 0 && K % 16 == 0, "tile sizes are multiples of 16");
     __syncwarp();
     AVSTFP_CHECK_READY(A, 16, K, lda, "warp_mm operand A");
     AVSTFP_CHECK_READY(B, B_COL ? N : K, B_COL ? K : N, ldb, "warp_mm operand B");
-    if constexpr (std::is_same<T, float>::value) {
-        const int lane = threadIdx.x & 31;
-        for (int i = lane; i < 16 * N; i += 32) {
-            const int r = i / N, c = i % N;
-            float acc = accumulate ? C[r * ldc + c] : 0.f;
-            const float* a = A + r * lda;
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i < 16 * N; i += 32) {
+        const int r = i / N, c = i % N;
+        float acc = accumulate ? C[r * ldc + c] : 0.f;
+        const float* a = A + r * lda;
 #pragma unroll 8
-            for (int kk = 0; kk < K; ++kk)
-                acc = fmaf(a[kk], B_COL ? B[c * ldb + kk] : B[kk * ldb + c], acc);
-            C[r * ldc + c] = acc;
-        }
-    } else {
-        namespace wmma = nvcuda::wmma;
-        using BLayout = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-#pragma unroll
-        for (int nt = 0; nt < N / 16; ++nt) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            if (accumulate)
-                wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
-            else
-                wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-            for (int kt = 0; kt < K / 16; ++kt) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
-                wmma::load_matrix_sync(a, A + kt * 16, lda);
-                const T* bp = B_COL ? B + nt * 16 * ldb + kt * 16 : B + kt * 16 * ldb + nt * 16;
-                wmma::load_matrix_sync(b, bp, ldb);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
-        }
+        for (int kk = 0; kk < K; ++kk)
+            acc = fmaf(a[kk], B_COL ? B[c * ldb + kk] : B[kk * ldb + c], acc);
+        C[r * ldc + c] = acc;
     }
     __syncwarp();
 }

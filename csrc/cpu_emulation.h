@@ -10,9 +10,9 @@
 // warp runs as far ahead as the barriers allow before the next warp runs, so a missing
 // __syncthreads shows up as a read of data another warp has not produced yet.
 // Shared memory is filled with 0xFF (NaN) before every CTA, so reads of uninitialised
-// shared memory show up as NaN.  WMMA fragments hold the whole 16x16 tile in every lane
-// (products in fp32, like tensor cores with fp32 accumulation) and check the alignment
-// rules of load/store_matrix_sync (32-byte pointers, ldm multiple of 16 bytes).
+// shared memory show up as NaN.  The tensor-core instructions of warp_mma.cuh (ldmatrix,
+// mma.sync m16n8k16) are implemented lane by lane from the PTX ISA fragment layouts
+// (products in fp32, like tensor cores with fp32 accumulation), with their alignment rules.
 // A deadlock (threads waiting at barriers that can never complete) aborts.
 //
 // cp.async (cp_async16 / cp_async_commit / cp_async_wait<N>) is modelled as the latest
@@ -21,8 +21,8 @@
 // its group.  So a tile read before the wait that covers it (a misplaced or missing
 // cp.async.wait_group, or a missing barrier after it: other threads' copies are still
 // pending) reads NaN, and a copy into a buffer that another thread still reads (a missing
-// barrier before reuse) destroys the data it reads.  WMMA loads and the operands of the
-// kernels' warp_mm (AVSTFP_CHECK_READY, also for fp32) are checked to have no pending byte,
+// barrier before reuse) destroys the data it reads.  ldmatrix rows and the operands of the
+// fp32 kernels' warp_mm (AVSTFP_CHECK_READY) are checked to have no pending byte,
 // with an explicit message.  Other checks: 16-byte alignment
 // of both addresses and a destination inside shared memory; no copy still pending when
 // the CTA ends.  16-byte global stores (store16) check their alignment.
@@ -460,97 +460,6 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
 }  // namespace detail
 }  // namespace avstfp
 
-// ------------------------------------------------------------------ WMMA
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-    float x[256];
-};
-
-// The *_sync operations are warp-collective: every lane enters before any lane reads or
-// writes memory, and all finish before any lane goes on (as on the hardware).
-struct Collective {
-    Collective() { avstfp_emu::syncwarp(); }
-    ~Collective() { avstfp_emu::syncwarp(); }
-};
-
-template <class T>
-inline void check(const T* p, unsigned ldm, const char* what) {
-    if (reinterpret_cast<uintptr_t>(p) % 32)
-        avstfp_emu::fail(std::string(what) + ": pointer not 32-byte aligned");
-    if ((ldm * sizeof(T)) % 16)
-        avstfp_emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
-}
-
-template <class T, class L>
-inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p,
-                             unsigned ldm) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(matrix_a)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_a)");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            f.x[r * 16 + c] = avstfp_emu::tof(
-                std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
-}
-
-template <class T, class L>
-inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p,
-                             unsigned ldm) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(matrix_b)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_b)");
-    for (int k = 0; k < 16; ++k)
-        for (int n = 0; n < 16; ++n)
-            f.x[k * 16 + n] = avstfp_emu::tof(
-                std::is_same<L, row_major>::value ? p[k * ldm + n] : p[n * ldm + k]);
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ldm, layout_t l) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(accumulator)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(accumulator)");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t l) {
-    Collective sync;
-    check(p, ldm, "store_matrix_sync");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
-    for (float& e : f.x) e = v;
-}
-
-template <class FA, class FB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const FA& a, const FB& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-    float t[256];
-    for (int m = 0; m < 16; ++m)
-        for (int n = 0; n < 16; ++n) {
-            float s = c.x[m * 16 + n];
-            for (int k = 0; k < 16; ++k) s += a.x[m * 16 + k] * b.x[k * 16 + n];
-            t[m * 16 + n] = s;
-        }
-    std::memcpy(d.x, t, sizeof(t));
-}
-}  // namespace wmma
-}  // namespace nvcuda
 
 // ------------------------------------------------------------------ launch
 

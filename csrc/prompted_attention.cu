@@ -48,19 +48,24 @@
 // that buffer, then computes on tile j.  Layouts whose pointers/strides are not 16-byte
 // aligned fall back to plain element copies (same schedule).  Outputs (O, dQ, dK, dV) are
 // written with 16-byte stores when aligned (vec16_out), else element by element.
-// Matrix products go through one helper, warp_mm (16 x N += 16 x K times K x N):
-// fp16/bf16 use tensor cores via WMMA 16x16x16 with fp32 accumulation; fp32 uses plain
-// FMA (no TF32, to meet the 1e-5 tolerance).  Scores, probabilities and accumulators sit
-// in shared memory as fp32; P and dS are rounded to the input dtype only as tensor-core
-// operands (as FlashAttention does; fp32 overwrites S with P in place).  Tile shapes and
+// Matrix products, fp16/bf16 (FlashAttention-2's structure): mma.sync m16n8k16 with fp32
+// accumulation and ldmatrix operand loads, through the thin inline-PTX wrappers of
+// warp_mma.cuh (fragment layouts documented there).  Each warp owns 16 rows; its A
+// operand (Q, or K/V in dK/dV) is loaded into registers once; scores, probabilities, dP,
+// dS, the online softmax and the accumulators (O, dQ, dK, dV) stay in registers; P and dS
+// are rounded to the input dtype only as the A operand of the next product (the C
+// fragments of two n8 tiles are the A fragment of their k16 product).  No fp32 tile passes
+// through shared memory; outputs are staged through the warp's own (no longer needed)
+// input rows for 16-byte stores.  fp32: one helper, warp_mm, with plain FMA (no TF32, to
+// meet the 1e-5 tolerance) and scores/accumulators in shared memory.  Tile shapes and
 // stages per (dtype, head dim) are the table at Config (attn_kernels.cuh), each under the
 // sm_80 limit of 163 KiB of shared memory; occupancy and bytes in flight of every kernel
 // are in bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py checks them in CI).
 //
 // Forward (fwd_kernel): per unit, loop over the key tiles of the segment (keys, then
-// prompts): S = Q K^T;
-// online softmax in log2 units, two lanes per row, all 16 rows of a warp at once (running
-// max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input
+// prompts): S = Q K^T; online softmax in log2 units (running max m, sum l, O rescaled by
+// exp2(m_old - m_new); fp16/bf16: the 4 lanes that share a row reduce with two xor
+// shuffles, fp32: two lanes per row); O += P V.  Finally out = O / l (input
 // dtype, any strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
 // Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):

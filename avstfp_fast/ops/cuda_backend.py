@@ -9,8 +9,10 @@ pipeline; sequences of at most 16 queries (the temporal stage) are packed 4 per 
 outputs are written with 16-byte stores.  The compile-time contract (registers, spills,
 occupancy, cp.async in the SASS) is ``bench/static_sm90_cuda.py``.  Configs above 99 KiB of
 shared memory (head dim 128, some fp32) need sm_80/sm_90 (163/227 KiB per CTA); on
-sm_86/sm_89 their launch fails with a clear message.  fp16/bf16 products use tensor cores (WMMA, fp32
-accumulation), fp32 plain FMA.  Operands are read and written through their strides
+sm_86/sm_89 their launch fails with a clear message.  fp16/bf16 kernels have
+FlashAttention-2's structure (``mma.sync`` m16n8k16 + ``ldmatrix``, scores, probabilities
+and accumulators in registers, fp32 accumulation); fp32 uses plain FMA through shared
+memory.  Operands are read and written through their strides
 (4 batch strides + row stride; the head dim must be dense), so the temporal and
 spatial/fusion views of one QKV buffer and stride-0 (batch-shared) or per-position
 prompts need no copies.  Up to 4 segments.
