@@ -1310,6 +1310,248 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
     }
 }
 
+// ================================================================== short-sequence backward
+// fp16/bf16, every segment <= 16 queries (short_tiles: the temporal stage).  One warp owns
+// one (sequence, segment) and computes all of its gradients in one launch: no delta
+// pre-pass (delta = rowsum(P o dP) is computed here from the recomputed P and dP, in fp32,
+// not from the rounded output), no dQ accumulator in global memory (dQ stays in registers
+// and is written once), and the prompts share the key tiles (10 keys + 2 prompts: one
+// 16-row tile).  Pass 1 over the key tiles: delta.  Pass 2: per key tile, dS for dQ
+// (query rows) and, with transposed products (S^T = K Q^T, dP^T = V dO^T), dV = P^T dO and
+// dK = dS^T Q of the tile's 16 keys/prompts, written at once (one owner per key row).
+// PACK such warps share a CTA; each has its own shared memory.
+// One key tile's dV (which = 0) or dK (which = 1) of the short-sequence backward, from C
+// fragments acc (times mul): key rows [0, nk) staged in shared rows s (16 x D, the tile's
+// own V or K rows, no longer read) and written with 16-byte stores; prompt rows [nk,
+// nk + np) from the registers to the fp32 prompt-grad buffer (atomics, or plain stores of
+// this sequence's slice in deterministic mode).
+template <typename T, int D>
+__device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
+                                                   const BatchIdx& bi, const KeyTile& kt,
+                                                   const float (&acc)[D / 8][4], float mul,
+                                                   T* s, int which, bool v16) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    constexpr int LD = pitch<T>(D);
+    if (kt.nk > 0) {
+        const Operand& o = which == 0 ? p.dv : p.dk;
+        __syncwarp();
+        stage_frags<T, D>(s, LD, acc, mul, mul);
+        __syncwarp();
+        warp_store_rows<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
+                              LD, kt.nk, v16);
+    }
+    if (kt.np > 0) {
+        const Operand& o = which == 0 ? p.dpv[seg] : p.dpk[seg];
+        float* gp = (float*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
+        const bool atomic = p.atomic_prompt_grads != 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h - kt.nk;
+            if (r < 0 || r >= kt.np) continue;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float* a = gp + (int64_t)r * o.rstride + n * 8 + 2 * tq + e;
+                    const float v = acc[n][2 * h + e] * mul;
+                    if (atomic)
+                        atomicAdd(a, v);
+                    else
+                        *a = v;
+                }
+        }
+    }
+}
+
+template <typename T, int D>
+struct SeqBwdSmem {
+    static constexpr int LDT = pitch<T>(D);
+    static constexpr size_t tile = align128(sizeof(T) * 16 * LDT);
+    static constexpr size_t q = 0, dout = tile, k = 2 * tile, v = 3 * tile, stat = 4 * tile;
+    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * 16);   // lse, delta
+};
+
+template <typename T, int D, int PACK>
+__global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_constant__ AttnParams p) {
+    using L = SeqBwdSmem<T, D>;
+    constexpr int LD = L::LDT;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= p.nseq * p.nseg) return;
+    const int64_t b = w / p.nseg;
+    const int seg = (int)(w % p.nseg);
+    const int nq = p.q_len[seg], q0 = p.q_start[seg];
+    const int ntiles = num_key_tiles(p, seg, 16);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    T* sdO = reinterpret_cast<T*>(base + L::dout);
+    T* sK = reinterpret_cast<T*>(base + L::k);
+    T* sV = reinterpret_cast<T*>(base + L::v);
+    float* sLse = reinterpret_cast<float*>(base + L::stat);   // per query (log2 units)
+    float* sDelta = sLse + 16;
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0, v16 = p.vec16_out != 0;
+    const float sl2 = p.scale * kLog2e;
+    constexpr bool kKeepQ = D <= 64;   // head dim 128: reload Q/dO fragments per tile
+
+    if (nq > 0) {
+        load_tile<T, 16, D, 32>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                                p.q.rstride, nq, vec, lane);
+        load_tile<T, 16, D, 32>(sdO,
+                                (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
+                                p.dout.rstride, nq, vec, lane);
+    }
+    cp_async_commit();
+    float lse[2];   // rows g, g+8; padded rows +inf: their P is exactly 0
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = g + 8 * h;
+        lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+    }
+    auto load_kv = [&](int j) {
+        __syncwarp();   // every lane is done with the previous tile
+        const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+        load_tile2<T, 16, D, 32>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk,
+                                 kt.np > 0 ? p.pk[seg].rstride : 0, kt.np, vec, lane);
+        load_tile2<T, 16, D, 32>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
+                                 kt.np > 0 ? p.pv[seg].rstride : 0, kt.np, vec, lane);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncwarp();
+    };
+    uint32_t qf[kKeepQ ? D / 16 : 1][4], df[kKeepQ ? D / 16 : 1][4];
+    uint32_t fa[D / 16][4];   // a transient A operand
+    // S = Q K^T and dP = dO V^T of the current tile, query rows; P in s, dP in dp
+    auto row_products = [&](float (&s)[2][4], float (&dp)[2][4], int nk) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;
+        if constexpr (kKeepQ) {
+            mma_abt<T, 16, D>(s, qf, sK, LD);
+            mma_abt<T, 16, D>(dp, df, sV, LD);
+        } else {
+            load_a_frags<T, D>(fa, sQ, LD);
+            mma_abt<T, 16, D>(s, fa, sK, LD);
+            load_a_frags<T, D>(fa, sdO, LD);
+            mma_abt<T, 16, D>(dp, fa, sV, LD);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                s[n][i] = c < nk ? exp2f(s[n][i] * sl2 - lse[i >> 1]) : 0.f;
+            }
+    };
+
+    float dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    if (nq > 0) {
+        cp_async_wait<0>();
+        __syncwarp();
+        if constexpr (kKeepQ) {
+            load_a_frags<T, D>(qf, sQ, LD);
+            load_a_frags<T, D>(df, sdO, LD);
+        }
+        // pass 1: delta = rowsum(P o dP) over every key tile
+        float dsum[2] = {0.f, 0.f};
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            load_kv(j);
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            float s[2][4], dp[2][4];
+            row_products(s, dp, kt.nk + kt.np);
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dsum[i >> 1] += s[n][i] * dp[n][i];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            dsum[h] += __shfl_xor_sync(0xffffffffu, dsum[h], 1);
+            dsum[h] += __shfl_xor_sync(0xffffffffu, dsum[h], 2);
+        }
+        if (tq == 0) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sLse[g + 8 * h] = lse[h];
+                sDelta[g + 8 * h] = dsum[h];
+            }
+        }
+        __syncwarp();
+        // pass 2: dQ (registers) and each tile's dK, dV
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            if (ntiles > 1) load_kv(j);   // one tile: still in shared memory from pass 1
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            {
+                float s[2][4], dp[2][4];
+                row_products(s, dp, kt.nk + kt.np);
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[n][i] *= dp[n][i] - dsum[i >> 1];   // dS
+                mma_pv<T, D, 16>(dq, s, sK, LD);                  // dQ += dS K
+            }
+            float pt[2][4], dst[2][4];                           // keys x queries
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) pt[n][i] = dst[n][i] = 0.f;
+            load_a_frags<T, D>(fa, sK, LD);
+            mma_abt<T, 16, D>(pt, fa, sQ, LD);                    // S^T = K Q^T
+            load_a_frags<T, D>(fa, sV, LD);
+            mma_abt<T, 16, D>(dst, fa, sdO, LD);                  // dP^T = V dO^T
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = n * 8 + 2 * tq + (i & 1);       // query
+                    const float pr = exp2f(pt[n][i] * sl2 - sLse[c]);
+                    pt[n][i] = pr;
+                    dst[n][i] = pr * (dst[n][i] - sDelta[c]);
+                }
+            float acc[D / 8][4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {   // 0: dV = P^T dO, 1: dK = dS^T Q
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+                if (half == 0)
+                    mma_pv<T, D, 16>(acc, pt, sdO, LD);
+                else
+                    mma_pv<T, D, 16>(acc, dst, sQ, LD);
+                const float mul = half == 0 ? 1.f : p.scale;
+                seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16);
+            }
+        }
+    } else {
+        // no queries: the segment's keys and prompts get zero gradients
+        float acc[D / 8][4];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16);
+        }
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+    if (nq > 0) {
+        __syncwarp();
+        stage_frags<T, D>(sQ, LD, dq, p.scale, p.scale);
+        __syncwarp();
+        warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
+                              p.dq.rstride, sQ, LD, nq, v16);
+    }
+}
+
 // ================================================================== configurations
 // Tiles per stage shape.  Every unit has 4 warps (64 query rows, or 64 key rows for dK/dV)
 // or, for short sequences (every segment <= 16 queries: the temporal stage), PACK = 4
@@ -1425,9 +1667,17 @@ template <typename T, int D>
 cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
     using C = Config<T, D>;
     if (p.nseq == 0) return cudaSuccess;
+    if constexpr (!std::is_same<T, float>::value) {
+        if (p.short_tiles) {   // one launch: seq_bwd_kernel computes delta itself
+            using SL = SeqBwdSmem<T, D>;
+            static_assert(kPack * SL::bytes <= kMaxSmem, "short backward exceeds shared memory");
+            return launch_units(seq_bwd_kernel<T, D, kPack>, p.nseq * p.nseg, kPack, 32,
+                                kPack * SL::bytes, p, st);
+        }
+    }
     cudaError_t e = launch_delta<T, D>(p, st);
     if (e != cudaSuccess) return e;
-    if constexpr (has_packed<T, D>()) {
+    if constexpr (has_packed<T, D>() && std::is_same<T, float>::value) {
         if (p.short_tiles) {
             e = launch_dq_cfg<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1), kPack>(p, st);
             if (e != cudaSuccess) return e;
@@ -1468,6 +1718,7 @@ size_t max_smem_d(bool short_tiles) {
         a = kPack * FwdSmem<T, D, 16, 16, (C::PACK_FWD_S > 0 ? C::PACK_FWD_S : 1)>::bytes;
         b = kPack * DqSmem<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1)>::bytes;
         c = kPack * DkvSmem<T, D, 16, 16, (C::PACK_DKV_S > 0 ? C::PACK_DKV_S : 1)>::bytes;
+        if (!std::is_same<T, float>::value) b = c = kPack * SeqBwdSmem<T, D>::bytes;
     } else {
         a = FwdSmem<T, D, kRows, C::FWD_N, C::FWD_S>::bytes;
         b = DqSmem<T, D, kRows, C::DQ_N, C::DQ_S>::bytes;
@@ -1524,6 +1775,8 @@ void kernel_infos_set(F&& f) {
     using LK = DkvSmem<T, D, BM, KM, KS>;
     info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN, LF::score_bytes,
          LF::acc_bytes);
+    // packed 16-bit backward: seq_bwd_kernel instead of dq/dkv (not instantiated)
+    if (PACK > 1 && !std::is_same<T, float>::value) return;
     info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN, LQ::score_bytes,
          LQ::acc_bytes);
     info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM, LK::score_bytes,
@@ -1537,6 +1790,18 @@ void kernel_infos_d(F&& f) {
         kernel_infos_set<T, D, 16, 16, C::PACK_FWD_S, 16, C::PACK_DQ_S, 16, C::PACK_DKV_S,
                          kPack>(f);
     kernel_infos_set<T, D, kRows, C::FWD_N, C::FWD_S, C::DQ_N, C::DQ_S, C::DKV_M, C::DKV_S, 1>(f);
+    if constexpr (!std::is_same<T, float>::value) {   // the short-sequence backward
+        KernelInfo s{};
+        std::snprintf(s.name, sizeof s.name, "seq_bwd_kernel<%s, %d, %d>", type_name<T>(), D,
+                      kPack);
+        s.threads = kPack * 32;
+        s.smem = kPack * SeqBwdSmem<T, D>::bytes;
+        s.stages = 1;
+        s.stage_bytes = (size_t)kPack * 2 * 16 * D * sizeof(T);   // one K and V tile per warp
+        s.loads_tiles = 1;
+        s.pack = kPack;
+        f(s);
+    }
     KernelInfo k{};
     std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
     k.threads = 256;
