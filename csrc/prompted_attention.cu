@@ -79,6 +79,10 @@
 //      atomics for dk/dv, which are written into the given (possibly strided, possibly
 //      one packed QKV-gradient buffer) tensors; the prompt rows of a tile go to the
 //      prompt-grad buffers (below).
+//   Short sequences (every segment <= 16 queries, fp16/bf16): one kernel instead,
+//   seq_bwd_kernel: one warp per (sequence, segment) computes delta = rowsum(P o dP) from
+//   the recomputed P and dP (pass 1), then dQ in registers and every key tile's dK/dV
+//   with transposed products (pass 2); no delta pass, no dQ buffer, one launch.
 //   Recomputing S in two kernels instead of atomically adding dQ costs little for these
 //   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
 //   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32
