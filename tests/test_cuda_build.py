@@ -720,7 +720,7 @@ def _through_backend(be, q, k, v, pks, pvs, segs, deterministic):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", ["seg0_prompts", "lq0_prompts", "one_token_segments",
                                   "gqa_stride0_long", "spatial_segments", "temporal_per_position",
-                                  "four_segments", "prompts_only"])
+                                  "three_segments_short", "prompts_only"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_backend_python_path_emulated(emulated_backend, dtype, name, deterministic):
     """CudaBackend.forward/backward end to end (launch plan cache, the torch op protocol,
