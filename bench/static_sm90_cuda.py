@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,10 +139,10 @@ def kernel_table(lib_path: str) -> Dict[str, dict]:
     lib.emu_kernel_table.restype = ctypes.c_char_p
     out = {}
     for line in lib.emu_kernel_table().decode().splitlines():
-        name, threads, smem, stages, stage_bytes, loads, pack = line.split("|")
+        name, threads, smem, stages, stage_bytes, loads, pack, score, acc = line.split("|")
         out[name] = dict(threads=int(threads), smem=int(smem), stages=int(stages),
                          stage_bytes=int(stage_bytes), loads_tiles=bool(int(loads)),
-                         pack=int(pack))
+                         pack=int(pack), score_smem=int(score), acc_smem=int(acc))
     return out
 
 
@@ -188,8 +189,9 @@ def ptxas_info(objdir: str) -> Dict[str, Dict[str, dict]]:
 _OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def sass_ops(objdir: str, arch: str = "sm_90a") -> Dict[str, set]:
-    """{mangled name: set of opcodes} of the sm_90a SASS of every object."""
+def sass_ops(objdir: str, arch: str = "sm_90a") -> Dict[str, Counter]:
+    """{mangled name: Counter of opcodes (static instruction counts)} of the sm_90a SASS
+    of every object."""
     tool = _tool("cuobjdump")
     if tool is None:
         raise RuntimeError("cuobjdump not found (CUDA toolkit or the triton wheel)")
@@ -200,12 +202,12 @@ def sass_ops(objdir: str, arch: str = "sm_90a") -> Dict[str, set]:
         for line in r.stdout.splitlines():
             m = re.search(r"Function : (\w+)", line)
             if m:
-                cur = res.setdefault(m.group(1), set())
+                cur = res.setdefault(m.group(1), Counter())
                 continue
             if cur is not None:
                 m = _OP.search(line)
                 if m:
-                    cur.add(m.group(1))
+                    cur[m.group(1)] += 1
     return res
 
 
@@ -236,7 +238,8 @@ def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> Li
     """One row per kernel instance (sm_90a).  Compiles what is not given (nvcc ~20-90 s on
     2 cores, shared through :func:`cached_objects`; g++ a few s).  Keys: kernel, config, registers, spills_bytes, smem_bytes, ctas_per_sm,
     warps_per_sm, cp_async, bytes_in_flight_per_sm, notes (+ threads, stages,
-    store_bits, spills_sm80_bytes)."""
+    store_bits, spills_sm80_bytes, hmma, ldsm (SASS counts), cp_async_16B, score_smem_bytes,
+    acc_smem_bytes)."""
     tmp = None
     try:
         if emu_lib is None:
@@ -283,8 +286,16 @@ def cuda_rows(objdir: Optional[str] = None, emu_lib: Optional[str] = None) -> Li
         o = ops.get(mangled, set())
         row["cp_async"] = any(op.startswith("LDGSTS") for op in o)
         row["store_bits"] = _store_widths(o)
-        if any(op.startswith(("RED", "ATOM")) for op in o):
-            notes.append("atomics (prompt grads)")
+        row["hmma"] = sum(n for op, n in o.items() if op.startswith("HMMA"))
+        row["ldsm"] = sum(n for op, n in o.items() if op.startswith("LDSM"))
+        cp = {op: n for op, n in o.items() if op.startswith("LDGSTS")}
+        row["cp_async_16B"] = bool(cp) and all(".128" in op for op in cp)
+        row["score_smem_bytes"] = cfg["score_smem"]
+        row["acc_smem_bytes"] = cfg["acc_smem"]
+        red = {op: n for op, n in o.items() if op.startswith(("RED", "ATOM"))}
+        if red:
+            vec = any(re.search(r"\.(64|128)\b|\.V[24]", op) for op in red)
+            notes.append("atomics (prompt grads): " + ("vector" if vec else "scalar"))
         if row["registers"] is not None:
             ctas = occupancy(cfg["threads"], row["registers"], cfg["smem"])
             row["ctas_per_sm"] = ctas
@@ -326,20 +337,54 @@ def cuda_failures(rows: List[dict]) -> List[str]:
     return bad
 
 
+def fa2_gaps(rows: List[dict]) -> List[str]:
+    """What the fp16/bf16 kernels lack of FlashAttention-2's structure: operands loaded
+    with ldmatrix (LDSM), no fp32 score tile in shared memory (per the kernels' own
+    layout), 16-byte cp.async.  Empty since the mma.sync kernels; the CI test asserts it."""
+    out = []
+    for r in rows:
+        if r["config"].startswith("float") or r["kernel"] == "delta_kernel":
+            continue
+        miss = []
+        if not r.get("ldsm"):
+            miss.append("no LDSM")
+        if r.get("score_smem_bytes"):
+            miss.append(f"{r['score_smem_bytes']} B of fp32 scores in shared memory")
+        if r.get("loads_tiles", True) and not r.get("cp_async_16B"):
+            miss.append("cp.async not all 16-byte")
+        if miss:
+            out.append(f"{r['kernel']}<{r['config']}>: " + ", ".join(miss))
+    return out
+
+
 def markdown(rows: List[dict], title: str = "CUDA kernels, sm_90a") -> str:
     head = ("| kernel | <dtype, d, rows, N, stages, pack> | threads | stages | regs | spills B "
-            "| smem B | CTAs/SM | warps/SM | cp.async | KB in flight/SM | store bits | notes |")
-    lines = [f"### {title}", "", head, "|" + "---|" * 13]
+            "| smem B | CTAs/SM | warps/SM | cp.async | 16 B | KB in flight/SM | store bits "
+            "| HMMA | LDSM | fp32 score smem B | fp32 acc smem B | notes |")
+    lines = [f"### {title}", "", head, "|" + "---|" * 19]
     for r in rows:
         fl = r["bytes_in_flight_per_sm"]
         lines.append("| " + " | ".join(str(x) for x in (
             r["kernel"], r["config"], r["threads"], r["stages"], r["registers"],
             r["spills_bytes"], r["smem_bytes"], r["ctas_per_sm"], r["warps_per_sm"],
-            "yes" if r["cp_async"] else "no", "-" if fl is None else f"{fl / 1000:.1f}",
-            ",".join(map(str, r["store_bits"])) or "-", r["notes"] or "")) + " |")
+            "yes" if r["cp_async"] else "no", "yes" if r.get("cp_async_16B") else "no",
+            "-" if fl is None else f"{fl / 1000:.1f}",
+            ",".join(map(str, r["store_bits"])) or "-", r.get("hmma", "-"),
+            r.get("ldsm", "-"), r.get("score_smem_bytes", "-"), r.get("acc_smem_bytes", "-"),
+            r["notes"] or "")) + " |")
     fails = cuda_failures(rows)
     lines += ["", f"Contract failures ({len(fails)}):" if fails else "Contract: no failures."]
     lines += [f"- {f}" for f in fails]
+    gaps = fa2_gaps(rows)
+    lines += ["", f"FlashAttention-2 structure, not met ({len(gaps)} kernel instances):"
+              if gaps else "FlashAttention-2 structure (fp16/bf16: LDSM, no fp32 score tile "
+              "in shared memory, 16-byte cp.async): met."]
+    lines += [f"- {g}" for g in gaps[:12]] + ([f"- ... {len(gaps) - 12} more"]
+                                               if len(gaps) > 12 else [])
+    lines += ["", "fp32 score smem B: bytes per CTA of fp32 score-shaped tiles (S, dP) in the "
+              "kernel's own shared-memory layout (csrc/attn_kernels.cuh, reported through the "
+              "CPU emulation's kernel table); 0 means scores and probabilities stay in "
+              "registers.  HMMA/LDSM: static instruction counts in the sm_90a SASS."]
     lines += ["", f"KB in flight/SM: estimate (see bench/static_sm90_cuda.py); an H200 SM "
               f"needs about {H200_BYTES_IN_FLIGHT // 1000} KB to cover memory latency."]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 // Kernel launch; the CPU emulation used by the tests (cpu_emulation.h) redefines it.
 #define AVSTFP_LAUNCH(kern, grid, block, smem, stream, p) kern<<<grid, block, smem, stream>>>(p)
 #endif
@@ -64,7 +63,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 }
 
 // Row pitch (elements) of a shared tile of `cols` elements of type T: padded by 16 bytes
-// (fewer bank conflicts; keeps every 16-row/16-column WMMA sub-tile 32-byte aligned).
+// (ldmatrix's 8 row addresses fall in distinct banks; rows stay 16-byte aligned).
 template <typename T> __host__ __device__ constexpr int pitch(int cols) {
     return cols + int(16 / sizeof(T));
 }
@@ -124,6 +123,16 @@ __device__ __forceinline__ void store16(void* dst, const uint4& v) {
         : "memory");
 }
 #endif
+
+// Every exit path of a kernel that issued copies drains them: commit whatever is still open
+// (copies issued after the last commit belong to no group, and cp.async.wait_group does
+// not wait for them) and wait for all groups (= cp.async.wait_all).  A copy still in flight
+// when its CTA exits lands in shared memory that the next CTA on the SM may already use.
+// The CPU emulation fails any launch whose CTA ends with a copy it never waited for.
+__device__ __forceinline__ void cp_async_drain() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
 
 // Groups a thread may leave pending when it needs the oldest tile of a STAGES-deep pipeline
 // (each iteration commits one group; with one stage the tile is waited for right away).
@@ -188,6 +197,12 @@ __device__ __forceinline__ uint32_t pack_word(const float* x, float m) {
         return bits_of(from_f<T>(x[0] * m)) | (bits_of(from_f<T>(x[1] * m)) << 16);
 }
 
+}  // namespace detail
+}  // namespace avstfp
+#include "warp_mma.cuh"
+namespace avstfp {
+namespace detail {
+
 // out[r, c] = from_f<T>(s[r, c] * rowmul[r] * mul) for r < nrows (rowmul may be null), by
 // the NT threads of a unit; vec16: one 16-byte store per 16/sizeof(T) elements.
 template <typename T, int D, int NT>
@@ -214,50 +229,28 @@ __device__ __forceinline__ void store_tile(T* g, int64_t rstride, const float* s
     }
 }
 
-// ------------------------------------------------------------------ warp matrix product
-// C[16][N] (float, pitch ldc) = (accumulate ? C : 0) + A[16][K] * B, one warp.
-// A: row-major T (pitch lda).  B_COL=false: B is K x N row-major (pitch ldb);
-// B_COL=true: B is stored transposed, as N rows of K (i.e. the product is A * B_stored^T).
-// fp16/bf16: tensor cores through WMMA 16x16x16 with float accumulation; fp32: plain FMA.
+// ------------------------------------------------------------------ warp matrix product (fp32)
+// C[16][N] (float, pitch ldc) = (accumulate ? C : 0) + A[16][K] * B, one warp, plain FMA
+// (the fp32 kernels; no TF32, to meet the 1e-5 bound).  A: row-major (pitch lda).
+// B_COL=false: B is K x N row-major (pitch ldb); B_COL=true: B is stored transposed, as N
+// rows of K (i.e. the product is A * B_stored^T).  fp16/bf16 use warp_mma.cuh instead.
 template <typename T, int N, int K, bool B_COL>
 __device__ __forceinline__ void warp_mm(const T* A, int lda, const T* B, int ldb, float* C,
                                         int ldc, bool accumulate) {
+    static_assert(std::is_same<T, float>::value, "fp16/bf16 products use warp_mma.cuh");
     static_assert(N % 16 == 0 && K % 16 == 0, "tile sizes are multiples of 16");
     __syncwarp();
     AVSTFP_CHECK_READY(A, 16, K, lda, "warp_mm operand A");
     AVSTFP_CHECK_READY(B, B_COL ? N : K, B_COL ? K : N, ldb, "warp_mm operand B");
-    if constexpr (std::is_same<T, float>::value) {
-        const int lane = threadIdx.x & 31;
-        for (int i = lane; i < 16 * N; i += 32) {
-            const int r = i / N, c = i % N;
-            float acc = accumulate ? C[r * ldc + c] : 0.f;
-            const float* a = A + r * lda;
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i < 16 * N; i += 32) {
+        const int r = i / N, c = i % N;
+        float acc = accumulate ? C[r * ldc + c] : 0.f;
+        const float* a = A + r * lda;
 #pragma unroll 8
-            for (int kk = 0; kk < K; ++kk)
-                acc = fmaf(a[kk], B_COL ? B[c * ldb + kk] : B[kk * ldb + c], acc);
-            C[r * ldc + c] = acc;
-        }
-    } else {
-        namespace wmma = nvcuda::wmma;
-        using BLayout = typename std::conditional<B_COL, wmma::col_major, wmma::row_major>::type;
-#pragma unroll
-        for (int nt = 0; nt < N / 16; ++nt) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            if (accumulate)
-                wmma::load_matrix_sync(acc, C + nt * 16, ldc, wmma::mem_row_major);
-            else
-                wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-            for (int kt = 0; kt < K / 16; ++kt) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
-                wmma::load_matrix_sync(a, A + kt * 16, lda);
-                const T* bp = B_COL ? B + nt * 16 * ldb + kt * 16 : B + kt * 16 * ldb + nt * 16;
-                wmma::load_matrix_sync(b, bp, ldb);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(C + nt * 16, acc, ldc, wmma::mem_row_major);
-        }
+        for (int kk = 0; kk < K; ++kk)
+            acc = fmaf(a[kk], B_COL ? B[c * ldb + kk] : B[kk * ldb + c], acc);
+        C[r * ldc + c] = acc;
     }
     __syncwarp();
 }
@@ -374,11 +367,14 @@ __device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, cons
 }
 
 // ================================================================== forward
-// Shared memory of one unit.  fp32: P is written over S in place (same type and pitch;
-// each element is read and then written by the same lane).
+// Shared memory of one unit.  fp16/bf16 (MMA: the register-resident forward below): the
+// Q tile and the K/V stages only.  fp32: also S, O and the row statistics; P is written
+// over S in place (same type and pitch; each element is read and then written by the
+// same lane).
 template <typename T, int D, int BM, int BN, int STAGES>
 struct FwdSmem {
     static constexpr bool F32 = std::is_same<T, float>::value;
+    static constexpr bool MMA = !F32;
     static constexpr int LDT = pitch<T>(D), LDS = pitch<float>(BN), LDP = pitch<T>(BN),
                          LDO = pitch<float>(D);
     static constexpr size_t tile = align128(sizeof(T) * BN * LDT);   // one K or V tile
@@ -389,12 +385,200 @@ struct FwdSmem {
     static constexpr size_t o = pm + align128(F32 ? sizeof(float) * BM * LDS
                                                   : sizeof(T) * BM * LDP);
     static constexpr size_t stat = o + align128(sizeof(float) * BM * LDO);
-    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
+    static constexpr size_t bytes = MMA ? s : stat + align128(sizeof(float) * 2 * BM);
+    // fp32 tiles of scores (S) and accumulators (O) in this layout (static contract)
+    static constexpr size_t score_bytes = MMA ? 0 : sizeof(float) * BM * LDS;
+    static constexpr size_t acc_bytes = MMA ? 0 : sizeof(float) * BM * LDO;
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
-__global__ void __launch_bounds__(PACK * BM * 2, 1)
+__device__ __forceinline__ void fwd_mma_body(const AttnParams& p);
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_smem_body(const AttnParams& p);
+
+// CTAs per SM the forward asks ptxas to fit (registers <= 64K / (128 * n)): the packed
+// 16-bit forward at head dim <= 64 fits 4 CTAs (16 warps) per SM in <= 128 registers
+// without spills (checked by the static contract, sm_80 and sm_90a).
+template <typename T, int D, int PACK>
+constexpr int kFwdMinBlocks = (!std::is_same<T, float>::value && D <= 64) ? 4 : 1;
+
+// Forward: fp16/bf16 keep scores, probabilities, the online softmax and O in registers
+// (fwd_mma_body, mma.sync + ldmatrix: FlashAttention-2's structure); fp32 keeps the
+// shared-memory FMA path (fwd_smem_body), whose products meet the 1e-5 bound without TF32.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__global__ void __launch_bounds__(PACK * BM * 2, kFwdMinBlocks<T, D, PACK>)
 fwd_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (FwdSmem<T, D, BM, BN, STAGES>::MMA)
+        fwd_mma_body<T, D, BM, BN, STAGES, PACK>(p);
+    else
+        fwd_smem_body<T, D, BM, BN, STAGES, PACK>(p);
+}
+
+// C fragments acc[D/8][4] of a warp's 16 x D tile, times mul, into shared rows s (pitch
+// ld, type T): the staging step before 16-byte global stores.
+template <typename T, int D>
+__device__ __forceinline__ void stage_frags(T* s, int ld, const float (&acc)[D / 8][4],
+                                            float mul0, float mul1) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    uint32_t* s32 = reinterpret_cast<uint32_t*>(s);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        s32[(g * ld + n * 8 + 2 * tq) / 2] = pack2<T>(acc[n][0] * mul0, acc[n][1] * mul0);
+        s32[((g + 8) * ld + n * 8 + 2 * tq) / 2] = pack2<T>(acc[n][2] * mul1, acc[n][3] * mul1);
+    }
+}
+
+// Rows [0, rows) (rows <= 16) of a warp's staged T tile s (pitch ld) to global g (row
+// stride rstride), by the 32 lanes: 16-byte stores when vec16, else element by element.
+template <typename T, int D>
+__device__ __forceinline__ void warp_store_rows(T* g, int64_t rstride, const T* s, int ld,
+                                                int rows, bool vec16) {
+    const int lane = threadIdx.x & 31;
+    if (vec16) {
+        constexpr int EPC = 16 / int(sizeof(T)), CH = D / EPC;
+        for (int i = lane; i < rows * CH; i += 32) {
+            const int r = i / CH, c = (i % CH) * EPC;
+            const uint32_t* x = reinterpret_cast<const uint32_t*>(s + r * ld + c);
+            store16(g + (int64_t)r * rstride + c, make_uint4(x[0], x[1], x[2], x[3]));
+        }
+    } else {
+        for (int i = lane; i < rows * D; i += 32)
+            g[(int64_t)(i / D) * rstride + i % D] = s[(i / D) * ld + i % D];
+    }
+}
+
+// One warp owns 16 query rows.  Per key tile: S = Q K^T into C fragments (Q's A fragments
+// loaded once by ldmatrix, K's by ldmatrix.x4), masked and scaled in registers; the row max
+// and the rescale factor come from the 4 lanes that share a row (two xor shuffles); P stays
+// in the same registers and becomes the A operand of O += P V (V by ldmatrix.x4.trans).
+// The row sum is kept per lane and reduced once at the end.  The output goes through the
+// warp's own (no longer needed) Q rows in shared memory, for 16-byte stores.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
+    using L = FwdSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
+
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+
+    T* Qw = sQ + warp * 16 * L::LDT;
+    uint32_t qf[D / 16][4];                    // Q's A fragments (loaded with tile 0)
+    float o[D / 8][4];                         // O, C fragments: columns 8j .. 8j+7
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY};       // running max (log2 units): rows g, g+8
+    float l[2] = {0.f, 0.f};                   // this lane's part of the running sum
+
+#pragma unroll 1
+    for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j (and Q) landed
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        if (j == 0) load_a_frags<T, D>(qf, Qw, L::LDT);
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
+        const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;   // valid keys of the tile (>= 1)
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        mma_abt<T, BN, D>(s, qf, sK, L::LDT);                    // S = Q K^T
+
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                s[n][i] = c < nk ? s[n][i] * sl2 : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {   // the 4 lanes of a row: xor 1, 2
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+            mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+            const float m_new = fmaxf(m[h], mx[h]);   // finite: the tile has a key
+            alpha[h] = exp2f(m[h] - m_new);          // 0 on the first tile
+            m[h] = m_new;
+        }
+        float sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                s[n][i] = exp2f(s[n][i] - m[i >> 1]);   // masked keys: exp2(-inf) = 0
+                sum[i >> 1] += s[n][i];
+            }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) l[h] = l[h] * alpha[h] + sum[h];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[n][0] *= alpha[0];
+            o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1];
+            o[n][3] *= alpha[1];
+        }
+        mma_pv<T, D, BN>(o, s, sV, L::LDT);                      // O += P V
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    float inv[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+        l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+        inv[h] = 1.f / l[h];
+        const int r = warp * 16 + g + 8 * h;
+        if (tq == 0 && r < nq) p.lse[b * p.Lq + q0 + r] = (m[h] + log2f(l[h])) * kLn2;
+    }
+    // O / l into this warp's Q rows (their fragments are in registers), then to global
+    __syncwarp();
+    stage_frags<T, D>(Qw, L::LDT, o, inv[0], inv[1]);
+    __syncwarp();
+    warp_store_rows<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                          p.o.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+}
+
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     using L = FwdSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -492,7 +676,7 @@ fwd_kernel(const __grid_constant__ AttnParams p) {
         }
         warp_mm<T, D, BN, false>(Pw, L::LDP, sV, L::LDT, Ow, L::LDO, true);   // O += P V
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     for (int r = tid; r < nq; r += UT) {
@@ -539,12 +723,133 @@ struct DqSmem {
     static constexpr size_t dq = F32 ? dp + align128(sizeof(float) * BM * LDS)
                                      : ds + align128(sizeof(T) * BM * LDP);
     static constexpr size_t stat = dq + align128(sizeof(float) * BM * LDA);
-    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * BM);
+    static constexpr bool MMA = !F32;   // fp16/bf16: Q, dO and the K/V stages only
+    static constexpr size_t bytes = MMA ? s : stat + align128(sizeof(float) * 2 * BM);
+    static constexpr size_t score_bytes = MMA ? 0 : 2 * sizeof(float) * BM * LDS;   // S, dP
+    static constexpr size_t acc_bytes = MMA ? 0 : sizeof(float) * BM * LDA;         // dQ
 };
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_mma_body(const AttnParams& p);
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_smem_body(const AttnParams& p);
+
+// dQ: fp16/bf16 in registers (dq_mma_body), fp32 through shared memory (dq_smem_body).
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
 __global__ void __launch_bounds__(PACK * BM * 2, 1)
 dq_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (DqSmem<T, D, BM, BN, STAGES>::MMA)
+        dq_mma_body<T, D, BM, BN, STAGES, PACK>(p);
+    else
+        dq_smem_body<T, D, BM, BN, STAGES, PACK>(p);
+}
+
+// One warp owns 16 query rows: Q's and dO's A fragments loaded once; per key tile
+// S = Q K^T and dP = dO V^T into C fragments, P = exp2(S log2e scale - lse log2e) and
+// dS = P (dP - delta) in the same registers, which become the A operand of dQ += dS K.
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
+    using L = DqSmem<T, D, BM, BN, STAGES>;
+    constexpr int UT = BM * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, q0 = 0, nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    T* sdO = reinterpret_cast<T*>(base + L::dout);
+    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
+    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const int ntiles = num_key_tiles(p, seg, BN);
+
+    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                            p.q.rstride, nq, vec, tid);
+    load_tile<T, BM, D, UT>(sdO,
+                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
+                            p.dout.rstride, nq, vec, tid);
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+        cp_async_commit();
+    }
+    float lse[2], dlt[2];   // rows g, g+8 of this warp (log2 units); padded rows: 0
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + g + 8 * h;
+        lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
+        dlt[h] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+    }
+
+    T* Qw = sQ + warp * 16 * L::LDT;
+    const T* dOw = sdO + warp * 16 * L::LDT;
+    uint32_t qf[D / 16][4], df[D / 16][4];
+    float dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+
+#pragma unroll 1
+    for (int j = 0; j < ntiles; ++j) {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        if (j == 0) {
+            load_a_frags<T, D>(qf, Qw, L::LDT);
+            load_a_frags<T, D>(df, dOw, L::LDT);
+        }
+        const T* sK = stK(j % STAGES);
+        const T* sV = stV(j % STAGES);
+        const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+        const int nk = kt.nk + kt.np;
+
+        float sc[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[n][i] = dp[n][i] = 0.f;
+        mma_abt<T, BN, D>(sc, qf, sK, L::LDT);    // S = Q K^T
+        mma_abt<T, BN, D>(dp, df, sV, L::LDT);    // dP = dO V^T
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                const float pr = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;
+                sc[n][i] = pr * (dp[n][i] - dlt[i >> 1]);   // dS
+            }
+        mma_pv<T, D, BN>(dq, sc, sK, L::LDT);     // dQ += dS K
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    __syncwarp();
+    stage_frags<T, D>(Qw, L::LDT, dq, p.scale, p.scale);
+    __syncwarp();
+    warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
+                          p.dq.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+}
+
+template <typename T, int D, int BM, int BN, int STAGES, int PACK>
+__device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     using L = DqSmem<T, D, BM, BN, STAGES>;
     constexpr int UT = BM * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -626,7 +931,7 @@ dq_kernel(const __grid_constant__ AttnParams p) {
         }
         warp_mm<T, D, BN, false>(dSw, L::LDP, sK, L::LDT, dQw, L::LDA, true);  // dQ += dS K
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     store_tile<T, D, UT>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
@@ -655,12 +960,207 @@ struct DkvSmem {
     static constexpr size_t dk = F32 ? dp + align128(sizeof(float) * BN * LDS)
                                      : ds + align128(sizeof(T) * BN * LDP);
     static constexpr size_t dv = dk + align128(sizeof(float) * BN * LDA);
-    static constexpr size_t bytes = dv + align128(sizeof(float) * BN * LDA);
+    static constexpr bool MMA = !F32;   // fp16/bf16: K, V, the Q/dO and lse/delta stages only
+    static constexpr size_t bytes = MMA ? s : dv + align128(sizeof(float) * BN * LDA);
+    static constexpr size_t score_bytes = MMA ? 0 : 2 * sizeof(float) * BN * LDS;  // S^T, dP^T
+    static constexpr size_t acc_bytes = MMA ? 0 : 2 * sizeof(float) * BN * LDA;    // dK, dV
 };
 
 template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_mma_body(const AttnParams& p);
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_smem_body(const AttnParams& p);
+
+// dK/dV: fp16/bf16 in registers (dkv_mma_body), fp32 through shared memory (dkv_smem_body).
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
 __global__ void __launch_bounds__(PACK * BN * 2, 1)
 dkv_kernel(const __grid_constant__ AttnParams p) {
+    if constexpr (DkvSmem<T, D, BN, BM, STAGES>::MMA)
+        dkv_mma_body<T, D, BN, BM, STAGES, PACK>(p);
+    else
+        dkv_smem_body<T, D, BN, BM, STAGES, PACK>(p);
+}
+
+// One warp owns 16 key rows (keys, then prompts): K's and V's A fragments loaded once;
+// per query tile S^T = K Q^T and dP^T = V dO^T into C fragments (columns: queries),
+// P^T = exp2(S^T log2e scale - lse) and dS^T = P^T (dP^T - delta) in the same registers,
+// which become the A operands of dV += P^T dO and dK += dS^T Q; dK and dV stay in
+// registers until the end.  Key rows go out through the warp's own K/V rows in shared
+// memory (16-byte stores); prompt rows go from the registers to the fp32 prompt-grad
+// buffer (atomics, or per-sequence stores in deterministic mode).
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
+    using L = DkvSmem<T, D, BN, BM, STAGES>;
+    constexpr int UT = BN * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, tq = lane & 3;
+
+    const int tiles = num_key_tiles_all(p, BN);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return;
+    const int64_t b = w / tiles;
+    int seg = 0, j = (int)(w % tiles);   // (segment, key tile) from the tile index
+    while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sK = reinterpret_cast<T*>(base + L::k);
+    T* sV = reinterpret_cast<T*>(base + L::v);
+    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
+    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
+    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0;
+    const float sl2 = p.scale * kLog2e;
+    const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
+    const int nqt = cdiv(p.q_len[seg], BM);
+    const T* gq = (const T*)p.q.ptr + boff(p.q, bi);
+    const T* gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
+
+    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
+    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain stores
+    auto issue_q = [=, &p](int i, int st) {
+        const int q0 = p.q_start[seg] + i * BM;
+        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
+        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
+                                tid);
+        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
+                                nq, vec, tid);
+        float* lse = stLse(st);
+        for (int r = tid; r < BM; r += UT) {
+            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+        }
+    };
+
+    // K and V as a commit group of their own; none for a segment without queries
+    if (nqt > 0) {
+        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
+        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
+        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
+                                 kt.np, vec, tid);
+        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
+                                 kt.np, vec, tid);
+    }
+    cp_async_commit();
+#pragma unroll 1
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < nqt) issue_q(st, st);
+        cp_async_commit();
+    }
+
+    T* Kw = sK + warp * 16 * L::LDT;
+    T* Vw = sV + warp * 16 * L::LDT;
+    // Head dim 128: dK and dV alone take 128 registers, so K's and V's fragments (64 more)
+    // are reloaded from shared memory for every query tile instead of kept (no spills).
+    constexpr bool kKeepKV = D <= 32;
+    uint32_t kf[D / 16][4], vf[kKeepKV ? D / 16 : 1][4];
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.f;
+
+#pragma unroll 1
+    for (int i = 0; i < nqt; ++i) {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_q(i, 0);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int in = i + STAGES - 1;
+            if (in < nqt) issue_q(in, in % STAGES);
+            cp_async_commit();
+        }
+        const T* sQ = stQ(i % STAGES);
+        const T* sdO = stdO(i % STAGES);
+        const float* sLse = stLse(i % STAGES);
+        const float* sDelta = sLse + BM;
+
+        float pt[BM / 8][4], dst[BM / 8][4];
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pt[n][e] = dst[n][e] = 0.f;
+        if constexpr (kKeepKV) {   // K, V fragments loaded once, live across the loop
+            if (i == 0) {
+                load_a_frags<T, D>(kf, Kw, L::LDT);
+                load_a_frags<T, D>(vf, Vw, L::LDT);
+            }
+            mma_abt<T, BM, D>(pt, kf, sQ, L::LDT);     // S^T = K Q^T
+            mma_abt<T, BM, D>(dst, vf, sdO, L::LDT);   // dP^T = V dO^T
+        } else {                   // reloaded per query tile, one at a time
+            load_a_frags<T, D>(kf, Kw, L::LDT);
+            mma_abt<T, BM, D>(pt, kf, sQ, L::LDT);
+            load_a_frags<T, D>(kf, Vw, L::LDT);
+            mma_abt<T, BM, D>(dst, kf, sdO, L::LDT);
+        }
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = n * 8 + 2 * tq + (e & 1);   // query
+                const float pr = exp2f(pt[n][e] * sl2 - sLse[c]);
+                pt[n][e] = pr;                             // P^T
+                dst[n][e] = pr * (dst[n][e] - sDelta[c]);  // dS^T
+            }
+        mma_pv<T, D, BM>(dv, pt, sdO, L::LDT);     // dV += P^T dO
+        mma_pv<T, D, BM>(dk, dst, sQ, L::LDT);     // dK += dS^T Q
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+
+    // key rows [0, nk) of the tile: staged in the warp's own K/V rows, 16-byte stores
+    const int r0 = warp * 16;
+    const int nkw = min(16, kt.nk - r0);
+    if (nkw > 0) {
+        __syncwarp();
+        stage_frags<T, D>(Kw, L::LDT, dk, p.scale, p.scale);
+        stage_frags<T, D>(Vw, L::LDT, dv, 1.f, 1.f);
+        __syncwarp();
+        const bool v16 = p.vec16_out != 0;
+        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
+                              p.dk.rstride, Kw, L::LDT, nkw, v16);
+        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
+                              p.dv.rstride, Vw, L::LDT, nkw, v16);
+    }
+    // prompt rows [nk, nk + np): float32 gradients from the registers
+    if (kt.np > 0 && r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
+        const Operand& ok = p.dpk[seg];
+        const Operand& ov = p.dpv[seg];
+        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
+        const bool atomic = p.atomic_prompt_grads != 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
+            if (r < 0 || r >= kt.np) continue;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = n * 8 + 2 * tq + e;
+                    float* ak = gk + (int64_t)r * ok.rstride + c;
+                    float* av = gv + (int64_t)r * ov.rstride + c;
+                    const float vk = dk[n][2 * h + e] * p.scale, vv = dv[n][2 * h + e];
+                    if (atomic) {
+                        atomicAdd(ak, vk);
+                        atomicAdd(av, vv);
+                    } else {
+                        *ak = vk;
+                        *av = vv;
+                    }
+                }
+        }
+    }
+}
+
+template <typename T, int D, int BN, int BM, int STAGES, int PACK>
+__device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
     using L = DkvSmem<T, D, BN, BM, STAGES>;
     constexpr int UT = BN * 2;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -711,7 +1211,10 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         }
     };
 
-    {
+    // K and V of the tile, as a commit group of their own (older than every Q/dO group, so
+    // the pipeline's waits cover it).  A segment without queries (segments=(0, n) with
+    // prompts, or Lq = 0) issues no copies at all: its keys' gradients are zero.
+    if (nqt > 0) {
         const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
         const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
         load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
@@ -719,6 +1222,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
                                  kt.np, vec, tid);
     }
+    cp_async_commit();
 #pragma unroll 1
     for (int st = 0; st < STAGES - 1; ++st) {
         if (st < nqt) issue_q(st, st);
@@ -768,7 +1272,7 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         warp_mm<T, D, BM, false>(Pw, L::LDP, sdO, L::LDT, dVw, L::LDA, true);  // dV += P^T dO
         warp_mm<T, D, BM, false>(dSw, L::LDP, sQ, L::LDT, dKw, L::LDA, true);  // dK += dS^T Q
     }
-    cp_async_wait<0>();   // nothing left in flight (only empty groups, or unused K/V)
+    cp_async_drain();   // nothing left in flight on any exit path
     unit_sync<UT>();
 
     if (kt.nk > 0) {   // rows [0, nk): keys
@@ -803,6 +1307,248 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
                 *av = vv;
             }
         }
+    }
+}
+
+// ================================================================== short-sequence backward
+// fp16/bf16, every segment <= 16 queries (short_tiles: the temporal stage).  One warp owns
+// one (sequence, segment) and computes all of its gradients in one launch: no delta
+// pre-pass (delta = rowsum(P o dP) is computed here from the recomputed P and dP, in fp32,
+// not from the rounded output), no dQ accumulator in global memory (dQ stays in registers
+// and is written once), and the prompts share the key tiles (10 keys + 2 prompts: one
+// 16-row tile).  Pass 1 over the key tiles: delta.  Pass 2: per key tile, dS for dQ
+// (query rows) and, with transposed products (S^T = K Q^T, dP^T = V dO^T), dV = P^T dO and
+// dK = dS^T Q of the tile's 16 keys/prompts, written at once (one owner per key row).
+// PACK such warps share a CTA; each has its own shared memory.
+// One key tile's dV (which = 0) or dK (which = 1) of the short-sequence backward, from C
+// fragments acc (times mul): key rows [0, nk) staged in shared rows s (16 x D, the tile's
+// own V or K rows, no longer read) and written with 16-byte stores; prompt rows [nk,
+// nk + np) from the registers to the fp32 prompt-grad buffer (atomics, or plain stores of
+// this sequence's slice in deterministic mode).
+template <typename T, int D>
+__device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
+                                                   const BatchIdx& bi, const KeyTile& kt,
+                                                   const float (&acc)[D / 8][4], float mul,
+                                                   T* s, int which, bool v16) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    constexpr int LD = pitch<T>(D);
+    if (kt.nk > 0) {
+        const Operand& o = which == 0 ? p.dv : p.dk;
+        __syncwarp();
+        stage_frags<T, D>(s, LD, acc, mul, mul);
+        __syncwarp();
+        warp_store_rows<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
+                              LD, kt.nk, v16);
+    }
+    if (kt.np > 0) {
+        const Operand& o = which == 0 ? p.dpv[seg] : p.dpk[seg];
+        float* gp = (float*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
+        const bool atomic = p.atomic_prompt_grads != 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = g + 8 * h - kt.nk;
+            if (r < 0 || r >= kt.np) continue;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float* a = gp + (int64_t)r * o.rstride + n * 8 + 2 * tq + e;
+                    const float v = acc[n][2 * h + e] * mul;
+                    if (atomic)
+                        atomicAdd(a, v);
+                    else
+                        *a = v;
+                }
+        }
+    }
+}
+
+template <typename T, int D>
+struct SeqBwdSmem {
+    static constexpr int LDT = pitch<T>(D);
+    static constexpr size_t tile = align128(sizeof(T) * 16 * LDT);
+    static constexpr size_t q = 0, dout = tile, k = 2 * tile, v = 3 * tile, stat = 4 * tile;
+    static constexpr size_t bytes = stat + align128(sizeof(float) * 2 * 16);   // lse, delta
+};
+
+template <typename T, int D, int PACK>
+__global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_constant__ AttnParams p) {
+    using L = SeqBwdSmem<T, D>;
+    constexpr int LD = L::LDT;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int unit = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int g = lane >> 2, tq = lane & 3;
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= p.nseq * p.nseg) return;
+    const int64_t b = w / p.nseg;
+    const int seg = (int)(w % p.nseg);
+    const int nq = p.q_len[seg], q0 = p.q_start[seg];
+    const int ntiles = num_key_tiles(p, seg, 16);
+
+    unsigned char* base = smem + unit * L::bytes;
+    T* sQ = reinterpret_cast<T*>(base + L::q);
+    T* sdO = reinterpret_cast<T*>(base + L::dout);
+    T* sK = reinterpret_cast<T*>(base + L::k);
+    T* sV = reinterpret_cast<T*>(base + L::v);
+    float* sLse = reinterpret_cast<float*>(base + L::stat);   // per query (log2 units)
+    float* sDelta = sLse + 16;
+
+    const BatchIdx bi = batch_index(p, b);
+    const bool vec = p.vec16 != 0, v16 = p.vec16_out != 0;
+    const float sl2 = p.scale * kLog2e;
+    constexpr bool kKeepQ = D <= 64;   // head dim 128: reload Q/dO fragments per tile
+
+    if (nq > 0) {
+        load_tile<T, 16, D, 32>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
+                                p.q.rstride, nq, vec, lane);
+        load_tile<T, 16, D, 32>(sdO,
+                                (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
+                                p.dout.rstride, nq, vec, lane);
+    }
+    cp_async_commit();
+    float lse[2];   // rows g, g+8; padded rows +inf: their P is exactly 0
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = g + 8 * h;
+        lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+    }
+    auto load_kv = [&](int j) {
+        __syncwarp();   // every lane is done with the previous tile
+        const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+        load_tile2<T, 16, D, 32>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk,
+                                 kt.np > 0 ? p.pk[seg].rstride : 0, kt.np, vec, lane);
+        load_tile2<T, 16, D, 32>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
+                                 kt.np > 0 ? p.pv[seg].rstride : 0, kt.np, vec, lane);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncwarp();
+    };
+    uint32_t qf[kKeepQ ? D / 16 : 1][4], df[kKeepQ ? D / 16 : 1][4];
+    uint32_t fa[D / 16][4];   // a transient A operand
+    // S = Q K^T and dP = dO V^T of the current tile, query rows; P in s, dP in dp
+    auto row_products = [&](float (&s)[2][4], float (&dp)[2][4], int nk) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.f;
+        if constexpr (kKeepQ) {
+            mma_abt<T, 16, D>(s, qf, sK, LD);
+            mma_abt<T, 16, D>(dp, df, sV, LD);
+        } else {
+            load_a_frags<T, D>(fa, sQ, LD);
+            mma_abt<T, 16, D>(s, fa, sK, LD);
+            load_a_frags<T, D>(fa, sdO, LD);
+            mma_abt<T, 16, D>(dp, fa, sV, LD);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = n * 8 + 2 * tq + (i & 1);
+                s[n][i] = c < nk ? exp2f(s[n][i] * sl2 - lse[i >> 1]) : 0.f;
+            }
+    };
+
+    float dq[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+    if (nq > 0) {
+        cp_async_wait<0>();
+        __syncwarp();
+        if constexpr (kKeepQ) {
+            load_a_frags<T, D>(qf, sQ, LD);
+            load_a_frags<T, D>(df, sdO, LD);
+        }
+        // pass 1: delta = rowsum(P o dP) over every key tile
+        float dsum[2] = {0.f, 0.f};
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            load_kv(j);
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            float s[2][4], dp[2][4];
+            row_products(s, dp, kt.nk + kt.np);
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dsum[i >> 1] += s[n][i] * dp[n][i];
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            dsum[h] += __shfl_xor_sync(0xffffffffu, dsum[h], 1);
+            dsum[h] += __shfl_xor_sync(0xffffffffu, dsum[h], 2);
+        }
+        if (tq == 0) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                sLse[g + 8 * h] = lse[h];
+                sDelta[g + 8 * h] = dsum[h];
+            }
+        }
+        __syncwarp();
+        // pass 2: dQ (registers) and each tile's dK, dV
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            if (ntiles > 1) load_kv(j);   // one tile: still in shared memory from pass 1
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            {
+                float s[2][4], dp[2][4];
+                row_products(s, dp, kt.nk + kt.np);
+#pragma unroll
+                for (int n = 0; n < 2; ++n)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[n][i] *= dp[n][i] - dsum[i >> 1];   // dS
+                mma_pv<T, D, 16>(dq, s, sK, LD);                  // dQ += dS K
+            }
+            float pt[2][4], dst[2][4];                           // keys x queries
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) pt[n][i] = dst[n][i] = 0.f;
+            load_a_frags<T, D>(fa, sK, LD);
+            mma_abt<T, 16, D>(pt, fa, sQ, LD);                    // S^T = K Q^T
+            load_a_frags<T, D>(fa, sV, LD);
+            mma_abt<T, 16, D>(dst, fa, sdO, LD);                  // dP^T = V dO^T
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = n * 8 + 2 * tq + (i & 1);       // query
+                    const float pr = exp2f(pt[n][i] * sl2 - sLse[c]);
+                    pt[n][i] = pr;
+                    dst[n][i] = pr * (dst[n][i] - sDelta[c]);
+                }
+            float acc[D / 8][4];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {   // 0: dV = P^T dO, 1: dK = dS^T Q
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+                if (half == 0)
+                    mma_pv<T, D, 16>(acc, pt, sdO, LD);
+                else
+                    mma_pv<T, D, 16>(acc, dst, sQ, LD);
+                const float mul = half == 0 ? 1.f : p.scale;
+                seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16);
+            }
+        }
+    } else {
+        // no queries: the segment's keys and prompts get zero gradients
+        float acc[D / 8][4];
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll 1
+        for (int j = 0; j < ntiles; ++j) {
+            const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16);
+        }
+    }
+    cp_async_drain();   // nothing left in flight on any exit path
+    if (nq > 0) {
+        __syncwarp();
+        stage_frags<T, D>(sQ, LD, dq, p.scale, p.scale);
+        __syncwarp();
+        warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
+                              p.dq.rstride, sQ, LD, nq, v16);
     }
 }
 
@@ -921,9 +1667,17 @@ template <typename T, int D>
 cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
     using C = Config<T, D>;
     if (p.nseq == 0) return cudaSuccess;
+    if constexpr (!std::is_same<T, float>::value) {
+        if (p.short_tiles) {   // one launch: seq_bwd_kernel computes delta itself
+            using SL = SeqBwdSmem<T, D>;
+            static_assert(kPack * SL::bytes <= kMaxSmem, "short backward exceeds shared memory");
+            return launch_units(seq_bwd_kernel<T, D, kPack>, p.nseq * p.nseg, kPack, 32,
+                                kPack * SL::bytes, p, st);
+        }
+    }
     cudaError_t e = launch_delta<T, D>(p, st);
     if (e != cudaSuccess) return e;
-    if constexpr (has_packed<T, D>()) {
+    if constexpr (has_packed<T, D>() && std::is_same<T, float>::value) {
         if (p.short_tiles) {
             e = launch_dq_cfg<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1), kPack>(p, st);
             if (e != cudaSuccess) return e;
@@ -964,6 +1718,7 @@ size_t max_smem_d(bool short_tiles) {
         a = kPack * FwdSmem<T, D, 16, 16, (C::PACK_FWD_S > 0 ? C::PACK_FWD_S : 1)>::bytes;
         b = kPack * DqSmem<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1)>::bytes;
         c = kPack * DkvSmem<T, D, 16, 16, (C::PACK_DKV_S > 0 ? C::PACK_DKV_S : 1)>::bytes;
+        if (!std::is_same<T, float>::value) b = c = kPack * SeqBwdSmem<T, D>::bytes;
     } else {
         a = FwdSmem<T, D, kRows, C::FWD_N, C::FWD_S>::bytes;
         b = DqSmem<T, D, kRows, C::DQ_N, C::DQ_S>::bytes;
@@ -983,6 +1738,8 @@ struct KernelInfo {
     size_t stage_bytes;   // bytes of global memory one stage copies, per CTA
     int loads_tiles;      // 1: loops over K/V (or Q/dO) tiles
     int pack;             // units (sequences/tiles) per CTA
+    size_t score_smem;    // bytes per CTA of fp32 score-shaped tiles (S, dP) in shared memory
+    size_t acc_smem;      // bytes per CTA of fp32 accumulators (O, dQ, dK, dV) in shared memory
 };
 
 template <typename T> constexpr const char* type_name();
@@ -992,7 +1749,7 @@ template <> constexpr const char* type_name<float>() { return "float"; }
 
 template <class F>
 void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, int pack,
-          size_t unit_smem, int stage_rows) {
+          size_t unit_smem, int stage_rows, size_t unit_score, size_t unit_acc) {
     KernelInfo k{};
     std::snprintf(k.name, sizeof k.name, "%s<%s, %d, %d, %d, %d, %d>", kern, tn, d, a, b, s,
                   pack);
@@ -1003,6 +1760,8 @@ void info(F&& f, const char* kern, const char* tn, int d, int a, int b, int s, i
                     (std::strcmp(tn, "float") == 0 ? 4 : 2);
     k.loads_tiles = 1;
     k.pack = pack;
+    k.score_smem = pack * unit_score;
+    k.acc_smem = pack * unit_acc;
     f(k);
 }
 
@@ -1010,9 +1769,18 @@ template <typename T, int D, int BM, int FN, int FS, int QN, int QS, int KM, int
           class F>
 void kernel_infos_set(F&& f) {
     const char* tn = type_name<T>();
-    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, FwdSmem<T, D, BM, FN, FS>::bytes, FN);
-    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, DqSmem<T, D, BM, QN, QS>::bytes, QN);
-    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, DkvSmem<T, D, BM, KM, KS>::bytes, KM);
+    // fp32 score tiles: forward S (fp32 writes P over it), dQ S and dP, dK/dV S^T and dP^T
+    using LF = FwdSmem<T, D, BM, FN, FS>;
+    using LQ = DqSmem<T, D, BM, QN, QS>;
+    using LK = DkvSmem<T, D, BM, KM, KS>;
+    info(f, "fwd_kernel", tn, D, BM, FN, FS, PACK, LF::bytes, FN, LF::score_bytes,
+         LF::acc_bytes);
+    // packed 16-bit backward: seq_bwd_kernel instead of dq/dkv (not instantiated)
+    if (PACK > 1 && !std::is_same<T, float>::value) return;
+    info(f, "dq_kernel", tn, D, BM, QN, QS, PACK, LQ::bytes, QN, LQ::score_bytes,
+         LQ::acc_bytes);
+    info(f, "dkv_kernel", tn, D, BM, KM, KS, PACK, LK::bytes, KM, LK::score_bytes,
+         LK::acc_bytes);
 }
 
 template <typename T, int D, class F>
@@ -1022,6 +1790,18 @@ void kernel_infos_d(F&& f) {
         kernel_infos_set<T, D, 16, 16, C::PACK_FWD_S, 16, C::PACK_DQ_S, 16, C::PACK_DKV_S,
                          kPack>(f);
     kernel_infos_set<T, D, kRows, C::FWD_N, C::FWD_S, C::DQ_N, C::DQ_S, C::DKV_M, C::DKV_S, 1>(f);
+    if constexpr (!std::is_same<T, float>::value) {   // the short-sequence backward
+        KernelInfo s{};
+        std::snprintf(s.name, sizeof s.name, "seq_bwd_kernel<%s, %d, %d>", type_name<T>(), D,
+                      kPack);
+        s.threads = kPack * 32;
+        s.smem = kPack * SeqBwdSmem<T, D>::bytes;
+        s.stages = 1;
+        s.stage_bytes = (size_t)kPack * 2 * 16 * D * sizeof(T);   // one K and V tile per warp
+        s.loads_tiles = 1;
+        s.pack = kPack;
+        f(s);
+    }
     KernelInfo k{};
     std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
     k.threads = 256;

@@ -54,6 +54,100 @@ struct AttnParams {
     int vec16_out;        // 1: o/dq/dk/dv pointers and strides allow 16-byte vector stores
 };
 
+// ------------------------------------------------------------------ launch plan
+// Everything but the pointers comes from one launch plan computed in Python
+// (avstfp_fast/ops/layout.py, LaunchPlan.ints(): merged batch sizes, every operand's
+// strides, the segment table), for the torch binding and the CPU-emulation tests alike.
+// Layout of the plan (int64):
+//   [0, 16)   version, nseq, bsize[4], Lq, nseg, head_dim, dtype, vec16, vec16_out,
+//             short_tiles, atomic_prompt_grads, scale (float32 bits), 0
+//   then per segment s < 4:  q_start, q_len, k_start, k_len, n_prompt
+//   then per operand i < kNumOperands (order of operand_at):  bstride[4], rstride
+// Pointers: kNumOperands operand pointers in the same order (null: absent), then lse, delta.
+constexpr int kPlanVersion = 1;
+constexpr int kNumOperands = 8 + 4 * AVSTFP_MAX_SEGS;   // q k v o dout dq dk dv pk pv dpk dpv
+constexpr int kPlanHeader = 16;
+constexpr int kPlanInts = kPlanHeader + 5 * AVSTFP_MAX_SEGS + (AVSTFP_MAX_BDIMS + 1) * kNumOperands;
+constexpr int kNumPointers = kNumOperands + 2;
+
+inline Operand* operand_at(AttnParams& p, int i) {
+    Operand* fixed[8] = {&p.q, &p.k, &p.v, &p.o, &p.dout, &p.dq, &p.dk, &p.dv};
+    if (i < 8) return fixed[i];
+    i -= 8;
+    Operand* arr[4] = {p.pk, p.pv, p.dpk, p.dpv};
+    return &arr[i / AVSTFP_MAX_SEGS][i % AVSTFP_MAX_SEGS];
+}
+
+// Operands read through 16-byte cp.async (q k v dout pk pv) and written through 16-byte
+// stores (o dq dk dv); the float32 prompt-grad buffers are neither.
+inline bool operand_loaded(int i) { return i <= 2 || i == 4 || (i >= 8 && i < 8 + 2 * AVSTFP_MAX_SEGS); }
+inline bool operand_stored(int i) { return i == 3 || (i >= 5 && i < 8); }
+
+// Fill p from a plan and the pointers.  vec16/vec16_out: the plan's stride condition and
+// 16-byte aligned pointers.  Returns nullptr, or what is wrong with the plan.
+inline const char* unpack_params(const int64_t* plan, int64_t n, void* const* ptrs,
+                                 AttnParams& p) {
+    if (n != kPlanInts) return "launch plan: wrong length";
+    if (plan[0] != kPlanVersion) return "launch plan: wrong version";
+    AttnParams z{};
+    p = z;
+    p.nseq = plan[1];
+    int64_t prod = 1;
+    for (int d = 0; d < AVSTFP_MAX_BDIMS; ++d) {
+        p.bsize[d] = plan[2 + d];
+        if (p.bsize[d] < 0) return "launch plan: negative batch size";
+        prod *= p.bsize[d];
+    }
+    p.Lq = (int)plan[6];
+    p.nseg = (int)plan[7];
+    p.head_dim = (int)plan[8];
+    p.dtype = (int)plan[9];
+    p.vec16 = (int)plan[10];
+    p.vec16_out = (int)plan[11];
+    p.short_tiles = (int)plan[12];
+    p.atomic_prompt_grads = (int)plan[13];
+    const uint32_t bits = (uint32_t)plan[14];
+    static_assert(sizeof(float) == sizeof(uint32_t), "float32");
+    __builtin_memcpy(&p.scale, &bits, 4);
+    if (p.nseq != prod) return "launch plan: nseq != product of bsize";
+    if (p.nseg < 1 || p.nseg > AVSTFP_MAX_SEGS) return "launch plan: bad number of segments";
+    const int64_t* seg = plan + kPlanHeader;
+    int64_t qsum = 0;
+    for (int s = 0; s < AVSTFP_MAX_SEGS; ++s) {
+        p.q_start[s] = (int)seg[5 * s];
+        p.q_len[s] = (int)seg[5 * s + 1];
+        p.k_start[s] = (int)seg[5 * s + 2];
+        p.k_len[s] = (int)seg[5 * s + 3];
+        p.n_prompt[s] = (int)seg[5 * s + 4];
+        if (s < p.nseg) {
+            if (p.q_start[s] != qsum || p.q_len[s] < 0 || p.k_len[s] < 0 || p.n_prompt[s] < 0)
+                return "launch plan: bad segment table";
+            if (p.q_len[s] > 0 && p.k_len[s] + p.n_prompt[s] == 0)
+                return "launch plan: a segment has queries but no keys and no prompts";
+            qsum += p.q_len[s];
+        }
+    }
+    if (qsum != p.Lq) return "launch plan: segments do not sum to Lq";
+    const int64_t* st = seg + 5 * AVSTFP_MAX_SEGS;
+    for (int i = 0; i < kNumOperands; ++i) {
+        Operand& op = *operand_at(p, i);
+        op.ptr = ptrs[i];
+        for (int d = 0; d < AVSTFP_MAX_BDIMS; ++d) op.bstride[d] = st[5 * i + d];
+        op.rstride = st[5 * i + 4];
+        if (op.ptr != nullptr && reinterpret_cast<uintptr_t>(op.ptr) % 16 != 0) {
+            if (operand_loaded(i)) p.vec16 = 0;
+            if (operand_stored(i)) p.vec16_out = 0;
+        }
+    }
+    for (int s = 0; s < AVSTFP_MAX_SEGS; ++s)   // a prompt is there iff its pointer is
+        if ((p.pk[s].ptr == nullptr) != (p.n_prompt[s] == 0) ||
+            (p.pv[s].ptr == nullptr) != (p.n_prompt[s] == 0))
+            return "launch plan: prompt pointers do not match n_prompt";
+    p.lse = static_cast<float*>(ptrs[kNumOperands]);
+    p.delta = static_cast<float*>(ptrs[kNumOperands + 1]);
+    return nullptr;
+}
+
 // Launchers (return the first CUDA error, cudaSuccess otherwise; never throw).
 // Each checks cudaGetLastError() after every launch.
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream);

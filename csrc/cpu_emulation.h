@@ -10,9 +10,9 @@
 // warp runs as far ahead as the barriers allow before the next warp runs, so a missing
 // __syncthreads shows up as a read of data another warp has not produced yet.
 // Shared memory is filled with 0xFF (NaN) before every CTA, so reads of uninitialised
-// shared memory show up as NaN.  WMMA fragments hold the whole 16x16 tile in every lane
-// (products in fp32, like tensor cores with fp32 accumulation) and check the alignment
-// rules of load/store_matrix_sync (32-byte pointers, ldm multiple of 16 bytes).
+// shared memory show up as NaN.  The tensor-core instructions of warp_mma.cuh (ldmatrix,
+// mma.sync m16n8k16) are implemented lane by lane from the PTX ISA fragment layouts
+// (products in fp32, like tensor cores with fp32 accumulation), with their alignment rules.
 // A deadlock (threads waiting at barriers that can never complete) aborts.
 //
 // cp.async (cp_async16 / cp_async_commit / cp_async_wait<N>) is modelled as the latest
@@ -21,8 +21,8 @@
 // its group.  So a tile read before the wait that covers it (a misplaced or missing
 // cp.async.wait_group, or a missing barrier after it: other threads' copies are still
 // pending) reads NaN, and a copy into a buffer that another thread still reads (a missing
-// barrier before reuse) destroys the data it reads.  WMMA loads and the operands of the
-// kernels' warp_mm (AVSTFP_CHECK_READY, also for fp32) are checked to have no pending byte,
+// barrier before reuse) destroys the data it reads.  ldmatrix rows and the operands of the
+// fp32 kernels' warp_mm (AVSTFP_CHECK_READY) are checked to have no pending byte,
 // with an explicit message.  Other checks: 16-byte alignment
 // of both addresses and a destination inside shared memory; no copy still pending when
 // the CTA ends.  16-byte global stores (store16) check their alignment.
@@ -35,6 +35,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -150,6 +151,8 @@ struct Block {
     unsigned bar_gen = 0, bar_arrived = 0;
     std::vector<unsigned> wgen, warrived;
     std::vector<float> slot;
+    std::vector<const void*> xptr;                 // ldmatrix row addresses, per thread
+    std::vector<std::array<uint32_t, 6>> xreg;     // mma A (4) and B (2) registers
     std::function<void()> body;
 };
 inline Block* g_blk = nullptr;
@@ -197,6 +200,8 @@ inline void run_block(unsigned nthreads, const std::function<void()>& body) {
     b.wgen.assign((nthreads + 31) / 32, 0);
     b.warrived.assign((nthreads + 31) / 32, 0);
     b.slot.assign(nthreads, 0.f);
+    b.xptr.assign(nthreads, nullptr);
+    b.xreg.assign(nthreads, {});
     b.async.assign(nthreads, AsyncState{});
     b.body = body;
     while (g_stacks.size() < nthreads) g_stacks.emplace_back(kStack);
@@ -361,97 +366,100 @@ inline void store16(void* dst, const uint4& v) {
     std::memcpy(dst, &v, 16);
 }
 
-// ------------------------------------------------------------------ WMMA
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <class Use, int M, int N, int K, class T, class Layout = void>
-struct fragment {
-    float x[256];
-};
-
-// The *_sync operations are warp-collective: every lane enters before any lane reads or
-// writes memory, and all finish before any lane goes on (as on the hardware).
-struct Collective {
-    Collective() { avstfp_emu::syncwarp(); }
-    ~Collective() { avstfp_emu::syncwarp(); }
-};
-
-template <class T>
-inline void check(const T* p, unsigned ldm, const char* what) {
-    if (reinterpret_cast<uintptr_t>(p) % 32)
-        avstfp_emu::fail(std::string(what) + ": pointer not 32-byte aligned");
-    if ((ldm * sizeof(T)) % 16)
-        avstfp_emu::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+// ------------------------------------------------------------------ ldmatrix / mma.sync
+// The warp-level tensor-core instructions of warp_mma.cuh, lane by lane from the PTX ISA
+// fragment layouts (documented there): every lane posts its operand (a row address, or its
+// A/B registers), the warp meets, each lane computes its own result registers from the
+// posted operands, the warp meets again.  Row addresses are checked: in shared memory,
+// 16-byte aligned, no cp.async pending on the 16 bytes.  Products are exact in fp32 (a
+// product of two 16-bit floats is), summed in k order on top of the accumulator.
+namespace avstfp_emu {
+inline float half_bits_to_float(uint16_t h, bool bf16) {
+    if (bf16) {
+        const uint32_t x = (uint32_t)h << 16;
+        float f;
+        std::memcpy(&f, &x, 4);
+        return f;
+    }
+    _Float16 v;
+    std::memcpy(&v, &h, 2);
+    return (float)v;
 }
 
-template <class T, class L>
-inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, L>& f, const T* p,
-                             unsigned ldm) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(matrix_a)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_a)");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            f.x[r * 16 + c] = avstfp_emu::tof(
-                std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
-}
-
-template <class T, class L>
-inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, L>& f, const T* p,
-                             unsigned ldm) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(matrix_b)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(matrix_b)");
-    for (int k = 0; k < 16; ++k)
-        for (int n = 0; n < 16; ++n)
-            f.x[k * 16 + n] = avstfp_emu::tof(
-                std::is_same<L, row_major>::value ? p[k * ldm + n] : p[n * ldm + k]);
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ldm, layout_t l) {
-    Collective sync;
-    check(p, ldm, "load_matrix_sync(accumulator)");
-    avstfp_emu::check_ready(p, 16, 16, ldm, "load_matrix_sync(accumulator)");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            f.x[r * 16 + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t l) {
-    Collective sync;
-    check(p, ldm, "store_matrix_sync");
-    for (int r = 0; r < 16; ++r)
-        for (int c = 0; c < 16; ++c)
-            (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * 16 + c];
-}
-
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
-    for (float& e : f.x) e = v;
-}
-
-template <class FA, class FB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const FA& a, const FB& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-    float t[256];
-    for (int m = 0; m < 16; ++m)
-        for (int n = 0; n < 16; ++n) {
-            float s = c.x[m * 16 + n];
-            for (int k = 0; k < 16; ++k) s += a.x[m * 16 + k] * b.x[k * 16 + n];
-            t[m * 16 + n] = s;
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    Block& b = *g_blk;
+    const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    if (!in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
+        fail("ldmatrix: row address not 16-byte aligned shared memory");
+    else
+        check_ready(static_cast<const uint16_t*>(row), 1, 8, 8, "ldmatrix");
+    b.xptr[t] = row;
+    syncwarp();
+    const unsigned g = lane / 4, tq = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        uint16_t lo, hi;
+        if (!TRANS) {   // row g, elements 2t, 2t+1
+            const auto* p = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + g]);
+            lo = p ? p[2 * tq] : 0;
+            hi = p ? p[2 * tq + 1] : 0;
+        } else {        // column g, rows 2t, 2t+1
+            const auto* p0 = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + 2 * tq]);
+            const auto* p1 = static_cast<const uint16_t*>(b.xptr[w0 + 8 * i + 2 * tq + 1]);
+            lo = p0 ? p0[g] : 0;
+            hi = p1 ? p1[g] : 0;
         }
-    std::memcpy(d.x, t, sizeof(t));
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    syncwarp();
 }
-}  // namespace wmma
-}  // namespace nvcuda
+
+template <bool BF16>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    Block& b = *g_blk;
+    const unsigned t = threadIdx.x, w0 = t & ~31u, lane = t & 31u;
+    b.xreg[t] = {a[0], a[1], a[2], a[3], b0, b1};
+    syncwarp();
+    auto el = [](uint32_t reg, int hi) { return (uint16_t)(hi ? reg >> 16 : reg & 0xffffu); };
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l) {   // scatter every lane's registers (layouts above)
+        const auto& x = b.xreg[w0 + l];
+        const unsigned g = l / 4, tq = l % 4;
+        for (int h = 0; h < 2; ++h) {
+            A[g][2 * tq + h] = half_bits_to_float(el(x[0], h), BF16);
+            A[g + 8][2 * tq + h] = half_bits_to_float(el(x[1], h), BF16);
+            A[g][2 * tq + 8 + h] = half_bits_to_float(el(x[2], h), BF16);
+            A[g + 8][2 * tq + 8 + h] = half_bits_to_float(el(x[3], h), BF16);
+            B[2 * tq + h][g] = half_bits_to_float(el(x[4], h), BF16);
+            B[2 * tq + 8 + h][g] = half_bits_to_float(el(x[5], h), BF16);
+        }
+    }
+    const unsigned g = lane / 4, tq = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + 8 * (i / 2), col = 2 * tq + (i % 2);
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        d[i] = acc;
+    }
+    syncwarp();
+}
+}  // namespace avstfp_emu
+
+namespace avstfp {
+namespace detail {
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+    avstfp_emu::ldmatrix_x4<false>(r, row);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    avstfp_emu::ldmatrix_x4<true>(r, row);
+}
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    avstfp_emu::mma_m16n8k16<std::is_same<T, __nv_bfloat16>::value>(d, a, b0, b1);
+}
+}  // namespace detail
+}  // namespace avstfp
+
 
 // ------------------------------------------------------------------ launch
 
@@ -502,28 +510,14 @@ inline cudaError_t cudaGetLastError() {
 // ------------------------------------------------------------------ entry points
 extern "C" {
 
-int emu_params_size() { return (int)sizeof(avstfp::AttnParams); }
-
-// offsets of a few fields, so the ctypes mirror can check its layout
-long emu_params_offset(int which) {
-    using avstfp::AttnParams;
-    switch (which) {
-        case 0: return offsetof(AttnParams, q);
-        case 1: return offsetof(AttnParams, pk);
-        case 2: return offsetof(AttnParams, dpv);
-        case 3: return offsetof(AttnParams, lse);
-        case 4: return offsetof(AttnParams, Lq);
-        case 5: return offsetof(AttnParams, n_prompt);
-        case 6: return offsetof(AttnParams, scale);
-        case 7: return offsetof(AttnParams, short_tiles);
-        case 8: return offsetof(AttnParams, vec16_out);
-        default: return -1;
-    }
-}
+// Plan size, so that the Python side (avstfp_fast/ops/layout.py) can check it agrees.
+int emu_plan_ints() { return avstfp::kPlanInts; }
+int emu_num_pointers() { return avstfp::kNumPointers; }
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
-// One line per kernel instance: name|threads|smem|stages|stage_bytes|loads_tiles|pack
+// One line per kernel instance:
+// name|threads|smem|stages|stage_bytes|loads_tiles|pack|score_smem|acc_smem
 const char* emu_kernel_table() {
     static std::string out;
     out.clear();
@@ -531,31 +525,117 @@ const char* emu_kernel_table() {
         out += std::string(k.name) + "|" + std::to_string(k.threads) + "|" +
                std::to_string(k.smem) + "|" + std::to_string(k.stages) + "|" +
                std::to_string(k.stage_bytes) + "|" + std::to_string(k.loads_tiles) + "|" +
-               std::to_string(k.pack) + "\n";
+               std::to_string(k.pack) + "|" + std::to_string(k.score_smem) + "|" +
+               std::to_string(k.acc_smem) + "\n";
     });
     return out.c_str();
 }
 
-int emu_forward(const avstfp::AttnParams* p) {
+// Fragment test of warp_mma.cuh (tests/test_cuda_build.py::test_emulated_mma_fragments):
+// one warp computes S = A B^T (A: 16 x D, B: N rows of D; load_a_frags + mma_abt) and
+// O = S V (S rounded to the input type, V: N rows of D; mma_pv), the two products of the
+// forward, from row-major inputs copied into padded shared tiles, and writes S and O
+// (row-major fp32) from the C fragments.
+}  // extern "C"
+namespace avstfp_emu {
+struct FragArgs { const void *a, *b, *v; float *s, *o; };
+template <typename T, int D, int N>
+inline void frag_kernel(FragArgs f) {
+    using namespace avstfp::detail;
+    constexpr int LD = pitch<T>(D);
+    T* sA = reinterpret_cast<T*>(avstfp::detail::smem);
+    T* sB = sA + 16 * LD;
+    T* sV = sB + N * LD;
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i < 16 * D; i += 32) sA[(i / D) * LD + i % D] = ((const T*)f.a)[i];
+    for (int i = lane; i < N * D; i += 32) {
+        sB[(i / D) * LD + i % D] = ((const T*)f.b)[i];
+        sV[(i / D) * LD + i % D] = ((const T*)f.v)[i];
+    }
+    __syncwarp();
+    uint32_t a[D / 16][4];
+    load_a_frags<T, D>(a, sA, LD);
+    float sacc[N / 8][4] = {};
+    mma_abt<T, N, D>(sacc, a, sB, LD);
+    float oacc[D / 8][4] = {};
+    mma_pv<T, D, N>(oacc, sacc, sV, LD);
+    const int g = lane / 4, tq = lane % 4;
+    for (int j = 0; j < N / 8; ++j)
+        for (int i = 0; i < 4; ++i) f.s[(g + 8 * (i / 2)) * N + 8 * j + 2 * tq + i % 2] = sacc[j][i];
+    for (int j = 0; j < D / 8; ++j)
+        for (int i = 0; i < 4; ++i) f.o[(g + 8 * (i / 2)) * D + 8 * j + 2 * tq + i % 2] = oacc[j][i];
+}
+template <typename T>
+inline int frag_run(int D, int N, FragArgs f) {
+#define AVSTFP_FRAG(D_, N_) \
+    if (D == D_ && N == N_) { AVSTFP_LAUNCH((frag_kernel<T, D_, N_>), dim3(1), 32, 0, nullptr, f); return (int)cudaGetLastError(); }
+    AVSTFP_FRAG(32, 16) AVSTFP_FRAG(64, 16) AVSTFP_FRAG(128, 16)
+    AVSTFP_FRAG(32, 32) AVSTFP_FRAG(64, 32) AVSTFP_FRAG(128, 32)
+    AVSTFP_FRAG(32, 64) AVSTFP_FRAG(64, 64) AVSTFP_FRAG(128, 64)
+#undef AVSTFP_FRAG
+    return -1;
+}
+}  // namespace avstfp_emu
+extern "C" {
+
+int emu_mma_fragments(int bf16, int D, int N, const void* a, const void* b, const void* v,
+                      float* s, float* o) {
+    avstfp_emu::g_error.clear();
+    const avstfp_emu::FragArgs f{a, b, v, s, o};
+    return bf16 ? avstfp_emu::frag_run<__nv_bfloat16>(D, N, f)
+                : avstfp_emu::frag_run<__half>(D, N, f);
+}
+
+// Self-test of the pending-copy check at CTA exit: a one-warp kernel whose lane 0 issues a
+// 16-byte cp.async and then (which = 0) exits without committing it, (1) commits it and
+// exits without waiting, (2) drains it as the kernels do.  Returns the launch's error code
+// (cudaErrorLaunchFailure for 0 and 1, cudaSuccess for 2).
+namespace avstfp_emu {
+alignas(16) inline unsigned char g_selftest_buf[16];
+inline void selftest_kernel(int which) {
+    if ((threadIdx.x & 31) == 0) {
+        cp_async16(avstfp::detail::smem, g_selftest_buf, true);
+        if (which >= 1) cp_async_commit();
+        if (which == 2) cp_async_wait<0>();
+    }
+}
+}  // namespace avstfp_emu
+
+int emu_selftest_pending_copy(int which) {
+    avstfp_emu::g_error.clear();
+    AVSTFP_LAUNCH(avstfp_emu::selftest_kernel, dim3(2), 32, 16, nullptr, which);
+    return (int)cudaGetLastError();
+}
+
+// Forward / backward from a launch plan (LaunchPlan.ints()) and the pointers, unpacked by
+// the same unpack_params as the torch binding.  Returns a cudaError_t; the message is
+// emu_error() (a plan error is reported as cudaErrorInvalidValue).
+static int emu_run(const int64_t* plan, int64_t n, void* const* ptrs, bool backward) {
     using namespace avstfp;
     avstfp_emu::g_error.clear();
-    switch (p->dtype) {
-        case kF16: return detail::launch_fwd_t<__half>(*p, nullptr);
-        case kBF16: return detail::launch_fwd_t<__nv_bfloat16>(*p, nullptr);
-        case kF32: return detail::launch_fwd_t<float>(*p, nullptr);
-        default: return cudaErrorInvalidValue;
+    AttnParams p;
+    if (const char* err = unpack_params(plan, n, ptrs, p)) {
+        avstfp_emu::g_error = err;
+        return cudaErrorInvalidValue;
+    }
+    if (p.nseq == 0) return cudaSuccess;
+    switch (p.dtype) {
+        case kF16: return backward ? detail::launch_bwd_t<__half>(p, nullptr)
+                                   : detail::launch_fwd_t<__half>(p, nullptr);
+        case kBF16: return backward ? detail::launch_bwd_t<__nv_bfloat16>(p, nullptr)
+                                    : detail::launch_fwd_t<__nv_bfloat16>(p, nullptr);
+        case kF32: return backward ? detail::launch_bwd_t<float>(p, nullptr)
+                                   : detail::launch_fwd_t<float>(p, nullptr);
+        default: avstfp_emu::g_error = "bad dtype code"; return cudaErrorInvalidValue;
     }
 }
 
-int emu_backward(const avstfp::AttnParams* p) {
-    using namespace avstfp;
-    avstfp_emu::g_error.clear();
-    switch (p->dtype) {
-        case kF16: return detail::launch_bwd_t<__half>(*p, nullptr);
-        case kBF16: return detail::launch_bwd_t<__nv_bfloat16>(*p, nullptr);
-        case kF32: return detail::launch_bwd_t<float>(*p, nullptr);
-        default: return cudaErrorInvalidValue;
-    }
+int emu_forward(const int64_t* plan, int64_t n, void* const* ptrs) {
+    return emu_run(plan, n, ptrs, false);
+}
+
+int emu_backward(const int64_t* plan, int64_t n, void* const* ptrs) {
+    return emu_run(plan, n, ptrs, true);
 }
 
 }  // extern "C"

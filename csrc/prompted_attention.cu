@@ -9,8 +9,10 @@
 // softmax: nothing is concatenated, expanded, permuted or copied.
 //
 // Addressing (attn_params.h).  Every operand is (*batch, rows, head_dim) with a dense last
-// dim and arbitrary strides elsewhere.  The binding merges mergeable batch dims and passes
-// at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in elements).
+// dim and arbitrary strides elsewhere.  The launch plan (avstfp_fast/ops/layout.py,
+// LaunchPlan, read by unpack_params in attn_params.h) merges mergeable batch dims and
+// gives at most 4 batch sizes plus, per operand, 4 batch strides and a row stride (in
+// elements); the binding only adds the pointers.
 // A work item's flat sequence index b is un-flattened row-major into (b0..b3) and
 // sum_i b_i * bstride[i] is added to each base pointer.  The temporal stage is then simply
 // a (B, N, H) batch over a (B, M, N, 3, H, d) buffer with sequence dim M; spatial/fusion a
@@ -46,19 +48,24 @@
 // that buffer, then computes on tile j.  Layouts whose pointers/strides are not 16-byte
 // aligned fall back to plain element copies (same schedule).  Outputs (O, dQ, dK, dV) are
 // written with 16-byte stores when aligned (vec16_out), else element by element.
-// Matrix products go through one helper, warp_mm (16 x N += 16 x K times K x N):
-// fp16/bf16 use tensor cores via WMMA 16x16x16 with fp32 accumulation; fp32 uses plain
-// FMA (no TF32, to meet the 1e-5 tolerance).  Scores, probabilities and accumulators sit
-// in shared memory as fp32; P and dS are rounded to the input dtype only as tensor-core
-// operands (as FlashAttention does; fp32 overwrites S with P in place).  Tile shapes and
+// Matrix products, fp16/bf16 (FlashAttention-2's structure): mma.sync m16n8k16 with fp32
+// accumulation and ldmatrix operand loads, through the thin inline-PTX wrappers of
+// warp_mma.cuh (fragment layouts documented there).  Each warp owns 16 rows; its A
+// operand (Q, or K/V in dK/dV) is loaded into registers once; scores, probabilities, dP,
+// dS, the online softmax and the accumulators (O, dQ, dK, dV) stay in registers; P and dS
+// are rounded to the input dtype only as the A operand of the next product (the C
+// fragments of two n8 tiles are the A fragment of their k16 product).  No fp32 tile passes
+// through shared memory; outputs are staged through the warp's own (no longer needed)
+// input rows for 16-byte stores.  fp32: one helper, warp_mm, with plain FMA (no TF32, to
+// meet the 1e-5 tolerance) and scores/accumulators in shared memory.  Tile shapes and
 // stages per (dtype, head dim) are the table at Config (attn_kernels.cuh), each under the
 // sm_80 limit of 163 KiB of shared memory; occupancy and bytes in flight of every kernel
 // are in bench/results/static-sm90-cuda.md (bench/static_sm90_cuda.py checks them in CI).
 //
 // Forward (fwd_kernel): per unit, loop over the key tiles of the segment (keys, then
-// prompts): S = Q K^T;
-// online softmax in log2 units, two lanes per row, all 16 rows of a warp at once (running
-// max m, sum l, O rescaled by exp2(m_old - m_new)); O += P V.  Finally out = O / l (input
+// prompts): S = Q K^T; online softmax in log2 units (running max m, sum l, O rescaled by
+// exp2(m_old - m_new); fp16/bf16: the 4 lanes that share a row reduce with two xor
+// shuffles, fp32: two lanes per row); O += P V.  Finally out = O / l (input
 // dtype, any strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
 // Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
@@ -72,6 +79,10 @@
 //      atomics for dk/dv, which are written into the given (possibly strided, possibly
 //      one packed QKV-gradient buffer) tensors; the prompt rows of a tile go to the
 //      prompt-grad buffers (below).
+//   Short sequences (every segment <= 16 queries, fp16/bf16): one kernel instead,
+//   seq_bwd_kernel: one warp per (sequence, segment) computes delta = rowsum(P o dP) from
+//   the recomputed P and dP (pass 1), then dQ in registers and every key tile's dK/dV
+//   with transposed products (pass 2); no delta pass, no dQ buffer, one launch.
 //   Recomputing S in two kernels instead of atomically adding dQ costs little for these
 //   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
 //   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32
@@ -79,9 +90,12 @@
 //   deterministic=True, a plain store into a (*batch, P, d) fp32 buffer that the caller
 //   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
 //
+// Every exit path drains its copies (cp_async_drain: commit + wait_group 0); a program
+// with nothing to compute (a dK/dV tile of a segment without queries) issues none.
+//
 // Testing without a GPU.  cpu_emulation.h runs this very code on the CPU (threads as
 // fibers, WMMA emulated, cp.async modelled with late landing and early clobber plus a
-// pending-read check, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
+// pending-read check and a fatal check for copies still pending when a CTA ends, launches through AVSTFP_LAUNCH with a tiny grid.x so the grid.y
 // wrap is always exercised); tests/test_cuda_build.py checks it against the float64
 // reference, and checks that deliberately broken pipelines (a misplaced cp.async wait, a
 // missing barrier after it: AVSTFP_TEST_FAULT) fail there.

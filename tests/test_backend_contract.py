@@ -168,7 +168,9 @@ _CPU_LENGTHS = [((2,), 5, 40, 3, 32), ((2,), 33, 7, 17, 32), ((2,), 1, 1, 1, 32)
 _GPU_LENGTHS = [((3, 2), Lq, Lk, P, E) for E in (32, 64, 128)
                 for Lq, Lk, P in [(1, 1, 0), (10, 10, 2), (17, 5, 3), (63, 65, 1), (7, 13, 3),
                                   (130, 200, 10), (129, 67, 17), (16, 0, 4), (33, 97, 0),
-                                  (300, 300, 0)]] + [((), 20, 20, 2, 128)]
+                                  (300, 300, 0)]] + [((), 20, 20, 2, 128)] + [
+    # Lq = 0 (keys and prompts that no query sees: zero gradients, no work left in flight)
+    ((3, 2), 0, 5, 2, 64), ((3, 2), 0, 5, 0, 64), ((3, 2), 0, 0, 3, 32)]
 
 
 @pytest.mark.parametrize("dev,case", on(
@@ -222,7 +224,11 @@ def test_zero_prompts_and_no_prompts(backend, dev, dtype):
 _CPU_SEGMENTS = [((9, 21), "-b"), ((0, 17), "ss"), ((7, 0, 20), "s-h"), ((5, 6, 7), "hhh"),
                  ((3, 4, 5, 6), "sh-s")]
 _GPU_SEGMENTS = _CPU_SEGMENTS + [((49, 197), "hh"), ((16, 16), "h-"), ((1, 2, 3, 4), "h-h-"),
-                                 ((7, 0, 20), "h-h")]
+                                 ((7, 0, 20), "h-h"),
+                                 # empty first segment with prompts (packed 16-row tiles and
+                                 # 64-row tiles), 1-token segments
+                                 ((0, 10), "hh"), ((0, 10), "--"), ((0, 40), "s-"),
+                                 ((1, 1, 0, 14), "h-sh")]
 
 
 @pytest.mark.parametrize("dev,case", on(

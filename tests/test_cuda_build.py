@@ -81,8 +81,20 @@ def test_static_contract_sm90(cuda_objs, emu):
     assert len(rows) >= 9 * 4, [x["kernel"] for x in rows]
     assert st.cuda_failures(rows) == []
     for x in rows:
+        what = f"{x['kernel']}<{x['config']}>"
         if x["kernel"] in ("fwd_kernel", "dq_kernel"):
-            assert 128 in x["store_bits"], f"{x['kernel']}<{x['config']}>: no 16-byte stores"
+            assert 128 in x["store_bits"], f"{what}: no 16-byte stores"
+        if x["kernel"] != "delta_kernel":
+            assert x["cp_async_16B"], f"{what}: cp.async copies narrower than 16 bytes"
+            if not x["config"].startswith("float"):
+                assert x["hmma"] > 0, f"{what}: no tensor-core instructions (HMMA)"
+    # FlashAttention-2's structure in every fp16/bf16 kernel: ldmatrix operand loads, no
+    # fp32 score or accumulator tile in shared memory (the kernels' own layout), 16-byte
+    # cp.async
+    assert st.fa2_gaps(rows) == []
+    for x in rows:
+        if x["kernel"] != "delta_kernel" and not x["config"].startswith("float"):
+            assert x["acc_smem_bytes"] == 0, f"{x['kernel']}<{x['config']}>: fp32 accumulators in smem"
 
 
 # --------------------------------------------------------------------------- _build.py
@@ -224,39 +236,16 @@ def test_make_autotable(tmp_path):
 # --------------------------------------------------------------------------- CPU emulation
 # The kernels' own code (csrc/attn_kernels.cuh: tiling, strided addressing, masking, online
 # softmax, backward, launch logic) compiled with g++ against csrc/cpu_emulation.h (fibers
-# for threads, WMMA emulated) and driven through ctypes with the same parameter block the
-# binding fills.  Checks out, lse, dq/dk/dv and prompt grads (atomic and deterministic)
+# for threads, WMMA emulated) and driven through ctypes exactly as the binding drives them:
+# a launch plan (avstfp_fast/ops/layout.py) read by attn_params.h's unpack_params, plus the
+# data pointers.  Checks out, lse, dq/dk/dv and prompt grads (atomic and deterministic)
 # against the float64 reference, and that nothing outside the output views is written.
 import ctypes as C  # noqa: E402
 import math  # noqa: E402
 
 from avstfp_fast.testing import TOL, rel_err, strided  # noqa: E402
 
-_MAXB, _MAXS = 4, 4
-
-
-class _Operand(C.Structure):
-    _fields_ = [("ptr", C.c_void_p), ("bstride", C.c_int64 * _MAXB), ("rstride", C.c_int64)]
-
-
-class _Params(C.Structure):      # mirror of avstfp::AttnParams (attn_params.h)
-    _fields_ = [
-        ("bsize", C.c_int64 * _MAXB), ("nseq", C.c_int64),
-        ("q", _Operand), ("k", _Operand), ("v", _Operand), ("o", _Operand),
-        ("dout", _Operand), ("dq", _Operand), ("dk", _Operand), ("dv", _Operand),
-        ("pk", _Operand * _MAXS), ("pv", _Operand * _MAXS),
-        ("dpk", _Operand * _MAXS), ("dpv", _Operand * _MAXS),
-        ("lse", C.c_void_p), ("delta", C.c_void_p),
-        ("Lq", C.c_int), ("nseg", C.c_int),
-        ("q_start", C.c_int * _MAXS), ("q_len", C.c_int * _MAXS),
-        ("k_start", C.c_int * _MAXS), ("k_len", C.c_int * _MAXS),
-        ("n_prompt", C.c_int * _MAXS),
-        ("scale", C.c_float), ("head_dim", C.c_int), ("dtype", C.c_int), ("vec16", C.c_int),
-        ("atomic_prompt_grads", C.c_int), ("short_tiles", C.c_int), ("vec16_out", C.c_int),
-    ]
-
-
-_DT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+from avstfp_fast.ops import layout  # noqa: E402
 
 
 def _build_emu(d, defines=()):
@@ -271,26 +260,18 @@ def _build_emu(d, defines=()):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     lib = C.CDLL(str(d / "libemu.so"))
-    lib.emu_params_offset.restype = C.c_long
     lib.emu_error.restype = C.c_char_p
-    assert lib.emu_params_size() == C.sizeof(_Params)
-    for i, n in enumerate(["q", "pk", "dpv", "lse", "Lq", "n_prompt", "scale", "short_tiles",
-                           "vec16_out"]):
-        assert lib.emu_params_offset(i) == getattr(_Params, n).offset, f"layout of {n}"
+    for f in (lib.emu_forward, lib.emu_backward):
+        f.argtypes = [C.POINTER(C.c_int64), C.c_int64, C.POINTER(C.c_void_p)]
+    # the plan layout.py writes is the one attn_params.h reads
+    assert lib.emu_plan_ints() == layout.PLAN_INTS
+    assert lib.emu_num_pointers() == len(layout.OPERANDS) + 2
     return lib
 
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     return _build_emu(tmp_path_factory.mktemp("emu"))
-
-
-def _fill(op, t, nb):
-    op.ptr = t.data_ptr()
-    st = [0] * (_MAXB - nb) + list(t.stride()[:nb])
-    for i in range(_MAXB):
-        op.bstride[i] = st[i]
-    op.rstride = 0 if t.shape[-2] <= 1 else t.stride(-2)
 
 
 def _nan_view(shape, dtype, gaps):
@@ -303,12 +284,6 @@ def _nan_view(shape, dtype, gaps):
     off = 1 if gaps == "odd" else 8
     big = torch.full((*shape[:-2], 2 * shape[-2] + 1, shape[-1] + 8), float("nan"), dtype=dtype)
     return big, big[..., 1::2, off:off + shape[-1]]
-
-
-def _vec16(tensors):
-    return int(all(t.data_ptr() % 16 == 0 and
-                   all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-                   for t in tensors))
 
 
 def _untouched(big, view):
@@ -347,41 +322,23 @@ class EmulationError(AssertionError):
 
 
 def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
+    """Forward then backward of the kernels under the emulation, driven exactly as the
+    binding drives them: a layout.LaunchPlan plus the data pointers."""
     dtype, E = q.dtype, q.shape[-1]
     scale = E ** -0.5
     batch = tuple(q.shape[:-2])
-    nb, Lq = len(batch), q.shape[-2]
-    p = _Params()
-    sizes = [1] * (_MAXB - nb) + list(batch)
-    for i in range(_MAXB):
-        p.bsize[i] = sizes[i]
-    p.nseq = math.prod(batch)
+    Lq = q.shape[-2]
+    qs = tuple(segs or (Lq,))
+    ks = tuple(segs or (k.shape[-2],))
+    pks = [None if t is None or t.shape[-2] == 0 else t for t in pks]
+    pvs = [None if t is None or t.shape[-2] == 0 else t for t in pvs]
     big_o, out = _nan_view(q.shape, dtype, gaps)
     lse = torch.full(batch + (Lq,), float("nan"))
-    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
-        _fill(getattr(p, name), t, nb)
-    qs = segs or (Lq,)
-    ks = segs or (k.shape[-2],)
-    p.Lq, p.nseg = Lq, len(qs)
-    a = b = 0
-    keep = [q, k, v]
+    ptrs = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
     for s in range(len(qs)):
-        p.q_start[s], p.q_len[s], p.k_start[s], p.k_len[s] = a, qs[s], b, ks[s]
-        a, b = a + qs[s], b + ks[s]
-        if pks[s] is not None and pks[s].shape[-2] > 0:
-            P = pks[s].shape[-2]
-            ek, ev = pks[s].expand(*batch, P, E), pvs[s].expand(*batch, P, E)
-            keep += [ek, ev]
-            _fill(p.pk[s], ek, nb)
-            _fill(p.pv[s], ev, nb)
-            p.n_prompt[s] = P
-    p.scale, p.head_dim, p.dtype = scale, E, _DT[dtype]
-    p.short_tiles = int(max(qs) <= 16)
-    p.vec16 = _vec16(keep)
-    p.vec16_out = _vec16([out])
-    p.lse = lse.data_ptr()
-    if lib.emu_forward(C.byref(p)) != 0:
-        raise EmulationError(lib.emu_error().decode())
+        ptrs[f"pk{s}"], ptrs[f"pv{s}"] = pks[s], pvs[s]
+    plan = layout.LaunchPlan(q, k, v, pks, pvs, qs, ks, scale, out=out)
+    _launch_checked(lib, lib.emu_forward, plan, ptrs)
 
     dout = torch.randn(q.shape, dtype=dtype)
     bigs, grads = [], []
@@ -389,37 +346,29 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
         bg, g = _nan_view(t.shape, dtype, gaps)
         bigs.append(bg)
         grads.append(g)
-    _fill(p.dout, dout, nb)
-    for name, g in zip(("dq", "dk", "dv"), grads):
-        _fill(getattr(p, name), g, nb)
-    p.vec16 = _vec16(keep + [dout])
-    p.vec16_out = _vec16(grads + [out])
-    delta = torch.full((p.nseq * Lq,), float("nan"))
-    p.delta = delta.data_ptr()
+    delta = torch.full((math.prod(batch) * Lq,), float("nan"))
+    plan = layout.LaunchPlan(q, k, v, pks, pvs, qs, ks, scale, out=out, dout=dout,
+                             dq=grads[0], dk=grads[1], dv=grads[2],
+                             deterministic=deterministic, backward=True)
+    ptrs.update(dout=dout, dq=grads[0], dk=grads[1], dv=grads[2], delta=delta)
     bufs = []
-    for s, (pk, pv) in enumerate(zip(pks, pvs)):
-        if pk is None or pk.shape[-2] == 0:
+    for s, shp in enumerate(plan.grad_shapes):
+        if shp is None:
             bufs.append(None)
             continue
-        P = pk.shape[-2]
-        if deterministic:
-            bk, bv = (torch.full(batch + (P, E), float("nan")) for _ in range(2))
-            ek, ev = bk, bv
-        else:
-            bk, bv = torch.zeros(pk.shape), torch.zeros(pv.shape)
-            ek, ev = bk.expand(*batch, P, E), bv.expand(*batch, P, E)
-        _fill(p.dpk[s], ek, nb)
-        _fill(p.dpv[s], ev, nb)
-        bufs.append((bk, bv))
-    p.atomic_prompt_grads = 0 if deterministic else 1
-    if lib.emu_backward(C.byref(p)) != 0:
-        raise EmulationError(lib.emu_error().decode())
-    gp = []
-    for s, bb in enumerate(bufs):
-        if bb is not None and deterministic:
-            bb = (bb[0].sum_to_size(pks[s].shape), bb[1].sum_to_size(pvs[s].shape))
-        gp.append(bb)
+        # deterministic: every slice is written (NaN shows a missed one); atomic: zeros
+        b = torch.full(shp, float("nan")) if deterministic else torch.zeros(shp)
+        ptrs[f"dpk{s}"], ptrs[f"dpv{s}"] = b[0], b[1]
+        bufs.append(b)
+    _launch_checked(lib, lib.emu_backward, plan, ptrs)
+    gp = [None if b is None else layout.finish_prompt_grads(b, pks[s], pvs[s])
+          for s, b in enumerate(bufs)]
+    gp = [None if g is None else (g[0].float(), g[1].float()) for g in gp]
     return scale, out, lse, dout, grads, gp, list(zip(bigs, grads)) + [(big_o, out)]
+
+
+def _launch_checked(lib, fn, plan, ptrs):
+    _launch_ints(lib, fn, plan.ints(), ptrs)
 
 
 def _case(name, dtype):
@@ -473,10 +422,18 @@ def _case(name, dtype):
     ("prompts_span_tiles", True, False)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
+    _check_emulated(emu, q, k, v, pks, pvs, segs, deterministic, gaps, name)
+
+
+def _check_emulated(emu, q, k, v, pks, pvs, segs, deterministic, gaps, name):
+    """Forward and backward under the emulation (any emulation error, e.g. a cp.async
+    still pending when a CTA ends, raises EmulationError) against the float64 reference."""
+    dtype = q.dtype
     scale, out, lse, dout, (dq, dk, dv), gp, written = _emulated(
         emu, q, k, v, pks, pvs, segs, deterministic, gaps)
     ro, rlse, (gq, gk, gv), gpk, gpv = _reference(q, k, v, pks, pvs, segs, scale, dout)
-    errs = {"out": rel_err(out, ro), "lse": rel_err(lse, rlse), "dq": rel_err(dq, gq),
+    errs = {"out": rel_err(out, ro), "lse": rel_err(lse, rlse) if lse.numel() else 0.0,
+            "dq": rel_err(dq, gq),
             "dk": rel_err(dk, gk) if k.numel() else 0.0,
             "dv": rel_err(dv, gv) if v.numel() else 0.0}
     for s, g in enumerate(gp):
@@ -488,6 +445,311 @@ def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     assert not bad, f"{name} {dtype}: errors above tolerance {tol}: {bad}"
     for big, view in written:
         assert _untouched(big, view), f"{name}: a kernel wrote outside its output view"
+
+
+def test_emulation_pending_copy_at_exit_is_fatal(emu):
+    """A CTA that ends with a cp.async it never waited for fails its launch, whether the
+    copy was never committed or committed and not waited for (on a GPU it would land in
+    shared memory after the CTA exits, under the next CTA on the SM).  Every emulated
+    launch of the suite goes through this check: _emulated raises on any launch error."""
+    assert emu.emu_selftest_pending_copy(0) == 719
+    assert b"never waited for" in emu.emu_error()
+    assert emu.emu_selftest_pending_copy(1) == 719
+    assert emu.emu_selftest_pending_copy(2) == 0
+
+
+def _t(dtype, *shape):
+    return torch.randn(*shape, dtype=dtype)
+
+
+# Queries that own no tile: a zero-length segment whose prompts still make a key tile (its
+# dK/dV program used to exit with the K/V copies pending), Lq = 0, 1-token segments; with
+# and without prompts; packed 16-row tiles (every segment <= 16) and 64-row tiles.
+_EMPTY_CASES = {
+    "seg0_prompts": lambda t: (t(3, 2, 10, 32), t(3, 2, 10, 32), t(3, 2, 10, 32),
+                               [t(2, 2, 32), t(2, 2, 32)], [t(2, 2, 32), t(2, 2, 32)], (0, 10)),
+    "seg0_no_prompts": lambda t: (t(3, 2, 10, 32), t(3, 2, 10, 32), t(3, 2, 10, 32),
+                                  [None, None], [None, None], (0, 10)),
+    "seg0_prompt_only_there": lambda t: (t(2, 10, 64), t(2, 10, 64), t(2, 10, 64),
+                                         [t(3, 64), None], [t(3, 64), None], (0, 10)),
+    "seg0_long": lambda t: (t(2, 40, 32), t(2, 40, 32), t(2, 40, 32),
+                            [t(2, 32), t(5, 32)], [t(2, 32), t(5, 32)], (0, 40)),
+    "lq0_prompts": lambda t: (t(3, 2, 0, 32), t(3, 2, 5, 32), t(3, 2, 5, 32),
+                              [t(2, 2, 32)], [t(2, 2, 32)], None),
+    "lq0_no_prompts": lambda t: (t(2, 0, 64), t(2, 7, 64), t(2, 7, 64), [None], [None], None),
+    "lq0_lk0_prompts": lambda t: (t(2, 0, 32), t(2, 0, 32), t(2, 0, 32),
+                                  [t(3, 32)], [t(3, 32)], None),
+    "one_token_segments": lambda t: (t(2, 2, 12, 32), t(2, 2, 12, 32), t(2, 2, 12, 32),
+                                     [t(2, 1, 32), None, t(2, 3, 32), t(1, 32)],
+                                     [t(2, 1, 32), None, t(2, 3, 32), t(1, 32)], (1, 1, 0, 10)),
+    "one_query": lambda t: (t(2, 1, 64), t(2, 1, 64), t(2, 1, 64), [t(2, 64)], [t(2, 64)],
+                            None),
+    # MQA / GQA: k and v shared by the heads of a group through stride-0 batch dims
+    "mqa_stride0": lambda t: (t(2, 4, 12, 32), t(2, 1, 12, 32).expand(2, 4, 12, 32),
+                              t(2, 1, 12, 32).expand(2, 4, 12, 32),
+                              [t(4, 2, 32)], [t(4, 2, 32)], None),
+    "gqa_stride0_long": lambda t: (t(2, 2, 3, 40, 32), t(2, 2, 1, 40, 32).expand(2, 2, 3, 40, 32),
+                                   t(2, 2, 1, 40, 32).expand(2, 2, 3, 40, 32),
+                                   [t(2, 1, 2, 32), t(3, 32)], [t(2, 1, 2, 32), t(3, 32)],
+                                   (0, 40)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(_EMPTY_CASES))
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_emulated_empty_and_one_token(emu, dtype, name, deterministic):
+    q, k, v, pks, pvs, segs = _EMPTY_CASES[name](lambda *s: _t(dtype, *s))
+    _check_emulated(emu, q, k, v, pks, pvs, segs, deterministic, False, name)
+
+
+def _draw_block_diagonal(gen, dtype):
+    """A block-diagonal problem drawn the way xformers' BlockDiagonalMask tests draw one:
+    1-4 segments of random lengths, 0 and 1 included, each with its own prompts (none,
+    P = 0, shared, per head, per sample) and a random batch and head dim."""
+    r = lambda n: int(torch.randint(n, (1,), generator=gen))   # noqa: E731
+    nseg = 1 + r(4)
+    segs = tuple([0, 1, 2 + r(14), 17 + r(30)][r(4)] for _ in range(nseg))
+    if sum(segs) == 0:
+        segs = segs[:-1] + (1,)
+    batch = (1 + r(3), 1 + r(2))
+    E = (32, 64)[r(2)]
+    L = sum(segs)
+    q, k, v = (_t(dtype, *batch, L, E) for _ in range(3))
+    pks, pvs = [], []
+    for _ in segs:
+        kind = r(5)
+        if kind == 0:
+            pks.append(None)
+            pvs.append(None)
+            continue
+        P = 0 if kind == 1 else 1 + r(5)
+        lead = {1: (), 2: (), 3: batch[-1:], 4: batch}[kind]
+        pks.append(_t(dtype, *lead, P, E))
+        pvs.append(_t(dtype, *lead, P, E))
+    return q, k, v, pks, pvs, segs, bool(r(2)), (False, True, "odd")[r(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("draw", range(8))
+def test_emulated_block_diagonal_random(emu, dtype, draw):
+    """Random block-diagonal segments (seeded from the test id and AVSTFP_TEST_SEED)."""
+    gen = torch.Generator().manual_seed(torch.initial_seed() + draw)
+    q, k, v, pks, pvs, segs, det, gaps = _draw_block_diagonal(gen, dtype)
+    _check_emulated(emu, q, k, v, pks, pvs, segs, det, gaps,
+                    f"segments {segs}, prompts {[None if t is None else tuple(t.shape) for t in pks]}, "
+                    f"batch {tuple(q.shape[:-2])}, E {q.shape[-1]}, deterministic {det}, gaps {gaps}")
+
+
+def _offsets_by_plan(plan, name, t, rows):
+    """Storage offsets of every element of operand `name` as the kernels address it from
+    the plan: flat sequence b -> row-major (b0..b3) over bsize, sum b_i * bstride_i +
+    r * rstride + c."""
+    st = plan.strides[name]
+    idx = torch.arange(plan.nseq)
+    off = torch.zeros(plan.nseq, dtype=torch.int64)
+    for d in reversed(range(4)):
+        off += (idx % plan.bsize[d]) * st[d]
+        idx = idx // plan.bsize[d]
+    E = t.shape[-1]
+    return (t.storage_offset() + off[:, None, None] + torch.arange(rows)[None, :, None] * st[4]
+            + torch.arange(E)[None, None, :])
+
+
+def _true_offsets(t, batch):
+    """Storage offsets of t broadcast to (*batch, rows, E), flattened to (nseq, rows, E)."""
+    t = t.expand(*batch, *t.shape[-2:])
+    base = torch.arange(t.untyped_storage().nbytes() // t.element_size())
+    return base.as_strided(t.shape, t.stride(), t.storage_offset()).reshape(-1, *t.shape[-2:])
+
+
+@pytest.mark.parametrize("layout_name", ["temporal", "spatial", "mqa", "four_dims", "size1",
+                                         "sliced"])
+def test_launch_plan_addresses_every_element(layout_name):
+    """The plan (ops/layout.py) addresses exactly the elements of every operand, prompts
+    and prompt-grad buffers included, for the views the model passes and those users pass."""
+    t = torch.randn
+    if layout_name in ("temporal", "spatial"):
+        qkv = t(2, 10, 7, 3, 2, 32)
+        sd = 1 if layout_name == "temporal" else 2
+        q, k, v = (qkv.select(3, i).movedim(sd, -2) for i in range(3))
+        pk = t(7, 2, 2, 32) if sd == 1 else t(2, 3, 32)
+        pv = pk.clone()
+    elif layout_name == "mqa":
+        q = t(2, 4, 12, 64)
+        k = v = t(2, 1, 12, 64).expand(2, 4, 12, 64)
+        pk = pv = t(1, 32, 64)[:, :1].expand(4, 1, 64)
+    elif layout_name == "four_dims":
+        q = strided((2, 3, 2, 2, 12, 32), torch.float32, "permuted")
+        k = v = strided((2, 3, 2, 2, 7, 32), torch.float32, "permuted")
+        pk = pv = t(3, 1, 2, 4, 32)
+    elif layout_name == "size1":
+        q = k = v = t(1, 3, 1, 5, 32)
+        pk = pv = t(3, 1, 1, 32)
+    else:
+        q = strided((3, 2, 9, 32), torch.float32, "sliced")
+        k = v = strided((3, 2, 21, 32), torch.float32, "sliced")
+        pk = pv = t(2, 4, 32)
+    batch = tuple(q.shape[:-2])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for det in (False, True):
+        plan = layout.LaunchPlan(q, k, v, [pk], [pv], (q.shape[-2],), (k.shape[-2],), 0.1,
+                                 out=q, dout=q, dq=dq, dk=dk, dv=dv, deterministic=det,
+                                 backward=True)
+        assert plan.nseq == math.prod(batch)
+        for name, x in (("q", q), ("k", k), ("v", v), ("dq", dq), ("dk", dk), ("dv", dv),
+                        ("pk0", pk), ("pv0", pv)):
+            want = _true_offsets(x, batch)
+            assert torch.equal(_offsets_by_plan(plan, name, x.expand(*batch, *x.shape[-2:]),
+                                                x.shape[-2]), want), (layout_name, name)
+        g = torch.zeros(plan.grad_shapes[0])
+        want_k = _true_offsets(g[0], batch)
+        assert torch.equal(_offsets_by_plan(plan, "dpk0", g[0], g.shape[-2]), want_k)
+        assert torch.equal(_offsets_by_plan(plan, "dpv0", g[1], g.shape[-2]),
+                           _true_offsets(g[1], batch))
+        if det:
+            assert plan.grad_shapes[0] == (2, *batch, pk.shape[-2], pk.shape[-1])
+        assert len(plan.ints()) == layout.PLAN_INTS
+
+
+@pytest.mark.parametrize("what,edit,msg", [
+    ("length", lambda a: a[:-1], "wrong length"),
+    ("version", lambda a: [99] + a[1:], "wrong version"),
+    ("nseq", lambda a: a[:1] + [a[1] + 1] + a[2:], "nseq"),
+    ("prompt", "drop_prompt_ptr", "prompt pointers"),
+])
+def test_unpack_rejects_bad_plans(emu, what, edit, msg):
+    """attn_params.h's unpack_params (shared by the binding and the emulation) refuses a
+    plan that does not match its own layout or the pointers, with a message."""
+    q = k = v = torch.randn(2, 5, 32)
+    pk = pv = torch.randn(2, 32)
+    plan = layout.LaunchPlan(q, k, v, [pk], [pv], (5,), (5,), 0.2, out=q)
+    ints = plan.ints()
+    ptrs = {"q": q, "k": k, "v": v, "o": torch.empty_like(q), "lse": torch.empty(2, 5),
+            "pk0": pk, "pv0": pv}
+    if edit == "drop_prompt_ptr":
+        ptrs.pop("pv0")
+    else:
+        ints = edit(ints)
+    with pytest.raises(EmulationError, match=msg):
+        _launch_ints(emu, emu.emu_forward, ints, ptrs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,N", [(32, 16), (64, 16), (128, 16), (32, 32), (64, 32), (128, 32),
+                                 (32, 64), (64, 64), (128, 64)])
+def test_emulated_mma_fragments(emu, dtype, D, N):
+    """warp_mma.cuh's ldmatrix / mma.sync products, emulated lane by lane from the PTX
+    fragment layouts, equal plain matrix products for every (head dim, key tile) shape the
+    forward uses: S = A B^T (A 16 x D, B the key tile N x D) and O = round(S) V."""
+    a = torch.randn(16, D, dtype=dtype)
+    b = torch.randn(N, D, dtype=dtype)
+    v = torch.randn(N, D, dtype=dtype)
+    s = torch.full((16, N), float("nan"))
+    o = torch.full((16, D), float("nan"))
+    emu.emu_mma_fragments.argtypes = [C.c_int, C.c_int, C.c_int] + [C.c_void_p] * 5
+    rc = emu.emu_mma_fragments(int(dtype == torch.bfloat16), D, N, a.data_ptr(), b.data_ptr(),
+                               v.data_ptr(), s.data_ptr(), o.data_ptr())
+    assert rc == 0, emu.emu_error().decode()
+    s_ref = a.double() @ b.double().T
+    assert rel_err(s, s_ref) < 1e-6
+    o_ref = s.to(dtype).double() @ v.double()   # P rounded to the input type, as the kernel
+    assert rel_err(o, o_ref) < 1e-6
+
+
+class _EmulatedOps:
+    """torch.ops.avstfp_cuda with the kernels run by the emulation on CPU tensors: the
+    pointer filling of csrc/binding.cpp (operand order of the plan; one (2, *lead, P, E)
+    prompt-grad buffer per segment with prompts) over the plan the backend computed."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def fwd(self, q, k, v, pks, pvs, plan, out, lse):
+        ptrs = {"q": q, "k": k, "v": v, "o": out, "lse": lse}
+        for s, (a, b) in enumerate(zip(pks, pvs)):
+            ptrs[f"pk{s}"], ptrs[f"pv{s}"] = a, b
+        if plan[1] > 0 and q.shape[-2] > 0:
+            _launch_ints(self.lib, self.lib.emu_forward, plan, ptrs)
+
+    def bwd(self, q, k, v, pks, pvs, plan, out, dout, lse, dq, dk, dv, dprompt):
+        delta = torch.empty(lse.shape, dtype=torch.float32)
+        ptrs = {"q": q, "k": k, "v": v, "o": out, "dout": dout, "dq": dq, "dk": dk, "dv": dv,
+                "lse": lse, "delta": delta}
+        it = iter(dprompt)
+        for s, (a, b) in enumerate(zip(pks, pvs)):
+            ptrs[f"pk{s}"], ptrs[f"pv{s}"] = a, b
+            if a is not None:
+                g = next(it)
+                ptrs[f"dpk{s}"], ptrs[f"dpv{s}"] = g[0], g[1]
+        if plan[1] > 0:
+            _launch_ints(self.lib, self.lib.emu_backward, plan, ptrs)
+
+
+def _launch_ints(lib, fn, ints, ptrs):
+    arr = (C.c_int64 * len(ints))(*ints)
+    pv = (C.c_void_p * (len(layout.OPERANDS) + 2))()
+    for i, name in enumerate(layout.OPERANDS + ("lse", "delta")):
+        t = ptrs.get(name)
+        pv[i] = None if t is None else t.data_ptr()
+    if fn(arr, len(ints), pv) != 0:
+        raise EmulationError(lib.emu_error().decode())
+
+
+@pytest.fixture
+def emulated_backend(emu, monkeypatch):
+    """The registered cuda backend (ops/cuda_backend.py: plan, buffers, prompt-grad
+    protocol) on CPU tensors, its two torch ops replaced by the emulation."""
+    from avstfp_fast.ops import cuda_backend as cb
+    monkeypatch.setattr(cb, "load", lambda verbose=False: None)
+    monkeypatch.setattr(torch.ops, "avstfp_cuda", _EmulatedOps(emu), raising=False)
+    monkeypatch.setattr(cb, "_PLANS", {})
+    return get_backend("cuda")
+
+
+def _through_backend(be, q, k, v, pks, pvs, segs, deterministic):
+    p = make_problem(q, k, v, pks if segs else pks[0], pvs if segs else pvs[0], segments=segs)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = be.forward(p, out)
+    dout = torch.randn(q.shape, dtype=q.dtype)
+    dq, dk, dv = (torch.full(t.shape, float("nan"), dtype=t.dtype) for t in (q, k, v))
+    dpk, dpv = be.backward(p, out, lse, dout, dq, dk, dv, deterministic)
+    return out, lse, dout, (dq, dk, dv), dpk, dpv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["seg0_prompts", "lq0_prompts", "one_token_segments",
+                                  "gqa_stride0_long", "spatial_segments", "temporal_per_position",
+                                  "three_segments_short", "prompts_only"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_backend_python_path_emulated(emulated_backend, dtype, name, deterministic):
+    """CudaBackend.forward/backward end to end (launch plan cache, the torch op protocol,
+    prompt-grad buffers and their reduction) with the kernels emulated, against float64."""
+    t = lambda *s: _t(dtype, *s)   # noqa: E731
+    if name in _EMPTY_CASES:
+        q, k, v, pks, pvs, segs = _EMPTY_CASES[name](t)
+    else:
+        q, k, v, pks, pvs, segs = _case(name, dtype)
+    for _ in range(2):   # the second call reuses the cached plan
+        out, lse, dout, (dq, dk, dv), dpk, dpv = _through_backend(
+            emulated_backend, q, k, v, pks, pvs, segs, deterministic)
+    scale = q.shape[-1] ** -0.5
+    ro, rlse, (gq, gk, gv), gpk, gpv = _reference(q, k, v, pks, pvs, segs, scale, dout)
+    errs = {"out": rel_err(out, ro), "dq": rel_err(dq, gq), "dk": rel_err(dk, gk),
+            "dv": rel_err(dv, gv)}
+    if lse.numel():
+        errs["lse"] = rel_err(lse, rlse) * TOL[dtype] / 1e-5
+    for s in range(len(pks)):
+        if pks[s] is not None:
+            assert dpk[s].shape == pks[s].shape and dpk[s].dtype == dtype
+            errs[f"dpk{s}"] = rel_err(dpk[s], gpk[s])
+            errs[f"dpv{s}"] = rel_err(dpv[s], gpv[s])
+        else:
+            assert dpk[s] is None and dpv[s] is None
+    bad = {n: e for n, e in errs.items() if not e <= TOL[dtype]}
+    assert not bad, f"{name} {dtype}: {bad}"
+    from avstfp_fast.ops import cuda_backend as cb
+    assert len(cb._PLANS) == 2, "one forward and one backward plan, reused"
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["wait_one_group_short", "no_barrier"])

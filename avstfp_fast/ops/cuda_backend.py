@@ -9,8 +9,10 @@ pipeline; sequences of at most 16 queries (the temporal stage) are packed 4 per 
 outputs are written with 16-byte stores.  The compile-time contract (registers, spills,
 occupancy, cp.async in the SASS) is ``bench/static_sm90_cuda.py``.  Configs above 99 KiB of
 shared memory (head dim 128, some fp32) need sm_80/sm_90 (163/227 KiB per CTA); on
-sm_86/sm_89 their launch fails with a clear message.  fp16/bf16 products use tensor cores (WMMA, fp32
-accumulation), fp32 plain FMA.  Operands are read and written through their strides
+sm_86/sm_89 their launch fails with a clear message.  fp16/bf16 kernels have
+FlashAttention-2's structure (``mma.sync`` m16n8k16 + ``ldmatrix``, scores, probabilities
+and accumulators in registers, fp32 accumulation); fp32 uses plain FMA through shared
+memory.  Operands are read and written through their strides
 (4 batch strides + row stride; the head dim must be dense), so the temporal and
 spatial/fusion views of one QKV buffer and stride-0 (batch-shared) or per-position
 prompts need no copies.  Up to 4 segments.
@@ -26,23 +28,30 @@ the architectures (default sm_80 + PTX, sm_90a; e.g. ``AVSTFP_CUDA_ARCHS=90a`` h
 build time on an H100); ``MAX_JOBS`` sets ninja's parallelism; ``CUDA_HOME`` the toolkit
 (default /usr/local/cuda).  ``load(verbose=True)`` builds now and shows the commands.
 
-Prompt gradients are reduced over the batch with fp32 atomics into a buffer of the
-prompt's own shape, or, when ``deterministic`` (``torch.use_deterministic_algorithms``),
-stored per sequence into a ``(*batch, P, E)`` fp32 buffer and summed with
-``sum_to_size`` (bit-exact between runs).
+Launch parameters (merged batch dims, operand strides, segment table) come from the
+launch plan shared by the backends (:class:`avstfp_fast.ops.layout.LaunchPlan`, cached per
+layout); the binding only checks the tensors against it and adds the pointers.
+
+Prompt gradients: one fp32 buffer ``(2, *lead, P, E)`` per segment with prompts
+(:func:`avstfp_fast.ops.layout.prompt_grad_shape`; index 0 for prompt_k, 1 for
+prompt_v), reduced over the batch with fp32 atomics into the prompts' own lead shape,
+or, when ``deterministic`` (``torch.use_deterministic_algorithms``), stored per sequence
+(``lead = batch``); :func:`~avstfp_fast.ops.layout.finish_prompt_grads` sums and casts
+them (bit-exact between runs in deterministic mode).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from .. import _build
 from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
+from .layout import LaunchPlan, finish_prompt_grads
 
 MAX_SEGMENTS = 4
 MAX_BATCH_DIMS = 4
@@ -117,12 +126,11 @@ def _register_fakes() -> None:
         return
 
     @torch.library.register_fake("avstfp_cuda::fwd")
-    def _fwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out, lse):
+    def _fwd_fake(q, k, v, prompt_k, prompt_v, plan, out, lse):
         return None
 
     @torch.library.register_fake("avstfp_cuda::bwd")
-    def _bwd_fake(q, k, v, prompt_k, prompt_v, q_segments, k_segments, scale, out, dout,
-                  lse, dq, dk, dv, dprompt_k, dprompt_v, deterministic):
+    def _bwd_fake(q, k, v, prompt_k, prompt_v, plan, out, dout, lse, dq, dk, dv, dprompt):
         return None
 
     _FAKES = True
@@ -134,9 +142,34 @@ def _dense_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def _prompts(p: AttnProblem):
-    pks = [None if t is None else _dense_last(t) for t in p.prompt_k]
-    pvs = [None if t is None else _dense_last(t) for t in p.prompt_v]
+    """Prompts with a dense last dim; None for absent and empty (P = 0) ones, as the plan
+    has them (n_prompt 0 <=> no pointer)."""
+    pks = [None if t is None or t.shape[-2] == 0 else _dense_last(t) for t in p.prompt_k]
+    pvs = [None if t is None or t.shape[-2] == 0 else _dense_last(t) for t in p.prompt_v]
     return pks, pvs
+
+
+def _key(t: Optional[torch.Tensor]):
+    return None if t is None else (tuple(t.shape), t.stride())
+
+
+_PLANS: Dict[tuple, LaunchPlan] = {}
+_MAX_PLANS = 256
+
+
+def _plan(q, k, v, pks, pvs, p: AttnProblem, **kw) -> LaunchPlan:
+    """The launch plan (ops/layout.py), cached per layout: shapes, strides, segments,
+    dtype, scale, and the backward's outputs and mode."""
+    key = (q.dtype, _key(q), _key(k), _key(v), tuple(map(_key, pks)), tuple(map(_key, pvs)),
+           p.q_segments, p.k_segments, float(p.scale),
+           tuple((n, _key(t) if isinstance(t, torch.Tensor) else t) for n, t in sorted(kw.items())))
+    pl = _PLANS.get(key)
+    if pl is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        pl = _PLANS[key] = LaunchPlan(q, k, v, pks, pvs, p.q_segments, p.k_segments, p.scale,
+                                      **kw)
+    return pl
 
 
 # --------------------------------------------------------------------------- backend
@@ -168,8 +201,8 @@ class CudaBackend(KernelBackend):
                           device=p.device)
         pks, pvs = _prompts(p)
         target = out if out.stride(-1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
-        torch.ops.avstfp_cuda.fwd(p.q, p.k, p.v, pks, pvs, list(p.q_segments),
-                                  list(p.k_segments), float(p.scale), target, lse)
+        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=target)
+        torch.ops.avstfp_cuda.fwd(p.q, p.k, p.v, pks, pvs, plan.ints(), target, lse)
         if target is not out:
             out.copy_(target)
         return lse
@@ -180,41 +213,33 @@ class CudaBackend(KernelBackend):
         dout = _dense_last(dout)
         out = _dense_last(out)
         pks, pvs = _prompts(p)
-        targets = [t if t.stride(-1) == 1 else
-                   torch.empty_like(t, memory_format=torch.contiguous_format)
-                   for t in (dq, dk, dv)]
-        batch = tuple(p.batch_shape)
-        E = p.head_dim
-        bufs_k: List[torch.Tensor] = []
-        bufs_v: List[torch.Tensor] = []
-        for pk, pv in zip(pks, pvs):
-            if pk is None:
-                continue
-            if deterministic:   # per-sequence partials, summed below in a fixed order
-                shape = batch + (pk.shape[-2], E)
-                bufs_k.append(torch.empty(shape, dtype=torch.float32, device=p.device))
-                bufs_v.append(torch.empty(shape, dtype=torch.float32, device=p.device))
-            else:               # atomics into the un-broadcast prompt shape
-                bufs_k.append(torch.zeros(pk.shape, dtype=torch.float32, device=p.device))
-                bufs_v.append(torch.zeros(pv.shape, dtype=torch.float32, device=p.device))
-        torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, list(p.q_segments),
-                                  list(p.k_segments), float(p.scale), out, dout, lse,
-                                  *targets, bufs_k, bufs_v, bool(deterministic))
-        for t, dst in zip(targets, (dq, dk, dv)):
+        dq_, dk_, dv_ = [t if t.stride(-1) == 1 else
+                         torch.empty_like(t, memory_format=torch.contiguous_format)
+                         for t in (dq, dk, dv)]
+        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq_, dk=dk_, dv=dv_,
+                     deterministic=bool(deterministic), backward=True)
+        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape):
+        # atomics need zeros, the deterministic kernel writes every slice
+        alloc = torch.empty if deterministic else torch.zeros
+        bufs = [None if shp is None else alloc(shp, dtype=torch.float32, device=p.device)
+                for shp in plan.grad_shapes]
+        torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, plan.ints(), out, dout, lse,
+                                  dq_, dk_, dv_, [b for b in bufs if b is not None])
+        for t, dst in zip((dq_, dk_, dv_), (dq, dk, dv)):
             if t is not dst:
                 dst.copy_(t)
-        dpk, dpv, i = [], [], 0
-        for pk, pv in zip(p.prompt_k, p.prompt_v):
+        dpk, dpv = [], []
+        for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             if pk is None:
                 dpk.append(None)
                 dpv.append(None)
-                continue
-            gk, gv = bufs_k[i], bufs_v[i]
-            i += 1
-            if deterministic:
-                gk, gv = gk.sum_to_size(pk.shape), gv.sum_to_size(pv.shape)
-            dpk.append(gk.to(pk.dtype))
-            dpv.append(gv.to(pv.dtype))
+            elif bufs[s] is None:                     # P = 0
+                dpk.append(torch.zeros_like(pk))
+                dpv.append(torch.zeros_like(pv))
+            else:
+                gk, gv = finish_prompt_grads(bufs[s], pk, pv)
+                dpk.append(gk)
+                dpv.append(gv)
         return tuple(dpk), tuple(dpv)
 
 

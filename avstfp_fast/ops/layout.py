@@ -1,4 +1,4 @@
-"""Batch-dimension merging for the kernel backends (one place for all of them).
+"""Batch-dimension merging and the launch plan for the kernel backends (one place for all).
 
 The kernels address every operand as ``base + sum_d i_d * stride_d + pos * seq_stride``
 over at most :data:`MAX_BATCH_DIMS` batch dims, recovering ``(i0, i1, i2, i3)`` from the
@@ -7,10 +7,15 @@ and the batch strides of every operand into that form: it drops size-1 dims and 
 adjacent dims that *every* operand lays out densely one inside the other (so a
 ``(B, N, H)`` batch of a contiguous buffer becomes one dim), then left-pads to four dims.
 Broadcast operands (stride 0) merge only where all others are stride 0 too.
+
+:class:`LaunchPlan` builds on it: the whole launch description of one call (merged batch
+sizes, every operand's strides, the segment table, the prompt-gradient buffers) in the
+names of ``csrc/attn_params.h``; the CUDA binding and the emulation tests read it as is.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import struct
+from typing import List, Optional, Sequence, Tuple
 
 MAX_BATCH_DIMS = 4
 
@@ -51,3 +56,170 @@ def dense_strides(sizes: Sequence[int], inner: int) -> Tuple[int, ...]:
         out.append(acc)
         acc *= int(n)
     return tuple(reversed(out))
+
+
+# =========================================================================== launch plan
+# The launch plan of one call: merged batch sizes, every operand's strides and the segment
+# table, in the names of csrc/attn_params.h (AttnParams), computed here once for every
+# kernel backend.  The CUDA binding only adds the data pointers (csrc/attn_params.h,
+# unpack_params, reads `LaunchPlan.ints()`); the CPU-emulation tests feed the very same
+# ints to the same unpack_params.  Nothing here depends on data pointers, so a plan can
+# be cached per layout.
+
+PLAN_VERSION = 1
+MAX_SEGMENTS = 4
+# Operands in attn_params.h's order (pointer i of unpack_params belongs to OPERANDS[i]).
+OPERANDS = (("q", "k", "v", "o", "dout", "dq", "dk", "dv")
+            + tuple(f"{n}{s}" for n in ("pk", "pv", "dpk", "dpv") for s in range(MAX_SEGMENTS)))
+LOADED = ("q", "k", "v", "dout") + tuple(f"{n}{s}" for n in ("pk", "pv")
+                                         for s in range(MAX_SEGMENTS))   # 16-byte cp.async
+STORED = ("o", "dq", "dk", "dv")                                         # 16-byte stores
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}                # attn_params.h DType
+PLAN_HEADER = 16
+PLAN_INTS = PLAN_HEADER + 5 * MAX_SEGMENTS + (MAX_BATCH_DIMS + 1) * len(OPERANDS)
+SHORT_QUERIES = 16   # short_tiles: every segment has at most this many queries
+
+
+def contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(out))
+
+
+def prompt_grad_shape(pk, pv, batch: Sequence[int], deterministic: bool) -> Tuple[int, ...]:
+    """The one float32 buffer that receives a segment's prompt gradients (k at index 0,
+    v at index 1): ``(2, *lead, P, E)`` where lead is the prompts' own (broadcast) batch
+    shape, reduced over the batch by atomics; deterministic: ``(2, *batch, P, E)``, one
+    slice per sequence, summed afterwards by :func:`finish_prompt_grads` in a fixed order."""
+    P, E = int(pk.shape[-2]), int(pk.shape[-1])
+    if deterministic:
+        lead = tuple(batch)
+    else:
+        lead = _broadcast(tuple(pk.shape[:-2]), tuple(pv.shape[:-2]))
+    return (2, *lead, P, E)
+
+
+def _broadcast(a: Tuple[int, ...], b: Tuple[int, ...]) -> Tuple[int, ...]:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(max(x, y) for x, y in zip(a, b))
+
+
+def finish_prompt_grads(buf, pk, pv, partial_dims: Tuple[int, ...] = ()):
+    """(dpk, dpv) in the prompts' shapes and dtype from a :func:`prompt_grad_shape` buffer:
+    first the per-program partials ``partial_dims`` (dims of ``buf[i]``, if a backend keeps
+    any) are summed, then the broadcast batch dims (``sum_to_size``), then the cast."""
+    g = buf.sum(tuple(d + 1 for d in partial_dims)) if partial_dims else buf
+    return (g[0].sum_to_size(pk.shape).to(pk.dtype, copy=True),
+            g[1].sum_to_size(pv.shape).to(pv.dtype, copy=True))
+
+
+class LaunchPlan:
+    """Everything about a call that does not depend on the data: see the section comment.
+
+    Attributes (attn_params.h names): ``bsize`` (4 merged batch sizes), ``nseq``,
+    ``strides[name]`` = (4 batch strides, row stride) in elements for every operand of
+    :data:`OPERANDS` that is present (absent ones: all 0), ``Lq``, ``nseg``,
+    ``q_start``/``q_len``/``k_start``/``k_len``/``n_prompt`` (4 each), ``head_dim``,
+    ``dtype`` (code), ``scale``, ``vec16``/``vec16_out`` (every stride of the loaded /
+    stored operands allows 16-byte accesses; the pointers are checked where they are known),
+    ``short_tiles`` (every segment <= 16 queries), ``atomic_prompt_grads``, and
+    ``grad_shapes[s]`` (:func:`prompt_grad_shape`, None for a segment without prompts)."""
+
+    def __init__(self, q, k, v, pks, pvs, q_segments, k_segments, scale, *, out=None,
+                 dout=None, dq=None, dk=None, dv=None, deterministic=False, backward=False):
+        batch = tuple(int(n) for n in q.shape[:-2])
+        nb = len(batch)
+        E = int(q.shape[-1])
+        nseg = len(q_segments)
+        if nseg > MAX_SEGMENTS:
+            raise ValueError(f"segments: at most {MAX_SEGMENTS} segments, got {nseg}")
+        self.Lq, self.head_dim, self.nseg = int(q.shape[-2]), E, nseg
+        self.dtype = DTYPE_CODES.get(str(q.dtype).replace("torch.", ""), -1)
+        self.elsize = q.element_size()
+        self.scale = float(scale)
+        self.atomic_prompt_grads = int(backward and not deterministic)
+        # operands as (name, shape, strides) broadcast to the batch
+        ops = [("q", q.shape, q.stride()), ("k", k.shape, k.stride()),
+               ("v", v.shape, v.stride())]
+        for name, t in (("o", out), ("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
+            if t is not None:
+                ops.append((name, t.shape, t.stride()))
+        self.n_prompt = [0] * MAX_SEGMENTS
+        self.grad_shapes: List[Optional[Tuple[int, ...]]] = [None] * nseg
+        for s, (pk, pv) in enumerate(zip(pks, pvs)):
+            if pk is None or pk.shape[-2] == 0:
+                continue
+            P = int(pk.shape[-2])
+            self.n_prompt[s] = P
+            for name, t in ((f"pk{s}", pk), (f"pv{s}", pv)):
+                ops.append((name, (*batch, P, E), _expand_strides(t, batch)))
+            if backward:
+                shp = prompt_grad_shape(pk, pv, batch, deterministic)
+                self.grad_shapes[s] = shp
+                st = contiguous_strides(shp)[1:]
+                lead = shp[1:-2]
+                for name in (f"dpk{s}", f"dpv{s}"):
+                    ops.append((name, (*batch, P, E),
+                                _expand_strides_of(lead, st, batch)))
+        sizes, merged = merge_batch_dims(batch, [tuple(st[:nb]) for _, _, st in ops],
+                                         what="q")
+        self.bsize = tuple(sizes)
+        nseq = 1
+        for n in batch:
+            nseq *= n
+        self.nseq = nseq
+        self.strides = {n: (0,) * (MAX_BATCH_DIMS + 1) for n in OPERANDS}
+        for (name, shape, st), bst in zip(ops, merged):
+            self.strides[name] = tuple(bst) + (0 if shape[-2] <= 1 else int(st[-2]),)
+        self.present = tuple(name for name, _, _ in ops)
+        # segment table
+        self.q_start, self.q_len, self.k_start, self.k_len = ([0] * MAX_SEGMENTS for _ in range(4))
+        a = b = 0
+        for s in range(nseg):
+            self.q_start[s], self.q_len[s] = a, int(q_segments[s])
+            self.k_start[s], self.k_len[s] = b, int(k_segments[s])
+            a, b = a + int(q_segments[s]), b + int(k_segments[s])
+        self.short_tiles = int(max(q_segments) <= SHORT_QUERIES) if nseg else 1
+
+        def aligned(names):
+            return int(all((x * self.elsize) % 16 == 0 for n in names if n in self.present
+                           for x in self.strides[n]))
+        self.vec16, self.vec16_out = aligned(LOADED), aligned(STORED)
+
+    def ints(self) -> List[int]:
+        """The plan as csrc/attn_params.h's unpack_params reads it (PLAN_INTS int64s)."""
+        scale_bits = struct.unpack("<i", struct.pack("<f", self.scale))[0]
+        out = [PLAN_VERSION, self.nseq, *self.bsize, self.Lq, self.nseg, self.head_dim,
+               self.dtype, self.vec16, self.vec16_out, self.short_tiles,
+               self.atomic_prompt_grads, scale_bits]
+        out += [0] * (PLAN_HEADER - len(out))
+        for s in range(MAX_SEGMENTS):
+            out += [self.q_start[s], self.q_len[s], self.k_start[s], self.k_len[s],
+                    self.n_prompt[s]]
+        for name in OPERANDS:
+            out += list(self.strides[name])
+        assert len(out) == PLAN_INTS
+        return out
+
+
+def _expand_strides(t, batch: Sequence[int]) -> Tuple[int, ...]:
+    """Strides of ``t.expand(*batch, *t.shape[-2:])`` (no tensor made)."""
+    return _expand_strides_of(tuple(t.shape[:-2]), tuple(t.stride()[:-2]), batch) + \
+        tuple(t.stride()[-2:])
+
+
+def _expand_strides_of(lead: Sequence[int], lead_strides: Sequence[int],
+                       batch: Sequence[int]) -> Tuple[int, ...]:
+    n = len(batch)
+    lead, lst = tuple(lead), tuple(lead_strides)
+    if len(lead) > n:
+        raise ValueError(f"prompt: {len(lead)} leading dims, more than q's batch {tuple(batch)}")
+    pad = n - len(lead)
+    out = []
+    for i in range(n):
+        j = i - pad
+        out.append(0 if j < 0 or lead[j] == 1 else int(lst[j]))
+    return tuple(out) + tuple(lst[len(lead):])

@@ -1,5 +1,5 @@
-"""CUDA backend on a GPU, what only a GPU shows: the large-batch grid and a
-compute-sanitizer memcheck.  The op's contract cases (stage shapes, odd lengths, layouts,
+"""CUDA backend on a GPU, what only a GPU shows: the large-batch grid and
+compute-sanitizer (memcheck, racecheck, synccheck).  The op's contract cases (stage shapes, odd lengths, layouts,
 prompt broadcasts, segments, determinism, torch.compile) run for every backend in
 tests/test_backend_contract.py.  Skipped without CUDA (conftest: marker ``gpu``)."""
 import os
@@ -79,8 +79,11 @@ def test_large_batch_grid(L):
 _MEMCHECK = r"""
 import torch
 from avstfp_fast import prompted_attention
-for dtype in (torch.float16, torch.float32):
-    for L, P, segs in ((10, 2, None), (37, 3, None), (30, 2, (13, 17))):
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    # packed and 64-row tiles; a zero-query segment with prompts (its dK/dV program once
+    # left cp.async copies pending at exit); 1-token segments
+    for L, P, segs in ((10, 2, None), (37, 3, None), (30, 2, (13, 17)), (10, 2, (0, 10)),
+                       (40, 2, (0, 40)), (12, 2, (1, 11))):
         q = torch.randn(2, 3, L, 64, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(2, 3, L, 3, 64, device="cuda", dtype=dtype)[..., 1, :].requires_grad_(True)
         v = torch.randn(2, 3, L, 64, device="cuda", dtype=dtype, requires_grad=True)
@@ -92,21 +95,28 @@ for dtype in (torch.float16, torch.float32):
             pv = [torch.randn(3, P, 64, device="cuda", dtype=dtype, requires_grad=True), None]
         out = prompted_attention(q, k, v, pk, pv, segments=segs, backend="cuda")
         out.float().sum().backward()
+    # Lq = 0 with keys and prompts
+    q = torch.randn(2, 3, 0, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 3, 5, 64, device="cuda", dtype=dtype, requires_grad=True)
+    pk = torch.randn(3, 2, 64, device="cuda", dtype=dtype, requires_grad=True)
+    out = prompted_attention(q, k, k, pk, pk, backend="cuda")
+    out.float().sum().backward()
 torch.cuda.synchronize()
 print("MEMCHECK-DONE")
 """
 
 
-def test_compute_sanitizer_memcheck(tmp_path):
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_compute_sanitizer(tmp_path, tool):
     home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     cs = shutil.which("compute-sanitizer") or os.path.join(home, "bin", "compute-sanitizer")
     if not os.path.exists(cs):
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "memcheck_case.py"
     script.write_text(_MEMCHECK)
-    r = subprocess.run([cs, "--tool", "memcheck", "--error-exitcode", "3",
+    r = subprocess.run([cs, "--tool", tool, "--error-exitcode", "3",
                         sys.executable, str(script)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "MEMCHECK-DONE" in r.stdout, \
-        f"memcheck failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        f"{tool} failed (rc={r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     assert "ERROR SUMMARY: 0 errors" in r.stdout + r.stderr
