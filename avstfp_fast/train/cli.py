@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", default=S, help=f"open_clip model name or 'tiny' (default {d['backbone']})")
     a("--pretrained", default=S, help="local open_clip checkpoint file (never downloaded)")
     a("--backend", choices=backend_choices(), default=S, help=f"attention backend (default {d['backend']})")
-    a("--data-root", dest="data_root", default=S)
+    a("--data-root", dest="data_root", default=S,
+      help="data set in its official layout, or a folder made by avstfp-prepare")
+    a("--prepared", default=S,
+      help="read clips from this avstfp-prepare folder instead of decoding videos "
+           "(also detected in --data-root)")
     a("--out", default=S, help="run folder (default runs/<task>-<time>)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d['epochs']}")

@@ -41,6 +41,8 @@ class TrainConfig:
     pretrained: Optional[str] = None      # local open_clip checkpoint path (never a download)
     backend: str = "auto"
     data_root: Optional[str] = None
+    prepared: Optional[str] = None        # folder of avstfp-prepare shards (also detected
+                                          # when data_root holds its manifest.json)
     out: Optional[str] = None             # run folder (default runs/<task>-<time>)
     model: AVSTFPConfig = field(default_factory=default_model_config)
     # recipe (the paper's; see the trainer README)

@@ -200,6 +200,12 @@ class ClipDataset(Dataset):
                            sample_rate=self.sample_rate,
                            short_side=math.ceil(1.25 * self.image_size))
 
+    def raw(self, idx):
+        """``(audio features (M, T, F) float32, frames (M, 3, H, W) uint8)`` of item
+        ``idx``: what the front end and augmentation start from (avstfp-prepare stores
+        exactly this).  Raises BadSample."""
+        return self._load(idx)
+
     def _load(self, idx):
         path = self.items[idx][0]
         if self.cache and path in self._cache:
@@ -269,12 +275,39 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = int(n)
 
     def __iter__(self):
-        idx = list(super().__iter__())[self.skip:]
+        sizes = getattr(self.dataset, "shard_sizes", None)
+        if sizes and self.shuffle:       # prepared shards: shuffle through a shard buffer
+            order = shard_buffer_order(sizes, getattr(self.dataset, "shard_buffer", 4),
+                                       self.seed, self.epoch)
+            if self.drop_last:
+                order = order[:self.total_size]
+            else:
+                order += (order * math.ceil(self.total_size / max(1, len(order))))[
+                    :self.total_size - len(order)]
+            idx = order[self.rank:self.total_size:self.num_replicas][self.skip:]
+        else:
+            idx = list(super().__iter__())[self.skip:]
         base = (self.seed * 1_000_003 + self.epoch * 7919) % (2 ** 31)
         return iter([(i, (base + i * 104_729) % (2 ** 31)) for i in idx])
 
     def __len__(self):
         return max(0, super().__len__() - self.skip)
+
+
+def shard_buffer_order(shard_sizes, buffer: int, seed: int, epoch: int) -> list:
+    """A permutation of ``range(sum(shard_sizes))`` (items numbered shard after shard)
+    that reads ``buffer`` shards at a time: the shard order is shuffled, then the items
+    of each group of ``buffer`` consecutive shards are shuffled together (the shuffle
+    buffer of streaming loaders).  It depends on (seed, epoch) only, so it replays."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    shards = torch.randperm(len(shard_sizes), generator=g).tolist()
+    out: list = []
+    for j in range(0, len(shards), max(1, int(buffer))):
+        pool = np.concatenate([np.arange(starts[k], starts[k + 1])
+                               for k in shards[j:j + buffer]])
+        out += pool[torch.randperm(len(pool), generator=g).numpy()].tolist()
+    return out
 
 
 class ShardSampler(Sampler):
@@ -342,3 +375,51 @@ def ks_splits(root: str):
     if "train" not in splits:
         raise FileNotFoundError(f"{root}: no {KS_SPLIT_FILES['train']}")
     return classes, splits
+
+
+# --------------------------------------------------------------------------------------
+# Prepared shards (avstfp-prepare): the same items, read instead of decoded
+# --------------------------------------------------------------------------------------
+class PreparedMixin:
+    """Loads an item's clip from its prepared shard (:class:`ClipRef` in the path
+    column) instead of decoding a file; everything after (augmentation, front end,
+    collation) is the decode path's.  A damaged sample is a BadSample (skipped and
+    counted); items whose clip was not prepared (listed as bad when preparing) too."""
+    shard_buffer = 4
+
+    def _load(self, idx):
+        from ..data.shards import read_clip
+        ref = self.items[idx][0]
+        if not hasattr(ref, "members"):
+            raise BadSample(f"not in the prepared shards ({ref})")
+        return read_clip(ref, self.crc[idx])
+
+
+class PreparedClipDataset(PreparedMixin, ClipDataset):
+    """:class:`ClipDataset` over prepared shards: ``refs`` is ``split_refs`` output."""
+
+    def __init__(self, refs, shard_sizes, **kw):
+        kw["cache"] = False
+        super().__init__([(r, _label(m["label"]), m["id"]) for r, m in refs], **kw)
+        self.crc = [m.get("crc32") for _, m in refs]
+        self.shard_sizes = list(shard_sizes)
+
+
+def _label(x):
+    return np.asarray(x, dtype=np.int64) if isinstance(x, list) else int(x)
+
+
+def prepared_splits(root: str, layout: str, **settings):
+    """``(manifest, classes, {split: (refs, shard sizes)})`` of a prepared folder, after
+    checking that it was prepared from a ``layout`` data set with ``settings``."""
+    from ..data.shards import check_settings, load_manifest, split_refs
+    man = load_manifest(root)
+    check_settings(man, root, layout=layout, **settings)
+    splits = {}
+    for split, info in man["splits"].items():
+        splits[split] = (split_refs(root, man, split), [s["clips"] for s in info["shards"]])
+        if info.get("bad"):
+            log.warning("prepared %s: %d of %d source files were skipped when preparing "
+                        "(listed in %s)", split, info["bad"], info["sources"],
+                        os.path.join(root, "bad.jsonl"))
+    return man, list(man["classes"]), splits
