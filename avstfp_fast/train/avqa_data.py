@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import ClipDataset, collate_skip_bad, decode_clip
+from .data import ClipDataset, PreparedMixin, collate_skip_bad, decode_clip
 
 log = logging.getLogger("avstfp_fast.train")
 
@@ -193,8 +193,11 @@ class AVQASplits:
     missing_videos: dict          # split -> questions whose video file is missing
 
 
-def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN) -> AVQASplits:
-    """Read ``avqa-{train,val,test}.json`` under ``root``; vocabulary from train."""
+def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
+                has_video=os.path.isfile) -> AVQASplits:
+    """Read ``avqa-{train,val,test}.json`` under ``root``; vocabulary from train.
+    ``has_video(path)`` says whether a question's video exists (prepared data: whether
+    it was prepared)."""
     paths = {s: _find_json(root, f) for s, f in AVQA_SPLIT_FILES.items()}
     if paths["train"] is None:
         raise FileNotFoundError(f"{root}: no {AVQA_SPLIT_FILES['train']} (looked in ., json/, "
@@ -210,7 +213,7 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN)
         items, miss = [], 0
         for r in rs:
             path = os.path.join(root, video_dir, r.video_id + ".mp4")
-            miss += not os.path.isfile(path)
+            miss += not has_video(path)
             ids = vocab.encode(r.words, max_len, f"{paths[split]}: question {r.question_id}: ")
             items.append((path, ans_index.get(r.answer, -1), r.video_id, ids, r.qtype,
                           r.question_id))
@@ -253,6 +256,29 @@ class AVQADataset(ClipDataset):
         out.update(question=torch.from_numpy(self.questions[idx]), qtype=self.qtypes[idx],
                    qid=self.qids[idx])
         return out
+
+
+class PreparedAVQADataset(PreparedMixin, AVQADataset):
+    """:class:`AVQADataset` whose questions reference prepared clips (one per video,
+    shared by all its questions): items carry a :class:`ClipRef` in the path column and
+    ``crc`` its sample's CRC-32 record."""
+
+    def __init__(self, items, crc, **kw):
+        kw["cache"] = False
+        super().__init__(items, **kw)
+        self.crc = list(crc)
+
+
+def prepared_avqa_items(splits: "AVQASplits", refs) -> tuple[dict, dict]:
+    """Questions of ``splits`` pointed at the prepared clips ``refs`` (``split_refs``
+    output, by video id): ``({split: items}, {split: crc records})``; a question whose
+    video was not prepared keeps its path and is skipped (counted) when loaded."""
+    by_id = {m["id"]: (r, m.get("crc32")) for r, m in refs}
+    items, crcs = {}, {}
+    for split, rows in splits.splits.items():
+        items[split] = [(by_id.get(it[2], (it[0],))[0],) + tuple(it[1:]) for it in rows]
+        crcs[split] = [by_id.get(it[2], (None, None))[1] for it in rows]
+    return items, crcs
 
 
 def collate_avqa(batch):

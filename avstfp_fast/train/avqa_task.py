@@ -19,7 +19,8 @@ from . import ddp
 from .avqa_data import AVQADataset, avqa_splits, collate_avqa, sample_negatives
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
-from .tasks import Metrics, StepOutput, Task, build_model, register_task
+from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
+                    load_prepared, prepared_root, register_task)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -66,6 +67,8 @@ class AVQATask(Task):
 
     def prepare_data(self, run_dir, rank):
         cfg = self.cfg
+        if prepared_root(cfg):
+            return self._prepared_data(rank)
         if cfg.data_root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         s = avqa_splits(cfg.data_root, max_len=cfg.question_len)
@@ -77,10 +80,39 @@ class AVQATask(Task):
                       flush=True)
         return s.answers, s.splits
 
+    def _prepared_data(self, rank):
+        """Questions from the prepared folder's json/ copies, clips from its shards."""
+        from .avqa_data import prepared_avqa_items
+        cfg = self.cfg
+        answers, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
+                                      avqa_hop=cfg.avqa_hop)
+        refs = vids["videos"][0]
+        have = {m["id"] for _, m in refs}
+        root = self.prepared["root"]
+        s = avqa_splits(root, max_len=cfg.question_len,
+                        has_video=lambda p: os.path.splitext(os.path.basename(p))[0] in have)
+        if list(s.answers) != list(answers):
+            raise ValueError(f"prepared data {root}: its answers differ from its training "
+                             f"questions' (prepare it again)")
+        self.vocab, self.answers = s.vocab, s.answers
+        items, self._crc = prepared_avqa_items(s, refs)
+        if rank == 0:
+            for split, rows in items.items():
+                print(f"avqa {split} (prepared): {len(rows)} questions, {s.bad_rows[split]} "
+                      f"bad rows skipped, {s.missing_videos[split]} with a video that was "
+                      f"not prepared", flush=True)
+        return s.answers, items
+
     def dataset(self, split, train, image_size):
         from .augment import build_visual_augment
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
+        if self.prepared is not None:
+            from .avqa_data import PreparedAVQADataset
+            check_prepared_image_size(self.prepared, image_size)
+            return PreparedAVQADataset(self.splits[split], self._crc[split], hop=cfg.avqa_hop,
+                                       image_size=image_size, segments=cfg.segments,
+                                       sample_rate=cfg.sample_rate, augment=aug)
         return AVQADataset(self.splits[split], hop=cfg.avqa_hop, image_size=image_size,
                            segments=cfg.segments, sample_rate=cfg.sample_rate, augment=aug,
                            cache=cfg.cache)
@@ -151,6 +183,8 @@ class SyntheticAVQATask(AVQATask):
     def prepare_data(self, run_dir, rank):
         from .avqa_synthetic import make_synthetic_avqa
         cfg = self.cfg
+        if prepared_root(cfg):
+            return super().prepare_data(run_dir, rank)
         if cfg.data_root is None:
             cfg.data_root = os.path.join(run_dir, "synthetic_avqa")
         if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "avqa-train.json")):

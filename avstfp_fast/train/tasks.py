@@ -260,8 +260,8 @@ def load_prepared(task, layout: str, **settings):
     from .data import prepared_splits
     cfg = task.cfg
     root = prepared_root(cfg)
+    settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
     man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
-                                           clip_seconds=float(cfg.clip_seconds),
                                            sample_rate=cfg.sample_rate, **settings)
     man["root"] = root
     task.prepared = man
