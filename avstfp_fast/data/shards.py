@@ -91,6 +91,8 @@ class ClipRef:
     key: str
     members: tuple                # ((suffix, offset, size), ...)
     frames: str = "npy"
+    crc: tuple = ()               # ((suffix, CRC-32), ...) recorded when written
+    source: str = ""              # the file it was decoded from
 
     def __str__(self):            # shown in skip messages, like a video path
         return f"{self.shard}#{self.key}"
@@ -201,7 +203,8 @@ def scan_shard(path: str, frames: str = "npy") -> list:
             raise PreparedDataError(f"corrupt prepared shard {path}: sample {key!r} lacks "
                                     f"its {'json' if meta is None else 'fbank.npy'} member")
         members = tuple(sorted((s, o, n) for s, (o, n) in g.items()))
-        out.append((ClipRef(path, key, members, frames), meta))
+        crc = tuple(sorted((meta.get("crc32") or {}).items()))
+        out.append((ClipRef(path, key, members, frames, crc, str(meta.get("source", ""))), meta))
     return out
 
 
@@ -223,15 +226,16 @@ def _read(path: str, offset: int, size: int) -> bytes:
     return data
 
 
-def read_clip(ref: ClipRef, crc: Optional[dict] = None):
+def read_clip(ref: ClipRef):
     """``(audio (M, T, F) float32 tensor, frames (M, 3, H, W) uint8 tensor)`` of one
-    prepared clip; a CRC mismatch (``crc``: the sample's recorded CRC-32 per member)
-    raises :class:`BadSample`."""
+    prepared clip; a member whose CRC-32 differs from the recorded one raises
+    :class:`BadSample`."""
     import torch
     raw = {}
+    crc = dict(ref.crc)
     for suffix, off, size in ref.members:
         data = _read(ref.shard, off, size)
-        if crc is not None and zlib.crc32(data) != crc.get(suffix):
+        if zlib.crc32(data) != crc.get(suffix):
             raise BadSample(f"damaged prepared sample ({suffix}: CRC-32 mismatch)")
         raw[suffix] = data
     audio = torch.from_numpy(np.load(io.BytesIO(raw.pop("fbank.npy")))).float()

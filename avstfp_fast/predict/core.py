@@ -212,13 +212,16 @@ class Predictor:
     def _loader(self, items):
         from torch.utils.data import DataLoader
 
-        from ..train.data import ClipDataset, collate_skip_bad
+        from ..train.data import ClipDataset, PreparedClipDataset, collate_skip_bad
         lm = self.lm
         # ids are positions in ``items``; unlabelled items get a dummy label
         indexed = [(path, 0 if label is None else label, i)
                    for i, (path, label, _) in enumerate(items)]
-        ds = ClipDataset(indexed, image_size=lm.image_size, segments=lm.segments,
-                         clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate)
+        # prepared clips (avstfp-prepare: a ClipRef in place of the path) are read
+        prepared = any(hasattr(it[0], "members") for it in items)
+        ds = (PreparedClipDataset.from_items if prepared else ClipDataset)(
+            indexed, image_size=lm.image_size, segments=lm.segments,
+            clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate)
 
         def collate(samples):
             batch = collate_skip_bad(samples)
@@ -244,7 +247,7 @@ class Predictor:
                        file=sys.stderr)
         t0 = time.time()
         for batch in bar:
-            skipped += list(zip(batch["bad"], batch["reasons"]))
+            skipped += [(str(p), r) for p, r in zip(batch["bad"], batch["reasons"])]
             if batch["audio"] is None:
                 continue
             if metrics is not None:
@@ -257,7 +260,8 @@ class Predictor:
             probs = self.forward.last.float().softmax(-1).cpu()
             for row, i in enumerate(batch["id"]):
                 path, label, vid = items[i]
-                on_result({"video": path, **self._result(vid, probs[row], label)})
+                video = getattr(path, "source", path)      # prepared: its source file
+                on_result({"video": video, **self._result(vid, probs[row], label)})
             done += len(batch["id"])
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(clips_s=f"{done / max(time.time() - t0, 1e-9):.1f}",

@@ -260,25 +260,20 @@ class AVQADataset(ClipDataset):
 
 class PreparedAVQADataset(PreparedMixin, AVQADataset):
     """:class:`AVQADataset` whose questions reference prepared clips (one per video,
-    shared by all its questions): items carry a :class:`ClipRef` in the path column and
-    ``crc`` its sample's CRC-32 record."""
+    shared by all its questions): items carry a :class:`ClipRef` in the path column."""
 
-    def __init__(self, items, crc, **kw):
+    def __init__(self, items, **kw):
         kw["cache"] = False
         super().__init__(items, **kw)
-        self.crc = list(crc)
 
 
-def prepared_avqa_items(splits: "AVQASplits", refs) -> tuple[dict, dict]:
+def prepared_avqa_items(splits: "AVQASplits", refs) -> dict:
     """Questions of ``splits`` pointed at the prepared clips ``refs`` (``split_refs``
-    output, by video id): ``({split: items}, {split: crc records})``; a question whose
-    video was not prepared keeps its path and is skipped (counted) when loaded."""
-    by_id = {m["id"]: (r, m.get("crc32")) for r, m in refs}
-    items, crcs = {}, {}
-    for split, rows in splits.splits.items():
-        items[split] = [(by_id.get(it[2], (it[0],))[0],) + tuple(it[1:]) for it in rows]
-        crcs[split] = [by_id.get(it[2], (None, None))[1] for it in rows]
-    return items, crcs
+    output, by video id): ``{split: items}``; a question whose video was not prepared
+    keeps its path and is skipped (counted) when loaded."""
+    by_id = {m["id"]: r for r, m in refs}
+    return {split: [(by_id.get(it[2], it[0]),) + tuple(it[1:]) for it in rows]
+            for split, rows in splits.splits.items()}
 
 
 def collate_avqa(batch):

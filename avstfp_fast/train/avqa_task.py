@@ -95,7 +95,7 @@ class AVQATask(Task):
             raise ValueError(f"prepared data {root}: its answers differ from its training "
                              f"questions' (prepare it again)")
         self.vocab, self.answers = s.vocab, s.answers
-        items, self._crc = prepared_avqa_items(s, refs)
+        items = prepared_avqa_items(s, refs)
         if rank == 0:
             for split, rows in items.items():
                 print(f"avqa {split} (prepared): {len(rows)} questions, {s.bad_rows[split]} "
@@ -110,7 +110,7 @@ class AVQATask(Task):
         if self.prepared is not None:
             from .avqa_data import PreparedAVQADataset
             check_prepared_image_size(self.prepared, image_size)
-            return PreparedAVQADataset(self.splits[split], self._crc[split], hop=cfg.avqa_hop,
+            return PreparedAVQADataset(self.splits[split], hop=cfg.avqa_hop,
                                        image_size=image_size, segments=cfg.segments,
                                        sample_rate=cfg.sample_rate, augment=aug)
         return AVQADataset(self.splits[split], hop=cfg.avqa_hop, image_size=image_size,

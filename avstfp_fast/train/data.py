@@ -392,7 +392,7 @@ class PreparedMixin:
         ref = self.items[idx][0]
         if not hasattr(ref, "members"):
             raise BadSample(f"not in the prepared shards ({ref})")
-        return read_clip(ref, self.crc[idx])
+        return read_clip(ref)
 
 
 class PreparedClipDataset(PreparedMixin, ClipDataset):
@@ -401,8 +401,15 @@ class PreparedClipDataset(PreparedMixin, ClipDataset):
     def __init__(self, refs, shard_sizes, **kw):
         kw["cache"] = False
         super().__init__([(r, _label(m["label"]), m["id"]) for r, m in refs], **kw)
-        self.crc = [m.get("crc32") for _, m in refs]
         self.shard_sizes = list(shard_sizes)
+
+    @classmethod
+    def from_items(cls, items, **kw):
+        """Over ``(ClipRef, label, id)`` items in any order (e.g. avstfp-predict's)."""
+        self = cls.__new__(cls)
+        ClipDataset.__init__(self, items, **{**kw, "cache": False})
+        self.shard_sizes = []
+        return self
 
 
 def _label(x):
