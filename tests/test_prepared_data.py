@@ -294,3 +294,21 @@ def test_webdataset_reads_the_shards(syn):
     assert json.loads(samples[0]["json"])["id"] == meta["id"]
     with tarfile.open(shard) as t:
         assert all(m.isfile() for m in t.getmembers())
+
+
+def test_hue_rotate():
+    """The strong augmentation's hue jitter: a chroma rotation; greys stay grey, hue 0
+    is the identity, the result stays in range."""
+    from avstfp_fast.train.augment import HueRotate
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(HueRotate(0.0)(x), x)
+    grey = torch.full((2, 3, 4, 4), 0.4)
+    torch.testing.assert_close(HueRotate(0.5)(grey), grey, atol=1e-5, rtol=0)
+    y = HueRotate(0.5)(x.float() / 255)
+    assert y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
+    assert not torch.allclose(y, x.float() / 255)
+    with pytest.raises(ValueError, match="hue"):
+        HueRotate(0.7)
+    with pytest.raises(ValueError, match="expected a"):
+        HueRotate(0.1)(torch.zeros(2, 4, 4))
