@@ -296,19 +296,49 @@ def test_webdataset_reads_the_shards(syn):
         assert all(m.isfile() for m in t.getmembers())
 
 
-def test_hue_rotate():
-    """The strong augmentation's hue jitter: a chroma rotation; greys stay grey, hue 0
-    is the identity, the result stays in range."""
-    from avstfp_fast.train.augment import HueRotate
+def test_color_jitter_fused():
+    """The strong augmentation's colour jitter: one affine map per frame.  Zero ranges
+    are the identity; each factor alone matches torchvision's op where nothing clips;
+    greys stay grey under saturation and hue; the result stays in [0, 1]."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from avstfp_fast.train.augment import ColorJitterFused
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    assert torch.equal(HueRotate(0.0)(x), x)
+    x = 0.25 + 0.5 * torch.rand(4, 3, 8, 8)            # mid-range: no clipping
+    torch.testing.assert_close(ColorJitterFused()(x), x, atol=1e-6, rtol=0)
+    for idx, (kw, fn) in enumerate((({"brightness": 0.2}, TF.adjust_brightness),
+                                    ({"contrast": 0.2}, TF.adjust_contrast),
+                                    ({"saturation": 0.2}, TF.adjust_saturation))):
+        torch.manual_seed(5)
+        got = ColorJitterFused(**kw)(x)
+        torch.manual_seed(5)
+        torch.randperm(4)
+        f = [float(torch.empty(()).uniform_(0.8, 1.2)) for _ in range(3)][idx]
+        torch.testing.assert_close(got, fn(x, f), atol=2e-6, rtol=0, msg=str(kw))
     grey = torch.full((2, 3, 4, 4), 0.4)
-    torch.testing.assert_close(HueRotate(0.5)(grey), grey, atol=1e-5, rtol=0)
-    y = HueRotate(0.5)(x.float() / 255)
-    assert y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 1
-    assert not torch.allclose(y, x.float() / 255)
+    torch.testing.assert_close(ColorJitterFused(saturation=1.0, hue=0.5)(grey), grey,
+                               atol=1e-5, rtol=0)
+    y = ColorJitterFused(0.4, 0.4, 0.4, 0.1)(torch.rand(10, 3, 16, 16))
+    assert 0 <= y.min() and y.max() <= 1
     with pytest.raises(ValueError, match="hue"):
-        HueRotate(0.7)
-    with pytest.raises(ValueError, match="expected a"):
-        HueRotate(0.1)(torch.zeros(2, 4, 4))
+        ColorJitterFused(hue=0.7)
+    with pytest.raises(ValueError, match="expected a float"):
+        ColorJitterFused(0.1)(torch.zeros(2, 3, 4, 4, dtype=torch.uint8))
+
+
+def test_frontend_same_size_resize_is_skipped_exactly():
+    """The front end skips the resize of frames already at the model's size (augmented
+    crops): bicubic at scale 1 is the identity, so nothing changes."""
+    import torch.nn.functional as F
+
+    from avstfp_fast import frontend
+    torch.manual_seed(1)
+    x = torch.rand(10, 3, 32, 32)
+    y = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(x, y)
+    u8 = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    ref = F.interpolate(u8.float() / 255, size=(32, 32), mode="bicubic",
+                        align_corners=False, antialias=True).clamp(0, 1)
+    mean = torch.tensor(frontend.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(frontend.CLIP_STD).view(1, 3, 1, 1)
+    assert torch.equal(frontend.video_frames(u8, 10, 32), (ref - mean) / std)

@@ -220,10 +220,23 @@ def _read(path: str, offset: int, size: int) -> bytes:
                 _FILES.pop(k).close()
         f = _FILES[key] = open(path, "rb")
     f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
+    data = bytearray(size)                # writable: arrays view it without a copy
+    if f.readinto(data) != size:
         raise BadSample(f"prepared shard truncated at {path}:{offset}")
     return data
+
+
+def _npy_view(data: bytearray) -> np.ndarray:
+    """The array of an .npy member, viewing ``data`` (np.load would copy it)."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    version = fmt.read_magic(buf)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(buf)
+    if fortran or dtype.hasobject:
+        raise BadSample("unexpected array layout in a prepared sample")
+    count = int(np.prod(shape)) if shape else 1
+    return np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
 
 
 def read_clip(ref: ClipRef):
@@ -238,15 +251,17 @@ def read_clip(ref: ClipRef):
         if zlib.crc32(data) != crc.get(suffix):
             raise BadSample(f"damaged prepared sample ({suffix}: CRC-32 mismatch)")
         raw[suffix] = data
-    audio = torch.from_numpy(np.load(io.BytesIO(raw.pop("fbank.npy")))).float()
-    if "frames.npy" in raw:
-        fr = np.load(io.BytesIO(raw["frames.npy"]))
-    else:
+    try:
+        audio = torch.from_numpy(_npy_view(raw.pop("fbank.npy"))).float()
+        fr = _npy_view(raw["frames.npy"]) if "frames.npy" in raw else None
+    except ValueError as e:
+        raise BadSample(f"unreadable prepared sample ({e})") from None
+    if fr is None:
         from PIL import Image
         fr = np.stack([np.asarray(Image.open(io.BytesIO(raw[k])).convert("RGB"))
                        for k in sorted(raw) if k.endswith(".jpg")])
-    frames = torch.from_numpy(fr).permute(0, 3, 1, 2).contiguous()
-    return audio.contiguous(), frames
+    frames = torch.from_numpy(fr).permute(0, 3, 1, 2).contiguous()   # copies: the
+    return audio.contiguous(), frames                                 # buffer is freed
 
 
 def load_manifest(root: str) -> dict:
