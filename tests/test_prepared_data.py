@@ -172,6 +172,15 @@ def test_training_from_shards_matches_decoding(syn, tmp_path):
                     resume=best))
     assert ev["val_acc"] == dec["val_acc"] and ev["val_n"] == dec["val_n"]
     assert ev["val_top5"] == dec["val_top5"]
+    # avstfp-predict reads the same shards (and refuses an unknown split in one line)
+    from avstfp_fast.predict.cli import main as predict_main
+    out = str(tmp_path / "pred")
+    assert predict_main([best, "--prepared", syn["f32"], "--prepared-split", "val",
+                         "--out", out, "--no-progress"]) == 0
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["processed"] == N_VAL and run["evaluation"]["acc"] == dec["val_acc"]
+    assert predict_main([best, "--prepared", syn["f32"], "--prepared-split", "nope",
+                         "--out", out, "--no-progress"]) == 2
 
 
 # ------------------------------------------------------------------ bad input
@@ -342,3 +351,56 @@ def test_frontend_same_size_resize_is_skipped_exactly():
     mean = torch.tensor(frontend.CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(frontend.CLIP_STD).view(1, 3, 1, 1)
     assert torch.equal(frontend.video_frames(u8, 10, 32), (ref - mean) / std)
+
+
+def test_kinetics_sounds_layout(syn, tmp_path):
+    from avstfp_fast.train.data import ks_splits
+    vids = [p for p, _, _ in ave_splits(syn["src"])[1]["train"]][:3]
+    root = tmp_path / "ks"
+    (root / "clips").mkdir(parents=True)
+    for i, v in enumerate(vids):
+        shutil.copy(v, root / "clips" / f"c{i}.mp4")
+    (root / "train.csv").write_text("video,label\nclips/c0.mp4,drums\nclips/c1.mp4,dog\n")
+    (root / "val.csv").write_text("clips/c2.mp4,drums\nclips/missing.mp4,dog\n")
+    out = str(tmp_path / "ksp")
+    assert prepare_main(["--task", "avar", "--data-root", str(root), "--out", out,
+                         "--workers", "0", "--no-progress", "--image-size", "64"]) == 0
+    classes, splits = ks_splits(str(root))
+    man, pclasses, psplits = prepared_splits(out, "ks")
+    assert pclasses == classes
+    assert man["splits"]["val"]["clips"] == 1 and man["splits"]["val"]["bad"] == 1
+    assert [m["label"] for _, m in psplits["train"][0]] == [it[1] for it in splits["train"]]
+    with pytest.raises(PreparedDataError, match="layout: prepared 'ks', run needs 'ave'"):
+        prepared_splits(out, "ave")
+
+
+def test_avqa_video_prepared_once_questions_reference_it(tmp_path):
+    from avstfp_fast.train.avqa_data import AVQADataset, avqa_splits
+    from avstfp_fast.train.avqa_synthetic import make_synthetic_avqa
+    from avstfp_fast.train.tasks import make_task
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    make_synthetic_avqa(src, n_train=3, n_val=2, n_test=0, hop=1, seed=1)
+    assert prepare_main(["--task", "synthetic_avqa", "--data-root", src, "--out", out,
+                         "--workers", "0", "--no-progress", "--audio-dtype", "float32"]) == 0
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    assert list(man["splits"]) == ["videos"] and man["splits"]["videos"]["clips"] == 5
+    s = avqa_splits(src)
+    assert man["avqa"]["questions"] == {k: len(v) for k, v in s.splits.items()}
+    assert sum(len(v) for v in s.splits.values()) > 5          # several questions a video
+    cfg = TrainConfig(task="synthetic_avqa", backbone="tiny", prepared=out, avqa_hop=1)
+    task = make_task(cfg)
+    answers, items = task.prepare_data(str(tmp_path / "run"), 0)
+    task.classes, task.splits = answers, items
+    assert answers == s.answers and list(task.vocab.words) == list(s.vocab.words)
+    ds = task.dataset("val", train=False, image_size=64)
+    dec = AVQADataset(s.splits["val"], hop=1, image_size=64, segments=10)
+    for i in range(len(ds)):
+        a, b = ds[i], dec[i]
+        assert a["qid"] == b["qid"] and torch.equal(a["question"], b["question"])
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+        assert int(a["label"]) == int(b["label"])
+    refs = {str(it[0]) for it in items["val"]}
+    assert len(refs) == 2                                      # 2 videos, many questions
+    cfg2 = TrainConfig(task="synthetic_avqa", backbone="tiny", prepared=out, avqa_hop=2)
+    with pytest.raises(PreparedDataError, match="avqa_hop: prepared 1, run needs 2"):
+        make_task(cfg2).prepare_data(str(tmp_path / "run2"), 0)

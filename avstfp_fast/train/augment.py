@@ -30,7 +30,7 @@ class ColorJitterFused:
     colour map per frame: each of the four is affine in RGB (hue: a rotation of the
     chroma plane in YIQ space, as NVIDIA DALI's hue), so their composition is one 3x3
     matrix plus a per-frame offset (contrast blends with the frame's mean grey), applied
-    in one pass and clamped to [0, 1] once.  torchvision's ColorJitter on the same clip
+    in a few elementwise passes and clamped to [0, 1] once.  torchvision's ColorJitter on the same clip
     made 12 passes with a clamp after each and an RGB->HSV->RGB round trip for the hue:
     25 of the 30 ms of CPU a strong augmentation of a 10-frame 224-pixel clip cost
     (bench/test_data_loading.py); this costs about 2 ms.  Factors are drawn as
@@ -81,9 +81,17 @@ class ColorJitterFused:
                              f"{getattr(x, 'dtype', type(x).__name__)} "
                              f"{tuple(getattr(x, 'shape', ()))}")
         flat = x.reshape(-1, 3, *x.shape[-2:])
-        A, t = self.matrices(flat.mean(dim=(-2, -1)))
-        y = torch.nn.functional.conv2d(flat, A.to(x.dtype).view(3, 3, 1, 1))
-        y += t.to(x.dtype)[:, :, None, None]
+        A, t = self.matrices(flat.sum(dim=(-2, -1), dtype=torch.float64)
+                             / (flat.shape[-1] * flat.shape[-2]))
+        # elementwise (not a 1x1 convolution, whose rounding depends on the thread count:
+        # a loader worker, 1 thread, must give the main process's bits)
+        y = torch.empty_like(flat)
+        r, g, b = flat.unbind(-3)
+        t = t.to(x.dtype)[:, :, None, None]
+        for c in range(3):
+            o = y[:, c]
+            torch.mul(r, float(A[c, 0]), out=o)
+            o.add_(g, alpha=float(A[c, 1])).add_(b, alpha=float(A[c, 2])).add_(t[:, c])
         return y.clamp_(0, 1).reshape(x.shape)
 
 
