@@ -65,9 +65,9 @@ def test_same_clip_same_tensors(syn):
     p32, p16 = _prepared(syn["f32"]), _prepared(syn["f16"])
     aug = build_visual_augment("strong", 64)
     for i in (0, 4, N_TRAIN - 1):
-        a, f = dec.raw(i)
-        a32, f32 = p32.raw(i)
-        a16, f16 = p16.raw(i)
+        a, f = dec.raw(i)[:2]
+        a32, f32 = p32.raw(i)[:2]
+        a16, f16 = p16.raw(i)[:2]
         assert torch.equal(f, f32) and torch.equal(f, f16) and torch.equal(a, a32)
         torch.testing.assert_close(a16, a, rtol=2 ** -11, atol=2 ** -24)
         assert not torch.equal(a16, a)           # it is fp16 storage, really
@@ -404,3 +404,30 @@ def test_avqa_video_prepared_once_questions_reference_it(tmp_path):
     cfg2 = TrainConfig(task="synthetic_avqa", backbone="tiny", prepared=out, avqa_hop=2)
     with pytest.raises(PreparedDataError, match="avqa_hop: prepared 1, run needs 2"):
         make_task(cfg2).prepare_data(str(tmp_path / "run2"), 0)
+
+
+def test_decoder_extras_round_trip(tmp_path):
+    """What the decoder reports beside the tensors (padded segments of a short file and
+    the media length) is stored with the clip and returned when it is read."""
+    from avstfp_fast.data.prepare import prepare_splits
+    from avstfp_fast.data.shards import PreparedSettings
+
+    class Source:
+        items = [("a.mp4", 1, "a"), ("b.mp4", 0, "b")]
+
+        def raw(self, i):
+            g = torch.Generator().manual_seed(i)
+            audio = torch.randn(10, 98, 128, generator=g)
+            frames = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=g)
+            return (audio, frames, [8, 9], 8.0) if i else (audio, frames)
+
+    out = str(tmp_path / "p")
+    prepare_splits(out, {"train": Source()}, PreparedSettings(layout="ave", image_size=8,
+                                                               short_side=10),
+                   source_info={}, classes=["x", "background"], workers=0, progress=False)
+    _, _, splits = prepared_splits(out, "ave")
+    ds = PreparedClipDataset(*splits["train"], image_size=8)
+    assert len(ds._load(0)) == 2
+    audio, frames, padded, media = ds._load(1)
+    assert padded == (8, 9) and media == 8.0
+    assert torch.equal(frames, Source().raw(1)[1])

@@ -2,7 +2,8 @@
 into the shards of :mod:`.shards`, resumably.
 
 :func:`prepare_splits` takes, per split, a *source*: any picklable object with ``items``
-(``(path, label, id)`` rows) and ``raw(i)`` -> ``(audio features, uint8 frames)`` -- the
+(``(path, label, id)`` rows) and ``raw(i)`` -> ``(audio features, uint8 frames[, padded
+segments, media seconds])`` -- the
 trainer's own datasets, so a prepared clip is by construction what the decode path
 computes.  Shard ``k`` of a split holds the items ``k*shard_size ... (k+1)*shard_size-1``
 (minus the bad ones): a shard whose file and record exist with the same settings is kept
@@ -40,10 +41,13 @@ def _work(job):
     src = _SRC[split]
     path, label, vid = src.items[i][:3]
     try:
-        audio, frames = src.raw(i)
+        out = src.raw(i)        # (audio, frames[, padded segments, media seconds])
     except BadSample as e:
         return i, None, str(e)
+    audio, frames = out[0], out[1]
     meta = {"id": str(vid), "label": _jsonable(label), "source": str(path)}
+    if len(out) >= 4:
+        meta.update(padded=[int(s) for s in out[2]], media_seconds=out[3])
     return i, encode_sample(audio.numpy(), frames.numpy(), meta, settings), None
 
 

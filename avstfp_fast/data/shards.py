@@ -20,7 +20,8 @@ split), as WebDataset groups them:
   fp16 rounding, relative error <= 2^-11, of the decode path's float32) or float32
   (``--audio-dtype float32``: bit-exact);
 * ``<key>.json`` -- ``id``, ``label`` (class id, or per-segment ids), ``source`` (the
-  file relative to the data root), and a CRC-32 of each array member, checked at every
+  decoded file), ``padded``/``media_seconds`` when the decoder reports them (segments
+  that are padding of a short file), and a CRC-32 of each array member, checked at every
   read (a damaged sample is skipped and counted like an unreadable video, never used).
 
 Reading (:func:`scan_shard`, :func:`read_clip`) is random access through the member
@@ -93,6 +94,7 @@ class ClipRef:
     frames: str = "npy"
     crc: tuple = ()               # ((suffix, CRC-32), ...) recorded when written
     source: str = ""              # the file it was decoded from
+    extra: tuple = ()             # (padded segments, media seconds) when recorded
 
     def __str__(self):            # shown in skip messages, like a video path
         return f"{self.shard}#{self.key}"
@@ -204,7 +206,10 @@ def scan_shard(path: str, frames: str = "npy") -> list:
                                     f"its {'json' if meta is None else 'fbank.npy'} member")
         members = tuple(sorted((s, o, n) for s, (o, n) in g.items()))
         crc = tuple(sorted((meta.get("crc32") or {}).items()))
-        out.append((ClipRef(path, key, members, frames, crc, str(meta.get("source", ""))), meta))
+        extra = ((tuple(meta["padded"]), meta.get("media_seconds"))
+                 if "padded" in meta else ())
+        out.append((ClipRef(path, key, members, frames, crc, str(meta.get("source", "")),
+                            extra), meta))
     return out
 
 

@@ -201,9 +201,9 @@ class ClipDataset(Dataset):
                            short_side=math.ceil(1.25 * self.image_size))
 
     def raw(self, idx):
-        """``(audio features (M, T, F) float32, frames (M, 3, H, W) uint8)`` of item
-        ``idx``: what the front end and augmentation start from (avstfp-prepare stores
-        exactly this).  Raises BadSample."""
+        """``(audio features (M, T, F) float32, frames (M, 3, H, W) uint8, ...)`` of item
+        ``idx`` (``_load``'s tuple): what the front end and augmentation start from
+        (avstfp-prepare stores exactly this).  Raises BadSample."""
         return self._load(idx)
 
     def _load(self, idx):
@@ -392,7 +392,7 @@ class PreparedMixin:
         ref = self.items[idx][0]
         if not hasattr(ref, "members"):
             raise BadSample(f"not in the prepared shards ({ref})")
-        return read_clip(ref)
+        return read_clip(ref) + ref.extra     # extra: what the decoder reported
 
 
 class PreparedClipDataset(PreparedMixin, ClipDataset):
