@@ -67,41 +67,37 @@ class AVQATask(Task):
 
     def prepare_data(self, run_dir, rank):
         cfg = self.cfg
-        if prepared_root(cfg):
-            return self._prepared_data(rank)
-        if cfg.data_root is None:
-            raise ValueError(f"data_root: required for task {self.name!r}")
-        s = avqa_splits(cfg.data_root, max_len=cfg.question_len)
+        root, has_video = self._data_source()
+        s = avqa_splits(root, max_len=cfg.question_len, has_video=has_video)
         self.vocab, self.answers = s.vocab, s.answers
         if rank == 0:
             for split, items in s.splits.items():
                 print(f"avqa {split}: {len(items)} questions, {s.bad_rows[split]} bad rows "
                       f"skipped, {s.missing_videos[split]} with a missing video",
                       flush=True)
-        return s.answers, s.splits
+        return s.answers, self._clips(s)
 
-    def _prepared_data(self, rank):
-        """Questions from the prepared folder's json/ copies, clips from its shards."""
-        from .avqa_data import prepared_avqa_items
+    def _data_source(self):
+        """``(folder of the question files, has_video(path))``: the data root, or a
+        prepared folder (its ``json/`` copies; a video is there when it was prepared)."""
         cfg = self.cfg
-        answers, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
-                                      avqa_hop=cfg.avqa_hop)
-        refs = vids["videos"][0]
-        have = {m["id"] for _, m in refs}
-        root = self.prepared["root"]
-        s = avqa_splits(root, max_len=cfg.question_len,
-                        has_video=lambda p: os.path.splitext(os.path.basename(p))[0] in have)
-        if list(s.answers) != list(answers):
-            raise ValueError(f"prepared data {root}: its answers differ from its training "
-                             f"questions' (prepare it again)")
-        self.vocab, self.answers = s.vocab, s.answers
-        items = prepared_avqa_items(s, refs)
-        if rank == 0:
-            for split, rows in items.items():
-                print(f"avqa {split} (prepared): {len(rows)} questions, {s.bad_rows[split]} "
-                      f"bad rows skipped, {s.missing_videos[split]} with a video that was "
-                      f"not prepared", flush=True)
-        return s.answers, items
+        if prepared_root(cfg):
+            _, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
+                                    avqa_hop=cfg.avqa_hop)
+            self._refs = vids["videos"][0]
+            have = {m["id"] for _, m in self._refs}
+            return (self.prepared["root"],
+                    lambda p: os.path.splitext(os.path.basename(p))[0] in have)
+        if cfg.data_root is None:
+            raise ValueError(f"data_root: required for task {self.name!r}")
+        return cfg.data_root, os.path.isfile
+
+    def _clips(self, s) -> dict:
+        """The questions of each split; from prepared data, pointed at their clips."""
+        if self.prepared is None:
+            return s.splits
+        from .avqa_data import prepared_avqa_items
+        return prepared_avqa_items(s, self._refs)
 
     def dataset(self, split, train, image_size):
         from .augment import build_visual_augment
