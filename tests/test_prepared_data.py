@@ -276,6 +276,14 @@ def test_bad_videos_listed_resume_and_verify(syn, tmp_path, capsys):
     assert os.stat(keep).st_mtime_ns == mtime and os.path.isfile(lost)
     assert "clips to prepare in 1 shards" in capsys.readouterr().err
     assert prepare_main(["--verify", out]) == 0
+    # a smaller source: the shards it no longer has are removed, not left unlisted
+    rows = open(os.path.join(src, "trainSet.txt")).read().splitlines()
+    open(os.path.join(src, "trainSet.txt"), "w").write("\n".join(rows[:-3]) + "\n")
+    assert prepare_main(args) == 0
+    assert not os.path.exists(os.path.join(out, "train", "shard-000002.tar"))
+    assert prepare_main(["--verify", out]) == 0
+    bad_kept = any(os.path.splitext(vid)[0] in r for r in rows[:-3])
+    assert len(prepared_splits(out, "ave")[2]["train"][0]) == N_TRAIN - 3 - bad_kept
     # other settings into the same folder: refused in one line
     assert prepare_main(args + ["--frames", "jpeg"]) == 2
     assert "prepared with other settings" in capsys.readouterr().err

@@ -155,6 +155,12 @@ def prepare_splits(out: str, sources: dict, settings: PreparedSettings, *, sourc
             records[name] = rec
     if bar is not None:
         bar.close()
+    for split in sources:        # shards of an earlier, larger preparation: not ours now
+        folder = os.path.join(out, split)
+        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            stem, ext = os.path.splitext(f)
+            if ext in (".tar", ".json", ".tmp") and f"{split}/{stem}" not in records:
+                os.remove(os.path.join(folder, f))
     wall = time.time() - t0
     splits, all_bad = {}, []
     for split, src in sources.items():
