@@ -83,15 +83,19 @@ def video_frames(frames: torch.Tensor, segments: int = 10, size: int = 224) -> t
         frames = frames.movedim(-1, -3)          # channels-last -> channels-first
     if frames.shape[-3] != 3:
         raise ValueError(f"frames: expected 3 colour channels, got shape {tuple(frames.shape)}")
-    idx = sample_indices(frames.shape[-4], segments).to(frames.device)
-    x = frames.index_select(-4, idx)
+    if frames.shape[-4] == segments:     # one frame per segment already (decoded clips)
+        x = frames
+    else:
+        x = frames.index_select(-4, sample_indices(frames.shape[-4], segments).to(frames.device))
     lead = x.shape[:-3]
     x = x.reshape(-1, *x.shape[-3:])
     x = x.float() / 255.0 if not x.is_floating_point() else x.float()
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    if (nh, nw) != (h, w):       # at the same size the resize is the identity: skip it
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                          antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top:top + size, left:left + size].clamp(0, 1)
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "classes of --split)")
     a("--split", help="evaluate on a split file (AVE testSet.txt with --annotations, or a "
                       "Kinetics-Sounds video,label CSV) instead of listing inputs")
+    a("--prepared", metavar="DIR", help="predict and evaluate the clips of an "
+      "avstfp-prepare folder (read, not decoded) instead of listing inputs")
+    a("--prepared-split", default="test", help="with --prepared: the split (default test)")
     a("--video-dir", default=None, help="AVE: videos folder under the annotation file's "
                                         "folder (default: AVE); AVQA: the videos folder "
                                         "(default: videos/ beside the --questions file)")
@@ -107,6 +110,32 @@ def _items_for_split(args, lm) -> list:
                          classes, segments=lm.segments, clip_seconds=lm.clip_seconds,
                          video_dir=args.video_dir or "AVE")
     return ks_items(args.split, os.path.dirname(os.path.abspath(args.split)), list(lm.classes))
+
+
+def _items_for_prepared(args, lm) -> list:
+    """``(ClipRef, label, id)`` of a prepared split, after checking that it was prepared
+    for this model (layout, classes, segments, input size)."""
+    import math
+
+    from ..data.shards import check_settings
+    from ..train.data import _label, prepared_splits
+    layout = {"ave": "ave", "avar": "ks"}.get(lm.head)
+    if layout is None:
+        raise ValueError(f"--prepared: supported for AVE and Kinetics-Sounds models, not "
+                         f"{lm.head!r}")
+    man, classes, splits = prepared_splits(
+        args.prepared, layout, segments=lm.segments, clip_seconds=float(lm.clip_seconds),
+        sample_rate=lm.sample_rate)
+    check_settings(man, args.prepared, image_size=lm.image_size,
+                   short_side=math.ceil(1.25 * lm.image_size))
+    if list(classes) != list(lm.classes):
+        raise ValueError(f"--prepared: its classes {classes[:4]}... ({len(classes)}) differ "
+                         f"from the model's {list(lm.classes)[:4]}... ({len(lm.classes)})")
+    if args.prepared_split not in splits:
+        raise ValueError(f"--prepared-split: expected one of {sorted(splits)}, got "
+                         f"{args.prepared_split!r}")
+    refs, _ = splits[args.prepared_split]
+    return [(ref, _label(m["label"]), m["id"]) for ref, m in refs]
 
 
 def _items_for_inputs(args, lm) -> tuple[list, list]:
@@ -181,7 +210,12 @@ def run(args) -> int:
                              "events (give videos, or --split)")
         lm = load_model(args.model, backbone=args.backbone, pretrained=args.pretrained,
                         backend=args.backend, device=device)
-        if args.split:
+        if args.prepared:
+            if args.inputs or args.split:
+                raise ValueError("--prepared: evaluates the prepared split's clips; drop "
+                                 "the inputs and --split")
+            items, problems = _items_for_prepared(args, lm), []
+        elif args.split:
             if args.inputs:
                 raise ValueError("--split: evaluates the split's videos; drop the inputs")
             items, problems = _items_for_split(args, lm), []
@@ -199,7 +233,8 @@ def run(args) -> int:
           file=sys.stderr)
 
     os.makedirs(args.out, exist_ok=True)
-    metrics = lm.task().new_metrics() if args.split else None
+    evaluating = args.split or args.prepared
+    metrics = lm.task().new_metrics() if evaluating else None
     used: set = set()
     csv_path = os.path.join(args.out, "predictions.csv")
     with open(csv_path, "w", newline="") as fcsv:
@@ -232,12 +267,13 @@ def run(args) -> int:
     if metrics is not None:
         metrics.all_reduce()
         m = {k: v for k, v in metrics.summary().items() if not isinstance(v, torch.Tensor)}
-        summary["evaluation"] = {"split": args.split, **m}
+        where = args.split or f"{args.prepared} {args.prepared_split}"
+        summary["evaluation"] = {"split": where, **m}
         if lm.head == "ave":
-            print(f"segment accuracy {m['acc']:.4f} ({m['n']} segments, {args.split})")
+            print(f"segment accuracy {m['acc']:.4f} ({m['n']} segments, {where})")
         else:
             print(f"top-1 {m['acc']:.4f}  top-5 {m['top5']:.4f} ({m['n']} clips, "
-                  f"{args.split})")
+                  f"{where})")
     dump_json(summary, os.path.join(args.out, "run.json"), indent=2)
     print(f"avstfp-predict: {stats['done']}/{len(items)} videos processed"
           f" ({stats['clips_per_s'] or 0:.3g} clips/s), {len(skipped)} skipped; "

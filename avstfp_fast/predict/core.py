@@ -226,15 +226,18 @@ class Predictor:
     def _loader(self, items):
         from torch.utils.data import DataLoader
 
-        from ..train.data import ClipDataset, collate_skip_bad
+        from ..train.data import ClipDataset, PreparedClipDataset, collate_skip_bad
         lm = self.lm
         # ids are positions in ``items``; unlabelled items get a dummy label
         indexed = [(path, 0 if label is None else label, i)
                    for i, (path, label, _) in enumerate(items)]
+        # prepared clips (avstfp-prepare: a ClipRef in place of the path) are read;
         # skipped files are reported by the caller (once each), not warned about here
-        ds = ClipDataset(indexed, image_size=lm.image_size, segments=lm.segments,
-                         clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate,
-                         short=self.short_media, warn_bad=False)
+        prepared = any(hasattr(it[0], "members") for it in items)
+        ds = (PreparedClipDataset.from_items if prepared else ClipDataset)(
+            indexed, image_size=lm.image_size, segments=lm.segments,
+            clip_seconds=lm.clip_seconds, sample_rate=lm.sample_rate,
+            short=self.short_media, warn_bad=False)
 
         def collate(samples):
             batch = collate_skip_bad(samples)
@@ -261,7 +264,7 @@ class Predictor:
         t0 = time.time()
         t_first, n_first = None, 0    # speed is measured after the first batch (warm-up,
         for batch in bar:             # torch.compile's compilation)
-            skipped += list(zip(batch["bad"], batch["reasons"]))
+            skipped += [(str(p), r) for p, r in zip(batch["bad"], batch["reasons"])]
             if batch["audio"] is None:
                 continue
             if metrics is not None:
@@ -274,7 +277,8 @@ class Predictor:
             probs = self.forward.last.float().softmax(-1).cpu()
             for row, i in enumerate(batch["id"]):
                 path, label, vid = items[i]
-                on_result({"video": path, **self._result(
+                video = getattr(path, "source", path)      # prepared: its source file
+                on_result({"video": video, **self._result(
                     vid, probs[row], label, batch["padded"][row],
                     batch["media_seconds"][row])})
             done += len(batch["id"])

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import BadSample, ClipDataset, collate_skip_bad, decode_clip
+from .data import BadSample, ClipDataset, PreparedMixin, collate_skip_bad, decode_clip
 
 log = logging.getLogger("avstfp_fast.train")
 
@@ -202,7 +202,8 @@ class AVQASplits:
 
 
 def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
-                vocabulary: list | None = None, answers: list | None = None) -> AVQASplits:
+                vocabulary: list | None = None, answers: list | None = None,
+                has_video=os.path.isfile) -> AVQASplits:
     """Read ``avqa-{train,val,test}.json`` under ``root``.
 
     Vocabulary and answers come from the training file (first-seen words, sorted
@@ -213,7 +214,8 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
     word, encoded as ``<unk>``) and its answers outside ``answers`` in
     ``new_train_answers``, for the caller to refuse or accept.  Val/test questions whose
     answer is not one of the answers (always scored wrong) are counted per split in
-    ``unseen_answers``."""
+    ``unseen_answers``.  ``has_video(path)`` says whether a question's video exists
+    (prepared data: whether it was prepared)."""
     paths = {s: _find_json(root, f) for s, f in AVQA_SPLIT_FILES.items()}
     if paths["train"] is None:
         raise FileNotFoundError(f"{root}: no {AVQA_SPLIT_FILES['train']} (looked in ., json/, "
@@ -243,7 +245,7 @@ def avqa_splits(root: str, *, video_dir: str = "videos", max_len: int = MAX_LEN,
         items, miss = [], 0
         for r in rs:
             path = os.path.join(root, video_dir, r.video_id + ".mp4")
-            miss += not os.path.isfile(path)
+            miss += not has_video(path)
             ids = vocab.encode(r.words, max_len, f"{paths[split]}: question {r.question_id}: ")
             items.append((path, ans_index.get(r.answer, -1), r.video_id, ids, r.qtype,
                           r.question_id))
@@ -329,6 +331,24 @@ class AVQADataset(ClipDataset):
         out.update(question=torch.from_numpy(self.questions[idx]), qtype=self.qtypes[idx],
                    qid=self.qids[idx])
         return out
+
+
+class PreparedAVQADataset(PreparedMixin, AVQADataset):
+    """:class:`AVQADataset` whose questions reference prepared clips (one per video,
+    shared by all its questions): items carry a :class:`ClipRef` in the path column."""
+
+    def __init__(self, items, **kw):
+        kw["cache"] = False
+        super().__init__(items, **kw)
+
+
+def prepared_avqa_items(splits: "AVQASplits", refs) -> dict:
+    """Questions of ``splits`` pointed at the prepared clips ``refs`` (``split_refs``
+    output, by video id): ``{split: items}``; a question whose video was not prepared
+    keeps its path and is skipped (counted) when loaded."""
+    by_id = {m["id"]: r for r, m in refs}
+    return {split: [(by_id.get(it[2], it[0]),) + tuple(it[1:]) for it in rows]
+            for split, rows in splits.splits.items()}
 
 
 def collate_avqa(batch):

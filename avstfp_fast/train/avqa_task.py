@@ -21,7 +21,8 @@ from . import ddp
 from .avqa_data import AVQADataset, avqa_splits, collate_avqa, sample_negatives
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
-from .tasks import Metrics, StepOutput, Task, build_model, register_task
+from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
+                    load_prepared, prepared_root, register_task)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -87,13 +88,12 @@ class AVQATask(Task):
 
     def prepare_data(self, run_dir, rank):
         cfg = self.cfg
-        if cfg.data_root is None:
-            raise ValueError(f"data_root: required for task {self.name!r}")
+        root, has_video = self._data_source()
         st = self.stored or {}
         have = "vocabulary" in st and "answers" in st
-        s = avqa_splits(cfg.data_root, max_len=cfg.question_len,
+        s = avqa_splits(root, max_len=cfg.question_len,
                         vocabulary=st.get("vocabulary") if have else None,
-                        answers=st.get("answers") if have else None)
+                        answers=st.get("answers") if have else None, has_video=has_video)
         self.vocab, self.answers = s.vocab, s.answers
         self.unseen_answers = s.unseen_answers
         if have:
@@ -128,7 +128,29 @@ class AVQATask(Task):
                         line += (f" (scored wrong: {_few(s.unseen_answer_names[split])}; "
                                  f"accuracy at most {100 * (1 - n / len(items)):.1f}%)")
                 print(line, flush=True)
-        return s.answers, s.splits
+        return s.answers, self._clips(s)
+
+    def _data_source(self):
+        """``(folder of the question files, has_video(path))``: the data root, or a
+        prepared folder (its ``json/`` copies; a video is there when it was prepared)."""
+        cfg = self.cfg
+        if prepared_root(cfg):
+            _, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
+                                    avqa_hop=cfg.avqa_hop)
+            self._refs = vids["videos"][0]
+            have = {m["id"] for _, m in self._refs}
+            return (self.prepared["root"],
+                    lambda p: os.path.splitext(os.path.basename(p))[0] in have)
+        if cfg.data_root is None:
+            raise ValueError(f"data_root: required for task {self.name!r}")
+        return cfg.data_root, os.path.isfile
+
+    def _clips(self, s) -> dict:
+        """The questions of each split; from prepared data, pointed at their clips."""
+        if self.prepared is None:
+            return s.splits
+        from .avqa_data import prepared_avqa_items
+        return prepared_avqa_items(s, self._refs)
 
     def prompt_file_inputs(self):
         return {"avqa_hop": self.cfg.avqa_hop, "question_len": self.cfg.question_len}
@@ -142,6 +164,12 @@ class AVQATask(Task):
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
         items = self.splits[split]
+        if self.prepared is not None:
+            from .avqa_data import PreparedAVQADataset
+            check_prepared_image_size(self.prepared, image_size)
+            return PreparedAVQADataset(items, hop=cfg.avqa_hop,
+                                       image_size=image_size, segments=cfg.segments,
+                                       sample_rate=cfg.sample_rate, augment=aug)
         if not train:       # questions of one video together: its clip is decoded once
             items = sorted(items, key=lambda it: it[2])
         return AVQADataset(items, hop=cfg.avqa_hop, image_size=image_size,
@@ -219,6 +247,8 @@ class SyntheticAVQATask(AVQATask):
     def prepare_data(self, run_dir, rank):
         from .avqa_synthetic import make_synthetic_avqa
         cfg = self.cfg
+        if prepared_root(cfg):
+            return super().prepare_data(run_dir, rank)
         if cfg.data_root is None:
             cfg.data_root = os.path.join(run_dir, "synthetic_avqa")
         if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "avqa-train.json")):

@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
            "and download) or a local file (docs/weights.md)")
     a("--backend", choices=backend_choices(), default=S, help=f"attention backend (default {d['backend']})")
     a("--data-root", dest="data_root", default=S,
-      help="data set folder in the official layout (synthetic tasks: generated there)")
+      help="data set folder in the official layout (synthetic tasks: generated there), "
+           "or a folder made by avstfp-prepare")
+    a("--prepared", default=S,
+      help="read clips from this avstfp-prepare folder instead of decoding videos "
+           "(also detected in --data-root)")
     a("--out", default=S, help="run folder (default runs/<task>-<time>)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, default=S, help=f"default {d['epochs']}")

@@ -57,9 +57,11 @@ class TrainConfig:
     # what to train
     task: str = "ave"
     backbone: str = "ViT-B-16"            # open_clip model name, or "tiny"
-    pretrained: Optional[str] = None      # local open_clip checkpoint path (never a download)
+    pretrained: Optional[str] = None      # tower weights: a local file or an open_clip tag
     backend: str = "auto"
     data_root: Optional[str] = None
+    prepared: Optional[str] = None        # folder of avstfp-prepare shards (also detected
+                                          # when data_root holds its manifest.json)
     out: Optional[str] = None             # run folder (default runs/<task>-<time>)
     model: AVSTFPConfig = field(default_factory=default_model_config)
     # recipe (the paper's; see the trainer README)

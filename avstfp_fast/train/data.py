@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from ..data.media import MIN_COVERAGE, SILENCE_PEAK, BadSample, decode_clip  # noqa: F401
+
 log = logging.getLogger("avstfp_fast.train")
 
 __all__ = ["BadSample", "AVERow", "read_ave_rows", "ave_categories", "ave_segment_labels",
@@ -44,12 +46,6 @@ __all__ = ["BadSample", "AVERow", "read_ave_rows", "ave_categories", "ave_segmen
            "ave_splits", "ks_items", "ks_splits"]
 
 AVE_HEADER = ("Category", "VideoID", "Quality", "StartTime", "EndTime")
-SILENCE_PEAK = 1e-4          # peak |x| below this over the whole clip = silent file
-MIN_COVERAGE = 0.5           # decoded audio/video must cover half the clip
-
-
-class BadSample(Exception):
-    """A file that cannot be used (unreadable, truncated, silent, no stream)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -171,129 +167,6 @@ def ks_classes(root: str, splits: dict[str, str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------
-def decode_clip(path: str, *, segments: int = 10, clip_seconds: float = 10.0,
-                sample_rate: int = 16000, short_side: int | None = None,
-                info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one file: ``(frames (segments, H, W, 3) uint8, wave (samples,) float32)``.
-
-    ``short_side``: frames whose shorter side is larger are downscaled (area filter,
-    aspect kept) while converting, so HD sources cost little later.
-    ``info``: a dict that receives ``media_seconds`` (how much of the clip the file
-    covers) and ``padded`` (the segments that are padding: no frame of their own, or less
-    than half of their audio -- a media file shorter than the clip).
-    Raises BadSample for anything unusable.
-    """
-    import av
-
-    if not os.path.isfile(path):
-        raise BadSample("file not found")
-    n_samples = int(round(clip_seconds * sample_rate))
-    seg_len = clip_seconds / segments
-    centres = [(s + 0.5) * seg_len for s in range(segments)]
-    best: list = [None] * segments
-    best_d = [math.inf] * segments
-    chunks: list[np.ndarray] = []
-    n_audio = 0
-    last_video_t = -1.0
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise BadSample("no video stream")
-            if not container.streams.audio:
-                raise BadSample("no audio stream")
-            vs = container.streams.video[0]
-            aus = container.streams.audio[0]
-            vs.thread_type = "AUTO"
-            rate = float(vs.average_rate or 0) or 25.0      # frames/s, for media_seconds
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-            video_done = audio_done = False
-            for packet in container.demux(vs, aus):
-                if packet.stream.index == vs.index:
-                    if video_done:
-                        continue
-                    for frame in packet.decode():
-                        t = frame.time
-                        if t is None:
-                            continue
-                        if t >= clip_seconds:
-                            video_done = True
-                            break
-                        last_video_t = max(last_video_t, t)
-                        s = min(int(t // seg_len), segments - 1)
-                        d = abs(t - centres[s])
-                        if d < best_d[s]:      # keep the frame; convert the winners only
-                            best_d[s] = d
-                            best[s] = frame
-                elif packet.stream.index == aus.index:
-                    if audio_done:
-                        continue
-                    for frame in packet.decode():
-                        for rf in resampler.resample(frame):
-                            a = rf.to_ndarray().reshape(-1)
-                            chunks.append(a)
-                            n_audio += a.shape[0]
-                    if n_audio >= n_samples:
-                        audio_done = True
-                if video_done and audio_done:
-                    break
-            if not audio_done:
-                for rf in resampler.resample(None):
-                    a = rf.to_ndarray().reshape(-1)
-                    chunks.append(a)
-                    n_audio += a.shape[0]
-    except BadSample:
-        raise
-    except Exception as e:   # av.error.*, ValueError from a damaged container, ...
-        raise BadSample(f"unreadable ({type(e).__name__}: {e})") from None
-
-    if all(b is None for b in best):
-        raise BadSample("no decodable video frames")
-    try:
-        best = [None if f is None else _to_rgb(f, short_side) for f in best]
-    except Exception as e:
-        raise BadSample(f"unreadable frame ({type(e).__name__}: {e})") from None
-    if n_audio < MIN_COVERAGE * n_samples:
-        raise BadSample(f"truncated: {n_audio / sample_rate:.2f} s of audio, "
-                        f"expected {clip_seconds:g} s")
-    if last_video_t + seg_len < MIN_COVERAGE * clip_seconds:
-        raise BadSample(f"truncated: video ends at {last_video_t:.2f} s, "
-                        f"expected {clip_seconds:g} s")
-    if info is not None:
-        audio_end = min(n_audio / sample_rate, clip_seconds)
-        info["padded"] = [s for s in range(segments)
-                          if best[s] is None or audio_end < (s + 0.5) * seg_len]
-        info["media_seconds"] = round(min(audio_end, last_video_t + 1.0 / rate, clip_seconds), 3)
-    # segments without a frame (video slightly short): nearest earlier (else later) frame
-    for s in range(segments):
-        if best[s] is None:
-            prev = [j for j in range(s - 1, -1, -1) if best[j] is not None]
-            nxt = [j for j in range(s + 1, segments) if best[j] is not None]
-            best[s] = best[prev[0] if prev else nxt[0]]
-    wave = np.concatenate(chunks)[:n_samples].astype(np.float32, copy=False)
-    if wave.shape[0] < n_samples:
-        wave = np.pad(wave, (0, n_samples - wave.shape[0]))
-    if not np.isfinite(wave).all():
-        raise BadSample("non-finite audio samples")
-    if float(np.abs(wave).max()) < SILENCE_PEAK:
-        raise BadSample("silent audio track")
-    shapes = {b.shape for b in best}
-    if len(shapes) != 1:
-        raise BadSample(f"frame size changes within the clip: {sorted(shapes)}")
-    return np.stack(best), wave
-
-
-def _to_rgb(frame, short_side):
-    w, h = frame.width, frame.height
-    if short_side and min(w, h) > short_side:
-        r = short_side / min(w, h)
-        w, h = max(2, round(w * r)), max(2, round(h * r))
-        return frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="AREA")
-    return frame.to_ndarray(format="rgb24")
-
-
-# --------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------
 class ClipDataset(Dataset):
@@ -335,6 +208,12 @@ class ClipDataset(Dataset):
         return decode_clip(path, segments=self.segments, clip_seconds=self.clip_seconds,
                            sample_rate=self.sample_rate,
                            short_side=math.ceil(1.25 * self.image_size), info=info)
+
+    def raw(self, idx):
+        """``(audio features (M, T, F) float32, frames (M, 3, H, W) uint8, ...)`` of item
+        ``idx`` (``_load``'s tuple): what the front end and augmentation start from
+        (avstfp-prepare stores exactly this).  Raises BadSample."""
+        return self._load(idx)
 
     def _load(self, idx):
         path = self.items[idx][0]
@@ -417,12 +296,39 @@ class ResumableDistributedSampler(DistributedSampler):
         self.skip = int(n)
 
     def __iter__(self):
-        idx = list(super().__iter__())[self.skip:]
+        sizes = getattr(self.dataset, "shard_sizes", None)
+        if sizes and self.shuffle:       # prepared shards: shuffle through a shard buffer
+            order = shard_buffer_order(sizes, getattr(self.dataset, "shard_buffer", 4),
+                                       self.seed, self.epoch)
+            if self.drop_last:
+                order = order[:self.total_size]
+            else:
+                order += (order * math.ceil(self.total_size / max(1, len(order))))[
+                    :self.total_size - len(order)]
+            idx = order[self.rank:self.total_size:self.num_replicas][self.skip:]
+        else:
+            idx = list(super().__iter__())[self.skip:]
         base = (self.seed * 1_000_003 + self.epoch * 7919) % (2 ** 31)
         return iter([(i, (base + i * 104_729) % (2 ** 31)) for i in idx])
 
     def __len__(self):
         return max(0, super().__len__() - self.skip)
+
+
+def shard_buffer_order(shard_sizes, buffer: int, seed: int, epoch: int) -> list:
+    """A permutation of ``range(sum(shard_sizes))`` (items numbered shard after shard)
+    that reads ``buffer`` shards at a time: the shard order is shuffled, then the items
+    of each group of ``buffer`` consecutive shards are shuffled together (the shuffle
+    buffer of streaming loaders).  It depends on (seed, epoch) only, so it replays."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    shards = torch.randperm(len(shard_sizes), generator=g).tolist()
+    out: list = []
+    for j in range(0, len(shards), max(1, int(buffer))):
+        pool = np.concatenate([np.arange(starts[k], starts[k + 1])
+                               for k in shards[j:j + buffer]])
+        out += pool[torch.randperm(len(pool), generator=g).numpy()].tolist()
+    return out
 
 
 class ShardSampler(Sampler):
@@ -490,3 +396,60 @@ def ks_splits(root: str):
     if "train" not in splits:
         raise FileNotFoundError(f"{root}: no {KS_SPLIT_FILES['train']}")
     return classes, splits
+
+
+# --------------------------------------------------------------------------------------
+# Prepared shards (avstfp-prepare): the same items, read instead of decoded
+# --------------------------------------------------------------------------------------
+class PreparedMixin:
+    """Loads an item's clip from its prepared shard (:class:`ClipRef` in the path
+    column) instead of decoding a file; everything after (augmentation, front end,
+    collation) is the decode path's.  A damaged sample is a BadSample (skipped and
+    counted); items whose clip was not prepared (listed as bad when preparing) too."""
+    shard_buffer = 4
+
+    def _load(self, idx):
+        from ..data.shards import read_clip
+        ref = self.items[idx][0]
+        if not hasattr(ref, "members"):
+            raise BadSample(f"not in the prepared shards ({ref})")
+        # extra: what the decoder reported (padded segments, media seconds); shards made
+        # before the decoder reported them hold nothing: no padding known
+        return read_clip(ref) + (tuple(ref.extra) or ((), None))
+
+
+class PreparedClipDataset(PreparedMixin, ClipDataset):
+    """:class:`ClipDataset` over prepared shards: ``refs`` is ``split_refs`` output."""
+
+    def __init__(self, refs, shard_sizes, **kw):
+        kw["cache"] = False
+        super().__init__([(r, _label(m["label"]), m["id"]) for r, m in refs], **kw)
+        self.shard_sizes = list(shard_sizes)
+
+    @classmethod
+    def from_items(cls, items, **kw):
+        """Over ``(ClipRef, label, id)`` items in any order (e.g. avstfp-predict's)."""
+        self = cls.__new__(cls)
+        ClipDataset.__init__(self, items, **{**kw, "cache": False})
+        self.shard_sizes = []
+        return self
+
+
+def _label(x):
+    return np.asarray(x, dtype=np.int64) if isinstance(x, list) else int(x)
+
+
+def prepared_splits(root: str, layout: str, **settings):
+    """``(manifest, classes, {split: (refs, shard sizes)})`` of a prepared folder, after
+    checking that it was prepared from a ``layout`` data set with ``settings``."""
+    from ..data.shards import check_settings, load_manifest, split_refs
+    man = load_manifest(root)
+    check_settings(man, root, layout=layout, **settings)
+    splits = {}
+    for split, info in man["splits"].items():
+        splits[split] = (split_refs(root, man, split), [s["clips"] for s in info["shards"]])
+        if info.get("bad"):
+            log.warning("prepared %s: %d of %d source files were skipped when preparing "
+                        "(listed in %s)", split, info["bad"], info["sources"],
+                        os.path.join(root, "bad.jsonl"))
+    return man, list(man["classes"]), splits

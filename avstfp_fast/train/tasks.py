@@ -106,6 +106,7 @@ class Task:
         self.cfg = cfg
         self.classes: list = []
         self.splits: dict = {}
+        self.prepared: Optional[dict] = None     # manifest, when reading prepared shards
 
     @property
     def num_classes(self) -> int:
@@ -207,9 +208,15 @@ class ClassificationTask(Task):
 
     def dataset(self, split, train, image_size):
         from .augment import build_visual_augment
-        from .data import ClipDataset
+        from .data import ClipDataset, PreparedClipDataset
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
+        if self.prepared is not None:
+            check_prepared_image_size(self.prepared, image_size)
+            refs, sizes = self.splits[split]
+            return PreparedClipDataset(refs, sizes, image_size=image_size,
+                                       segments=cfg.segments, clip_seconds=cfg.clip_seconds,
+                                       sample_rate=cfg.sample_rate, augment=aug)
         return ClipDataset(self.splits[split], image_size=image_size, segments=cfg.segments,
                            clip_seconds=cfg.clip_seconds, sample_rate=cfg.sample_rate,
                            augment=aug, cache=cfg.cache)
@@ -256,12 +263,45 @@ class ClassificationTask(Task):
         return rows
 
 
+def prepared_root(cfg) -> Optional[str]:
+    """The prepared folder of a run: ``--prepared``, or a ``--data-root`` holding a
+    prepared manifest (avstfp-prepare); None for the official layout (decoded)."""
+    from ..data.shards import is_prepared
+    if cfg.prepared:
+        return cfg.prepared
+    return cfg.data_root if is_prepared(cfg.data_root) else None
+
+
+def load_prepared(task, layout: str, **settings):
+    """Read a prepared folder for ``task`` (its manifest checked against the run's
+    settings); sets ``task.prepared`` and returns ``(classes, splits)``."""
+    from .data import prepared_splits
+    cfg = task.cfg
+    root = prepared_root(cfg)
+    settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
+    man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
+                                           sample_rate=cfg.sample_rate, **settings)
+    man["root"] = root
+    task.prepared = man
+    return classes, splits
+
+
+def check_prepared_image_size(man: dict, image_size: int) -> None:
+    """The model's input size must be the one the frames were prepared for."""
+    import math
+    from ..data.shards import check_settings
+    check_settings(man, man["root"], image_size=int(image_size),
+                   short_side=math.ceil(1.25 * image_size))
+
+
 class AVETask(ClassificationTask):
     """AVE: 28 events + background, one label per 1-s segment; segment accuracy."""
     name, head, item_name = "ave", "ave", "segments"
 
     def prepare_data(self, run_dir, rank):
         from .data import ave_splits
+        if prepared_root(self.cfg):
+            return load_prepared(self, "ave")
         if self.cfg.data_root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ave_splits(self.cfg.data_root, segments=self.cfg.segments,
@@ -277,6 +317,8 @@ class SyntheticAVETask(AVETask):
     def prepare_data(self, run_dir, rank):
         from .synthetic import make_synthetic_ave
         cfg = self.cfg
+        if prepared_root(cfg):
+            return load_prepared(self, "ave")
         if cfg.data_root is None:
             cfg.data_root = os.path.join(run_dir, "synthetic_data")
         if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "Annotations.txt")):
@@ -295,6 +337,8 @@ class AVARTask(ClassificationTask):
 
     def prepare_data(self, run_dir, rank):
         from .data import ks_splits
+        if prepared_root(self.cfg):
+            return load_prepared(self, "ks")
         if self.cfg.data_root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ks_splits(self.cfg.data_root)
