@@ -79,7 +79,10 @@ def skip_unless_supported(backend: str, q, k, v, prompt_k=None, prompt_v=None, *
 
 def check_vs_reference(fn, inputs, dtype, backend, what=""):
     """``fn(*inputs, backend)`` against ``fn(*inputs_in_float64, "reference")``: the output
-    and the gradient of every input, each within ``TOL[dtype]``."""
+    and the gradient of every input, each within ``TOL[dtype]`` -- or, where the problem
+    itself cancels (e.g. dq of one query over two keys: its terms nearly cancel, so every
+    float32 computation loses digits), within twice the error of the float32 reference
+    (the fixed rule of :func:`tolerance_failures` with that floor)."""
     inputs = [leaf(t) for t in inputs]
     out = fn(*inputs, backend)
     assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
@@ -88,13 +91,17 @@ def check_vs_reference(fn, inputs, dtype, backend, what=""):
     ref_in = [leaf(t.detach().double()) for t in inputs]
     ref = fn(*ref_in, "reference")
     ref.backward(g.double())
-    errs = {"out": rel_err(out, ref)}
-    for i, (a, b) in enumerate(zip(inputs, ref_in)):
+    flo_in = [leaf(t.detach().float()) for t in inputs]
+    flo = fn(*flo_in, "reference")
+    flo.backward(g.float())
+    results = {"out": (out, ref, flo)}
+    for i, (a, b, c) in enumerate(zip(inputs, ref_in, flo_in)):
         assert a.grad is not None, f"{what}: no gradient for input {i}"
         assert a.grad.shape == b.shape, f"{what}: grad {i} shape {tuple(a.grad.shape)} != {tuple(b.shape)}"
-        errs[f"grad{i}"] = rel_err(a.grad, b.grad)
-    bad = {k: f"{e:.3g}" for k, e in errs.items() if not e <= TOL[dtype]}
-    assert not bad, f"{what} ({dtype}): relative errors above {TOL[dtype]}: {bad}"
+        results[f"grad{i}"] = (a.grad, b.grad, c.grad)
+    bad = {k: why for k, (a, b, c) in results.items()
+           if (why := tolerance_failures(a, b, dtype, floor=c))}
+    assert not bad, f"{what} ({dtype}): {bad}"
 
 
 # ----------------------------------------------------------------------------- tolerance rule
@@ -137,7 +144,7 @@ def tolerance_failures(out, ref, dtype, baseline=None, floor=None, fixed=True):
     """Why ``out`` fails the accuracy contract against the float64 ``ref`` ('' if it passes).
 
     Two rules, both must hold (NaN/inf never pass):
-    - fixed: ``rel_err(out, ref) <= max(TOL[dtype], 2 * rel_err(floor, ref))``;
+    - fixed: ``rel_err(out, ref) <= TOL[dtype] + 2 * rel_err(floor, ref)``;
     - same precision (fp16/bf16, when ``baseline`` is given; FlashAttention's rule):
       ``rel_err(out, ref) <= 2 * rel_err(baseline, ref) + max(ROUNDOFF[dtype],
       2 * rel_err(floor, ref))``, where ``baseline`` is the same quantity from a plain
@@ -150,15 +157,18 @@ def tolerance_failures(out, ref, dtype, baseline=None, floor=None, fixed=True):
     ``round_views``).  It is about ``TOL`` or far below on ordinary inputs and widens the
     rules only where no implementation can do better: the fp16 sum of per-head gradients
     of an expanded k that cancel, or scores of magnitude 10^3 and more, whose fp32 rounding
-    moves the softmax by more than ``TOL``.  ``fixed=False`` checks the same-precision
+    moves the softmax by more than ``TOL``, or a softmax so sharp that its gradient is the
+    difference of nearly equal terms (one query over two keys).  The floor is added, not
+    maxed, as FlashAttention adds its eps: two float32 computations of such a problem
+    round differently, and either may be the luckier one.  ``fixed=False`` checks the same-precision
     rule only (and finiteness): for a known, reported limitation of a backend.
     """
     e = rel_err(out, ref)
     f = 0.0 if floor is None else 2 * rel_err(floor, ref)
     if e == float("inf"):
         return "not finite"
-    if fixed and not e <= max(TOL[dtype], f):
-        return f"relative error {e:.3g} > max({TOL[dtype]:g} ({dtype}), {f:.3g} (2 x floor))"
+    if fixed and not e <= TOL[dtype] + f:
+        return f"relative error {e:.3g} > {TOL[dtype]:g} ({dtype}) + {f:.3g} (2 x floor)"
     if baseline is not None and dtype in HALF:
         b = rel_err(baseline, ref)
         if not e <= 2 * b + max(ROUNDOFF[dtype], f):

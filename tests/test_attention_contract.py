@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from avstfp_fast import explain, prompted_attention, prompted_attention_qkv
-from avstfp_fast.testing import assert_close, leaf, strided
+from avstfp_fast.testing import assert_close, leaf, strided, tolerance_failures
 
 LAYOUTS = ("contiguous", "permuted", "sliced")
 
@@ -88,9 +88,17 @@ def test_torch_backend_matches_reference(prob, dtype):
     q2, k2, v2, pk2, pv2 = (cast(t) for t in (q, k, v, pk, pv))
     out, g = _run("torch", q2, k2, v2, pk2, pv2, segs, go.to(dtype))
     assert out.shape == ref.shape and out.dtype == dtype
-    assert_close(out, ref, dtype, "out")
-    for i, (a, b) in enumerate(zip(g, ref_g)):
-        assert_close(a, b, dtype, f"grad {i}")
+    # the floor: the reference in float32 on the same values (problems that cancel, e.g.
+    # dq of one query over two keys, lose digits in any float32 computation)
+    q3, k3, v3, pk3, pv3 = ([leaf(x.float()) for x in t] if isinstance(t, list)
+                            else leaf(t.float()) for t in (q, k, v, pk, pv))
+    flo, flo_g = _run("reference", q3, k3, v3, pk3, pv3, segs, go.float())
+    for what, a, b, c in [("out", out, ref, flo)] + [
+            (f"grad {i}", a, b, c) for i, (a, b, c) in enumerate(zip(g, ref_g, flo_g))]:
+        if a is None and b is None:
+            continue
+        why = tolerance_failures(a, b, dtype, floor=c)
+        assert not why, f"{what}: {why}"
 
 
 def test_reference_equals_sdpa_over_cat():
