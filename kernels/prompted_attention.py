@@ -565,12 +565,14 @@ def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs,
 
 @triton.jit
 def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, PKs,
-                 PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
-                 qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+                 PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0, k0, nq, nk, nkp,
+                 LQ, qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
                  SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
                  WHILE: tl.constexpr, HAS_P: tl.constexpr):
     # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
-    # token rows go to DK/DV, prompt rows to this sequence's fp32 partial in GR
+    # token rows go to DK/DV, prompt rows to the program's fp32 partial in GR (row set
+    # offsets gro): stored (acc false) or added to what this program stored there for
+    # its earlier sequences (acc true; same rows, same threads, after a barrier)
     BT = BS[3]
     kb, kj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
     j = n0 + kj
@@ -584,10 +586,67 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
     _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
     _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
     if HAS_P:
-        prm = k_ok & (j >= nk)
-        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
-        tl.store(gptr, dk * scale, mask=prm[:, None])
-        tl.store(gptr + gkv, dv, mask=prm[:, None])
+        prm = (k_ok & (j >= nk))[:, None]
+        gptr = GRs + gro[:, None] + (j - nk).to(tl.int64)[:, None] * D \
+            + tl.arange(0, D)[None, :]
+        gk = dk * scale + tl.load(gptr, mask=prm & acc, other=0.0)
+        tl.store(gptr, gk, mask=prm)
+        gv = dv + tl.load(gptr + gkv, mask=prm & acc, other=0.0)
+        tl.store(gptr + gkv, gv, mask=prm)
+
+
+@triton.jit
+def _seq_group(sg, grp, acc, Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo,
+               sdq, sdk, sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+               qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+               SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
+               PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr,
+               HAS_P: tl.constexpr):
+    # the whole backward of sequence group sg (sequences sg G + g) in one segment; its
+    # prompt rows' dk, dv go to (acc: are added to) partial row set grp G + g
+    BT = BS[3]
+    # pass 1: dq, query tile by query tile
+    qb, qi, _ = _rows(sg, 0, BT, 0, G, SLOT_M)
+    qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
+        _boff(qb, BS, sdq)
+    cb, cj, _ = _rows(sg, 0, BT, 0, G, SLOT_N)
+    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    if WHILE:
+        m0 = 0
+        while m0 < nq:
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+            m0 += SLOT_M
+    else:
+        for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
+            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
+                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
+                        SLOT_N, D, PREC, WHILE, ST1)
+    # the deltas stored above are read back below by other threads of this program (and
+    # the previous group's partial stores are ordered before the loads that add to them)
+    tl.debug_barrier()
+    # pass 2: dk, dv (and the prompts' partials), key tile by key tile; partial row set
+    # of key row r: grp G + r // SLOT_N (dense (P, D) row sets)
+    r = tl.arange(0, G * SLOT_N)
+    gro = (grp * G + r // SLOT_N).to(tl.int64) * ((nkp - nk) * D)
+    if WHILE:
+        n0 = 0
+        while n0 < nkp:
+            _seq_kv_tile(n0, sg, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P)
+            n0 += SLOT_N
+    else:
+        for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
+            _seq_kv_tile(n0, sg, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0,
+                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
+                         WHILE, HAS_P)
 
 
 @triton.jit
@@ -663,44 +722,27 @@ def prompted_attn_bwd_seq(
                      sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,
                      LQ, qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, False)
         return
-    # pass 1: dq, query tile by query tile
-    qb, qi, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
-    qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
-        _boff(qb, BS, sdq)
-    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
-    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
-    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    # Spatial / fusion: the program walks NIT sequence groups that share their prompts,
+    # one after the other: sg = (c NIT + i) GS + g for program grp = c GS + g (GS: the
+    # product of the batch dims the prompts are not broadcast over, which trail; NIT = 1,
+    # GS = 1: sg = grp), and sums their prompt rows' dk, dv in fixed order into ONE fp32
+    # partial row set (grp): the partials, written by this launch and read by the
+    # reduction, shrink NIT-fold.
+    c, g = grp // GS, grp % GS
     if WHILE:
-        m0 = 0
-        while m0 < nq:
-            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
-                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
-                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
-                        SLOT_N, D, PREC, WHILE, ST1)
-            m0 += SLOT_M
+        i = 0
+        while i < NIT:
+            _seq_group((c * NIT + i) * GS + g, grp, i > 0, Q, K, V, O, DO, DQ, DK, DV, LSE,
+                       DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv, PKs, PVs, spk_s, spv_s,
+                       GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_M,
+                       SLOT_MB, SLOT_N, D, PREC, WHILE, ST1, HAS_P)
+            i += 1
     else:
-        for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
-            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
-                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
-                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
-                        SLOT_N, D, PREC, WHILE, ST1)
-    # the deltas stored above are read back below by other threads of this program
-    tl.debug_barrier()
-    # pass 2: dk, dv (and the prompts' partials), key tile by key tile
-    if WHILE:
-        n0 = 0
-        while n0 < nkp:
-            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
-                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
-            n0 += SLOT_N
-    else:
-        for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
-            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
-                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
+        for i in range(0, NIT):
+            _seq_group((c * NIT + i) * GS + g, grp, i > 0, Q, K, V, O, DO, DQ, DK, DV, LSE,
+                       DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv, PKs, PVs, spk_s, spv_s,
+                       GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_M,
+                       SLOT_MB, SLOT_N, D, PREC, WHILE, ST1, HAS_P)
 
 
 @triton.jit

@@ -101,6 +101,11 @@ DIRECT_MIN_PROGRAMS = 512
 #: minimum bytes (ViT-B/16 spatial 8%, fusion 0.8%); above (e.g. 2 prompts on 10 + 10
 #: rows and no direct mode: 20%), the fa2 path's atomics into the prompt's own shape.
 SEQ_MAX_PARTIAL = 0.10
+#: Multi-tile sequences (spatial, fusion) whose per-sequence partials would add more than
+#: this share: a program walks up to SEQ_MAX_PER_PROGRAM sequences sharing one prompt row
+#: set and keeps one partial for them (:func:`_seq_per_program`).
+SEQ_PARTIAL_TARGET = 0.05
+SEQ_MAX_PER_PROGRAM = 4
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -260,6 +265,30 @@ def _partial_share(q, pks, q_segments, k_segments) -> float:
     return 4.0 * P / (q.element_size() * max(1, sum(q_segments) + sum(k_segments)))
 
 
+def _seq_per_program(share: float, r: int) -> int:
+    """Sequences per program of the multi-tile sequence-owning backward (spatial, fusion):
+    1 while the per-sequence prompt partials add at most SEQ_PARTIAL_TARGET (``share``,
+    see :func:`_partial_share`), else the fewest (<= SEQ_MAX_PER_PROGRAM, <= r, the
+    sequences sharing one prompt row set) that bring them under it.
+
+    Waves (132 SMs x 2 CTAs/SM at head dim 64, bench/results/static-sm90.md), batch 8,
+    both segments:
+      ViT-B/16 spatial, Bt 960 = 80 x 12 heads, share 8.1%: 1 -> 1920 programs, 7.3
+        waves; 2 -> 960, 3.64 waves (91% of the last one busy); 4 -> 480, 1.82 (91%);
+      ViT-L/14 spatial, Bt 1280 = 80 x 16 heads, share 6.2%: 2 -> 1280, 4.85 waves
+        (97%); 4 -> 640, 2.42 (81%);
+      fusion, share < 1%: 1 (960 / 1280 programs).
+    Bytes: the ledger charges the partials (fp32, (2, rows, P, d) per segment) one write
+    + one read in each of the 2 kernels: ViT-B/16 spatial 39.3 MB at 1 (16% of the
+    242.9 MB minimum), 19.7 MB at 2 (8.1%; + 1.9 MB deltas = 8.9%), 9.8 MB at 4.  2
+    meets the 10% bound with the better waves; more would shorten the grid below ~2
+    waves for little."""
+    n = 1
+    while share / n > SEQ_PARTIAL_TARGET and n < min(SEQ_MAX_PER_PROGRAM, r):
+        n += 1
+    return n
+
+
 def tile_for(p: AttnProblem) -> _Tiles:
     """The tile configuration the launchers use for problem ``p``."""
     return _Tiles(max(p.q_segments), max(p.k_segments),
@@ -374,6 +403,31 @@ class _Plan:
                 # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
                 # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
                 self.direct, self.gs, self.nit = True, GS, R
+        # Spatial / fusion (multi-tile sequences, G = 1): a program may walk NIT sequences
+        # that share their prompts and sum their prompt rows' dk, dv into one partial (see
+        # :func:`_seq_per_program`); NIT = GS = 1: one sequence per program.
+        self.pg_bs, self.seq_groups = None, cdiv(self.Bt, t.g)
+        if seq and not t.bwd_one:
+            self.gs, self.nit = 1, 1
+            sets = {(self.pg_ks[s][:4], self.pg_rs[s][:4]) for s in range(len(pks))
+                    if self.pg_lead[s] is not None}
+            if t.g == 1 and len(sets) == 1:
+                (ks, rs), = sets
+                kept, lead_ok = False, True
+                for kd, rd in zip(ks, rs):
+                    kept = kept or kd > 1
+                    lead_ok = lead_ok and not (kept and rd > 1)
+                R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
+                n = _seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
+                if lead_ok and n > 1:
+                    C = cdiv(R, n)
+                    self.gs, self.nit, self.seq_groups = GS, n, C * GS
+                    # partials (2, C, GS, P, E): reduced over C by prompted_attn_pgrad
+                    self.pg_bs = (1, C, GS, C * GS)
+                    for s in range(len(pks)):
+                        if self.pg_lead[s] is not None:
+                            self.pg_ks[s], self.pg_rs[s] = (1, 1, 1, GS, 0), (1, 1, C, 1, 0)
+                    self.pg_rows = GS
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
         self.st = [_st(st[i], x) for i, x in enumerate(tens)]
@@ -401,6 +455,12 @@ class _Plan:
         if self.direct:          # the gradient itself, (2, *lead, P, E) in q's dtype
             self.gshape[0] = (2, *self.pg_lead[0], self.P[0], self.E)
             self.gkv[0] = self.gs * self.P[0] * self.E
+        if self.pg_bs is not None:   # one partial per program: (2, C GS, P, E)
+            for s in range(len(pks)):
+                if self.gshape[s] is not None:
+                    self.gshape[s] = (2, self.seq_groups, self.P[s], self.E)
+                    self.gkv[s] = self.seq_groups * self.P[s] * self.E
+        self.pg_bs = self.pg_bs or self.BS
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
         self.NP = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
@@ -506,7 +566,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if pl.seq and pl.Bt > 0:
         # one launch: dq, dk, dv written once each; per-sequence prompt partials
         # (direct: one program per prompt row set, its gradient written in place)
-        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.groups * pl.nseg,), (
+        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.seq_groups * pl.nseg,), (
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
@@ -564,7 +624,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         outs = [some if o is None else o for o in outs]
         launch(K.prompted_attn_pgrad, (pl.pg_rows * max(pl.P), pl.nseg), (
             grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
-            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.BS,
+            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.pg_bs,
             tuple(n * pl.E for n in pl.P)), lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg,
                                                           WHILE=interpreting(), num_warps=4),
             pl.launchers)
