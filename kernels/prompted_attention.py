@@ -565,14 +565,14 @@ def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs,
 
 @triton.jit
 def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, PKs,
-                 PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0, k0, nq, nk, nkp,
+                 PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, BS, q0, k0, nq, nk, nkp,
                  LQ, qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
                  SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                 WHILE: tl.constexpr, HAS_P: tl.constexpr):
+                 WHILE: tl.constexpr, HAS_P: tl.constexpr, ACC: tl.constexpr):
     # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
     # token rows go to DK/DV, prompt rows to the program's fp32 partial in GR (row set
-    # offsets gro): stored (acc false) or added to what this program stored there for
-    # its earlier sequences (acc true; same rows, same threads, after a barrier)
+    # offsets gro): stored, or (ACC) added to what this program stored there for its
+    # earlier sequences (the same rows, after a barrier)
     BT = BS[3]
     kb, kj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
     j = n0 + kj
@@ -587,23 +587,29 @@ def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
     _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
     if HAS_P:
         prm = (k_ok & (j >= nk))[:, None]
-        gptr = GRs + gro[:, None] + (j - nk).to(tl.int64)[:, None] * D \
+        gptr = GRs + gro + (j - nk).to(tl.int64)[:, None] * D \
             + tl.arange(0, D)[None, :]
-        gk = dk * scale + tl.load(gptr, mask=prm & acc, other=0.0)
+        # (dk's partial is stored before dv's is loaded: one [rows, D] fp32 tile in
+        # flight at a time -- Triton 3.6 spills 44 B when both loads are hoisted)
+        gk = dk * scale
+        if ACC:
+            gk += tl.load(gptr, mask=prm, other=0.0)
         tl.store(gptr, gk, mask=prm)
-        gv = dv + tl.load(gptr + gkv, mask=prm & acc, other=0.0)
+        gv = dv
+        if ACC:
+            gv += tl.load(gptr + gkv, mask=prm, other=0.0)
         tl.store(gptr + gkv, gv, mask=prm)
 
 
 @triton.jit
-def _seq_group(sg, grp, acc, Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo,
-               sdq, sdk, sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+def _seq_group(sg, grp, Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq,
+               sdk, sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ,
                qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
                SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
                PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr,
-               HAS_P: tl.constexpr):
+               HAS_P: tl.constexpr, ACC: tl.constexpr):
     # the whole backward of sequence group sg (sequences sg G + g) in one segment; its
-    # prompt rows' dk, dv go to (acc: are added to) partial row set grp G + g
+    # prompt rows' dk, dv go to (ACC: are added to) partial row set grp G + g
     BT = BS[3]
     # pass 1: dq, query tile by query tile
     qb, qi, _ = _rows(sg, 0, BT, 0, G, SLOT_M)
@@ -631,29 +637,32 @@ def _seq_group(sg, grp, acc, Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv,
     tl.debug_barrier()
     # pass 2: dk, dv (and the prompts' partials), key tile by key tile; partial row set
     # of key row r: grp G + r // SLOT_N (dense (P, D) row sets)
-    r = tl.arange(0, G * SLOT_N)
-    gro = (grp * G + r // SLOT_N).to(tl.int64) * ((nkp - nk) * D)
+    if G == 1:      # a scalar: nothing per row held across the key loop
+        gro = grp.to(tl.int64) * ((nkp - nk) * D)
+    else:
+        r = tl.arange(0, G * SLOT_N)
+        gro = ((grp * G + r // SLOT_N).to(tl.int64) * ((nkp - nk) * D))[:, None]
     if WHILE:
         n0 = 0
         while n0 < nkp:
             _seq_kv_tile(n0, sg, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, BS, q0,
                          k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
+                         WHILE, HAS_P, ACC)
             n0 += SLOT_N
     else:
         for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
             _seq_kv_tile(n0, sg, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, acc, BS, q0,
+                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, gro, gkv, BS, q0,
                          k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
+                         WHILE, HAS_P, ACC)
 
 
 @triton.jit
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
     PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
-    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
+    NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
     WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
 ):
@@ -722,27 +731,22 @@ def prompted_attn_bwd_seq(
                      sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,
                      LQ, qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, False)
         return
-    # Spatial / fusion: the program walks NIT sequence groups that share their prompts,
-    # one after the other: sg = (c NIT + i) GS + g for program grp = c GS + g (GS: the
-    # product of the batch dims the prompts are not broadcast over, which trail; NIT = 1,
+    # Spatial / fusion: the program walks NS sequence groups that share their prompts,
+    # one after the other: sg = (c NS + i) GS + g for program grp = c GS + g (GS: the
+    # product of the batch dims the prompts are not broadcast over, which trail; NS = 1,
     # GS = 1: sg = grp), and sums their prompt rows' dk, dv in fixed order into ONE fp32
     # partial row set (grp): the partials, written by this launch and read by the
-    # reduction, shrink NIT-fold.
+    # reduction, shrink NS-fold.  The walk is unrolled (NS is a constant): a run-time
+    # loop around the two passes keeps their loop-invariant values live across it and
+    # spills (offline sm_90 compile, Triton 3.8: 280 B at NS = 2; unrolled: 251
+    # registers, none).  A group past the batch (the last program, when NS does not
+    # divide the sequences sharing a prompt row set) is masked out.
     c, g = grp // GS, grp % GS
-    if WHILE:
-        i = 0
-        while i < NIT:
-            _seq_group((c * NIT + i) * GS + g, grp, i > 0, Q, K, V, O, DO, DQ, DK, DV, LSE,
-                       DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv, PKs, PVs, spk_s, spv_s,
-                       GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_M,
-                       SLOT_MB, SLOT_N, D, PREC, WHILE, ST1, HAS_P)
-            i += 1
-    else:
-        for i in range(0, NIT):
-            _seq_group((c * NIT + i) * GS + g, grp, i > 0, Q, K, V, O, DO, DQ, DK, DV, LSE,
-                       DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv, PKs, PVs, spk_s, spv_s,
-                       GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_M,
-                       SLOT_MB, SLOT_N, D, PREC, WHILE, ST1, HAS_P)
+    for i in tl.static_range(NS):
+        _seq_group((c * NS + i) * GS + g, grp, Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq,
+                   sk, sv, so, sdo, sdq, sdk, sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0,
+                   k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_M, SLOT_MB, SLOT_N, D,
+                   PREC, WHILE, ST1, HAS_P, i > 0)
 
 
 @triton.jit

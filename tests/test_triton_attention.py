@@ -171,7 +171,7 @@ def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     assert t.bwd_one == (case in ("packed-one", "packed-direct")), t.describe()
     assert any(pl.direct for pl in TB._PLANS.values()) == (case == "packed-direct")
     if case == "shared":
-        assert max(pl.nit for pl in TB._PLANS.values()) == 4
+        assert max(pl.ns for pl in TB._PLANS.values()) == 4
     TB._PLANS.clear()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for i, (a, b) in enumerate(zip(res["seq"], res["fa2"])):
@@ -222,7 +222,7 @@ def test_sequence_backward_is_bit_exact_and_launches_twice():
         runs = [_grads(q, k, v, pks, pvs, segs, det) for det in (False, False, True)]
         for a, b, c in zip(*runs):
             assert torch.equal(a, b) and torch.equal(a, c)
-    assert sorted(pl.nit for pl in TB._PLANS.values() if pl.seq) == [0, 0, 2, 2]
+    assert sorted(pl.ns for pl in TB._PLANS.values() if pl.seq) == [1, 1, 2, 2]
     launches = []
     K = TB._kernels()
 

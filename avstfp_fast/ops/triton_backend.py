@@ -389,7 +389,7 @@ class _Plan:
         # program owns the R = B sequences of one prompt row set, one per step, and writes
         # their summed prompt gradient directly (one launch, no partials).  Needs enough
         # programs (GS >= DIRECT_MIN_PROGRAMS).
-        self.direct, self.gs, self.nit = False, 0, 0
+        self.direct, self.gs, self.nit, self.ns = False, 0, 0, 1
         if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
                 and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
             ks, rs = self.pg_ks[0][:4], self.pg_rs[0][:4]
@@ -408,7 +408,7 @@ class _Plan:
         # :func:`_seq_per_program`); NIT = GS = 1: one sequence per program.
         self.pg_bs, self.seq_groups = None, cdiv(self.Bt, t.g)
         if seq and not t.bwd_one:
-            self.gs, self.nit = 1, 1
+            self.gs = 1
             sets = {(self.pg_ks[s][:4], self.pg_rs[s][:4]) for s in range(len(pks))
                     if self.pg_lead[s] is not None}
             if t.g == 1 and len(sets) == 1:
@@ -421,7 +421,7 @@ class _Plan:
                 n = _seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
                 if lead_ok and n > 1:
                     C = cdiv(R, n)
-                    self.gs, self.nit, self.seq_groups = GS, n, C * GS
+                    self.gs, self.ns, self.seq_groups = GS, n, C * GS
                     # partials (2, C, GS, P, E): reduced over C by prompted_attn_pgrad
                     self.pg_bs = (1, C, GS, C * GS)
                     for s in range(len(pks)):
@@ -570,7 +570,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
-            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
+            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, NS=pl.ns,
                                   ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
                                   **(dict(pl.bwd_const, G=1) if pl.direct
                                      else pl.bwd_const)), pl.launchers)
