@@ -474,6 +474,12 @@ class _Plan:
                           WHILE=interpreting(), num_warps=t.num_warps,
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        # a sequence-owning program that walks several sequence groups (ns > 1) does not
+        # software-pipeline its key pass's query loop (nested in the walk over the groups):
+        # pipelined, Triton 3.6 spills 128 B (255 registers); not, 255 registers and no
+        # spills under 3.6 and 3.8 (offline sm_90 compile, spatial bf16 d 64)
+        self.seq_const = (dict(self.bwd_const, num_stages=1) if self.ns > 1
+                          else self.bwd_const)
         self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
@@ -573,7 +579,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, NS=pl.ns,
                                   ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
                                   **(dict(pl.bwd_const, G=1) if pl.direct
-                                     else pl.bwd_const)), pl.launchers)
+                                     else pl.seq_const)), pl.launchers)
     elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
