@@ -12,9 +12,10 @@ Backward, short sequences (the tile table's ``bwd == "seq"``: every AV-STFP stag
 touches its sequences' gradients: it computes ``delta`` itself, writes dq once in the
 input dtype and the caller's layout (no fp32 accumulator, no zero fill, no copy) and dk,
 dv once each.  Spatial/fusion: a query-outer pass (S, dP, dQ) and a key-outer pass (S,
-dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are one fp32 partial per
-sequence, summed over the batch in a fixed order and cast by ``prompted_attn_pgrad``
-(2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
+dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are summed on chip over
+the NS sequences a program owns (sequences sharing their prompts; spatial: NS = 2) into
+one fp32 partial per program, then summed over the batch in a fixed order and cast by
+``prompted_attn_pgrad`` (2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
 16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
 program walks all sequences of one prompt row set and writes their prompt gradient
 directly (1 launch).  No atomics: bit-exact, so ``deterministic=True`` takes the same
@@ -58,8 +59,9 @@ sm_90 by ``bench/static_sm90.py`` (run in CI).
 
 *Prompts.*  ``prompt_k``/``prompt_v`` are a second key/value source addressed through
 their broadcast strides (stride 0 over batch dims they are shared in).  Their gradients
-are reduced without atomics on the sequence-owning path (per-sequence fp32 partials
-``(2, *batch, P, E)`` summed by ``prompted_attn_pgrad`` over the dims the prompt is
+are reduced without atomics on the sequence-owning path (fp32 partials, one per program
+-- ``(2, *batch, P, E)``, or ``(2, C, GS, P, E)`` when a program owns NS > 1 sequences
+sharing a prompt row set -- summed by ``prompted_attn_pgrad`` over the dims the prompt is
 broadcast over, in a fixed order, or summed on chip and written directly, see above).
 fa2 path: default, relaxed fp32 atomics into a buffer of the prompt's own (un-broadcast)
 shape addressed through the broadcast strides; deterministic, each dq-pass program stores
@@ -161,7 +163,9 @@ class _Tiles:
     Backward path ``bwd``: ``"seq"`` (sequence-owning) while a sequence has at most
     SEQ_MAX_ROWS queries and keys + prompts and 2 x rows x d x element size <=
     SEQ_MAX_BYTES, else ``"fa2"``; ``bwd_one``: packed sequences that are one tile
-    (one backward step)."""
+    (one backward step).  Multi-tile ``"seq"`` programs own NS sequences that share their
+    prompts (one fp32 prompt partial for all of them): NS from :func:`_seq_per_program`
+    (the wave and byte arithmetic is there; spatial stage: 2)."""
 
     def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
@@ -278,11 +282,13 @@ def _seq_per_program(share: float, r: int) -> int:
       ViT-L/14 spatial, Bt 1280 = 80 x 16 heads, share 6.2%: 2 -> 1280, 4.85 waves
         (97%); 4 -> 640, 2.42 (81%);
       fusion, share < 1%: 1 (960 / 1280 programs).
-    Bytes: the ledger charges the partials (fp32, (2, rows, P, d) per segment) one write
-    + one read in each of the 2 kernels: ViT-B/16 spatial 39.3 MB at 1 (16% of the
-    242.9 MB minimum), 19.7 MB at 2 (8.1%; + 1.9 MB deltas = 8.9%), 9.8 MB at 4.  2
-    meets the 10% bound with the better waves; more would shorten the grid below ~2
-    waves for little."""
+    Bytes: the ledger charges the partials (fp32, (2, programs, P, d) per segment) one
+    write + one read in each of the 2 kernels: ViT-B/16 spatial 39.3 MB at 1 (16% of the
+    242.9 MB minimum), 19.7 MB at 2 (8.1%; + 1.9 MB deltas = 8.9%), 9.8 MB at 4; ViT-L/14
+    52.4 MB at 1, 26.2 at 2 (+ 3.3 MB deltas = 7.0% of 422.5 MB).  2 meets the 10% bound
+    with the better waves; more would shorten the grid below ~2 waves for little.
+    Registers: NS > 1 compiles to 255 registers, no spills, 2 CTAs/SM under Triton 3.8
+    and 3.6 (its key pass's query loop unpipelined, see ``_Plan.seq_const``)."""
     n = 1
     while share / n > SEQ_PARTIAL_TARGET and n < min(SEQ_MAX_PER_PROGRAM, r):
         n += 1
