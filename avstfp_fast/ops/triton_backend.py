@@ -287,8 +287,8 @@ def _seq_per_program(share: float, r: int) -> int:
     242.9 MB minimum), 19.7 MB at 2 (8.1%; + 1.9 MB deltas = 8.9%), 9.8 MB at 4; ViT-L/14
     52.4 MB at 1, 26.2 at 2 (+ 3.3 MB deltas = 7.0% of 422.5 MB).  2 meets the 10% bound
     with the better waves; more would shorten the grid below ~2 waves for little.
-    Registers: NS > 1 compiles to 255 registers, no spills, 2 CTAs/SM under Triton 3.8
-    and 3.6 (its key pass's query loop unpipelined, see ``_Plan.seq_const``)."""
+    Registers: NS > 1 compiles to 254-255 registers, no spills, 2 CTAs/SM under Triton
+    3.8 and 3.6 (its query pass unpipelined, see ``_Plan.seq_st1``)."""
     n = 1
     while share / n > SEQ_PARTIAL_TARGET and n < min(SEQ_MAX_PER_PROGRAM, r):
         n += 1
@@ -481,11 +481,11 @@ class _Plan:
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
         # a sequence-owning program that walks several sequence groups (ns > 1) does not
-        # software-pipeline its key pass's query loop (nested in the walk over the groups):
-        # pipelined, Triton 3.6 spills 128 B (255 registers); not, 255 registers and no
-        # spills under 3.6 and 3.8 (offline sm_90 compile, spatial bf16 d 64)
-        self.seq_const = (dict(self.bwd_const, num_stages=1) if self.ns > 1
-                          else self.bwd_const)
+        # software-pipeline its query pass (ST1 = 1; the key pass, 4 of the 7 products
+        # over 7 query tiles per key tile at ViT-B/16, keeps 2 stages): both pipelined,
+        # the walk spills (offline sm_90 compile, spatial d 64: Triton 3.6 bf16 128 B,
+        # 3.8 fp16 8 B); so, 254-255 registers, no spills, 2 CTAs/SM under 3.8 and 3.6
+        self.seq_st1 = t.bwd_stages if self.ns == 1 else 1
         self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
@@ -583,9 +583,9 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
             pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, NS=pl.ns,
-                                  ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
+                                  ST1=pl.seq_st1, ONE=t.bwd_one, DIRECT=pl.direct,
                                   **(dict(pl.bwd_const, G=1) if pl.direct
-                                     else pl.seq_const)), pl.launchers)
+                                     else pl.bwd_const)), pl.launchers)
     elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
