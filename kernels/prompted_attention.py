@@ -615,9 +615,9 @@ def _seq_kv_tile(n0, c, g, GS, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo,
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
     PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
-    NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
-    D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
-    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
+    NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr,
+    SLOT_N: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr,
+    PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
 ):
     # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
     # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
@@ -630,8 +630,10 @@ def prompted_attn_bwd_seq(
     #   pass 2, key-outer: per key tile, dk, dv over all query tiles (S, dP, dV, dK),
     #     reading the deltas pass 1 left in DELTA (same program, after a barrier); token
     #     rows are written to dk, dv, prompt rows (their dk, dv: the prompt gradients of
-    #     this sequence) once to the sequence's fp32 partial GR[b] (no atomics; the batch
-    #     reduction is a second, deterministic step).
+    #     the program's sequences, summed on chip over the NS groups it owns) once to the
+    #     program's fp32 partial in GR (no atomics; the batch reduction is a second,
+    #     deterministic step).
+    # Program grp owns the NS groups sg = (c NS + i) GS + g, grp = c GS + g (see below).
     # 7 products per tile pair (S and dP twice) and no atomics: bit-exact, so the
     # deterministic mode uses it as well.
     pid = tl.program_id(0)

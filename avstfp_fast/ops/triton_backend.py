@@ -582,8 +582,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
-            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0, NS=pl.ns,
-                                  ST1=pl.seq_st1, ONE=t.bwd_one, DIRECT=pl.direct,
+            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
+                                  NS=pl.ns, ST1=pl.seq_st1, ONE=t.bwd_one, DIRECT=pl.direct,
                                   **(dict(pl.bwd_const, G=1) if pl.direct
                                      else pl.bwd_const)), pl.launchers)
     elif pl.Bt > 0 and pl.nqb > 0:
