@@ -15,8 +15,8 @@ dv once each.  Spatial/fusion: a query-outer pass (S, dP, dQ) and a key-outer pa
 dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are summed on chip over
 the NS sequences a program owns (sequences sharing their prompts; spatial: NS = 2) into
 one fp32 partial per program, then summed over the batch in a fixed order and cast by
-``prompted_attn_pgrad`` (2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
-16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
+``prompted_attn_pgrad`` (2 launches).  Packed one-tile sequences (temporal: 10 queries,
+10 keys + 2 prompts in 16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
 program walks all sequences of one prompt row set and writes their prompt gradient
 directly (1 launch).  No atomics: bit-exact, so ``deterministic=True`` takes the same
 path.
@@ -409,9 +409,12 @@ class _Plan:
                 # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
                 # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
                 self.direct, self.gs, self.nit = True, GS, R
-        # Spatial / fusion (multi-tile sequences, G = 1): a program may walk NIT sequences
+        # Spatial / fusion (multi-tile sequences, G = 1): a program may own NS sequences
         # that share their prompts and sum their prompt rows' dk, dv into one partial (see
-        # :func:`_seq_per_program`); NIT = GS = 1: one sequence per program.
+        # :func:`_seq_per_program`): program c GS + g owns sequences (c NS + i) GS + g,
+        # which needs the dims the prompts are broadcast over (R sequences) to lead the
+        # kept ones (GS) and every prompted segment broadcast alike.  NS = GS = 1: one
+        # sequence per program.
         self.pg_bs, self.seq_groups = None, cdiv(self.Bt, t.g)
         if seq and not t.bwd_one:
             self.gs = 1
