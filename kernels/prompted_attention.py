@@ -617,7 +617,8 @@ def prompted_attn_bwd_seq(
     PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
     NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr,
     SLOT_N: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr,
-    PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
+    PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
     # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
