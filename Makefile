@@ -27,8 +27,8 @@ demo: $(STAMP)
 	$(VPY) -m avstfp_fast.demo
 
 # CPU suite: the compile-time sm_90 contract of the Triton and CUDA kernels (CI subset),
-# the byte and launch ledger of every stage call (bench/ledger.py; report mode: it prints
-# rows over the bounds without failing -- `--ci` enforces them),
+# the byte and launch ledger of every stage call (bench/ledger.py --ci: fails on a row
+# over its bounds),
 # unit tests (Triton kernels under the interpreter, CUDA kernels under emulation), and
 # every CPU benchmark case run once at tiny size (benchmarks are not timed here).
 # Each test's inputs come from a seed derived from its node id and AVSTFP_TEST_SEED
@@ -42,7 +42,7 @@ export AVSTFP_TEST_SEED
 test: $(STAMP)
 	@echo "AVSTFP_TEST_SEED=$(AVSTFP_TEST_SEED)"
 	$(VPY) bench/static_sm90.py --ci
-	$(VPY) bench/ledger.py
+	$(VPY) bench/ledger.py --ci
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow" tests
 	AVSTFP_BENCH_SIZE=tiny $(VPY) -m pytest -q bench --benchmark-disable
 

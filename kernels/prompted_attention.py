@@ -307,14 +307,12 @@ def _kv_step(dk, dv, k, v, k_ok, Q, DO, DQA, LSE, DELTA, qbo, dbo, abo, sq, sdo,
 
 
 @triton.jit
-def _kv_block(k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0, nq, LQ,
-              qk_scale, scale, ROWS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr,
-              D: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
-              WITH_DQ: tl.constexpr):
-    # dk, dv (unscaled dk) of ROWS key rows over all query blocks of their sequences
+def _kv_block(dk, dv, k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS, q0, nq,
+              LQ, qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr, D: tl.constexpr,
+              PREC: tl.constexpr, WHILE: tl.constexpr, WITH_DQ: tl.constexpr):
+    # dk, dv (unscaled dk) of key rows k, v over all query blocks of their sequences,
+    # added to the given ones (zeros, or partial sums)
     BT = BS[3]
-    dk = tl.zeros([ROWS, D], tl.float32)
-    dv = tl.zeros([ROWS, D], tl.float32)
     rb, ri, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
     qbo, dbo, abo = _boff(rb, BS, sq), _boff(rb, BS, sdo), _boff(rb, BS, sdqa)
     if WHILE:
@@ -355,9 +353,10 @@ def prompted_attn_bwd(
             kb, kj, k_ok = _rows(grp, kblk, BT, nk, G, SLOT_N)
             k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
             v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
-            dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
-                               BS, q0, nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D,
-                               PREC, WHILE, True)
+            z = tl.zeros([G * SLOT_N, D], tl.float32)
+            dk, dv = _kv_block(z, z, k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+                               BS, q0, nq, LQ, qk_scale, scale, G, SLOT_M, D, PREC, WHILE,
+                               True)
             _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
             _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
     else:
@@ -369,9 +368,10 @@ def prompted_attn_bwd(
             pb, pj, p_ok = _rows(grp, pblk, BT, P, G, SLOT_P)
             k = _load(_sel(PK, seg, NSEG), _boff(pb, BS, spk_s), pj, spk_s, p_ok, D)
             v = _load(_sel(PV, seg, NSEG), _boff(pb, BS, spv_s), pj, spv_s, p_ok, D)
-            dk, dv = _kv_block(k, v, p_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
-                               BS, q0, nq, LQ, qk_scale, scale, G * SLOT_P, G, SLOT_M, D,
-                               PREC, WHILE, True)
+            z = tl.zeros([G * SLOT_P, D], tl.float32)
+            dk, dv = _kv_block(z, z, k, v, p_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa,
+                               BS, q0, nq, LQ, qk_scale, scale, G, SLOT_M, D, PREC, WHILE,
+                               True)
             gptr = _ptr(_sel(GR, seg, NSEG), _boff(pb, BS, sgr_s), pj, sgr_s, D)
             tl.atomic_add(gptr, dk * scale, mask=p_ok[:, None], sem="relaxed")
             tl.atomic_add(gptr + _sel(GKV, seg, NSEG), dv, mask=p_ok[:, None], sem="relaxed")
@@ -497,9 +497,9 @@ def prompted_attn_bwd_dkdv(
         kb, kj, k_ok = _rows(grp, blk, BT, nk, G, SLOT_N)
         k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
         v = _load(V, _boff(kb, BS, sv), k0 + kj, sv, k_ok, D)
-        dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0,
-                           nq, LQ, qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE,
-                           False)
+        z = tl.zeros([G * SLOT_N, D], tl.float32)
+        dk, dv = _kv_block(z, z, k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS,
+                           q0, nq, LQ, qk_scale, scale, G, SLOT_M, D, PREC, WHILE, False)
         _store(DK, _boff(kb, BS, sdk), k0 + kj, sdk, k_ok, dk * scale, D)
         _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
 
@@ -564,39 +564,61 @@ def _seq_dq_step(dq, q, do, q_ok, lse2, delta, K, V, kbo, vbo, sk, sv, PKs, PVs,
 
 
 @triton.jit
-def _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, PKs,
-                 PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0, k0, nq, nk, nkp, LQ,
-                 qk_scale, scale, G: tl.constexpr, SLOT_M: tl.constexpr,
+def _seq_kv_tile(n0, c, g, GS, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv,
+                 PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ, qk_scale,
+                 scale, NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr,
                  SLOT_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
                  WHILE: tl.constexpr, HAS_P: tl.constexpr):
-    # dk, dv of one combined key tile over all the sequences' query tiles (S, dP, dV, dK);
-    # token rows go to DK/DV, prompt rows to this sequence's fp32 partial in GR
+    # Combined key tile n0 (S, dP, dV, dK over all query tiles) of the program's NS
+    # sequence groups sg = (c NS + i) GS + g, one after the other.  Token rows are each
+    # group's own: written after its step.  Prompt rows are shared by the groups: their
+    # dk, dv stay in the accumulators from one group to the next (the token rows are
+    # cleared), and after the last group the sum is written once, in fp32, to the
+    # program's partial row set (c GS + g) G + r // SLOT_N of GR.
     BT = BS[3]
-    kb, kj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+    _, kj, _ = _rows(0, 0, BT, 0, G, SLOT_N)
     j = n0 + kj
-    k_ok = (kb < BT) & (j < nkp)
-    kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
-    k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
-    v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
-    dk, dv = _kv_block(k, v, k_ok, grp, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS, q0, nq, LQ,
-                       qk_scale, scale, G * SLOT_N, G, SLOT_M, D, PREC, WHILE, False)
-    tok = k_ok & (j < nk)
-    _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
-    _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+    prm = (j >= nk) & (j < nkp)
+    dk = tl.zeros([G * SLOT_N, D], tl.float32)
+    dv = tl.zeros([G * SLOT_N, D], tl.float32)
+    for i in range(NS):
+        sg = (c * NS + i) * GS + g
+        kb, _, _ = _rows(sg, 0, BT, 0, G, SLOT_N)
+        k_ok = (kb < BT) & (j < nkp)
+        kbo, vbo = _boff(kb, BS, sk), _boff(kb, BS, sv)
+        pko, pvo = _boff(kb, BS, spk_s), _boff(kb, BS, spv_s)
+        k = _load_kp(K, kbo, sk, k0, PKs, pko, spk_s, j, nk, k_ok, D)
+        v = _load_kp(V, vbo, sv, k0, PVs, pvo, spv_s, j, nk, k_ok, D)
+        dk, dv = _kv_block(dk, dv, k, v, k_ok, sg, Q, DO, DO, LSE, DELTA, sq, sdo, sdo, BS,
+                           q0, nq, LQ, qk_scale, scale, G, SLOT_M, D, PREC, WHILE, False)
+        tok = k_ok & (j < nk)
+        _store(DK, _boff(kb, BS, sdk), k0 + j, sdk, tok, dk * scale, D)
+        _store(DV, _boff(kb, BS, sdv), k0 + j, sdv, tok, dv, D)
+        if NS > 1:
+            dk = tl.where(prm[:, None], dk, 0.0)
+            dv = tl.where(prm[:, None], dv, 0.0)
     if HAS_P:
-        prm = k_ok & (j >= nk)
-        gptr = _ptr(GRs, _boff(kb, BS, sgr_s), j - nk, sgr_s, D)
-        tl.store(gptr, dk * scale, mask=prm[:, None])
-        tl.store(gptr + gkv, dv, mask=prm[:, None])
+        grp = c * GS + g
+        if G == 1:      # a scalar offset: nothing per row
+            gro = grp.to(tl.int64) * ((nkp - nk) * D)
+            ok = prm
+        else:
+            kb, _, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
+            gro = (kb.to(tl.int64) * ((nkp - nk) * D))[:, None]
+            ok = prm & (kb < BT)
+        gptr = GRs + gro + (j - nk).to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+        tl.store(gptr, dk * scale, mask=ok[:, None])
+        tl.store(gptr + gkv, dv, mask=ok[:, None])
 
 
 @triton.jit
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
     PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
-    G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr, SLOT_N: tl.constexpr,
-    D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr, PREC: tl.constexpr,
-    WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr, DIRECT: tl.constexpr,
+    NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr,
+    SLOT_N: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr,
+    PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     # The sequence-owning backward of short sequences (the tile table's "seq" rule): one
     # program per (sequence group, segment) -- grid axis 0 = group * NSEG + segment -- so
@@ -609,8 +631,10 @@ def prompted_attn_bwd_seq(
     #   pass 2, key-outer: per key tile, dk, dv over all query tiles (S, dP, dV, dK),
     #     reading the deltas pass 1 left in DELTA (same program, after a barrier); token
     #     rows are written to dk, dv, prompt rows (their dk, dv: the prompt gradients of
-    #     this sequence) once to the sequence's fp32 partial GR[b] (no atomics; the batch
-    #     reduction is a second, deterministic step).
+    #     the program's sequences, summed on chip over the NS groups it owns) once to the
+    #     program's fp32 partial in GR (no atomics; the batch reduction is a second,
+    #     deterministic step).
+    # Program grp owns the NS groups sg = (c NS + i) GS + g, grp = c GS + g (see below).
     # 7 products per tile pair (S and dP twice) and no atomics: bit-exact, so the
     # deterministic mode uses it as well.
     pid = tl.program_id(0)
@@ -663,44 +687,53 @@ def prompted_attn_bwd_seq(
                      sdq, sk, sv, sdk, sdv, spk_s, spv_s, sgr_s, gkv, BS, q0, k0, nq, nk, nkp,
                      LQ, qk_scale, scale, G, SLOT_M, SLOT_N, D, PREC, HAS_P, False)
         return
-    # pass 1: dq, query tile by query tile
-    qb, qi, _ = _rows(grp, 0, BT, 0, G, SLOT_M)
-    qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
-        _boff(qb, BS, sdq)
-    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
-    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
-    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
-    if WHILE:
-        m0 = 0
-        while m0 < nq:
-            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
-                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
-                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
-                        SLOT_N, D, PREC, WHILE, ST1)
-            m0 += SLOT_M
-    else:
-        for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
-            _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
-                        sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s, spv_s,
-                        cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G, SLOT_M,
-                        SLOT_N, D, PREC, WHILE, ST1)
+    # Spatial / fusion: the program owns NS sequence groups that share their prompts,
+    # sg = (c NS + i) GS + g for program grp = c GS + g (GS: the product of the batch dims
+    # the prompts are not broadcast over, which trail; NS = GS = 1: sg = grp), and keeps
+    # ONE fp32 partial of their prompt gradients (summed on chip in a fixed order): the
+    # partials, written here and read by the reduction, shrink NS-fold.  A group past
+    # the batch (the last program's, when NS does not divide the sequences sharing a
+    # prompt row set) is masked out.
+    c, g = grp // GS, grp % GS
+    # pass 1: delta and dq of each group, query tile by query tile
+    for i in range(NS):
+        sg = (c * NS + i) * GS + g
+        qb, qi, _ = _rows(sg, 0, BT, 0, G, SLOT_M)
+        qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
+            _boff(qb, BS, sdq)
+        cb, cj, _ = _rows(sg, 0, BT, 0, G, SLOT_N)
+        kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
+        pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+        if WHILE:
+            m0 = 0
+            while m0 < nq:
+                _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                            sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s,
+                            spv_s, cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G,
+                            SLOT_M, SLOT_N, D, PREC, WHILE, ST1)
+                m0 += SLOT_M
+        else:
+            for m0 in tl.range(0, nq, SLOT_M, num_stages=1):
+                _seq_q_tile(m0, qb, qi, Q, O, DO, DQ, LSE, DELTA, qbo, obo, dbo, dqo, sq, so,
+                            sdo, sdq, K, V, kbo, vbo, sk, sv, PKs, PVs, pko, pvo, spk_s,
+                            spv_s, cb, cj, k0, nk, nkp, q0, nq, BT, LQ, qk_scale, scale, G,
+                            SLOT_M, SLOT_N, D, PREC, WHILE, ST1)
     # the deltas stored above are read back below by other threads of this program
     tl.debug_barrier()
-    # pass 2: dk, dv (and the prompts' partials), key tile by key tile
+    # pass 2: dk, dv (and the prompts' partial), key tile by key tile, each tile over the
+    # NS groups
     if WHILE:
         n0 = 0
         while n0 < nkp:
-            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
-                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
+            _seq_kv_tile(n0, c, g, GS, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+                         qk_scale, scale, NS, G, SLOT_MB, SLOT_N, D, PREC, WHILE, HAS_P)
             n0 += SLOT_N
     else:
         for n0 in tl.range(0, nkp, SLOT_N, num_stages=1):
-            _seq_kv_tile(n0, grp, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
-                         sdv, PKs, PVs, pko, pvo, spk_s, spv_s, GRs, sgr_s, gkv, BS, q0,
-                         k0, nq, nk, nkp, LQ, qk_scale, scale, G, SLOT_MB, SLOT_N, D, PREC,
-                         WHILE, HAS_P)
+            _seq_kv_tile(n0, c, g, GS, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk,
+                         sdv, PKs, PVs, spk_s, spv_s, GRs, gkv, BS, q0, k0, nq, nk, nkp, LQ,
+                         qk_scale, scale, NS, G, SLOT_MB, SLOT_N, D, PREC, WHILE, HAS_P)
 
 
 @triton.jit

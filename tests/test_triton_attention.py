@@ -123,14 +123,15 @@ def _grads(q, k, v, pks, pvs, segs, deterministic=False):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["long", "packed-one", "packed-direct", "packed-two-phase",
-                                  "segments"])
+                                  "segments", "shared"])
 def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     """The sequence-owning backward (one program per sequence; AVSTFP_TRITON_BWD=seq) and
     the key-block-parallel one (fa2) give the same gradients on the same inputs, on every
     tile kind it runs on: long 64 x 64 tiles (key tiles + prompts crossing a tile edge),
     packed one-tile sequences (keys + prompts in one 16-slot tile), packed sequences
-    whose keys + prompts need two tiles, and several segments (one empty, one unprompted,
-    prompts shared or per sample)."""
+    whose keys + prompts need two tiles, several segments (one empty, one unprompted,
+    prompts shared or per sample), and programs that walk several sequences sharing their
+    prompts (spatial layout, one partial per program; the last program's group short)."""
     from avstfp_fast.ops import triton_backend as TB
     if case == "long":           # 70 keys + 5 prompts: 2 key tiles, prompts in the 2nd
         q, k, v = rnd(2, 40, 32, dtype=dtype), rnd(2, 70, 32, dtype=dtype), rnd(2, 70, 32, dtype=dtype)
@@ -145,6 +146,12 @@ def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     elif case == "packed-two-phase":   # 30 keys + 5 prompts: more than one key tile
         q, k, v = rnd(5, 10, 32, dtype=dtype), rnd(5, 30, 32, dtype=dtype), rnd(5, 30, 32, dtype=dtype)
         pks, pvs, segs = [rnd(5, 32, dtype=dtype)], [rnd(5, 32, dtype=dtype)], None
+    elif case == "shared":   # spatial layout: prompts (H, P, d) over batch (B M, H)
+        monkeypatch.setattr(TB, "SEQ_PARTIAL_TARGET", 0.0)   # 4 sequences per program
+        segs = (1, 0, 36)
+        q, k, v = (rnd(5, 3, 37, 32, dtype=dtype) for _ in range(3))
+        pks = [rnd(3, n, 32, dtype=dtype) for n in (2, 3, 4)]
+        pvs = [rnd(3, n, 32, dtype=dtype) for n in (2, 3, 4)]
     else:
         segs = (1, 0, 37, 3)
         q, k, v = (rnd(2, 41, 32, dtype=dtype) for _ in range(3))
@@ -163,6 +170,8 @@ def test_sequence_and_fa2_backwards_agree(monkeypatch, dtype, case):
     assert t.bwd == "seq", t.describe()
     assert t.bwd_one == (case in ("packed-one", "packed-direct")), t.describe()
     assert any(pl.direct for pl in TB._PLANS.values()) == (case == "packed-direct")
+    if case == "shared":
+        assert max(pl.ns for pl in TB._PLANS.values()) == 4
     TB._PLANS.clear()
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for i, (a, b) in enumerate(zip(res["seq"], res["fa2"])):
@@ -206,9 +215,14 @@ def test_sequence_backward_is_bit_exact_and_launches_twice():
     q, k, v = (rnd(2, 3, 40, 32, dtype=torch.float16) for _ in range(3))
     pks = [rnd(3, 2, 32, dtype=torch.float16), rnd(3, 1, 32, dtype=torch.float16)]
     pvs = [rnd(3, 2, 32, dtype=torch.float16), rnd(3, 1, 32, dtype=torch.float16)]
-    runs = [_grads(q, k, v, pks, pvs, (16, 24), det) for det in (False, False, True)]
-    for a, b, c in zip(*runs):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    # (16, 24): packed one-tile sequences; (36, 4): 64-row tiles, two sequences sharing
+    # their prompts per program (one partial for both, summed in a fixed order)
+    TB._PLANS.clear()
+    for segs in ((16, 24), (36, 4)):
+        runs = [_grads(q, k, v, pks, pvs, segs, det) for det in (False, False, True)]
+        for a, b, c in zip(*runs):
+            assert torch.equal(a, b) and torch.equal(a, c)
+    assert sorted(pl.ns for pl in TB._PLANS.values() if pl.seq) == [1, 1, 2, 2]
     launches = []
     K = TB._kernels()
 

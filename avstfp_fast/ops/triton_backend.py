@@ -12,10 +12,11 @@ Backward, short sequences (the tile table's ``bwd == "seq"``: every AV-STFP stag
 touches its sequences' gradients: it computes ``delta`` itself, writes dq once in the
 input dtype and the caller's layout (no fp32 accumulator, no zero fill, no copy) and dk,
 dv once each.  Spatial/fusion: a query-outer pass (S, dP, dQ) and a key-outer pass (S,
-dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are one fp32 partial per
-sequence, summed over the batch in a fixed order and cast by ``prompted_attn_pgrad``
-(2 launches).  Packed one-tile sequences (temporal: 10 queries, 10 keys + 2 prompts in
-16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
+dP, dV, dK; 7 products per tile pair); the prompt rows' dk/dv are summed on chip over
+the NS sequences a program owns (sequences sharing their prompts; spatial: NS = 2) into
+one fp32 partial per program, then summed over the batch in a fixed order and cast by
+``prompted_attn_pgrad`` (2 launches).  Packed one-tile sequences (temporal: 10 queries,
+10 keys + 2 prompts in 16 slots): one step, 5 products; with prompts broadcast over the leading batch dims a
 program walks all sequences of one prompt row set and writes their prompt gradient
 directly (1 launch).  No atomics: bit-exact, so ``deterministic=True`` takes the same
 path.
@@ -58,8 +59,9 @@ sm_90 by ``bench/static_sm90.py`` (run in CI).
 
 *Prompts.*  ``prompt_k``/``prompt_v`` are a second key/value source addressed through
 their broadcast strides (stride 0 over batch dims they are shared in).  Their gradients
-are reduced without atomics on the sequence-owning path (per-sequence fp32 partials
-``(2, *batch, P, E)`` summed by ``prompted_attn_pgrad`` over the dims the prompt is
+are reduced without atomics on the sequence-owning path (fp32 partials, one per program
+-- ``(2, *batch, P, E)``, or ``(2, C, GS, P, E)`` when a program owns NS > 1 sequences
+sharing a prompt row set -- summed by ``prompted_attn_pgrad`` over the dims the prompt is
 broadcast over, in a fixed order, or summed on chip and written directly, see above).
 fa2 path: default, relaxed fp32 atomics into a buffer of the prompt's own (un-broadcast)
 shape addressed through the broadcast strides; deterministic, each dq-pass program stores
@@ -101,6 +103,11 @@ DIRECT_MIN_PROGRAMS = 512
 #: minimum bytes (ViT-B/16 spatial 8%, fusion 0.8%); above (e.g. 2 prompts on 10 + 10
 #: rows and no direct mode: 20%), the fa2 path's atomics into the prompt's own shape.
 SEQ_MAX_PARTIAL = 0.10
+#: Multi-tile sequences (spatial, fusion) whose per-sequence partials would add more than
+#: this share: a program walks up to SEQ_MAX_PER_PROGRAM sequences sharing one prompt row
+#: set and keeps one partial for them (:func:`_seq_per_program`).
+SEQ_PARTIAL_TARGET = 0.05
+SEQ_MAX_PER_PROGRAM = 4
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
 _KMOD = "avstfp_fast.kernels.prompted_attention"
@@ -156,7 +163,9 @@ class _Tiles:
     Backward path ``bwd``: ``"seq"`` (sequence-owning) while a sequence has at most
     SEQ_MAX_ROWS queries and keys + prompts and 2 x rows x d x element size <=
     SEQ_MAX_BYTES, else ``"fa2"``; ``bwd_one``: packed sequences that are one tile
-    (one backward step)."""
+    (one backward step).  Multi-tile ``"seq"`` programs own NS sequences that share their
+    prompts (one fp32 prompt partial for all of them): NS from :func:`_seq_per_program`
+    (the wave and byte arithmetic is there; spatial stage: 2)."""
 
     def __init__(self, max_q: int, max_k: int, max_p: int, head_dim: int, dtype):
         wide = 64 if (dtype == torch.float32 or head_dim >= 128) else 128
@@ -260,6 +269,32 @@ def _partial_share(q, pks, q_segments, k_segments) -> float:
     return 4.0 * P / (q.element_size() * max(1, sum(q_segments) + sum(k_segments)))
 
 
+def _seq_per_program(share: float, r: int) -> int:
+    """Sequences per program of the multi-tile sequence-owning backward (spatial, fusion):
+    1 while the per-sequence prompt partials add at most SEQ_PARTIAL_TARGET (``share``,
+    see :func:`_partial_share`), else the fewest (<= SEQ_MAX_PER_PROGRAM, <= r, the
+    sequences sharing one prompt row set) that bring them under it.
+
+    Waves (132 SMs x 2 CTAs/SM at head dim 64, bench/results/static-sm90.md), batch 8,
+    both segments:
+      ViT-B/16 spatial, Bt 960 = 80 x 12 heads, share 8.1%: 1 -> 1920 programs, 7.3
+        waves; 2 -> 960, 3.64 waves (91% of the last one busy); 4 -> 480, 1.82 (91%);
+      ViT-L/14 spatial, Bt 1280 = 80 x 16 heads, share 6.2%: 2 -> 1280, 4.85 waves
+        (97%); 4 -> 640, 2.42 (81%);
+      fusion, share < 1%: 1 (960 / 1280 programs).
+    Bytes: the ledger charges the partials (fp32, (2, programs, P, d) per segment) one
+    write + one read in each of the 2 kernels: ViT-B/16 spatial 39.3 MB at 1 (16% of the
+    242.9 MB minimum), 19.7 MB at 2 (8.1%; + 1.9 MB deltas = 8.9%), 9.8 MB at 4; ViT-L/14
+    52.4 MB at 1, 26.2 at 2 (+ 3.3 MB deltas = 7.0% of 422.5 MB).  2 meets the 10% bound
+    with the better waves; more would shorten the grid below ~2 waves for little.
+    Registers: NS > 1 compiles to 254-255 registers, no spills, 2 CTAs/SM under Triton
+    3.8 and 3.6 (its query pass unpipelined, see ``_Plan.seq_st1``)."""
+    n = 1
+    while share / n > SEQ_PARTIAL_TARGET and n < min(SEQ_MAX_PER_PROGRAM, r):
+        n += 1
+    return n
+
+
 def tile_for(p: AttnProblem) -> _Tiles:
     """The tile configuration the launchers use for problem ``p``."""
     return _Tiles(max(p.q_segments), max(p.k_segments),
@@ -360,7 +395,7 @@ class _Plan:
         # program owns the R = B sequences of one prompt row set, one per step, and writes
         # their summed prompt gradient directly (one launch, no partials).  Needs enough
         # programs (GS >= DIRECT_MIN_PROGRAMS).
-        self.direct, self.gs, self.nit = False, 0, 0
+        self.direct, self.gs, self.nit, self.ns = False, 0, 0, 1
         if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
                 and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
             ks, rs = self.pg_ks[0][:4], self.pg_rs[0][:4]
@@ -374,6 +409,34 @@ class _Plan:
                 # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
                 # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
                 self.direct, self.gs, self.nit = True, GS, R
+        # Spatial / fusion (multi-tile sequences, G = 1): a program may own NS sequences
+        # that share their prompts and sum their prompt rows' dk, dv into one partial (see
+        # :func:`_seq_per_program`): program c GS + g owns sequences (c NS + i) GS + g,
+        # which needs the dims the prompts are broadcast over (R sequences) to lead the
+        # kept ones (GS) and every prompted segment broadcast alike.  NS = GS = 1: one
+        # sequence per program.
+        self.pg_bs, self.seq_groups = None, cdiv(self.Bt, t.g)
+        if seq and not t.bwd_one:
+            self.gs = 1
+            sets = {(self.pg_ks[s][:4], self.pg_rs[s][:4]) for s in range(len(pks))
+                    if self.pg_lead[s] is not None}
+            if t.g == 1 and len(sets) == 1:
+                (ks, rs), = sets
+                kept, lead_ok = False, True
+                for kd, rd in zip(ks, rs):
+                    kept = kept or kd > 1
+                    lead_ok = lead_ok and not (kept and rd > 1)
+                R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
+                n = _seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
+                if lead_ok and n > 1:
+                    C = cdiv(R, n)
+                    self.gs, self.ns, self.seq_groups = GS, n, C * GS
+                    # partials (2, C, GS, P, E): reduced over C by prompted_attn_pgrad
+                    self.pg_bs = (1, C, GS, C * GS)
+                    for s in range(len(pks)):
+                        if self.pg_lead[s] is not None:
+                            self.pg_ks[s], self.pg_rs[s] = (1, 1, 1, GS, 0), (1, 1, C, 1, 0)
+                    self.pg_rows = GS
         self.BS = (bs[1], bs[2], bs[3], self.Bt)
         self.sdqa = dense_strides(bs, self.Lq * self.E) + (self.E,)   # fp32 dq accumulator
         self.st = [_st(st[i], x) for i, x in enumerate(tens)]
@@ -401,6 +464,12 @@ class _Plan:
         if self.direct:          # the gradient itself, (2, *lead, P, E) in q's dtype
             self.gshape[0] = (2, *self.pg_lead[0], self.P[0], self.E)
             self.gkv[0] = self.gs * self.P[0] * self.E
+        if self.pg_bs is not None:   # one partial per program: (2, C GS, P, E)
+            for s in range(len(pks)):
+                if self.gshape[s] is not None:
+                    self.gshape[s] = (2, self.seq_groups, self.P[s], self.E)
+                    self.gkv[s] = self.seq_groups * self.P[s] * self.E
+        self.pg_bs = self.pg_bs or self.BS
         self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
         self.NP = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
@@ -414,6 +483,12 @@ class _Plan:
                           WHILE=interpreting(), num_warps=t.num_warps,
                           num_stages=t.num_stages)
         self.bwd_const = dict(self.const, num_warps=t.bwd_warps, num_stages=t.bwd_stages)
+        # a sequence-owning program that walks several sequence groups (ns > 1) does not
+        # software-pipeline its query pass (ST1 = 1; the key pass, 4 of the 7 products
+        # over 7 query tiles per key tile at ViT-B/16, keeps 2 stages): both pipelined,
+        # the walk spills (offline sm_90 compile, spatial d 64: Triton 3.6 bf16 128 B,
+        # 3.8 fp16 8 B); so, 254-255 registers, no spills, 2 CTAs/SM under 3.8 and 3.6
+        self.seq_st1 = t.bwd_stages if self.ns == 1 else 1
         self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
@@ -506,12 +581,12 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if pl.seq and pl.Bt > 0:
         # one launch: dq, dk, dv written once each; per-sequence prompt partials
         # (direct: one program per prompt row set, its gradient written in place)
-        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.groups * pl.nseg,), (
+        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.seq_groups * pl.nseg,), (
             q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
             PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
             tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
             pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
-                                  ST1=t.bwd_stages, ONE=t.bwd_one, DIRECT=pl.direct,
+                                  NS=pl.ns, ST1=pl.seq_st1, ONE=t.bwd_one, DIRECT=pl.direct,
                                   **(dict(pl.bwd_const, G=1) if pl.direct
                                      else pl.bwd_const)), pl.launchers)
     elif pl.Bt > 0 and pl.nqb > 0:
@@ -564,7 +639,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         outs = [some if o is None else o for o in outs]
         launch(K.prompted_attn_pgrad, (pl.pg_rows * max(pl.P), pl.nseg), (
             grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
-            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.BS,
+            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.pg_bs,
             tuple(n * pl.E for n in pl.P)), lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg,
                                                           WHILE=interpreting(), num_warps=4),
             pl.launchers)
