@@ -131,7 +131,7 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     from safetensors.torch import save
 
     from .. import __version__
-    from ..train.checkpoint import atomic_write
+    from .._io import atomic_write
     came_from = getattr(model, "prompt_metadata", None) or {}
     if include_backbone is None:
         include_backbone = came_from.get("contents") == "everything"
