@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from avstfp_fast.train import TrainConfig, train
-from avstfp_fast.train import tasks
+from avstfp_fast.train import registry, tasks
 from avstfp_fast.train.synthetic import make_synthetic_ave
 
 
@@ -76,9 +76,9 @@ class ToyTask(tasks.SyntheticAVETask):
 
 @pytest.fixture
 def toy_task():
-    tasks.register_task(ToyTask)
+    registry.register_task(ToyTask)
     yield ToyTask
-    del tasks.TASKS[ToyTask.name]
+    del registry.TASKS[ToyTask.name]
 
 
 def test_a_registered_task_trains_and_reports_its_own_metrics(toy_task, tmp_path):

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="avstfp-train",
         description="Train AV-STFP (prompt-tuned CLIP tower) on AVE, Kinetics-Sounds or "
                     "synthetic data.  Defaults are the paper's recipe; the synthetic task has "
-                    "its own faster defaults (see config.SYNTHETIC_DEFAULTS).",
+                    "its own faster defaults (see tasks.SyntheticAVETask.defaults).",
     )
     S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
     B = argparse.BooleanOptionalAction

@@ -60,6 +60,24 @@ def resolve_device(device: Optional[str], option: str = "--device") -> torch.dev
     return d
 
 
+#: ``torch.compile`` modes (``--compile-mode``); the CUDA-graph ones need a CUDA device.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: Optional[str], device) -> None:
+    """ValueError unless ``mode`` is None or a ``torch.compile`` mode that runs on
+    ``device`` (CUDA graphs -- reduce-overhead, max-autotune -- need a CUDA device)."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {mode!r}")
+    dev = str(device)
+    if mode in CUDA_GRAPH_MODES and not dev.startswith("cuda"):
+        raise ValueError(f"compile_mode: {mode!r} captures CUDA graphs and needs a CUDA "
+                         f"device, got device {dev!r}")
+
+
 def check_backend_on_device(backend: str, device: torch.device,
                             option: str = "--backend") -> None:
     """A named kernel backend must be able to run on ``device`` (e.g. triton or cuda on a
@@ -99,7 +117,6 @@ def preflight(cfg) -> torch.device:
     device = resolve_device(cfg.device)
     check_backend_on_device(cfg.backend, device)
     if cfg.compile_mode is not None:
-        from .config import check_compile_mode
         check_compile_mode(cfg.compile_mode, device)
     if cfg.resume:
         from .checkpoint import load_checkpoint
