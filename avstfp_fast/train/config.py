@@ -21,13 +21,14 @@ from .registry import task_defaults, task_names  # noqa: F401  (TrainConfig's na
 
 
 def default_model_config(**kw) -> AVSTFPConfig:
-    """The trainer's model defaults: the model's own, with the head left to the task."""
-    return AVSTFPConfig(**{"task": None, **kw})
+    """The trainer's model defaults: the model's own, with the head left to the task
+    (fields the model config no longer has, from older checkpoints, are dropped)."""
+    return AVSTFPConfig.from_dict({"task": None, **kw})
 
 
 # Model fields settable from the trainer (the head's task/num_classes come from the data).
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(AVSTFPConfig)
-                      if f.name not in ("task", "num_classes", "extra"))
+                      if f.name not in ("task", "num_classes"))
 
 
 @dataclass

@@ -172,11 +172,11 @@ class Task:
 # AVE / synthetic / Kinetics-Sounds: classification of clips (AVAR) or of their segments
 # --------------------------------------------------------------------------------------
 class ClassificationMetrics(Metrics):
-    """Confusion matrix, top-5 hits and the clips seen."""
+    """Confusion matrix and top-5 hits."""
 
     def __init__(self, num_classes: int):
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-        self.extra = torch.zeros(2, dtype=torch.float64)   # top-5 hits, clips
+        self.top5_hits = torch.zeros(1, dtype=torch.float64)
 
     def update(self, model, batch, ctx):
         a = batch["audio"].to(ctx.device, non_blocking=True)
@@ -187,17 +187,16 @@ class ClassificationMetrics(Metrics):
         logits = logits.float()
         confusion_update(self.cm, logits.argmax(-1), y)
         topk = logits.topk(min(5, self.cm.shape[0]), dim=-1).indices
-        self.extra[0] += float((topk == y.unsqueeze(-1)).any(-1).sum())
-        self.extra[1] += a.shape[0]
+        self.top5_hits += float((topk == y.unsqueeze(-1)).any(-1).sum())
 
     def all_reduce(self):
         ddp.all_reduce(self.cm)
-        ddp.all_reduce(self.extra)
+        ddp.all_reduce(self.top5_hits)
 
     def summary(self):
         n = int(self.cm.sum())
         return {"acc": accuracy_from_confusion(self.cm),
-                "top5": float(self.extra[0]) / n if n else float("nan"),
+                "top5": float(self.top5_hits) / n if n else float("nan"),
                 "n": n, "confusion": self.cm}
 
 
