@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..models.config import AVSTFPConfig
-from ..ops.backends import check_backend_name
+from ..models.prompted_clip import check_model_backend
 from .preflight import (COMPILE_MODES, CUDA_GRAPH_MODES, check_compile_mode,  # noqa: F401
                         default_num_workers)
 from .registry import task_defaults, task_names  # noqa: F401  (TrainConfig's names)
@@ -100,7 +100,7 @@ class TrainConfig:
         tasks = task_names()
         if self.task not in tasks:
             raise ValueError(f"task: expected one of {tasks}, got {self.task!r}")
-        check_backend_name(self.backend)
+        check_model_backend(self.backend)
         if self.compile_mode is not None:
             check_compile_mode(self.compile_mode, "cuda")      # the device is checked at run
             self.compile = True

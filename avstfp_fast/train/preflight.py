@@ -82,10 +82,11 @@ def check_backend_on_device(backend: str, device: torch.device,
                             option: str = "--backend") -> None:
     """A named kernel backend must be able to run on ``device`` (e.g. triton or cuda on a
     CPU-only machine is refused here, with the backend's own reasons)."""
-    from ..ops.backends import AUTO, check_backend_name, get_backend
+    from ..models.prompted_clip import LITERAL_BACKEND, check_model_backend
+    from ..ops.backends import AUTO, get_backend
     from ..ops.contract import AttnProblem
-    check_backend_name(backend)
-    if backend == AUTO:
+    check_model_backend(backend, option.lstrip("-"))
+    if backend in (AUTO, LITERAL_BACKEND):     # the literal layers call no op backend
         return
     try:
         b = get_backend(backend)
