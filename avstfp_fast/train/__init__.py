@@ -2,7 +2,8 @@
 
 Modules: ``config`` (the recipe; holds the model's ``AVSTFPConfig``), ``tasks`` (the
 ``Task`` interface: data, head, loss and metrics of AVE, Kinetics-Sounds and the synthetic
-task), ``data`` (AVE / Kinetics-Sounds readers, PyAV decoding, loaders), ``synthetic``
+task), ``avqa_task`` (MUSIC-AVQA), ``registry`` (the tasks by name, for ``--task``),
+``data`` (AVE / Kinetics-Sounds readers, PyAV decoding, loaders), ``synthetic``
 (AVE-layout .mp4 generator), ``schedule``, ``mixup``, ``augment``, ``checkpoint``,
 ``metrics``, ``state`` (run status, epoch statistics), ``ddp`` (process groups),
 ``loop`` (the step / end-of-epoch / evaluation functions), ``cli``.
