@@ -92,7 +92,7 @@ def prepare(args) -> dict:
     from .data.prepare import prepare_splits
     from .data.shards import PreparedSettings
     from .train.config import TrainConfig, task_defaults
-    from .train.tasks import make_task
+    from .train.registry import make_task
 
     if not args.task or not args.data_root or not args.out:
         raise ValueError("--task, --data-root and --out are required (or --verify DIR)")

@@ -37,14 +37,15 @@ def test_registry_names_in_one_place():
         check_backend_name(3, arg="mode")
 
 
-def test_model_accepts_exactly_the_registry_choices():
+def test_model_accepts_exactly_literal_and_the_registry_choices():
     m = PromptedCLIP.tiny()
-    for name in ("reference", "torch", AUTO):
+    for name in ("literal", "reference", "torch", AUTO):
         assert m.set_backend(name).backend == name
+    assert m.set_backend("literal").layer_path == "literal"
     assert m.set_backend("reference").layer_path == "literal"
     assert m.set_backend("torch").layer_path == "fast"
-    with pytest.raises(ValueError, match=r"expected one of \('reference', 'torch', 'triton', 'cuda'.*'auto'\)"):
-        m.set_backend("literal")     # the layer path is not a backend name
+    with pytest.raises(ValueError, match=r"expected one of \('literal', 'reference', 'torch', 'triton', 'cuda'.*'auto'\)"):
+        m.set_backend("fast")        # the fast layer path is not a backend name
 
 
 def test_backends_are_told_apart_by_class():

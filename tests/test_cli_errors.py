@@ -168,3 +168,16 @@ def test_predict_speed_excludes_the_first_batch():
     # 100 clips done; the first batch (8 clips) took 60 s (compilation), the rest 2 s
     speed = Predictor._speed(100, now - 62.0, now - 2.0, 8)
     assert 40 <= speed <= 50                 # not 100 / 62 = 1.6 (shown as "0.0"-ish)
+
+
+def test_literal_backend_passes_the_preflight_and_bad_names_name_it():
+    """--backend literal (the model's literal layers) needs no op backend; an unknown
+    name is refused listing it."""
+    from avstfp_fast.train.preflight import check_backend_on_device
+    for name in ("literal", "reference", "torch", "auto"):
+        check_backend_on_device(name, torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend: expected one of .*'literal'"):
+        check_backend_on_device("fastest", torch.device("cpu"))
+    from avstfp_fast.predict.cli import build_parser
+    assert build_parser().parse_args(["m.safetensors", "--backend", "literal"]).backend \
+        == "literal"

@@ -116,7 +116,7 @@ def test_zero_prompts_equal_frozen_open_clip_tower():
 def test_state_dict_identical_across_backends_and_reference_class():
     m1 = PromptedCLIP.tiny(backend="torch")
     m2 = ReferenceAVSTFP(bb.tiny_visual())
-    assert m2.backend == "reference"
+    assert m2.backend == "literal" and m2.layer_path == "literal"
     assert list(m1.state_dict()) == list(m2.state_dict())
     m2.load_state_dict(m1.state_dict())
     m2.set_backend("torch")
@@ -137,8 +137,24 @@ def test_shares_weights_with_given_open_clip_model():
 def test_backend_switch_and_errors():
     m = PromptedCLIP.tiny()
     assert m.set_backend("reference").backend == "reference"
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="backend.*'literal'.*'reference'.*'fastest'"):
         m.set_backend("fastest")
+
+
+def test_literal_names_the_literal_layers_and_reference_still_selects_them():
+    """Backend "literal" runs models/reference.py; "reference" (the op oracle's name)
+    still does, with the same output and the same state_dict."""
+    m = randomize_(PromptedCLIP.tiny(backend="literal"))
+    assert (m.backend, m.layer_path) == ("literal", "literal")
+    a, v = inputs(m, 2, 2, dtype=torch.float32)
+    with torch.no_grad():
+        lit = m(a, v)
+        assert torch.equal(m.set_backend("reference")(a, v), lit)
+        assert m.layer_path == "literal"
+        assert_close(m.set_backend("torch")(a, v), lit, torch.float32, "torch")
+    assert list(m.state_dict()) == list(PromptedCLIP.tiny(backend="torch").state_dict())
+    with pytest.raises(ValueError, match="backend"):
+        PromptedCLIP.tiny(backend=3)
 
 
 @pytest.mark.parametrize("case,exc,words", [
@@ -261,6 +277,7 @@ def test_layer_paths_side_by_side_without_an_import_cycle():
     assert prompted_clip.LAYER_PATHS == {"literal": reference.encode_tokens,
                                          "fast": fast.encode_tokens}
     assert prompted_clip.layer_path("reference") == "literal"
+    assert prompted_clip.layer_path("literal") == "literal"
     assert {prompted_clip.layer_path(b) for b in ("torch", "triton", "cuda", "auto")} == {"fast"}
 
 

@@ -385,7 +385,7 @@ def test_kinetics_sounds_layout(syn, tmp_path):
 def test_avqa_video_prepared_once_questions_reference_it(tmp_path):
     from avstfp_fast.train.avqa_data import AVQADataset, avqa_splits
     from avstfp_fast.train.avqa_synthetic import make_synthetic_avqa
-    from avstfp_fast.train.tasks import make_task
+    from avstfp_fast.train.registry import make_task
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     make_synthetic_avqa(src, n_train=3, n_val=2, n_test=0, hop=1, seed=1)
     assert prepare_main(["--task", "synthetic_avqa", "--data-root", src, "--out", out,

@@ -239,6 +239,23 @@ def test_files_without_the_model_class_key_still_load(tmp_path):
                                                   m2.state_dict().values()))
 
 
+def test_files_with_the_old_extra_config_field_still_load(tmp_path):
+    """Files written while AVSTFPConfig had its (never read) ``extra`` field load as
+    before; files written now no longer carry it."""
+    from safetensors.torch import save_file
+    m = _model()
+    pf = pfm.read_prompt_file(m.save_prompts(str(tmp_path / "p.safetensors"), backbone="tiny"))
+    assert "extra" not in json.loads(pf.meta["config"])
+    old = dict(pf.meta, config=json.dumps({**json.loads(pf.meta["config"]), "extra": {}}))
+    save_file(pf.tensors, str(tmp_path / "old.safetensors"), metadata=old)
+    torch.manual_seed(0)
+    m2 = PromptedCLIP.from_prompts(str(tmp_path / "old.safetensors"), backend="torch")
+    assert m2.config == m.config
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
+                                                  m2.state_dict().values()))
+    load_prompts(m2, str(tmp_path / "old.safetensors"))       # config check ignores it too
+
+
 def test_flipped_bit_in_tensor_data_is_detected(tmp_path):
     """A single flipped bit in the tensor bytes (not the header) is refused by checksum."""
     from avstfp_fast import PromptedCLIP

@@ -96,7 +96,7 @@ def test_prompt_file_beside_best_pt_rebuilds_the_checkpoint_model(data, tmp_path
     from avstfp_fast.predict.core import load_model
     from avstfp_fast.train import checkpoint as ck
     from avstfp_fast.train.config import TrainConfig
-    from avstfp_fast.train.tasks import make_task
+    from avstfp_fast.train.registry import make_task
     out = str(tmp_path / "run")
     assert main(["--task", "synthetic_avqa", "--data-root", data, "--out", out, "--epochs",
                  "1", "--no-final-eval"] + SMALL) == 0

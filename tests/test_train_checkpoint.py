@@ -145,5 +145,10 @@ def test_config_holds_the_model_config_and_reads_flat_dicts():
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))   # nested, JSON
     assert again == cfg
     assert cfg.flat()["n_spatial"] == 3 and "model" not in cfg.flat()
+    # run folders and checkpoints written while the model config had an ``extra`` field
+    old = cfg.to_dict()
+    old["model"]["extra"] = {}
+    assert "extra" not in cfg.to_dict()["model"]
+    assert TrainConfig.from_dict(old) == cfg
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="nope")

@@ -18,6 +18,7 @@ def test_cli_defaults_are_the_recipe():
     assert cfg.backbone == "ViT-B-16" and cfg.amp and not cfg.model.full_finetune
     syn = config_from_args(["--task", "synthetic", "--epochs", "3", "--backend", "reference"])
     assert syn.backbone == "tiny" and syn.epochs == 3 and syn.backend == "reference"
+    assert config_from_args(["--task", "synthetic", "--backend", "literal"]).backend == "literal"
 
 
 def test_synthetic_cli_learns_and_swaps_backend(tmp_path):

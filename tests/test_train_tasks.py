@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from avstfp_fast.train import TrainConfig, train
-from avstfp_fast.train import tasks
+from avstfp_fast.train import registry, tasks
 from avstfp_fast.train.synthetic import make_synthetic_ave
 
 
@@ -76,9 +76,9 @@ class ToyTask(tasks.SyntheticAVETask):
 
 @pytest.fixture
 def toy_task():
-    tasks.register_task(ToyTask)
+    registry.register_task(ToyTask)
     yield ToyTask
-    del tasks.TASKS[ToyTask.name]
+    del registry.TASKS[ToyTask.name]
 
 
 def test_a_registered_task_trains_and_reports_its_own_metrics(toy_task, tmp_path):
@@ -97,3 +97,20 @@ def test_a_registered_task_trains_and_reports_its_own_metrics(toy_task, tmp_path
     assert ev and {"acc_event", "acc_background"} <= set(ev[0])
     assert "val acc on events" in res["summary"]
     assert not os.path.exists(os.path.join(out, "confusion_val.png"))   # none drawn
+
+
+def test_classification_metrics_count_top1_and_top5():
+    """Confusion matrix and top-5 hits of known logits (clips are counted by the
+    confusion matrix only: nothing else is accumulated)."""
+    from avstfp_fast.train.tasks import ClassificationMetrics, StepContext
+    logits = torch.tensor([[9., 8, 7, 6, 5, 4, 0],      # label 0: top-1
+                           [9., 8, 7, 6, 5, 4, 0],      # label 4: top-5 only
+                           [9., 8, 7, 6, 5, 4, 0]])     # label 6: neither
+    m = ClassificationMetrics(7)
+    batch = {"audio": torch.zeros(3, 1), "video": torch.zeros(3, 1),
+             "label": torch.tensor([0, 4, 6])}
+    m.update(lambda a, v: logits, batch, StepContext(device=torch.device("cpu")))
+    m.all_reduce()                                        # no process group: unchanged
+    s = m.summary()
+    assert (s["n"], s["acc"], s["top5"]) == (3, 1 / 3, 2 / 3)
+    assert int(s["confusion"].sum()) == 3

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .avqa_text import Vocabulary, question_words
 from .config import AVSTFPConfig
 from .prompted_clip import PromptedCLIP
 
@@ -296,7 +297,6 @@ class PromptedCLIPAVQA(PromptedCLIP):
         slots such as ``<Object>`` filled from ``templ_values``: one list per question;
         unknown words -> ``<unk>``; padded with ``<pad>`` to ``max_len``, default the
         longest question -- the answer does not depend on the padding length)."""
-        from ..train.avqa_data import Vocabulary, question_words
         if self.vocabulary is None:
             raise ValueError("vocabulary: this model has none (build it with vocabulary=, or "
                              "load a prompt file written by the AVQA trainer)")

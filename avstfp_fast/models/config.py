@@ -1,12 +1,14 @@
 """Configuration of an AV-STFP model: prompt counts, stage and modality switches, heads."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import NamedTuple, Optional, Tuple
 
 STAGES = ("temporal", "spatial", "fusion")
 MODALITIES = ("audio", "visual")
+# Fields configs once had and no longer do: accepted on load, dropped.
+LEGACY_FIELDS = ("extra",)
 TASK_CLASSES = {"ave": 29, "avar": 32}
 
 
@@ -55,7 +57,6 @@ class AVSTFPConfig:
     num_classes: Optional[int] = None
     head_hidden: int = 512
     prompt_init_std: float = 0.02
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.stages = tuple(self.stages)
@@ -85,3 +86,10 @@ class AVSTFPConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AVSTFPConfig":
+        """From :meth:`to_dict` output, including configs saved while the class had an
+        ``extra`` field (never read; dropped here so old prompt files and checkpoints
+        load)."""
+        return cls(**{k: v for k, v in d.items() if k not in LEGACY_FIELDS})

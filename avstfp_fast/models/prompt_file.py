@@ -54,7 +54,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .config import AVSTFPConfig
+from .config import LEGACY_FIELDS, AVSTFPConfig
 
 __all__ = ["FORMAT", "fingerprint", "save_prompts", "read_prompt_file", "load_prompts",
            "from_prompts", "PromptFileError"]
@@ -131,7 +131,7 @@ def save_prompts(model, path: str, *, include_backbone: Optional[bool] = None,
     from safetensors.torch import save
 
     from .. import __version__
-    from ..train.checkpoint import atomic_write
+    from .._io import atomic_write
     came_from = getattr(model, "prompt_metadata", None) or {}
     if include_backbone is None:
         include_backbone = came_from.get("contents") == "everything"
@@ -188,7 +188,7 @@ class PromptFile:
 
     @property
     def config(self) -> AVSTFPConfig:
-        return AVSTFPConfig(**json.loads(self.meta["config"]))
+        return AVSTFPConfig.from_dict(json.loads(self.meta["config"]))
 
     @property
     def everything(self) -> bool:
@@ -266,7 +266,7 @@ def read_prompt_file(path: str) -> PromptFile:
 
 
 def _config_diff(saved: dict, have: dict) -> list[str]:
-    keys = [k for k in saved if k != "extra"]
+    keys = [k for k in saved if k not in LEGACY_FIELDS]
     norm = (lambda v: list(v) if isinstance(v, (tuple, list)) else v)
     return [f"{k}: file {norm(saved[k])!r}, model {norm(have.get(k))!r}" for k in keys
             if norm(saved[k]) != norm(have.get(k))]

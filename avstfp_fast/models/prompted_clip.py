@@ -3,7 +3,8 @@
 One module, one parameter set, one ``state_dict`` layout.  ``backend`` only chooses how
 the layers are computed, through one table, :data:`LAYER_PATHS`:
 
-- "literal" (backend ``"reference"``): the paper's math written literally
+- "literal" (backend ``"literal"``; ``"reference"``, the op oracle's name, still selects
+  it as it always did): the paper's math written literally
   (:mod:`avstfp_fast.models.reference`): prompts as real tokens with query rows,
   torch.cat, permutes, per-modality attention; it never calls ``prompted_attention``;
 - "fast" (every other backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``):
@@ -29,19 +30,37 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..ops.backends import AUTO, backend_names, check_backend_name, get_backend
+from ..ops.backends import AUTO, backend_choices, backend_names, get_backend
 from . import backbone as bb
 from . import fast, reference
 from .config import AVSTFPConfig, PromptKey, PromptKind
 
 # The two implementations of the layers, side by side: same parameters, same function.
 LAYER_PATHS = {"literal": reference.encode_tokens, "fast": fast.encode_tokens}
-LITERAL_BACKEND = "reference"    # the backend name that selects the literal layers
+LITERAL_BACKEND = "literal"      # the model's backend name for the literal layers
+# Names that select the literal layers: "literal", and "reference" (the op's oracle
+# backend, which selected them before "literal" existed; still accepted).
+LITERAL_BACKENDS = (LITERAL_BACKEND, "reference")
 
 
 def layer_path(backend: str) -> str:
     """Which entry of :data:`LAYER_PATHS` a backend name runs."""
-    return "literal" if backend == LITERAL_BACKEND else "fast"
+    return "literal" if backend in LITERAL_BACKENDS else "fast"
+
+
+def model_backend_choices() -> tuple:
+    """The names ``PromptedCLIP(backend=...)`` (and the trainer's and avstfp-predict's
+    ``--backend``) accept: "literal", then every op backend and "auto"."""
+    return (LITERAL_BACKEND,) + backend_choices()
+
+
+def check_model_backend(name, arg: str = "backend") -> str:
+    """``name`` if it is one of :func:`model_backend_choices`, else a ValueError naming
+    ``arg``."""
+    choices = model_backend_choices()
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"{arg}: expected one of {choices}, got {name!r}")
+    return name
 
 
 class PromptedCLIP(nn.Module):
@@ -115,10 +134,12 @@ class PromptedCLIP(nn.Module):
         return cls(visual, backend=backend, **config_kw)
 
     def set_backend(self, backend: str) -> "PromptedCLIP":
-        check_backend_name(backend)
+        check_model_backend(backend)
         # Import lazily registered (kernel) backends now, outside any torch.compile region
         # (a lazy import while tracing would break the graph).
-        if backend != AUTO:
+        if backend == LITERAL_BACKEND:      # the literal layers call no op backend
+            pass
+        elif backend != AUTO:
             try:
                 get_backend(backend)
             except ImportError as e:
@@ -279,7 +300,7 @@ class PromptedCLIP(nn.Module):
 
 
 class ReferenceAVSTFP(PromptedCLIP):
-    """``PromptedCLIP`` pinned to the literal layers (backend "reference"); same state_dict."""
+    """``PromptedCLIP`` pinned to the literal layers (backend "literal"); same state_dict."""
 
     def __init__(self, *args, **kw):
         kw.setdefault("backend", LITERAL_BACKEND)

@@ -7,8 +7,9 @@ paper appends them), sequences are built with torch.cat and permutes, attention 
 frozen ``nn.MultiheadAttention`` (which uses ``F.scaled_dot_product_attention``).  Audio
 and visual run separately except in the fusion stage.  Clarity beats speed here.
 
-``PromptedCLIP`` runs these layers ("literal" path) when its backend is "reference"; they
-never call ``prompted_attention``, so no op backend is involved.
+``PromptedCLIP`` runs these layers ("literal" path) when its backend is "literal" (or
+"reference", the older name); they never call ``prompted_attention``, so no op backend
+is involved.
 """
 from __future__ import annotations
 

@@ -242,10 +242,6 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def available_backends() -> List[str]:
-    return sorted(backend_names())
-
-
 def preference(device: torch.device, p: Optional[AttnProblem] = None) -> List[str]:
     """The order in which ``auto`` tries backends on a device."""
     if device.type == "cuda":

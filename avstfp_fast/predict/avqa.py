@@ -50,7 +50,7 @@ def load_avqa_model(path: str, *, pretrained=None, backend="auto", device=None):
         from ..train import checkpoint as ck
         from ..train.avqa_data import Vocabulary
         from ..train.config import TrainConfig
-        from ..train.tasks import make_task
+        from ..train.registry import make_task
         ckpt = ck.load_checkpoint(path)
         cfg = TrainConfig.from_dict(ckpt["config"])
         cfg.backend = backend

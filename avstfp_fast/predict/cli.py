@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-from ..ops.backends import backend_choices
+from ..models.prompted_clip import model_backend_choices
 from ..train.config import COMPILE_MODES, check_compile_mode
 
 __all__ = ["main", "build_parser"]
@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--backbone", help="override the tower: open_clip name (default: the model file's)")
     a("--pretrained", help="tower weights: a local file or an open_clip tag (default: "
                            "the model file's tag, or the checkpoint's path)")
-    a("--backend", choices=backend_choices(), default="auto",
-      help="attention backend (default auto: the fastest that runs here)")
+    a("--backend", choices=model_backend_choices(), default="auto",
+      help="attention backend, or 'literal' for the literal layers (default auto: the "
+           "fastest that runs here)")
     a("--device", default=None, help="default: cuda if available else cpu")
     a("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
     a("--num-workers", type=int, default=0, help="decoding processes (default 0)")

@@ -45,7 +45,7 @@ class LoadedModel:
     def task(self):
         """The trainer's Task for this model (its metrics are the trainer's)."""
         from ..train.config import TrainConfig
-        from ..train.tasks import TASKS, make_task
+        from ..train.registry import TASKS, make_task
         name = self.trainer_task if self.trainer_task in TASKS else self.head
         t = make_task(TrainConfig(task=name, segments=self.segments,
                                   clip_seconds=self.clip_seconds,
@@ -107,7 +107,8 @@ def _is_open_clip_tag(name: str, tag: str) -> bool:
 def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
     from ..train import checkpoint as ck
     from ..train.config import TrainConfig
-    from ..train.tasks import build_model, make_task
+    from ..train.registry import make_task
+    from ..train.tasks import build_model
     ckpt = ck.load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     cfg.backend = backend

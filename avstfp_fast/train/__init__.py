@@ -2,7 +2,8 @@
 
 Modules: ``config`` (the recipe; holds the model's ``AVSTFPConfig``), ``tasks`` (the
 ``Task`` interface: data, head, loss and metrics of AVE, Kinetics-Sounds and the synthetic
-task), ``data`` (AVE / Kinetics-Sounds readers, PyAV decoding, loaders), ``synthetic``
+task), ``avqa_task`` (MUSIC-AVQA), ``registry`` (the tasks by name, for ``--task``),
+``data`` (AVE / Kinetics-Sounds readers, PyAV decoding, loaders), ``synthetic``
 (AVE-layout .mp4 generator), ``schedule``, ``mixup``, ``augment``, ``checkpoint``,
 ``metrics``, ``state`` (run status, epoch statistics), ``ddp`` (process groups),
 ``loop`` (the step / end-of-epoch / evaluation functions), ``cli``.
@@ -29,7 +30,7 @@ def run_synthetic(backend: str = "torch", steps: int | None = None, *, epochs: i
 
     ``task``: "synthetic" (AVE layout) or "synthetic_avqa" (MUSIC-AVQA layout).
     ``steps`` caps the optimiser steps (the schedule still spans ``epochs``); by default
-    the run uses the task's defaults (``config.SYNTHETIC_DEFAULTS`` for "synthetic").
+    the run uses the task's defaults (``tasks.SyntheticAVETask.defaults`` for "synthetic").
     Files are generated (deterministically from ``seed``) under ``data_root`` or inside
     the run folder; the run folder defaults to a new temporary folder.  Returned keys include ``val_acc``, ``test_acc``,
     ``best_val_acc``, ``steps``, ``wall_s``, ``run_dir``, ``losses``.

@@ -38,7 +38,6 @@ those frames are already computed, so the negatives cost no extra tower pass.
 """
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..models.avqa_text import MAX_LEN, PAD, UNK, Vocabulary, question_words
+from ..models.avqa_text import as_list as _as_list
 from .data import BadSample, ClipDataset, PreparedMixin, collate_skip_bad, decode_clip
 
 log = logging.getLogger("avstfp_fast.train")
@@ -57,8 +58,6 @@ __all__ = ["AVQA_SPLIT_FILES", "QTYPES", "QuestionRow", "Vocabulary", "read_avqa
            "collate_avqa", "sample_negatives", "MAX_LEN"]
 
 AVQA_SPLIT_FILES = {"train": "avqa-train.json", "val": "avqa-val.json", "test": "avqa-test.json"}
-PAD, UNK = "<pad>", "<unk>"
-MAX_LEN = 14
 # The question types of MUSIC-AVQA (paper Table 2 / the baseline's test report), in order;
 # anything else is type index len(QTYPES) ("other": counted in the overall accuracy only).
 QTYPES = (("Audio", "Counting"), ("Audio", "Comparative"),
@@ -76,38 +75,6 @@ class QuestionRow:
     words: tuple          # template-filled words, no padding
     answer: str
     qtype: int            # index into QTYPES, len(QTYPES) for other types
-
-
-def _as_list(value, what):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{what}: expected a list, got {value!r}") from None
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{what}: expected a list, got {value!r}")
-    return [str(v) for v in value]
-
-
-def question_words(content: str, templ_values) -> list[str]:
-    """Template-filled words of one question (see the module docstring)."""
-    text = content.strip()
-    if text.endswith("?"):
-        text = text[:-1].rstrip()
-    words = [w for w in text.split(" ") if w]
-    if not words:
-        raise ValueError("question_content: empty question")
-    values = _as_list(templ_values, "templ_values")
-    slots = [i for i, w in enumerate(words) if "<" in w]
-    if len(slots) != len(values):
-        raise ValueError(f"templ_values: the question has {len(slots)} slot(s), "
-                         f"got {len(values)} value(s) {values}")
-    for i, val in zip(slots, values):
-        words[i] = val
-    return words
 
 
 def _qtype(value) -> int:
@@ -145,30 +112,6 @@ def read_avqa_json(path: str) -> tuple[list[QuestionRow], int]:
             bad += 1
             log.warning("%s: skipping row %d: %s", path, i, e)
     return rows, bad
-
-
-class Vocabulary:
-    """Word -> id (``<pad>`` = 0, ``<unk>`` = 1, then words in first-seen order)."""
-
-    def __init__(self, words):
-        self.words = [PAD, UNK]
-        self.index = {PAD: 0, UNK: 1}
-        for w in words:
-            if w not in self.index:
-                self.index[w] = len(self.words)
-                self.words.append(w)
-
-    def __len__(self):
-        return len(self.words)
-
-    def encode(self, words, max_len: int = MAX_LEN, where: str = "") -> np.ndarray:
-        if len(words) > max_len:
-            raise ValueError(f"{where}question of {len(words)} words is longer than "
-                             f"max_len={max_len}: {' '.join(words)!r}; raise the maximum "
-                             f"question length (--question-len)")
-        ids = np.zeros(max_len, dtype=np.int64)
-        ids[:len(words)] = [self.index.get(w, 1) for w in words]
-        return ids
 
 
 def build_vocabulary(rows) -> tuple[Vocabulary, list[str]]:

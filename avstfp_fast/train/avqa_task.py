@@ -18,11 +18,14 @@ from typing import Optional
 import torch
 
 from . import ddp
-from .avqa_data import AVQADataset, avqa_splits, collate_avqa, sample_negatives
+from .augment import build_visual_augment
+from .avqa_data import (AVQADataset, PreparedAVQADataset, avqa_splits, collate_avqa,
+                        prepared_avqa_items, sample_negatives)
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
+from .avqa_synthetic import make_synthetic_avqa
 from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
-                    load_prepared, prepared_root, register_task)
+                    load_prepared, prepared_root)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -70,7 +73,6 @@ class AVQAMetrics(Metrics):
                 **report}
 
 
-@register_task
 class AVQATask(Task):
     """MUSIC-AVQA: official JSON files + raw videos (see :mod:`.avqa_data`)."""
     name, item_name = "avqa", "questions"
@@ -149,7 +151,6 @@ class AVQATask(Task):
         """The questions of each split; from prepared data, pointed at their clips."""
         if self.prepared is None:
             return s.splits
-        from .avqa_data import prepared_avqa_items
         return prepared_avqa_items(s, self._refs)
 
     def prompt_file_inputs(self):
@@ -160,12 +161,10 @@ class AVQATask(Task):
         return {} if n is None else {"unseen_answers": n}
 
     def dataset(self, split, train, image_size):
-        from .augment import build_visual_augment
         cfg = self.cfg
         aug = build_visual_augment(cfg.visual_aug, image_size) if train else None
         items = self.splits[split]
         if self.prepared is not None:
-            from .avqa_data import PreparedAVQADataset
             check_prepared_image_size(self.prepared, image_size)
             return PreparedAVQADataset(items, hop=cfg.avqa_hop,
                                        image_size=image_size, segments=cfg.segments,
@@ -183,6 +182,7 @@ class AVQATask(Task):
         return batch["audio"] is None
 
     def build_model(self, num_classes):
+        # lazily: models load open_clip (slow), which data preparation does not need
         from avstfp_fast.models.avqa import AVQAHeadConfig, PromptedCLIPAVQA
         cfg = self.cfg
         head = AVQAHeadConfig(vocab_size=len(self.vocab), num_answers=num_classes,
@@ -232,7 +232,6 @@ class AVQATask(Task):
         return rows
 
 
-@register_task
 class SyntheticAVQATask(AVQATask):
     """Synthetic AVQA data (:mod:`.avqa_synthetic`) generated once, by rank 0, under the
     data root or the run folder; ``synthetic_train/val/test`` count videos and
@@ -245,7 +244,6 @@ class SyntheticAVQATask(AVQATask):
                     synthetic_test=24, head_hidden=64)
 
     def prepare_data(self, run_dir, rank):
-        from .avqa_synthetic import make_synthetic_avqa
         cfg = self.cfg
         if prepared_root(cfg):
             return super().prepare_data(run_dir, rank)

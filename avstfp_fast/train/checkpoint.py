@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from .._io import atomic_write
 
 __all__ = ["FORMAT", "atomic_write", "atomic_save", "load_checkpoint", "capture_rng", "restore_rng",
            "model_state", "load_model_state"]
@@ -28,37 +29,6 @@ FORMAT = "avstfp_fast.train/1"
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync it, then move it
-    into place with os.replace: readers see the old file or the new one, never a part."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        os.chmod(tmp, 0o644)             # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:   # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

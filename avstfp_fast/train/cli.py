@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import sys
 
-from ..ops.backends import backend_choices
+from ..models.prompted_clip import model_backend_choices
 from .config import COMPILE_MODES, MODEL_OPTIONS, TrainConfig, task_defaults, task_names
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="avstfp-train",
         description="Train AV-STFP (prompt-tuned CLIP tower) on AVE, Kinetics-Sounds or "
                     "synthetic data.  Defaults are the paper's recipe; the synthetic task has "
-                    "its own faster defaults (see config.SYNTHETIC_DEFAULTS).",
+                    "its own faster defaults (see tasks.SyntheticAVETask.defaults).",
     )
     S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
     B = argparse.BooleanOptionalAction
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pretrained", default=S,
       help="tower weights: an open_clip tag of --backbone (e.g. openai; open_clip's cache "
            "and download) or a local file (docs/weights.md)")
-    a("--backend", choices=backend_choices(), default=S, help=f"attention backend (default {d['backend']})")
+    a("--backend", choices=model_backend_choices(), default=S,
+      help=f"attention backend, or 'literal' for the literal layers (default {d['backend']})")
     a("--data-root", dest="data_root", default=S,
       help="data set folder in the official layout (synthetic tasks: generated there), "
            "or a folder made by avstfp-prepare")

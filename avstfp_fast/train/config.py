@@ -14,42 +14,21 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..models.config import AVSTFPConfig
-from ..ops.backends import check_backend_name
-from .preflight import default_num_workers
-
-
-
-def task_names() -> tuple:
-    from .tasks import TASKS
-    return tuple(TASKS)
+from ..models.prompted_clip import check_model_backend
+from .preflight import (COMPILE_MODES, CUDA_GRAPH_MODES, check_compile_mode,  # noqa: F401
+                        default_num_workers)
+from .registry import task_defaults, task_names  # noqa: F401  (TrainConfig's names)
 
 
 def default_model_config(**kw) -> AVSTFPConfig:
-    """The trainer's model defaults: the model's own, with the head left to the task."""
-    return AVSTFPConfig(**{"task": None, **kw})
-
-
-#: ``torch.compile`` modes (``--compile-mode``); the CUDA-graph ones need a CUDA device.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def check_compile_mode(mode: Optional[str], device) -> None:
-    """ValueError unless ``mode`` is None or a ``torch.compile`` mode that runs on
-    ``device`` (CUDA graphs -- reduce-overhead, max-autotune -- need a CUDA device)."""
-    if mode is None:
-        return
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {mode!r}")
-    dev = str(device)
-    if mode in CUDA_GRAPH_MODES and not dev.startswith("cuda"):
-        raise ValueError(f"compile_mode: {mode!r} captures CUDA graphs and needs a CUDA "
-                         f"device, got device {dev!r}")
+    """The trainer's model defaults: the model's own, with the head left to the task
+    (fields the model config no longer has, from older checkpoints, are dropped)."""
+    return AVSTFPConfig.from_dict({"task": None, **kw})
 
 
 # Model fields settable from the trainer (the head's task/num_classes come from the data).
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(AVSTFPConfig)
-                      if f.name not in ("task", "num_classes", "extra"))
+                      if f.name not in ("task", "num_classes"))
 
 
 @dataclass
@@ -121,7 +100,7 @@ class TrainConfig:
         tasks = task_names()
         if self.task not in tasks:
             raise ValueError(f"task: expected one of {tasks}, got {self.task!r}")
-        check_backend_name(self.backend)
+        check_model_backend(self.backend)
         if self.compile_mode is not None:
             check_compile_mode(self.compile_mode, "cuda")      # the device is checked at run
             self.compile = True
@@ -157,17 +136,3 @@ class TrainConfig:
         model = d.pop("model")
         d.update({k: model[k] for k in MODEL_OPTIONS})
         return d
-
-
-# Defaults for the synthetic task (tuned so the tiny CPU model reaches >= 90 % segment
-# accuracy in well under 5 minutes; one torch thread: the model is tiny, and on a shared
-# 2-core CPU two threads are several times slower); any field given explicitly wins.
-SYNTHETIC_DEFAULTS = dict(backbone="tiny", epochs=12, warmup_epochs=1.0, lr_prompts=3e-3,
-                          lr_head=3e-3, weight_decay=1e-4, batch_size=8, visual_aug="light",
-                          mixup_prob=0.0, num_workers=0, cache=True, threads=1)
-
-
-def task_defaults(task: str) -> dict:
-    """The TrainConfig values task ``task`` changes (``Task.defaults``)."""
-    from .tasks import TASKS
-    return dict(TASKS[task].defaults) if task in TASKS else {}

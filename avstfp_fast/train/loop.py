@@ -38,9 +38,10 @@ from .config import TrainConfig, check_compile_mode
 from .data import ResumableDistributedSampler, ShardSampler
 from .metrics import dump_json, dumps_json, format_table
 from .preflight import preflight
+from .registry import make_task
 from .schedule import build_scheduler
 from .state import EpochStats, RunState, Status
-from .tasks import StepContext, make_task
+from .tasks import StepContext
 
 log = logging.getLogger("avstfp_fast.train")
 

@@ -60,14 +60,33 @@ def resolve_device(device: Optional[str], option: str = "--device") -> torch.dev
     return d
 
 
+#: ``torch.compile`` modes (``--compile-mode``); the CUDA-graph ones need a CUDA device.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_mode(mode: Optional[str], device) -> None:
+    """ValueError unless ``mode`` is None or a ``torch.compile`` mode that runs on
+    ``device`` (CUDA graphs -- reduce-overhead, max-autotune -- need a CUDA device)."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {COMPILE_MODES}, got {mode!r}")
+    dev = str(device)
+    if mode in CUDA_GRAPH_MODES and not dev.startswith("cuda"):
+        raise ValueError(f"compile_mode: {mode!r} captures CUDA graphs and needs a CUDA "
+                         f"device, got device {dev!r}")
+
+
 def check_backend_on_device(backend: str, device: torch.device,
                             option: str = "--backend") -> None:
     """A named kernel backend must be able to run on ``device`` (e.g. triton or cuda on a
     CPU-only machine is refused here, with the backend's own reasons)."""
-    from ..ops.backends import AUTO, check_backend_name, get_backend
+    from ..models.prompted_clip import LITERAL_BACKEND, check_model_backend
+    from ..ops.backends import AUTO, get_backend
     from ..ops.contract import AttnProblem
-    check_backend_name(backend)
-    if backend == AUTO:
+    check_model_backend(backend, option.lstrip("-"))
+    if backend in (AUTO, LITERAL_BACKEND):     # the literal layers call no op backend
         return
     try:
         b = get_backend(backend)
@@ -99,7 +118,6 @@ def preflight(cfg) -> torch.device:
     device = resolve_device(cfg.device)
     check_backend_on_device(cfg.backend, device)
     if cfg.compile_mode is not None:
-        from .config import check_compile_mode
         check_compile_mode(cfg.compile_mode, device)
     if cfg.resume:
         from .checkpoint import load_checkpoint
