@@ -981,6 +981,113 @@ dkv_kernel(const __grid_constant__ AttnParams p) {
         dkv_smem_body<T, D, BN, BM, STAGES, PACK>(p);
 }
 
+// What both dK/dV bodies share: the work item's (sequence, segment, key tile), the unit's
+// shared-memory stages, and the cp.async pipeline over the segment's query tiles.  Every
+// path commits the same groups: start() one K/V group (no copies for a segment without
+// queries: segments=(0, n) with prompts, or Lq = 0; its keys' gradients are zero), then one
+// Q/dO group per prefetched stage; each acquire() one group.  The bodies drain what is left
+// before they exit.  The key tile (key_tile(seg, j)) stays a local of each body: kept in
+// this struct, it costs the fp16/bf16 head-dim-128 kernel 2 registers.
+template <typename T, int D, int BN, int BM, int STAGES>
+struct DkvTile {
+    using L = DkvSmem<T, D, BN, BM, STAGES>;
+    static constexpr int UT = BN * 2;
+    unsigned char* base;   // this unit's shared memory
+    int tid, seg, j, nqt;  // key tile j of segment seg; nqt: query tiles of the segment
+    int64_t b;
+    BatchIdx bi;
+    bool vec;
+    float sl2;   // scale in log2 units
+    const T *gq, *gdo;
+
+    // The work item of unit `unit`; false (and no copies issued) when there is none.
+    template <int PACK>
+    __device__ __forceinline__ bool init(const AttnParams& p, unsigned char* smem, int unit,
+                                         int tid_) {
+        const int tiles = num_key_tiles_all(p, BN);
+        const int64_t w = work_item<PACK>(unit);
+        if (w >= (int64_t)tiles * p.nseq) return false;
+        tid = tid_;
+        b = w / tiles;
+        seg = 0;
+        j = (int)(w % tiles);   // (segment, key tile) from the tile index
+        while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
+        base = smem + unit * L::bytes;
+        bi = batch_index(p, b);
+        vec = p.vec16 != 0;
+        sl2 = p.scale * kLog2e;
+        nqt = cdiv(p.q_len[seg], BM);
+        gq = (const T*)p.q.ptr + boff(p.q, bi);
+        gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
+        return true;
+    }
+
+    __device__ __forceinline__ T* sK() const { return reinterpret_cast<T*>(base + L::k); }
+    __device__ __forceinline__ T* sV() const { return reinterpret_cast<T*>(base + L::v); }
+    __device__ __forceinline__ T* stQ(int st) const {
+        return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile);
+    }
+    __device__ __forceinline__ T* stdO(int st) const {
+        return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile);
+    }
+    __device__ __forceinline__ float* stLse(int st) const {
+        return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage);
+    }
+
+    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
+    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain stores
+    __device__ __forceinline__ void issue_q(const AttnParams& p, int i, int st) const {
+        const int q0 = p.q_start[seg] + i * BM;
+        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
+        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
+                                tid);
+        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
+                                nq, vec, tid);
+        float* lse = stLse(st);
+        for (int r = tid; r < BM; r += UT) {
+            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
+            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
+        }
+    }
+
+    // K and V of tile kt as a commit group of their own (older than every Q/dO group, so
+    // the pipeline's waits cover it), then the first STAGES-1 query tiles.
+    __device__ __forceinline__ void start(const AttnParams& p, const KeyTile& kt) const {
+        if (nqt > 0) {
+            const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
+            const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
+            load_tile2<T, BN, D, UT>(sK(), (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk,
+                                     rpk, kt.np, vec, tid);
+            load_tile2<T, BN, D, UT>(sV(), (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
+                                     rpv, kt.np, vec, tid);
+        }
+        cp_async_commit();
+#pragma unroll 1
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (st < nqt) issue_q(p, st, st);
+            cp_async_commit();
+        }
+    }
+
+    // Query tile i resident in its stage (returned) for the whole unit; the next tile's
+    // copies are in flight.
+    __device__ __forceinline__ int acquire(const AttnParams& p, int i) const {
+        if constexpr (STAGES == 1) {
+            unit_sync<UT>();
+            issue_q(p, i, 0);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();
+        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
+        if constexpr (STAGES > 1) {
+            const int in = i + STAGES - 1;
+            if (in < nqt) issue_q(p, in, in % STAGES);
+            cp_async_commit();
+        }
+        return i % STAGES;
+    }
+};
+
 // One warp owns 16 key rows (keys, then prompts): K's and V's A fragments loaded once;
 // per query tile S^T = K Q^T and dP^T = V dO^T into C fragments (columns: queries),
 // P^T = exp2(S^T log2e scale - lse) and dS^T = P^T (dP^T - delta) in the same registers,
@@ -997,62 +1104,13 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    const int tiles = num_key_tiles_all(p, BN);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, j = (int)(w % tiles);   // (segment, key tile) from the tile index
-    while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
+    DkvTile<T, D, BN, BM, STAGES> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const KeyTile kt = key_tile<T>(p, t.seg, t.j, BN, t.bi);
+    t.start(p, kt);
 
-    unsigned char* base = smem + unit * L::bytes;
-    T* sK = reinterpret_cast<T*>(base + L::k);
-    T* sV = reinterpret_cast<T*>(base + L::v);
-    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
-    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
-    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
-    const float sl2 = p.scale * kLog2e;
-    const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
-    const int nqt = cdiv(p.q_len[seg], BM);
-    const T* gq = (const T*)p.q.ptr + boff(p.q, bi);
-    const T* gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
-
-    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
-    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain stores
-    auto issue_q = [=, &p](int i, int st) {
-        const int q0 = p.q_start[seg] + i * BM;
-        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
-        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
-                                tid);
-        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
-                                nq, vec, tid);
-        float* lse = stLse(st);
-        for (int r = tid; r < BM; r += UT) {
-            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
-            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
-        }
-    };
-
-    // K and V as a commit group of their own; none for a segment without queries
-    if (nqt > 0) {
-        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
-        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
-        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
-                                 kt.np, vec, tid);
-        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
-                                 kt.np, vec, tid);
-    }
-    cp_async_commit();
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nqt) issue_q(st, st);
-        cp_async_commit();
-    }
-
-    T* Kw = sK + warp * 16 * L::LDT;
-    T* Vw = sV + warp * 16 * L::LDT;
+    T* Kw = t.sK() + warp * 16 * L::LDT;
+    T* Vw = t.sV() + warp * 16 * L::LDT;
     // Head dim 128: dK and dV alone take 128 registers, so K's and V's fragments (64 more)
     // are reloaded from shared memory for every query tile instead of kept (no spills).
     constexpr bool kKeepKV = D <= 32;
@@ -1064,22 +1122,11 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
         for (int i = 0; i < 4; ++i) dk[n][i] = dv[n][i] = 0.f;
 
 #pragma unroll 1
-    for (int i = 0; i < nqt; ++i) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_q(i, 0);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int in = i + STAGES - 1;
-            if (in < nqt) issue_q(in, in % STAGES);
-            cp_async_commit();
-        }
-        const T* sQ = stQ(i % STAGES);
-        const T* sdO = stdO(i % STAGES);
-        const float* sLse = stLse(i % STAGES);
+    for (int i = 0; i < t.nqt; ++i) {
+        const int st = t.acquire(p, i);
+        const T* sQ = t.stQ(st);
+        const T* sdO = t.stdO(st);
+        const float* sLse = t.stLse(st);
         const float* sDelta = sLse + BM;
 
         float pt[BM / 8][4], dst[BM / 8][4];
@@ -1105,7 +1152,7 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = n * 8 + 2 * tq + (e & 1);   // query
-                const float pr = exp2f(pt[n][e] * sl2 - sLse[c]);
+                const float pr = exp2f(pt[n][e] * t.sl2 - sLse[c]);
                 pt[n][e] = pr;                             // P^T
                 dst[n][e] = pr * (dst[n][e] - sDelta[c]);  // dS^T
             }
@@ -1123,17 +1170,17 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
         stage_frags<T, D>(Vw, L::LDT, dv, 1.f, 1.f);
         __syncwarp();
         const bool v16 = p.vec16_out != 0;
-        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
+        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
                               p.dk.rstride, Kw, L::LDT, nkw, v16);
-        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
+        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
                               p.dv.rstride, Vw, L::LDT, nkw, v16);
     }
     // prompt rows [nk, nk + np): float32 gradients from the registers
     if (kt.np > 0 && r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
-        const Operand& ok = p.dpk[seg];
-        const Operand& ov = p.dpv[seg];
-        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
+        const Operand& ok = p.dpk[t.seg];
+        const Operand& ov = p.dpv[t.seg];
+        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
         const bool atomic = p.atomic_prompt_grads != 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -1167,74 +1214,24 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    const int tiles = num_key_tiles_all(p, BN);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, j = (int)(w % tiles);   // (segment, key tile) from the tile index
-    while (j >= num_key_tiles(p, seg, BN)) j -= num_key_tiles(p, seg++, BN);
-
-    unsigned char* base = smem + unit * L::bytes;
-    T* sK = reinterpret_cast<T*>(base + L::k);
-    T* sV = reinterpret_cast<T*>(base + L::v);
+    DkvTile<T, D, BN, BM, STAGES> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const KeyTile kt = key_tile<T>(p, t.seg, t.j, BN, t.bi);
+    t.start(p, kt);
+    unsigned char* base = t.base;
     float* sS = reinterpret_cast<float*>(base + L::s);     // S^T: keys x queries
     float* sdP = reinterpret_cast<float*>(base + L::dp);   // dP^T
     T* sP = reinterpret_cast<T*>(base + L::pm);            // P^T
     T* sdS = reinterpret_cast<T*>(base + L::ds);           // dS^T
     float* sdK = reinterpret_cast<float*>(base + L::dk);
     float* sdV = reinterpret_cast<float*>(base + L::dv);
-    auto stQ = [=](int st) { return reinterpret_cast<T*>(base + L::qd + 2 * st * L::qtile); };
-    auto stdO = [=](int st) { return reinterpret_cast<T*>(base + L::qd + (2 * st + 1) * L::qtile); };
-    auto stLse = [=](int st) { return reinterpret_cast<float*>(base + L::stat + st * L::stat_stage); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
-    const float sl2 = p.scale * kLog2e;
-    const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
-    const int nqt = cdiv(p.q_len[seg], BM);
-    const T* gq = (const T*)p.q.ptr + boff(p.q, bi);
-    const T* gdo = (const T*)p.dout.ptr + boff(p.dout, bi);
-
-    // query tile i into stage st: Q, dO asynchronously; lse, delta (per query, log2 units;
-    // padded queries get lse = +inf, so their probabilities are exactly 0) by plain loads
-    auto issue_q = [=, &p](int i, int st) {
-        const int q0 = p.q_start[seg] + i * BM;
-        const int nq = min(BM, p.q_start[seg] + p.q_len[seg] - q0);
-        load_tile<T, BM, D, UT>(stQ(st), gq + (int64_t)q0 * p.q.rstride, p.q.rstride, nq, vec,
-                                tid);
-        load_tile<T, BM, D, UT>(stdO(st), gdo + (int64_t)q0 * p.dout.rstride, p.dout.rstride,
-                                nq, vec, tid);
-        float* lse = stLse(st);
-        for (int r = tid; r < BM; r += UT) {
-            lse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : INFINITY;
-            lse[BM + r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
-        }
-    };
-
-    // K and V of the tile, as a commit group of their own (older than every Q/dO group, so
-    // the pipeline's waits cover it).  A segment without queries (segments=(0, n) with
-    // prompts, or Lq = 0) issues no copies at all: its keys' gradients are zero.
-    if (nqt > 0) {
-        const int64_t rpk = kt.np > 0 ? p.pk[seg].rstride : 0;
-        const int64_t rpv = kt.np > 0 ? p.pv[seg].rstride : 0;
-        load_tile2<T, BN, D, UT>(sK, (const T*)kt.k, p.k.rstride, kt.nk, (const T*)kt.pk, rpk,
-                                 kt.np, vec, tid);
-        load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv, rpv,
-                                 kt.np, vec, tid);
-    }
-    cp_async_commit();
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < nqt) issue_q(st, st);
-        cp_async_commit();
-    }
     for (int i = tid; i < BN * L::LDA; i += UT) {
         sdK[i] = 0.f;
         sdV[i] = 0.f;
     }
 
-    const T* Kw = sK + warp * 16 * L::LDT;
-    const T* Vw = sV + warp * 16 * L::LDT;
+    const T* Kw = t.sK() + warp * 16 * L::LDT;
+    const T* Vw = t.sV() + warp * 16 * L::LDT;
     float* Sw = sS + warp * 16 * L::LDS;
     float* dPw = sdP + warp * 16 * L::LDS;
     T* Pw = sP + warp * 16 * L::LDP;
@@ -1242,29 +1239,18 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
     float* dKw = sdK + warp * 16 * L::LDA;
     float* dVw = sdV + warp * 16 * L::LDA;
 
-    for (int i = 0; i < nqt; ++i) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_q(i, 0);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int in = i + STAGES - 1;
-            if (in < nqt) issue_q(in, in % STAGES);
-            cp_async_commit();
-        }
-        const T* sQ = stQ(i % STAGES);
-        const T* sdO = stdO(i % STAGES);
-        const float* sLse = stLse(i % STAGES);
+    for (int i = 0; i < t.nqt; ++i) {
+        const int st = t.acquire(p, i);
+        const T* sQ = t.stQ(st);
+        const T* sdO = t.stdO(st);
+        const float* sLse = t.stLse(st);
         const float* sDelta = sLse + BM;
 
         warp_mm<T, BM, D, true>(Kw, L::LDT, sQ, L::LDT, Sw, L::LDS, false);    // S^T = K Q^T
         warp_mm<T, BM, D, true>(Vw, L::LDT, sdO, L::LDT, dPw, L::LDS, false);  // dP^T = V dO^T
         for (int e = lane; e < 16 * BM; e += 32) {
             const int r = e / BM, c = e % BM;     // r: key (this warp), c: query
-            const float pr = exp2f(Sw[r * L::LDS + c] * sl2 - sLse[c]);
+            const float pr = exp2f(Sw[r * L::LDS + c] * t.sl2 - sLse[c]);
             const float ds = pr * (dPw[r * L::LDS + c] - sDelta[c]);
             Pw[r * L::LDP + c] = from_f<T>(pr);
             dSw[r * L::LDP + c] = from_f<T>(ds);
@@ -1277,19 +1263,19 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
 
     if (kt.nk > 0) {   // rows [0, nk): keys
         const bool v16 = p.vec16_out != 0;
-        store_tile<T, D, UT>((T*)p.dk.ptr + boff(p.dk, bi) + (int64_t)kt.k0 * p.dk.rstride,
+        store_tile<T, D, UT>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)kt.k0 * p.dk.rstride,
                              p.dk.rstride, sdK, L::LDA, kt.nk, nullptr, p.scale, v16, tid);
-        store_tile<T, D, UT>((T*)p.dv.ptr + boff(p.dv, bi) + (int64_t)kt.k0 * p.dv.rstride,
+        store_tile<T, D, UT>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)kt.k0 * p.dv.rstride,
                              p.dv.rstride, sdV, L::LDA, kt.nk, nullptr, 1.f, v16, tid);
     }
     if (kt.np > 0) {
         // rows [nk, nk + np): prompt gradients (float32), reduced over the batch either by
         // atomics into the un-broadcast buffer (broadcast strides 0), or stored per
         // sequence (deterministic) and summed afterwards by the caller.
-        const Operand& ok = p.dpk[seg];
-        const Operand& ov = p.dpv[seg];
-        float* gk = (float*)ok.ptr + boff(ok, bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, bi) + (int64_t)kt.p0 * ov.rstride;
+        const Operand& ok = p.dpk[t.seg];
+        const Operand& ov = p.dpv[t.seg];
+        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
+        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
         const bool atomic = p.atomic_prompt_grads != 0;
         const float* dK = sdK + kt.nk * L::LDA;
         const float* dV = sdV + kt.nk * L::LDA;

@@ -105,6 +105,15 @@ def _rows(grp, blk, BT, n, G: tl.constexpr, SLOT: tl.constexpr):
 
 
 @triton.jit
+def _kv_rows(grp, BT, BS, sk, sv, spk_s, spv_s, G: tl.constexpr, SLOT: tl.constexpr):
+    # the key rows of sequence group grp (sequence cb, position cj in a key tile) and their
+    # batch offsets into K, V and the segment's prompt keys/values
+    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT)
+    return (cb, cj, _boff(cb, BS, sk), _boff(cb, BS, sv), _boff(cb, BS, spk_s),
+            _boff(cb, BS, spv_s))
+
+
+@triton.jit
 def _ptr(PTR, boff, pos, st, D: tl.constexpr):
     d = tl.arange(0, D)
     return PTR + boff[:, None] + pos.to(tl.int64)[:, None] * st[4] + d[None, :]
@@ -234,9 +243,7 @@ def prompted_attn_fwd(
     # often 0 over the batch), as one source
     spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
     PKs, PVs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG)
-    cb, cj, _ = _rows(grp, 0, BT, 0, G, SLOT_N)
-    kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
-    pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+    cb, cj, kbo, vbo, pko, pvo = _kv_rows(grp, BT, BS, sk, sv, spk_s, spv_s, G, SLOT_N)
     if WHILE:
         j0 = 0
         while j0 < nkp:
@@ -701,9 +708,7 @@ def prompted_attn_bwd_seq(
         qb, qi, _ = _rows(sg, 0, BT, 0, G, SLOT_M)
         qbo, obo, dbo, dqo = _boff(qb, BS, sq), _boff(qb, BS, so), _boff(qb, BS, sdo), \
             _boff(qb, BS, sdq)
-        cb, cj, _ = _rows(sg, 0, BT, 0, G, SLOT_N)
-        kbo, vbo = _boff(cb, BS, sk), _boff(cb, BS, sv)
-        pko, pvo = _boff(cb, BS, spk_s), _boff(cb, BS, spv_s)
+        cb, cj, kbo, vbo, pko, pvo = _kv_rows(sg, BT, BS, sk, sv, spk_s, spv_s, G, SLOT_N)
         if WHILE:
             m0 = 0
             while m0 < nq:
