@@ -43,17 +43,29 @@ class _Meta:
     scale: float
 
 
+class _Layout:
+    """The layout token of a cached plan (:attr:`AttnProblem.layout`): hashed by identity
+    (one per validated layout), with ``slots``, a dict in which the backend keeps its own
+    per-layout launch plans, so that it never re-hashes the layout key per call."""
+    __slots__ = ("key", "slots")
+
+    def __init__(self, key):
+        self.key, self.slots = key, {}
+
+
 class _Plan:
     """One validated layout of a kernel-backend call: the backend, the autograd meta, and
     how to rebuild the q/k/v views and allocate the output without re-deriving them.
 
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
-    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout")
+    __slots__ = ("meta", "backend", "views", "qkv_shape", "out_shape", "out_strides",
+                 "traced", "layout")
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
                  key=None):
-        self.meta, self.backend, self.layout = meta, backend, key
+        self.meta, self.backend = meta, backend
+        self.layout = None if key is None else _Layout(key)
         # while tracing (torch.compile) views and buffers are built as the ops' own calls
         # (no storage offsets or strides read); the plan is then never cached either
         self.traced = torch.compiler.is_compiling()
@@ -61,6 +73,7 @@ class _Plan:
         self.views = None if (qkv is None or self.traced) else tuple(
             (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
             for t in (p.q, p.k, p.v))
+        self.qkv_shape = None if self.views is None else tuple(qkv.shape)
         if not self.traced:
             order = stride_order(p.q.shape, p.q.stride())
             self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
@@ -76,13 +89,13 @@ class _Plan:
         return tuple(qkv.as_strided(size, stride, off + rel) for size, stride, rel in self.views)
 
     def problem(self, tensors) -> AttnProblem:
-        m = self.meta
-        if m.packed is not None:
+        if self.meta.packed is not None:
             q, k, v = self.qkv_of(tensors[0])
-            rest = tensors[1:]
-        else:
-            q, k, v = tensors[:3]
-            rest = tensors[3:]
+            return self.problem_of(q, k, v, tensors[1:])
+        return self.problem_of(*tensors[:3], tensors[3:])
+
+    def problem_of(self, q, k, v, rest) -> AttnProblem:
+        m = self.meta
         if len(m.present) == 1:                      # no segments: at most one pair
             pks, pvs = ((rest[0],), (rest[1],)) if rest else ((None,), (None,))
         else:
@@ -108,7 +121,10 @@ class _KernelAttention(torch.autograd.Function):
         out = plan.empty_out(p.q)
         lse = plan.backend.forward(p, out)
         ctx.plan = plan
-        ctx.save_for_backward(*tensors, out, lse)
+        if plan.views is not None:     # packed, eager: save the views (not rebuilt below)
+            ctx.save_for_backward(p.q, p.k, p.v, *tensors[1:], out, lse)
+        else:
+            ctx.save_for_backward(*tensors, out, lse)
         return out
 
     @staticmethod
@@ -116,12 +132,20 @@ class _KernelAttention(torch.autograd.Function):
         plan = ctx.plan
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
-        p = plan.problem(tensors)
-        if meta.packed is not None:
+        if plan.views is not None:
+            q = tensors[0]
+            p = plan.problem_of(q, tensors[1], tensors[2], tensors[3:])
+            # dense like qkv (contiguous, as the plan's key fixed): the views tile it
+            dqkv = torch.empty(plan.qkv_shape, dtype=q.dtype, device=q.device)
+            dq, dk, dv = plan.qkv_of(dqkv)
+            lead = (dqkv,)
+        elif meta.packed is not None:
+            p = plan.problem(tensors)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
             dq, dk, dv = plan.qkv_of(dqkv)
             lead = (dqkv,)
         else:
+            p = plan.problem(tensors)
             dq = empty_in_stride_order(p.q.shape, p.q)
             dk = empty_in_stride_order(p.k.shape, p.k)
             dv = empty_in_stride_order(p.v.shape, p.v)
