@@ -44,13 +44,13 @@ class _Meta:
 
 
 class _Layout:
-    """The layout token of a cached plan (:attr:`AttnProblem.layout`): hashed by identity
-    (one per validated layout), with ``slots``, a dict in which the backend keeps its own
-    per-layout launch plans, so that it never re-hashes the layout key per call."""
-    __slots__ = ("key", "slots")
+    """The layout token of a cached plan (:attr:`AttnProblem.layout`): one object per
+    validated layout, hashed by identity, so a backend keying its own per-layout plans on
+    it never re-hashes the layout key per call (``key``: that key)."""
+    __slots__ = ("key",)
 
     def __init__(self, key):
-        self.key, self.slots = key, {}
+        self.key = key
 
 
 class _Plan:

@@ -37,8 +37,8 @@ class AttnProblem:
     scale: float
     #: token of everything but the data pointers (shapes, strides, dtypes, device,
     #: segments, scale), set when the op's plan cache has validated this layout: one
-    #: object per layout, hashed by identity, whose ``slots`` dict backends may keep their
-    #: own per-layout state in (None: derive it from the tensors)
+    #: object per layout, hashed by identity; backends may key their own per-layout state
+    #: on it (None: derive it from the tensors)
     layout: Optional[object] = None
 
     @property

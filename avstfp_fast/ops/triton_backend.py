@@ -499,9 +499,10 @@ class _Plan:
         # the reduction kernel's outputs: in q's dtype where every prompt gradient is
         # written as is (else fp32, summed and cast further on the host), their shapes,
         # and whether that is the prompt's own shape (no view needed)
-        self.pg_odt = q.dtype if all(
+        self.pg_all_direct = all(
             self.pg_direct[s] and pks[s].dtype == q.dtype and pvs[s].dtype == q.dtype
-            for s in range(len(pks)) if self.pg_lead[s] is not None) else torch.float32
+            for s in range(len(pks)) if self.pg_lead[s] is not None)
+        self.pg_odt = q.dtype if self.pg_all_direct else torch.float32
         self.pg_oshape = tuple(None if ld is None else (*ld, self.P[s], self.E)
                                for s, ld in enumerate(self.pg_lead))
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
@@ -529,19 +530,6 @@ def _plan(key, *args, **kw) -> _Plan:
     return pl
 
 
-def _token_plan(layout, key, *args, **kw) -> _Plan:
-    """The plan of a call whose layout the op validated: kept in the layout token's own
-    ``slots`` (no hashing of the whole layout per call), keyed by what the token does not
-    fix (the strides of the buffers written and of dout, the determinism switch)."""
-    slots = layout.slots
-    pl = slots.get(key)
-    if pl is None:
-        if len(slots) >= 64:
-            slots.clear()
-        pl = slots[key] = _Plan(*args, **kw)
-    return pl
-
-
 def _ptrs(ts, dummy):
     return tuple(dummy if t is None else t for t in ts)
 
@@ -550,8 +538,9 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, layout=
     # layout: the op's validated layout token (AttnProblem.layout), which fixes every
     # input's shape and strides; else they are read off the tensors
     if layout is not None:
-        pl = _token_plan(layout, ("f", interpreting(), out.stride()), q, k, v, out, pks, pvs,
-                         q_segments, k_segments, scale)
+        # the token is hashed by identity (cheap) and its key holds TRITON_INTERPRET
+        pl = _plan(("f", layout, out.stride()), q, k, v, out, pks, pvs, q_segments,
+                   k_segments, scale)
     else:
         pl = _plan(("f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
                     v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
@@ -587,14 +576,14 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     det = bool(deterministic)
     path = os.environ.get("AVSTFP_TRITON_BWD", "auto")      # a forced path is a new plan
     if layout is not None:
-        key = ("b", det, path, interpreting(), out.stride(), dout.stride(), dq.stride(),
-               dk.stride(), dv.stride())
-        pl = layout.slots.get(key)
+        key = ("b", layout, det, path, out.stride(), dout.stride(), dq.stride(), dk.stride(),
+               dv.stride())
+        pl = _PLANS.get(key)
         if pl is None:
             if check is not None:
                 check(dq, dk, dv)
-            pl = _token_plan(layout, key, q, k, v, out, pks, pvs, q_segments, k_segments,
-                             scale, dout, dq, dk, dv, det)
+            pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout, dq,
+                       dk, dv, det)
     else:
         if check is not None:
             check(dq, dk, dv)
@@ -683,7 +672,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             pl.NP, pl.pg_ks, pl.pg_rs, pl.pg_bs, pl.pg_sizes),
             lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg, WHILE=interpreting(), num_warps=4),
             pl.launchers)
-        direct = odt is q.dtype
+        direct = pl.pg_all_direct
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pl.pg_lead[s] is None:
                 continue
