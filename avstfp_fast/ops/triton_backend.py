@@ -792,11 +792,12 @@ class TritonBackend(KernelBackend):
             grads = _backward_impl(p.q, p.k, p.v, p.prompt_k, p.prompt_v, p.q_segments,
                                    p.k_segments, p.scale, out, lse, dout, dq, dk, dv,
                                    bool(deterministic), p.layout, False, self._check_grads)
-        else:
-            self.check_writes(dq=dq, dk=dk, dv=dv)
-            grads = torch.ops.avstfp_triton.attn_bwd(
-                p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
-                list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
+            S = len(p.prompt_k)         # None where a segment has no prompts
+            return grads[:S], grads[MAX_SEGMENTS:MAX_SEGMENTS + S]
+        self.check_writes(dq=dq, dk=dk, dv=dv)
+        grads = torch.ops.avstfp_triton.attn_bwd(
+            p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+            list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
         S = len(p.prompt_k)
         dpk = tuple(grads[s] if p.prompt_k[s] is not None else None for s in range(S))
         dpv = tuple(grads[MAX_SEGMENTS + s] if p.prompt_k[s] is not None else None
