@@ -59,8 +59,7 @@ class _Plan:
 
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
-    __slots__ = ("meta", "backend", "views", "qkv_shape", "out_shape", "out_strides",
-                 "traced", "layout")
+    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout")
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
                  key=None):
@@ -73,7 +72,6 @@ class _Plan:
         self.views = None if (qkv is None or self.traced) else tuple(
             (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
             for t in (p.q, p.k, p.v))
-        self.qkv_shape = None if self.views is None else tuple(qkv.shape)
         if not self.traced:
             order = stride_order(p.q.shape, p.q.stride())
             self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
@@ -121,10 +119,9 @@ class _KernelAttention(torch.autograd.Function):
         out = plan.empty_out(p.q)
         lse = plan.backend.forward(p, out)
         ctx.plan = plan
-        if plan.views is not None:     # packed, eager: save the views (not rebuilt below)
-            ctx.save_for_backward(p.q, p.k, p.v, *tensors[1:], out, lse)
-        else:
-            ctx.save_for_backward(*tensors, out, lse)
+        # the inputs themselves, not the q/k/v views: saved-tensor hooks may hand back
+        # copies in another layout, from which the plan's views are rebuilt
+        ctx.save_for_backward(*tensors, out, lse)
         return out
 
     @staticmethod
@@ -132,14 +129,7 @@ class _KernelAttention(torch.autograd.Function):
         plan = ctx.plan
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
-        if plan.views is not None:
-            q = tensors[0]
-            p = plan.problem_of(q, tensors[1], tensors[2], tensors[3:])
-            # dense like qkv (contiguous, as the plan's key fixed): the views tile it
-            dqkv = torch.empty(plan.qkv_shape, dtype=q.dtype, device=q.device)
-            dq, dk, dv = plan.qkv_of(dqkv)
-            lead = (dqkv,)
-        elif meta.packed is not None:
+        if meta.packed is not None:
             p = plan.problem(tensors)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
             dq, dk, dv = plan.qkv_of(dqkv)
