@@ -80,19 +80,23 @@ class _Plan:
                 acc *= self.out_shape[i]
             self.out_strides = tuple(strides)
 
-    def qkv_of(self, qkv: torch.Tensor):
-        if self.views is None:
+    def qkv_of(self, qkv: torch.Tensor, exact: bool = True):
+        if self.views is None or not exact:
             return qkv_views(qkv, *self.meta.packed)
         off = qkv.storage_offset()
         return tuple(qkv.as_strided(size, stride, off + rel) for size, stride, rel in self.views)
 
-    def problem(self, tensors) -> AttnProblem:
+    def problem(self, tensors, exact: bool = True) -> AttnProblem:
+        """The call's problem.  ``exact``: the tensors have the layout this plan validated
+        (else -- e.g. copies handed back by a saved-tensor hook -- the views are derived
+        from them and the problem carries no layout token, so the backend reads every
+        stride)."""
         if self.meta.packed is not None:
-            q, k, v = self.qkv_of(tensors[0])
-            return self.problem_of(q, k, v, tensors[1:])
-        return self.problem_of(*tensors[:3], tensors[3:])
+            q, k, v = self.qkv_of(tensors[0], exact)
+            return self.problem_of(q, k, v, tensors[1:], exact)
+        return self.problem_of(*tensors[:3], tensors[3:], exact)
 
-    def problem_of(self, q, k, v, rest) -> AttnProblem:
+    def problem_of(self, q, k, v, rest, exact: bool = True) -> AttnProblem:
         m = self.meta
         if len(m.present) == 1:                      # no segments: at most one pair
             pks, pvs = ((rest[0],), (rest[1],)) if rest else ((None,), (None,))
@@ -102,7 +106,7 @@ class _Plan:
             pks = tuple(next(it_k) if pr else None for pr in m.present)
             pvs = tuple(next(it_v) if pr else None for pr in m.present)
         return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale,
-                           self.layout)
+                           self.layout if exact else None)
 
     def empty_out(self, q: torch.Tensor) -> torch.Tensor:
         """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
@@ -119,8 +123,10 @@ class _KernelAttention(torch.autograd.Function):
         out = plan.empty_out(p.q)
         lse = plan.backend.forward(p, out)
         ctx.plan = plan
-        # the inputs themselves, not the q/k/v views: saved-tensor hooks may hand back
-        # copies in another layout, from which the plan's views are rebuilt
+        # the inputs themselves, not the q/k/v views; under saved-tensor hooks the
+        # backward may get copies in another layout (a clone of an expanded prompt is
+        # dense): then it derives the layout from them instead of the plan's
+        ctx.exact = torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         ctx.save_for_backward(*tensors, out, lse)
         return out
 
@@ -129,13 +135,14 @@ class _KernelAttention(torch.autograd.Function):
         plan = ctx.plan
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
+        exact = ctx.exact
         if meta.packed is not None:
-            p = plan.problem(tensors)
+            p = plan.problem(tensors, exact)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
-            dq, dk, dv = plan.qkv_of(dqkv)
+            dq, dk, dv = plan.qkv_of(dqkv, exact)
             lead = (dqkv,)
         else:
-            p = plan.problem(tensors)
+            p = plan.problem(tensors, exact)
             dq = empty_in_stride_order(p.q.shape, p.q)
             dk = empty_in_stride_order(p.k.shape, p.k)
             dv = empty_in_stride_order(p.v.shape, p.v)
