@@ -125,8 +125,10 @@ class _KernelAttention(torch.autograd.Function):
         ctx.plan = plan
         # the inputs themselves, not the q/k/v views; under saved-tensor hooks the
         # backward may get copies in another layout (a clone of an expanded prompt is
-        # dense): then it derives the layout from them instead of the plan's
-        ctx.exact = torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        # dense): then it derives the layout from them instead of the plan's (traced:
+        # the plan holds no layout and the views are derived anyway)
+        ctx.exact = plan.traced or torch._C._autograd._top_saved_tensors_default_hooks(
+            False) is None
         ctx.save_for_backward(*tensors, out, lse)
         return out
 
