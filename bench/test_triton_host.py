@@ -24,7 +24,10 @@ eager forward <= 20 µs, eager backward <= 40 µs (benchmark targets, never time
     python bench/test_triton_host.py [--out bench/results/host-path-after.md]
 
 prints the totals and the components (validation, backend choice, the backend's
-forward/backward, Triton's launch path) per stage.
+forward/backward, Triton's launch path) per stage; the backward again on the
+sequence-owning path (``AVSTFP_TRITON_BWD=seq``: the one the stages take at ViT-B/16,
+while the CI geometry's temporal and spatial calls take the fa2 path by size); and the
+autograd engine's own share, a no-op ``autograd.Function`` of the same arity.
 """
 from __future__ import annotations
 
@@ -157,12 +160,49 @@ def measure(stage: str, n: int = 2000) -> Dict[str, float]:
         c.zero_grad()
     r["op forward"] = _median(c.forward, n)
     r["op backward"] = _median(lambda o: o.backward(dout), n, bwd_setup)
+    # the backward path the AV-STFP stages take at ViT-B/16 (the sequence-owning one; the
+    # CI geometry's temporal and spatial calls take the fa2 path by size)
+    old = os.environ.get("AVSTFP_TRITON_BWD")
+    os.environ["AVSTFP_TRITON_BWD"] = "seq"
+    try:
+        for _ in range(20):
+            c.forward().backward(dout)
+            c.zero_grad()
+        r["op backward, seq path"] = _median(lambda o: o.backward(dout), n, bwd_setup)
+    finally:
+        if old is None:
+            del os.environ["AVSTFP_TRITON_BWD"]
+        else:
+            os.environ["AVSTFP_TRITON_BWD"] = old
+    # the autograd engine's own share: a no-op Function of the same arity whose backward
+    # allocates one gradient per input (as the op's does), .backward() as above
+    one = torch.randn(1, dtype=c.qkv.dtype)
+
+    def noop_setup():
+        c.zero_grad()
+        return _Noop.apply(*c.leaves)
+    r["autograd floor (no-op Function) backward"] = _median(
+        lambda o: o.backward(one), n, noop_setup)
     r["validation (make_problem)"] = _median(c.problem, n)
     r["backend choice (select)"] = _median(lambda: B.select(p, "triton"), n)
     r["backend forward"] = _median(lambda: be.forward(p, out), n)
     r["backend backward"] = _median(
         lambda: be.backward(p, out, lse, dout, dq, dk, dv, False), n)
     return r
+
+
+class _Noop(torch.autograd.Function):
+    """The op's autograd arity without its work: saves its inputs, returns a 1-element
+    output, and its backward returns one fresh gradient per input."""
+
+    @staticmethod
+    def forward(ctx, *ts):
+        ctx.save_for_backward(*ts)
+        return ts[0].new_empty(1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
 
 
 # --------------------------------------------------------------------------- pytest

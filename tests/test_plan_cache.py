@@ -3,6 +3,8 @@ and backend selection; any change to what validation reads validates again, with
 same errors as a first call; results stay those of the reference."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -142,3 +144,28 @@ def test_autocast_and_generators_take_the_full_path(validations):
     out = prompted_attention(q, q, q, segments=(n for n in (2, 4)), backend=be)
     ref = prompted_attention(q, q, q, segments=(2, 4), backend="reference")
     assert_close(out, ref, torch.float32)
+
+
+def test_saved_tensor_hooks_returning_copies_keep_gradients_exact(validations):
+    """A saved-tensor hook may hand the backward copies in another layout (a clone of an
+    expanded prompt is dense): that backward reads their strides, and calls before and
+    after it, with and without the hook, keep the cached plans' layouts apart."""
+    be = _kernel_backend()
+    qkv = torch.randn(2, 5, 3, 2, 32, requires_grad=True)
+    pk0 = torch.randn(1, 3, 32, requires_grad=True)
+    pv0 = torch.randn(1, 3, 32, requires_grad=True)
+    g = torch.randn(2, 2, 5, 32)
+
+    def run(backend, hooked):
+        for t in (qkv, pk0, pv0):
+            t.grad = None
+        pk, pv = pk0.expand(2, 3, 32), pv0.expand(2, 3, 32)     # stride-0 head dim
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+              if hooked else contextlib.nullcontext()):
+            out = prompted_attention_qkv(qkv, pk, pv, qkv_dim=2, seq_dim=1, backend=backend)
+        out.backward(g)
+        return [t.grad.clone() for t in (qkv, pk0, pv0)]
+    ref = run("reference", False)
+    for hooked in (False, True, False, True):
+        for name, a, b in zip(("dqkv", "dpk", "dpv"), run(be, hooked), ref):
+            assert_close(a, b, torch.float32, f"{name}, hook={hooked}")

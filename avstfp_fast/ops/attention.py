@@ -43,6 +43,16 @@ class _Meta:
     scale: float
 
 
+class _Layout:
+    """The layout token of a cached plan (:attr:`AttnProblem.layout`): one object per
+    validated layout, hashed by identity, so a backend keying its own per-layout plans on
+    it never re-hashes the layout key per call (``key``: that key)."""
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+
 class _Plan:
     """One validated layout of a kernel-backend call: the backend, the autograd meta, and
     how to rebuild the q/k/v views and allocate the output without re-deriving them.
@@ -53,7 +63,8 @@ class _Plan:
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
                  key=None):
-        self.meta, self.backend, self.layout = meta, backend, key
+        self.meta, self.backend = meta, backend
+        self.layout = None if key is None else _Layout(key)
         # while tracing (torch.compile) views and buffers are built as the ops' own calls
         # (no storage offsets or strides read); the plan is then never cached either
         self.traced = torch.compiler.is_compiling()
@@ -69,20 +80,24 @@ class _Plan:
                 acc *= self.out_shape[i]
             self.out_strides = tuple(strides)
 
-    def qkv_of(self, qkv: torch.Tensor):
-        if self.views is None:
+    def qkv_of(self, qkv: torch.Tensor, exact: bool = True):
+        if self.views is None or not exact:
             return qkv_views(qkv, *self.meta.packed)
         off = qkv.storage_offset()
         return tuple(qkv.as_strided(size, stride, off + rel) for size, stride, rel in self.views)
 
-    def problem(self, tensors) -> AttnProblem:
+    def problem(self, tensors, exact: bool = True) -> AttnProblem:
+        """The call's problem.  ``exact``: the tensors have the layout this plan validated
+        (else -- e.g. copies handed back by a saved-tensor hook -- the views are derived
+        from them and the problem carries no layout token, so the backend reads every
+        stride)."""
+        if self.meta.packed is not None:
+            q, k, v = self.qkv_of(tensors[0], exact)
+            return self.problem_of(q, k, v, tensors[1:], exact)
+        return self.problem_of(*tensors[:3], tensors[3:], exact)
+
+    def problem_of(self, q, k, v, rest, exact: bool = True) -> AttnProblem:
         m = self.meta
-        if m.packed is not None:
-            q, k, v = self.qkv_of(tensors[0])
-            rest = tensors[1:]
-        else:
-            q, k, v = tensors[:3]
-            rest = tensors[3:]
         if len(m.present) == 1:                      # no segments: at most one pair
             pks, pvs = ((rest[0],), (rest[1],)) if rest else ((None,), (None,))
         else:
@@ -91,7 +106,7 @@ class _Plan:
             pks = tuple(next(it_k) if pr else None for pr in m.present)
             pvs = tuple(next(it_v) if pr else None for pr in m.present)
         return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale,
-                           self.layout)
+                           self.layout if exact else None)
 
     def empty_out(self, q: torch.Tensor) -> torch.Tensor:
         """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
@@ -108,6 +123,12 @@ class _KernelAttention(torch.autograd.Function):
         out = plan.empty_out(p.q)
         lse = plan.backend.forward(p, out)
         ctx.plan = plan
+        # the inputs themselves, not the q/k/v views; under saved-tensor hooks the
+        # backward may get copies in another layout (a clone of an expanded prompt is
+        # dense): then it derives the layout from them instead of the plan's (traced:
+        # the plan holds no layout and the views are derived anyway)
+        ctx.exact = plan.traced or torch._C._autograd._top_saved_tensors_default_hooks(
+            False) is None
         ctx.save_for_backward(*tensors, out, lse)
         return out
 
@@ -116,12 +137,14 @@ class _KernelAttention(torch.autograd.Function):
         plan = ctx.plan
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
-        p = plan.problem(tensors)
+        exact = ctx.exact
         if meta.packed is not None:
+            p = plan.problem(tensors, exact)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
-            dq, dk, dv = plan.qkv_of(dqkv)
+            dq, dk, dv = plan.qkv_of(dqkv, exact)
             lead = (dqkv,)
         else:
+            p = plan.problem(tensors, exact)
             dq = empty_in_stride_order(p.q.shape, p.q)
             dk = empty_in_stride_order(p.k.shape, p.k)
             dv = empty_in_stride_order(p.v.shape, p.v)

@@ -35,10 +35,11 @@ class AttnProblem:
     q_segments: Tuple[int, ...]          # lengths of the query pieces (one piece when no segments)
     k_segments: Tuple[int, ...]          # lengths of the key pieces
     scale: float
-    #: hashable token of everything but the data pointers (shapes, strides, dtypes, device,
-    #: segments, scale), set when the op's plan cache has validated this layout; backends
-    #: may key their own per-layout state on it (None: derive it from the tensors)
-    layout: Optional[tuple] = None
+    #: token of everything but the data pointers (shapes, strides, dtypes, device,
+    #: segments, scale), set when the op's plan cache has validated this layout: one
+    #: object per layout, hashed by identity; backends may key their own per-layout state
+    #: on it (None: derive it from the tensors)
+    layout: Optional[object] = None
 
     @property
     def batch_shape(self) -> torch.Size:

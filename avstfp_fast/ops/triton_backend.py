@@ -491,6 +491,20 @@ class _Plan:
         self.seq_st1 = t.bwd_stages if self.ns == 1 else 1
         self.launchers = {}            # kernel -> its cached launcher (ops/launch_cache.py)
         self.fwd_const = dict(self.const, num_stages=t.fwd_stages)
+        # the per-segment argument lists go to every launch as tuples: build them once
+        for a in ("spk", "spv", "sgr", "gm", "gkv", "pg_ks", "pg_rs"):
+            if isinstance(getattr(self, a, None), list):
+                setattr(self, a, tuple(getattr(self, a)))
+        self.pg_sizes = tuple(n * self.E for n in self.P)
+        # the reduction kernel's outputs: in q's dtype where every prompt gradient is
+        # written as is (else fp32, summed and cast further on the host), their shapes,
+        # and whether that is the prompt's own shape (no view needed)
+        self.pg_all_direct = all(
+            self.pg_direct[s] and pks[s].dtype == q.dtype and pvs[s].dtype == q.dtype
+            for s in range(len(pks)) if self.pg_lead[s] is not None)
+        self.pg_odt = q.dtype if self.pg_all_direct else torch.float32
+        self.pg_oshape = tuple(None if ld is None else (*ld, self.P[s], self.E)
+                               for s, ld in enumerate(self.pg_lead))
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
                   f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
@@ -523,11 +537,15 @@ def _ptrs(ts, dummy):
 def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, layout=None):
     # layout: the op's validated layout token (AttnProblem.layout), which fixes every
     # input's shape and strides; else they are read off the tensors
-    key = ("f", layout, out.stride()) if layout is not None else (
-           "f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
-           v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
-           tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments), scale)
-    pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale)
+    if layout is not None:
+        # the token is hashed by identity (cheap) and its key holds TRITON_INTERPRET
+        pl = _plan(("f", layout, out.stride()), q, k, v, out, pks, pvs, q_segments,
+                   k_segments, scale)
+    else:
+        pl = _plan(("f", q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
+                    v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
+                    tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments),
+                    scale), q, k, v, out, pks, pvs, q_segments, k_segments, scale)
     lse = torch.empty((*pl.batch, pl.Lq), dtype=torch.float32, device=q.device)
     if pl.Bt == 0 or pl.nqb == 0:
         return lse
@@ -547,20 +565,34 @@ def _finish_grad(buf, pk, pv, per_block):
 
 
 def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, dout,
-                   dq, dk, dv, deterministic, layout=None):
+                   dq, dk, dv, deterministic, layout=None, placeholders=True, check=None):
+    """Writes dq/dk/dv; returns (dpk_0.., dpv_0..) with MAX_SEGMENTS entries each: empty
+    tensors where a segment has no prompts (``placeholders``, the custom op's fixed tuple)
+    or None (eager calls).  ``check(dq, dk, dv)``: the write-layout check, run only when
+    the call's plan is new (with a layout token, whose plan key holds their strides)."""
     K = _kernels()
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
     path = os.environ.get("AVSTFP_TRITON_BWD", "auto")      # a forced path is a new plan
-    key = ("b", det, path, layout, out.stride(), dout.stride(), dq.stride(), dk.stride(),
-           dv.stride()) if layout is not None else (
-           "b", det, path, q.dtype, q.device.type, interpreting(), _layout_key(q), k.stride(),
-           v.stride(), k.shape[-2], out.stride(), dout.stride(), dq.stride(), dk.stride(),
-           dv.stride(), tuple(map(_layout_key, pks)), tuple(map(_layout_key, pvs)),
-           tuple(q_segments), tuple(k_segments), scale)
-    pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout, dq, dk, dv,
-               det)
+    if layout is not None:
+        key = ("b", layout, det, path, out.stride(), dout.stride(), dq.stride(), dk.stride(),
+               dv.stride())
+        pl = _PLANS.get(key)
+        if pl is None:
+            if check is not None:
+                check(dq, dk, dv)
+            pl = _plan(key, q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout, dq,
+                       dk, dv, det)
+    else:
+        if check is not None:
+            check(dq, dk, dv)
+        pl = _plan(("b", det, path, q.dtype, q.device.type, interpreting(), _layout_key(q),
+                    k.stride(), v.stride(), k.shape[-2], out.stride(), dout.stride(),
+                    dq.stride(), dk.stride(), dv.stride(), tuple(map(_layout_key, pks)),
+                    tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments),
+                    scale), q, k, v, out, pks, pvs, q_segments, k_segments, scale, dout, dq,
+                   dk, dv, det)
     t = pl.t
     dev = q.device
     if pl.direct and pl.Bt > 0:       # dpk, dpv themselves (separate: the custom op's
@@ -619,7 +651,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         dv.zero_()
     if pl.Bt > 0 and pl.nqb == 0 and not pl.seq:
         dq.zero_()
-    grads = [q.new_empty(0) for _ in range(2 * MAX_SEGMENTS)]   # (dpk_0.., dpv_0..)
+    grads = [None] * (2 * MAX_SEGMENTS)                          # (dpk_0.., dpv_0..)
     done = [False] * len(pks)
     if pl.direct and pl.Bt > 0:
         grads[0] = bufs[0].view(pks[0].shape)
@@ -629,20 +661,18 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         # one more launch: the batch reduction of the per-sequence partials and the cast
         # (into fp32 where a prompt gradient needs a further host reduction: pk and pv
         # broadcast differently, or prompts of another dtype than q)
-        direct = all(pl.pg_direct[s] and pks[s].dtype == q.dtype and pvs[s].dtype == q.dtype
-                     for s in range(len(pks)) if pl.pg_lead[s] is not None)
-        odt = q.dtype if direct else torch.float32
-        outs = [None if ld is None else
-                tuple(torch.empty((*ld, pl.P[s], pl.E), dtype=odt, device=dev)
-                      for _ in range(2)) for s, ld in enumerate(pl.pg_lead)]
+        odt = pl.pg_odt
+        outs = [None if shp is None else
+                (torch.empty(shp, dtype=odt, device=dev), torch.empty(shp, dtype=odt, device=dev))
+                for shp in pl.pg_oshape]
         some = next(o for o in outs if o is not None)
         outs = [some if o is None else o for o in outs]
         launch(K.prompted_attn_pgrad, (pl.pg_rows * max(pl.P), pl.nseg), (
-            grs, tuple(pl.gkv), tuple(o[0] for o in outs), tuple(o[1] for o in outs),
-            pl.NP, tuple(pl.pg_ks), tuple(pl.pg_rs), pl.pg_bs,
-            tuple(n * pl.E for n in pl.P)), lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg,
-                                                          WHILE=interpreting(), num_warps=4),
+            grs, pl.gkv, tuple([o[0] for o in outs]), tuple([o[1] for o in outs]),
+            pl.NP, pl.pg_ks, pl.pg_rs, pl.pg_bs, pl.pg_sizes),
+            lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg, WHILE=interpreting(), num_warps=4),
             pl.launchers)
+        direct = pl.pg_all_direct
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pl.pg_lead[s] is None:
                 continue
@@ -650,7 +680,11 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
             if not direct:
                 gk = gk.sum_to_size(pk.shape).to(pk.dtype)
                 gv = gv.sum_to_size(pv.shape).to(pv.dtype)
-            grads[s], grads[MAX_SEGMENTS + s] = gk.view(pk.shape), gv.view(pv.shape)
+            if gk.shape != pk.shape:
+                gk = gk.view(pk.shape)
+            if gv.shape != pv.shape:
+                gv = gv.view(pv.shape)
+            grads[s], grads[MAX_SEGMENTS + s] = gk, gv
             done[s] = True
     for s, (pk, pv) in enumerate(zip(pks, pvs)):
         if pk is None or done[s]:
@@ -660,6 +694,8 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         else:
             grads[s], grads[MAX_SEGMENTS + s] = _finish_grad(bufs[s], pk, pv,
                                                               det and not pl.seq)
+    if placeholders:
+        grads = [q.new_empty(0) if g is None else g for g in grads]
     return tuple(grads)
 
 
@@ -747,16 +783,21 @@ class TritonBackend(KernelBackend):
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out)
 
-    def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
+    def _check_grads(self, dq, dk, dv):
         self.check_writes(dq=dq, dk=dk, dv=dv)
+
+    def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         if _eager(p.q):
+            # the write check runs with each new plan (its key holds dq/dk/dv's strides)
             grads = _backward_impl(p.q, p.k, p.v, p.prompt_k, p.prompt_v, p.q_segments,
                                    p.k_segments, p.scale, out, lse, dout, dq, dk, dv,
-                                   bool(deterministic), p.layout)
-        else:
-            grads = torch.ops.avstfp_triton.attn_bwd(
-                p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
-                list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
+                                   bool(deterministic), p.layout, False, self._check_grads)
+            S = len(p.prompt_k)         # None where a segment has no prompts
+            return grads[:S], grads[MAX_SEGMENTS:MAX_SEGMENTS + S]
+        self.check_writes(dq=dq, dk=dk, dv=dv)
+        grads = torch.ops.avstfp_triton.attn_bwd(
+            p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
+            list(p.k_segments), p.scale, out, lse, dout, dq, dk, dv, bool(deterministic))
         S = len(p.prompt_k)
         dpk = tuple(grads[s] if p.prompt_k[s] is not None else None for s in range(S))
         dpv = tuple(grads[MAX_SEGMENTS + s] if p.prompt_k[s] is not None else None
