@@ -169,3 +169,31 @@ def test_saved_tensor_hooks_returning_copies_keep_gradients_exact(validations):
     for hooked in (False, True, False, True):
         for name, a, b in zip(("dqkv", "dpk", "dpv"), run(be, hooked), ref):
             assert_close(a, b, torch.float32, f"{name}, hook={hooked}")
+
+
+def test_per_node_saved_tensor_hooks_registered_after_forward_keep_gradients_exact(validations):
+    """Hooks registered on the node after its forward (``grad_fn._raw_saved_tensors``)
+    may hand the backward copies in another layout (a clone of a permuted view is dense):
+    the backward sees the changed strides and derives the layout from the copies."""
+    be = _kernel_backend()
+    base = torch.randn(2, 5, 2, 3, 32)                      # (B, L, H, 3, d)
+    pk0 = torch.randn(1, 3, 32, requires_grad=True)
+    pv0 = torch.randn(1, 3, 32, requires_grad=True)
+    g = torch.randn(2, 2, 5, 32)
+
+    def run(backend, hooked):
+        leaf_ = base.clone().requires_grad_(True)
+        q, k, v = (leaf_[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, L, d) views
+        pk, pv = pk0.expand(2, 3, 32), pv0.expand(2, 3, 32)
+        for t in (pk0, pv0):
+            t.grad = None
+        out = prompted_attention(q, k, v, pk, pv, backend=backend)
+        if hooked:
+            for saved in out.grad_fn._raw_saved_tensors:
+                saved.register_hooks(lambda t: t.clone(), lambda t: t)
+        out.backward(g)
+        return [leaf_.grad.clone()] + [t.grad.clone() for t in (pk0, pv0)]
+    ref = run("reference", False)
+    for hooked in (False, True, False):
+        for name, a, b in zip(("dqkv", "dpk", "dpv"), run(be, hooked), ref):
+            assert_close(a, b, torch.float32, f"{name}, hook={hooked}")

@@ -59,7 +59,8 @@ class _Plan:
 
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
-    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout")
+    __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout",
+                 "in_strides")
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
                  key=None):
@@ -68,6 +69,7 @@ class _Plan:
         # while tracing (torch.compile) views and buffers are built as the ops' own calls
         # (no storage offsets or strides read); the plan is then never cached either
         self.traced = torch.compiler.is_compiling()
+        self.in_strides = None       # the inputs' strides, set by _run (see backward)
         # packed: (size, stride, offset from qkv's) of the q, k, v views of the buffer
         self.views = None if (qkv is None or self.traced) else tuple(
             (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
@@ -137,7 +139,10 @@ class _KernelAttention(torch.autograd.Function):
         plan = ctx.plan
         meta = plan.meta
         *tensors, out, lse = ctx.saved_tensors
-        exact = ctx.exact
+        # a hook registered on this node after the forward (grad_fn._raw_saved_tensors)
+        # can also hand back copies: the plan's layout holds only if the strides still do
+        exact = ctx.exact and (plan.in_strides is None or all(
+            t.stride() == s for t, s in zip(tensors, plan.in_strides)))
         if meta.packed is not None:
             p = plan.problem(tensors, exact)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
@@ -239,6 +244,8 @@ def _run(p: AttnProblem, b: "_b.Backend", key=None, packed=None, qkv=None) -> to
     _remember(key, plan)
     lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
     prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]
+    if not plan.traced:
+        plan.in_strides = tuple(t.stride() for t in (*lead, *prompts))
     return _KernelAttention.apply(plan, *lead, *prompts)
 
 
