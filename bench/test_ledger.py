@@ -80,3 +80,52 @@ def test_ledger_runs_a_stage_in_report_mode():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "| triton | temporal | B16 | fwd | 1 (1 + 0) |" in r.stdout
     assert "| triton | temporal | B16 | bwd |" in r.stdout
+
+
+# ------------------------------------------------------------------ cuda backend's launches
+def _plan_ints(dtype, segments, prompts, head_dim=64, deterministic=False, nseq=8):
+    from avstfp_fast.ops.layout import LaunchPlan
+    L = sum(segments)
+    q = torch.empty(nseq, L, head_dim, dtype=dtype)
+    pks = [torch.empty(p, head_dim, dtype=dtype) if p else None for p in prompts]
+    pl = LaunchPlan(q, q, q, pks, pks, segments, segments, 0.125, out=q, dout=q, dq=q, dk=q,
+                    dv=q, deterministic=deterministic, backward=True)
+    return pl.ints()
+
+
+@pytest.mark.parametrize("dtype,segments,prompts,det,kernels,zero", [
+    (torch.bfloat16, (10,), (2,), False, ("seq_bwd_kernel",), True),
+    (torch.bfloat16, (10,), (2,), True, ("seq_bwd_kernel",), False),
+    (torch.float16, (10, 6), (0, 0), False, ("seq_bwd_kernel",), False),
+    (torch.bfloat16, (1, 196), (10, 10), False,
+     ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
+    (torch.float32, (10,), (2,), False, ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
+    (torch.bfloat16, (0,), (2,), False, ("seq_bwd_kernel",), True),   # dK/dV of the prompts
+])
+def test_cuda_launches_follow_the_plan(dtype, segments, prompts, det, kernels, zero):
+    from avstfp_fast.ops.cuda_backend import launches
+    la = launches("bwd", _plan_ints(dtype, segments, prompts, deterministic=det))
+    assert la.kernels == kernels and la.zero_prompt_grads == zero
+    assert (la.scratch_bytes > 0) == ("delta_kernel" in kernels)
+    fwd = ("fwd_kernel",) if sum(segments) else ()          # no query tile: no launch
+    assert launches("fwd", _plan_ints(dtype, segments, prompts)).kernels == fwd
+    assert launches("bwd", _plan_ints(dtype, segments, prompts, nseq=0)).kernels == ()
+    with pytest.raises(ValueError, match="op"):
+        launches("dq", _plan_ints(dtype, segments, prompts))
+
+
+def test_cuda_op_schemas_are_the_bindings():
+    from avstfp_fast.ops.cuda_backend import OP_SCHEMAS
+    src = open(os.path.join(HERE, "..", "csrc", "binding.cpp")).read()
+    flat = "".join(part for part in src.replace('"\n', '"').split('"')[1::2])
+    for schema in OP_SCHEMAS.values():
+        assert schema in flat, schema
+
+
+def test_ledger_runs_a_cuda_stage_in_report_mode():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "ledger.py"), "--backend", "cuda",
+                        "--models", "B16", "--stages", "temporal,spatial"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "seq_bwd_kernel" in r.stdout and "delta_kernel + dq_kernel + dkv_kernel" in r.stdout
