@@ -37,7 +37,10 @@ Prompt gradients: one fp32 buffer ``(2, *lead, P, E)`` per segment with prompts
 prompt_v), reduced over the batch with fp32 atomics into the prompts' own lead shape,
 or, when ``deterministic`` (``torch.use_deterministic_algorithms``), stored per sequence
 (``lead = batch``); :func:`~avstfp_fast.ops.layout.finish_prompt_grads` sums and casts
-them (bit-exact between runs in deterministic mode).
+them (bit-exact between runs in deterministic mode).  The short fp16/bf16 backward sums
+them itself where :func:`~avstfp_fast.ops.layout.seq_reps` applies (one warp per prompt
+row set, in a fixed order: no zero-fill, no atomics, both modes).  :func:`launches` is
+the launch decision the ledger counts and the buffers are allocated by.
 """
 from __future__ import annotations
 
