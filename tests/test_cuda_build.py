@@ -758,6 +758,25 @@ def test_backend_python_path_emulated(emulated_backend, dtype, name, determinist
     assert len(cb._PLANS) == 2, "one forward and one backward plan, reused"
 
 
+def test_seq_reps_prompt_grads_bit_exact_and_mode_free(emulated_backend):
+    """The short backward's in-kernel prompt-gradient sum (seq_reps) runs one fixed order:
+    the same bits on every run, in atomic and deterministic mode alike, and no zero-fill
+    (the buffers are allocated empty)."""
+    q, k, v, pks, pvs, segs = _case("temporal_batch2", torch.float16)
+    p = make_problem(q, k, v, pks[0], pvs[0])
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = emulated_backend.forward(p, out)
+    dout = torch.randn(q.shape, dtype=q.dtype)
+    res = []
+    for det in (True, True, False):
+        grads = [torch.full(t.shape, float("nan"), dtype=t.dtype) for t in (q, k, v)]
+        dpk, dpv = emulated_backend.backward(p, out, lse, dout, *grads, det)
+        res.append([*grads, dpk[0], dpv[0]])
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 @pytest.fixture(scope="module", params=[1, 2], ids=["wait_one_group_short", "no_barrier"])
 def emu_fault(request, tmp_path_factory):
     """The same kernels compiled with a pipeline fault (AVSTFP_TEST_FAULT, attn_kernels.cuh):
