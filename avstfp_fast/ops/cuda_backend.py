@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -306,17 +307,31 @@ class CudaBackend(KernelBackend):
                          for t in (dq, dk, dv)]
         plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq_, dk=dk_, dv=dv_,
                      deterministic=bool(deterministic), backward=True)
-        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape):
-        # atomics need zeros, the deterministic kernel writes every slice
+        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape),
+        # all carved from one allocation: atomics need zeros (one fill for all segments),
+        # stores write every element
         ints = plan.ints()
         alloc = torch.zeros if launches("bwd", ints).zero_prompt_grads else torch.empty
-        bufs = [None if shp is None else alloc(shp, dtype=torch.float32, device=p.device)
-                for shp in plan.grad_shapes]
+        sizes = [0 if shp is None else math.prod(shp) for shp in plan.grad_shapes]
+        flat = alloc(sum(sizes), dtype=torch.float32, device=p.device)
+        bufs, offs, o = [], [], 0
+        for shp, n in zip(plan.grad_shapes, sizes):
+            bufs.append(None if shp is None else flat[o:o + n].view(shp))
+            offs.append(o)
+            o += n
         torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, ints, out, dout, lse,
                                   dq_, dk_, dv_, [b for b in bufs if b is not None])
         for t, dst in zip((dq_, dk_, dv_), (dq, dk, dv)):
             if t is not dst:
                 dst.copy_(t)
+        # one cast for every segment when each buffer already has its prompts' shape
+        # and all prompts one dtype (dpk, dpv: views of the cast); else per segment
+        prompted = [(pk, pv, b) for pk, pv, b in zip(p.prompt_k, p.prompt_v, bufs)
+                    if pk is not None and b is not None]
+        one_cast = bool(prompted) and all(
+            pk.dtype == pv.dtype == prompted[0][0].dtype and tuple(pk.shape) == tuple(pv.shape)
+            == tuple(b.shape[1:]) for pk, pv, b in prompted)
+        cast = flat.to(prompted[0][0].dtype, copy=True) if one_cast else None
         dpk, dpv = [], []
         for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             if pk is None:
@@ -325,6 +340,10 @@ class CudaBackend(KernelBackend):
             elif bufs[s] is None:                     # P = 0
                 dpk.append(torch.zeros_like(pk))
                 dpv.append(torch.zeros_like(pv))
+            elif cast is not None:
+                g = cast[offs[s]:offs[s] + sizes[s]].view(bufs[s].shape)
+                dpk.append(g[0])
+                dpv.append(g[1])
             else:
                 gk, gv = finish_prompt_grads(bufs[s], pk, pv)
                 dpk.append(gk)
