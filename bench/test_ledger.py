@@ -80,3 +80,73 @@ def test_ledger_runs_a_stage_in_report_mode():
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "| triton | temporal | B16 | fwd | 1 (1 + 0) |" in r.stdout
     assert "| triton | temporal | B16 | bwd |" in r.stdout
+
+
+# ------------------------------------------------------------------ cuda backend's launches
+def _plan_ints(dtype, segments, prompts, head_dim=64, deterministic=False, nseq=8):
+    from avstfp_fast.ops.layout import LaunchPlan
+    L = sum(segments)
+    q = torch.empty(nseq, L, head_dim, dtype=dtype)
+    pks = [torch.empty(p, head_dim, dtype=dtype) if p else None for p in prompts]
+    pl = LaunchPlan(q, q, q, pks, pks, segments, segments, 0.125, out=q, dout=q, dq=q, dk=q,
+                    dv=q, deterministic=deterministic, backward=True)
+    return pl.ints()
+
+
+@pytest.mark.parametrize("dtype,segments,prompts,det,kernels,zero", [
+    (torch.bfloat16, (10,), (2,), False, ("seq_bwd_kernel",), False),   # seq_reps 8
+    (torch.bfloat16, (10,), (2,), True, ("seq_bwd_kernel",), False),
+    (torch.float16, (10, 6), (0, 0), False, ("seq_bwd_kernel",), False),
+    (torch.bfloat16, (1, 196), (10, 10), False,
+     ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
+    (torch.float32, (10,), (2,), False, ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
+    (torch.bfloat16, (0,), (2,), False, ("seq_bwd_kernel",), False),  # dK/dV of the prompts
+])
+def test_cuda_launches_follow_the_plan(dtype, segments, prompts, det, kernels, zero):
+    from avstfp_fast.ops.cuda_backend import launches
+    la = launches("bwd", _plan_ints(dtype, segments, prompts, deterministic=det))
+    assert la.kernels == kernels and la.zero_prompt_grads == zero
+    assert (la.scratch_bytes > 0) == ("delta_kernel" in kernels)
+    fwd = ("fwd_kernel",) if sum(segments) else ()          # no query tile: no launch
+    assert launches("fwd", _plan_ints(dtype, segments, prompts)).kernels == fwd
+    assert launches("bwd", _plan_ints(dtype, segments, prompts, nseq=0)).kernels == ()
+    with pytest.raises(ValueError, match="op"):
+        launches("dq", _plan_ints(dtype, segments, prompts))
+
+
+def test_cuda_op_schemas_are_the_bindings():
+    from avstfp_fast.ops.cuda_backend import OP_SCHEMAS
+    src = open(os.path.join(HERE, "..", "csrc", "binding.cpp")).read()
+    flat = "".join(part for part in src.replace('"\n', '"').split('"')[1::2])
+    for schema in OP_SCHEMAS.values():
+        assert schema in flat, schema
+
+
+def test_ledger_runs_a_cuda_stage_in_report_mode():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "ledger.py"), "--backend", "cuda",
+                        "--models", "B16", "--stages", "temporal,spatial"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "seq_bwd_kernel" in r.stdout and "delta_kernel + dq_kernel + dkv_kernel" in r.stdout
+
+
+def test_seq_reps_rule():
+    """The short backward sums the prompt gradients of the sequences sharing a prompt row
+    set in one warp when those sequences are r * (nseq / R) + g; else atomics (zeroed)."""
+    from avstfp_fast.ops import layout
+    from avstfp_fast.ops.cuda_backend import launches
+    e = lambda *s: torch.empty(*s, 2, 64)            # noqa: E731  (P = 2, E = 64)
+    assert layout.seq_reps([e(197, 12)], [e(197, 12)], (8, 197, 12)) == 8   # temporal
+    assert layout.seq_reps([e()], [e()], (2, 3)) == 6                      # shared by all
+    assert layout.seq_reps([e(2, 1)], [e(2, 1)], (2, 3)) == 0              # kept dim leads
+    assert layout.seq_reps([e(3)], [e(2, 1)], (2, 3)) == 1                 # own slices: (2, 3)
+    assert layout.seq_reps([e(3), e(2, 3)], [e(3), e(2, 3)], (2, 3)) == 0  # patterns differ
+    assert layout.seq_reps([None], [None], (2, 3)) == 0
+    assert layout.seq_reps([e()], [e()], (layout.SEQ_REPS_MAX + 1,)) == 0
+    ints = _plan_ints(torch.bfloat16, (10,), (2,), nseq=layout.SEQ_REPS_MAX + 1)
+    assert ints[15] == 0 and launches("bwd", ints).zero_prompt_grads
+    ints = _plan_ints(torch.bfloat16, (10,), (2,), nseq=8, deterministic=True)
+    assert ints[15] == 8 and ints[13] == 0
+    ints = _plan_ints(torch.float32, (10,), (2,), nseq=8)
+    assert ints[15] == 0 and ints[13] == 1                 # fp32: the three-kernel path

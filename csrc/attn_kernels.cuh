@@ -1305,7 +1305,11 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
 // 16-row tile).  Pass 1 over the key tiles: delta.  Pass 2: per key tile, dS for dQ
 // (query rows) and, with transposed products (S^T = K Q^T, dP^T = V dO^T), dV = P^T dO and
 // dK = dS^T Q of the tile's 16 keys/prompts, written at once (one owner per key row).
-// PACK such warps share a CTA; each has its own shared memory.
+// PACK such warps share a CTA; each has its own shared memory.  With p.seq_reps = R > 0 a
+// warp owns the R sequences b = r * (nseq / R) + g that share one prompt row set and runs
+// them in order r = 0 .. R-1, summing their prompt gradients in the fp32 buffer itself
+// (r = 0 stores, later ones add to the lane's own elements): no zero-fill, no atomics, one
+// fixed order (deterministic).
 // One key tile's dV (which = 0) or dK (which = 1) of the short-sequence backward, from C
 // fragments acc (times mul): key rows [0, nk) staged in shared rows s (16 x D, the tile's
 // own V or K rows, no longer read) and written with 16-byte stores; prompt rows [nk,
@@ -1315,7 +1319,7 @@ template <typename T, int D>
 __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
                                                    const BatchIdx& bi, const KeyTile& kt,
                                                    const float (&acc)[D / 8][4], float mul,
-                                                   T* s, int which, bool v16) {
+                                                   T* s, int which, bool v16, bool first) {
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     constexpr int LD = pitch<T>(D);
     if (kt.nk > 0) {
@@ -1342,8 +1346,10 @@ __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
                     const float v = acc[n][2 * h + e] * mul;
                     if (atomic)
                         atomicAdd(a, v);
-                    else
+                    else if (first)
                         *a = v;
+                    else
+                        *a += v;   // seq_reps: this lane's own element of the previous sequence
                 }
         }
     }
@@ -1365,8 +1371,9 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
     const int unit = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int g = lane >> 2, tq = lane & 3;
     const int64_t w = work_item<PACK>(unit);
-    if (w >= p.nseq * p.nseg) return;
-    const int64_t b = w / p.nseg;
+    const int64_t reps = p.seq_reps > 0 ? p.seq_reps : 1, groups = p.nseq / reps;
+    if (w >= groups * p.nseg) return;
+    const int64_t grp = w / p.nseg;
     const int seg = (int)(w % p.nseg);
     const int nq = p.q_len[seg], q0 = p.q_start[seg];
     const int ntiles = num_key_tiles(p, seg, 16);
@@ -1379,10 +1386,15 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
     float* sLse = reinterpret_cast<float*>(base + L::stat);   // per query (log2 units)
     float* sDelta = sLse + 16;
 
-    const BatchIdx bi = batch_index(p, b);
     const bool vec = p.vec16 != 0, v16 = p.vec16_out != 0;
     const float sl2 = p.scale * kLog2e;
     constexpr bool kKeepQ = D <= 64;   // head dim 128: reload Q/dO fragments per tile
+#pragma unroll 1
+    for (int64_t rep = 0; rep < reps; ++rep) {
+    const bool first = rep == 0;
+    const int64_t b = rep * groups + grp;
+    const BatchIdx bi = batch_index(p, b);
+    __syncwarp();   // the previous sequence's dQ staging in sQ is read by every lane
 
     if (nq > 0) {
         load_tile<T, 16, D, 32>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
@@ -1513,7 +1525,8 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
                 else
                     mma_pv<T, D, 16>(acc, dst, sQ, LD);
                 const float mul = half == 0 ? 1.f : p.scale;
-                seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16);
+                seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16,
+                                         first);
             }
         }
     } else {
@@ -1524,8 +1537,8 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
 #pragma unroll 1
         for (int j = 0; j < ntiles; ++j) {
             const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16, first);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16, first);
         }
     }
     cp_async_drain();   // nothing left in flight on any exit path
@@ -1536,6 +1549,7 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
         warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
                               p.dq.rstride, sQ, LD, nq, v16);
     }
+    }   // rep
 }
 
 // ================================================================== configurations
@@ -1657,7 +1671,8 @@ cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
         if (p.short_tiles) {   // one launch: seq_bwd_kernel computes delta itself
             using SL = SeqBwdSmem<T, D>;
             static_assert(kPack * SL::bytes <= kMaxSmem, "short backward exceeds shared memory");
-            return launch_units(seq_bwd_kernel<T, D, kPack>, p.nseq * p.nseg, kPack, 32,
+            const int64_t groups = p.nseq / (p.seq_reps > 0 ? p.seq_reps : 1);
+            return launch_units(seq_bwd_kernel<T, D, kPack>, groups * p.nseg, kPack, 32,
                                 kPack * SL::bytes, p, st);
         }
     }

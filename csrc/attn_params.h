@@ -52,6 +52,11 @@ struct AttnParams {
     int short_tiles;      // 1: every segment has <= 16 queries: packed 16x16 tiles (4 sequences
                           //    per CTA, one warp each) where the dtype/head dim has them
     int vec16_out;        // 1: o/dq/dk/dv pointers and strides allow 16-byte vector stores
+    int64_t seq_reps;     // short backward (seq_bwd_kernel), 0 = off: one warp owns the
+                          //    seq_reps sequences b = r * (nseq / seq_reps) + g (r < seq_reps)
+                          //    that share their prompts, in order, and sums their prompt
+                          //    gradients into dpk/dpv itself (first store, then add: no
+                          //    zero-fill, no atomics, deterministic)
 };
 
 // ------------------------------------------------------------------ launch plan
@@ -60,7 +65,7 @@ struct AttnParams {
 // strides, the segment table), for the torch binding and the CPU-emulation tests alike.
 // Layout of the plan (int64):
 //   [0, 16)   version, nseq, bsize[4], Lq, nseg, head_dim, dtype, vec16, vec16_out,
-//             short_tiles, atomic_prompt_grads, scale (float32 bits), 0
+//             short_tiles, atomic_prompt_grads, scale (float32 bits), seq_reps
 //   then per segment s < 4:  q_start, q_len, k_start, k_len, n_prompt
 //   then per operand i < kNumOperands (order of operand_at):  bstride[4], rstride
 // Pointers: kNumOperands operand pointers in the same order (null: absent), then lse, delta.
@@ -109,6 +114,9 @@ inline const char* unpack_params(const int64_t* plan, int64_t n, void* const* pt
     const uint32_t bits = (uint32_t)plan[14];
     static_assert(sizeof(float) == sizeof(uint32_t), "float32");
     __builtin_memcpy(&p.scale, &bits, 4);
+    p.seq_reps = plan[15];
+    if (p.seq_reps < 0 || (p.seq_reps > 0 && (p.nseq % p.seq_reps != 0 || p.atomic_prompt_grads)))
+        return "launch plan: bad seq_reps";
     if (p.nseq != prod) return "launch plan: nseq != product of bsize";
     if (p.nseg < 1 || p.nseg > AVSTFP_MAX_SEGS) return "launch plan: bad number of segments";
     const int64_t* seg = plan + kPlanHeader;

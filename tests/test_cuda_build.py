@@ -356,8 +356,9 @@ def _emulated(lib, q, k, v, pks, pvs, segs, deterministic, gaps):
         if shp is None:
             bufs.append(None)
             continue
-        # deterministic: every slice is written (NaN shows a missed one); atomic: zeros
-        b = torch.full(shp, float("nan")) if deterministic else torch.zeros(shp)
+        # stores (deterministic, seq_reps): every element is written (NaN shows a missed
+        # one); atomics: zeros
+        b = torch.zeros(shp) if plan.atomic_prompt_grads else torch.full(shp, float("nan"))
         ptrs[f"dpk{s}"], ptrs[f"dpv{s}"] = b[0], b[1]
         bufs.append(b)
     _launch_checked(lib, lib.emu_backward, plan, ptrs)
@@ -375,6 +376,10 @@ def _case(name, dtype):
     t = lambda *s: torch.randn(*s, dtype=dtype)   # noqa: E731
     if name == "temporal_per_position":       # (B, M, N, 3, H, d), sequence over M
         qkv = t(1, 10, 3, 3, 2, 32)
+        q, k, v = (qkv.select(3, i).movedim(1, -2) for i in range(3))
+        return q, k, v, [t(3, 2, 2, 32)], [t(3, 2, 2, 32)], None
+    if name == "temporal_batch2":             # as above, batch 2: seq_reps 2 (16-bit)
+        qkv = t(2, 10, 3, 3, 2, 32)
         q, k, v = (qkv.select(3, i).movedim(1, -2) for i in range(3))
         return q, k, v, [t(3, 2, 2, 32)], [t(3, 2, 2, 32)], None
     if name == "spatial_segments":           # joint buffer, sequence over N, (5, 20)
@@ -419,7 +424,8 @@ def _case(name, dtype):
     ("prompts_only", True, False), ("four_segments", False, False),
     ("short_d128", True, True), ("four_batch_dims", False, True),
     ("three_segments_short", False, "odd"), ("many_tiles_d32", True, False),
-    ("prompts_span_tiles", True, False)])
+    ("prompts_span_tiles", True, False), ("temporal_batch2", False, True),
+    ("temporal_batch2", True, False)])
 def test_emulated_kernels(emu, dtype, name, deterministic, gaps):
     q, k, v, pks, pvs, segs = _case(name, dtype)
     _check_emulated(emu, q, k, v, pks, pvs, segs, deterministic, gaps, name)
@@ -720,7 +726,7 @@ def _through_backend(be, q, k, v, pks, pvs, segs, deterministic):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", ["seg0_prompts", "lq0_prompts", "one_token_segments",
                                   "gqa_stride0_long", "spatial_segments", "temporal_per_position",
-                                  "three_segments_short", "prompts_only"])
+                                  "three_segments_short", "prompts_only", "temporal_batch2"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_backend_python_path_emulated(emulated_backend, dtype, name, deterministic):
     """CudaBackend.forward/backward end to end (launch plan cache, the torch op protocol,
@@ -750,6 +756,25 @@ def test_backend_python_path_emulated(emulated_backend, dtype, name, determinist
     assert not bad, f"{name} {dtype}: {bad}"
     from avstfp_fast.ops import cuda_backend as cb
     assert len(cb._PLANS) == 2, "one forward and one backward plan, reused"
+
+
+def test_seq_reps_prompt_grads_bit_exact_and_mode_free(emulated_backend):
+    """The short backward's in-kernel prompt-gradient sum (seq_reps) runs one fixed order:
+    the same bits on every run, in atomic and deterministic mode alike, and no zero-fill
+    (the buffers are allocated empty)."""
+    q, k, v, pks, pvs, segs = _case("temporal_batch2", torch.float16)
+    p = make_problem(q, k, v, pks[0], pvs[0])
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lse = emulated_backend.forward(p, out)
+    dout = torch.randn(q.shape, dtype=q.dtype)
+    res = []
+    for det in (True, True, False):
+        grads = [torch.full(t.shape, float("nan"), dtype=t.dtype) for t in (q, k, v)]
+        dpk, dpv = emulated_backend.backward(p, out, lse, dout, *grads, det)
+        res.append([*grads, dpk[0], dpv[0]])
+    for other in res[1:]:
+        for a, b in zip(res[0], other):
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["wait_one_group_short", "no_barrier"])

@@ -37,21 +37,26 @@ Prompt gradients: one fp32 buffer ``(2, *lead, P, E)`` per segment with prompts
 prompt_v), reduced over the batch with fp32 atomics into the prompts' own lead shape,
 or, when ``deterministic`` (``torch.use_deterministic_algorithms``), stored per sequence
 (``lead = batch``); :func:`~avstfp_fast.ops.layout.finish_prompt_grads` sums and casts
-them (bit-exact between runs in deterministic mode).
+them (bit-exact between runs in deterministic mode).  The short fp16/bf16 backward sums
+them itself where :func:`~avstfp_fast.ops.layout.seq_reps` applies (one warp per prompt
+row set, in a fixed order: no zero-fill, no atomics, both modes).  :func:`launches` is
+the launch decision the ledger counts and the buffers are allocated by.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import _build
 from .backends import Capabilities, KernelBackend, register
 from .contract import AttnProblem
-from .layout import LaunchPlan, finish_prompt_grads
+from .layout import DTYPE_CODES, PLAN_HEADER, LaunchPlan, finish_prompt_grads
 
 MAX_SEGMENTS = 4
 MAX_BATCH_DIMS = 4
@@ -136,6 +141,90 @@ def _register_fakes() -> None:
     _FAKES = True
 
 
+# --------------------------------------------------------------------------- launches
+#: The ops' schemas, as csrc/binding.cpp's TORCH_LIBRARY defines them (tests check the text).
+OP_SCHEMAS = {
+    "fwd": "fwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
+           "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()",
+    "bwd": "bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
+           "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
+           "Tensor(c!) dv, Tensor(d!)[] dprompt) -> ()",
+}
+#: head dims / dtypes with packed 16-query configs (csrc/attn_kernels.cuh Config PACK_*_S > 0)
+_NO_PACKED = {(DTYPE_CODES["float32"], 128)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Launches:
+    """What one call of an ``avstfp_cuda`` op launches, and what the backend does around
+    it in torch.  ``kernels``: the kernels the C++ launcher starts, in order (an empty
+    grid launches nothing); ``zero_prompt_grads``: the prompt-gradient buffers are
+    zero-filled first (atomics accumulate into them: one fill kernel per buffer);
+    ``scratch_bytes``: device memory the binding allocates for the call and the kernels
+    pass between them (the fp32 delta = rowsum(dO*O) of the three-kernel backward),
+    and ``scratch_touches``: how many of the kernels touch it (written once, read by the rest)."""
+    kernels: Tuple[str, ...]
+    zero_prompt_grads: bool = False
+    scratch_bytes: int = 0
+    scratch_touches: int = 0
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launches(op: str, plan: Sequence[int]) -> Launches:
+    """The launch decision of csrc/attn_kernels.cuh (``launch_fwd_d`` / ``launch_bwd_d``)
+    for ``op`` ("fwd" or "bwd") and the plan's ints (:meth:`LaunchPlan.ints`, what the
+    binding receives): the backend allocates the prompt-gradient buffers by it and the
+    ledger (bench/ledger.py) counts its kernels.  Keep in step with the C++ launchers."""
+    nseq, Lq, nseg, D, dtype = (int(plan[i]) for i in (1, 6, 7, 8, 9))
+    short, atomic = bool(plan[12]), bool(plan[13])
+    seg = [plan[PLAN_HEADER + 5 * s: PLAN_HEADER + 5 * s + 5] for s in range(nseg)]
+    q_len = [int(x[1]) for x in seg]
+    keys = [int(x[3]) + int(x[4]) for x in seg]        # k_len + n_prompt per segment
+    packed = short and (dtype, D) not in _NO_PACKED
+    if op == "fwd":
+        bm = 16 if packed else 64
+        return Launches(("fwd_kernel",) if nseq and sum(_cdiv(n, bm) for n in q_len) else ())
+    if op != "bwd":
+        raise ValueError(f"op: expected 'fwd' or 'bwd', got {op!r}")
+    zero = atomic and any(int(x[4]) for x in seg)
+    if nseq == 0:
+        return Launches((), zero)
+    if dtype != DTYPE_CODES["float32"] and short:
+        return Launches(("seq_bwd_kernel",) if nseg else (), zero)
+    bm = 16 if packed else 64
+    ks = []
+    if nseq * Lq:
+        ks.append("delta_kernel")
+    if sum(_cdiv(n, bm) for n in q_len):
+        ks.append("dq_kernel")
+    if sum(_cdiv(n, bm) for n in keys):
+        ks.append("dkv_kernel")
+    delta = 4 * nseq * Lq if "delta_kernel" in ks else 0
+    return Launches(tuple(ks), zero, delta, len(ks) if delta else 0)
+
+
+def define_ops_for_tracing() -> None:
+    """Define ``torch.ops.avstfp_cuda.fwd`` / ``.bwd`` from :data:`OP_SCHEMAS` with only
+    their fake implementations, for tracing without the extension (bench/ledger.py on a
+    machine without a GPU).  Not for a process that may load the extension."""
+    global _LOADED, LOADED_FROM
+    if _LOADED:
+        return
+    if not hasattr(torch.ops.avstfp_cuda, "fwd"):
+        lib = torch.library.Library("avstfp_cuda", "DEF")
+        for schema in OP_SCHEMAS.values():
+            lib.define(schema)
+        _TRACING_LIBS.append(lib)
+    _register_fakes()
+    _LOADED, LOADED_FROM = True, "tracing"
+
+
+_TRACING_LIBS: List[object] = []
+
+
 # --------------------------------------------------------------------------- helpers
 def _dense_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
@@ -218,16 +307,31 @@ class CudaBackend(KernelBackend):
                          for t in (dq, dk, dv)]
         plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq_, dk=dk_, dv=dv_,
                      deterministic=bool(deterministic), backward=True)
-        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape):
-        # atomics need zeros, the deterministic kernel writes every slice
-        alloc = torch.empty if deterministic else torch.zeros
-        bufs = [None if shp is None else alloc(shp, dtype=torch.float32, device=p.device)
-                for shp in plan.grad_shapes]
-        torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, plan.ints(), out, dout, lse,
+        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape),
+        # all carved from one allocation: atomics need zeros (one fill for all segments),
+        # stores write every element
+        ints = plan.ints()
+        alloc = torch.zeros if launches("bwd", ints).zero_prompt_grads else torch.empty
+        sizes = [0 if shp is None else math.prod(shp) for shp in plan.grad_shapes]
+        flat = alloc(sum(sizes), dtype=torch.float32, device=p.device)
+        bufs, offs, o = [], [], 0
+        for shp, n in zip(plan.grad_shapes, sizes):
+            bufs.append(None if shp is None else flat[o:o + n].view(shp))
+            offs.append(o)
+            o += n
+        torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, ints, out, dout, lse,
                                   dq_, dk_, dv_, [b for b in bufs if b is not None])
         for t, dst in zip((dq_, dk_, dv_), (dq, dk, dv)):
             if t is not dst:
                 dst.copy_(t)
+        # one cast for every segment when each buffer already has its prompts' shape
+        # and all prompts one dtype (dpk, dpv: views of the cast); else per segment
+        prompted = [(pk, pv, b) for pk, pv, b in zip(p.prompt_k, p.prompt_v, bufs)
+                    if pk is not None and b is not None]
+        one_cast = bool(prompted) and all(
+            pk.dtype == pv.dtype == prompted[0][0].dtype and tuple(pk.shape) == tuple(pv.shape)
+            == tuple(b.shape[1:]) for pk, pv, b in prompted)
+        cast = flat.to(prompted[0][0].dtype, copy=True) if one_cast else None
         dpk, dpv = [], []
         for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             if pk is None:
@@ -236,6 +340,10 @@ class CudaBackend(KernelBackend):
             elif bufs[s] is None:                     # P = 0
                 dpk.append(torch.zeros_like(pk))
                 dpv.append(torch.zeros_like(pv))
+            elif cast is not None:
+                g = cast[offs[s]:offs[s] + sizes[s]].view(bufs[s].shape)
+                dpk.append(g[0])
+                dpv.append(g[1])
             else:
                 gk, gv = finish_prompt_grads(bufs[s], pk, pv)
                 dpk.append(gk)

@@ -78,6 +78,8 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}                # attn_
 PLAN_HEADER = 16
 PLAN_INTS = PLAN_HEADER + 5 * MAX_SEGMENTS + (MAX_BATCH_DIMS + 1) * len(OPERANDS)
 SHORT_QUERIES = 16   # short_tiles: every segment has at most this many queries
+#: seq_reps: at most this many sequences run in series in one warp (else: atomics)
+SEQ_REPS_MAX = 64
 
 
 def contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
@@ -88,13 +90,16 @@ def contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def prompt_grad_shape(pk, pv, batch: Sequence[int], deterministic: bool) -> Tuple[int, ...]:
+def prompt_grad_shape(pk, pv, batch: Sequence[int], deterministic: bool,
+                      seq_reps: int = 0) -> Tuple[int, ...]:
     """The one float32 buffer that receives a segment's prompt gradients (k at index 0,
     v at index 1): ``(2, *lead, P, E)`` where lead is the prompts' own (broadcast) batch
-    shape, reduced over the batch by atomics; deterministic: ``(2, *batch, P, E)``, one
-    slice per sequence, summed afterwards by :func:`finish_prompt_grads` in a fixed order."""
+    shape, reduced over the batch by atomics, or, with ``seq_reps`` (the short backward's
+    warps that own all sequences of a prompt row set, :func:`seq_reps`), summed in a fixed
+    order by the kernel; deterministic otherwise: ``(2, *batch, P, E)``, one slice per
+    sequence, summed afterwards by :func:`finish_prompt_grads` in a fixed order."""
     P, E = int(pk.shape[-2]), int(pk.shape[-1])
-    if deterministic:
+    if deterministic and not seq_reps:
         lead = tuple(batch)
     else:
         lead = _broadcast(tuple(pk.shape[:-2]), tuple(pv.shape[:-2]))
@@ -107,10 +112,53 @@ def _broadcast(a: Tuple[int, ...], b: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(max(x, y) for x, y in zip(a, b))
 
 
+def seq_reps(pks, pvs, batch: Sequence[int]) -> int:
+    """Sequences per prompt row set for the short backward's in-kernel prompt-gradient sum
+    (attn_params.h ``seq_reps``), or 0 where it does not apply.  It applies when every
+    segment with prompts is broadcast over the same batch dims and those dims (of size > 1)
+    all lead the dims the prompts keep: then the sequences sharing a row set are
+    ``b = r * (nseq / R) + g`` (R = product of the broadcast dims; the temporal stage:
+    prompts (N, H, P, E) over batch (B, N, H), R = B), and R <= :data:`SEQ_REPS_MAX` (one
+    warp runs them in series).  No segment with prompts: 0."""
+    n = len(batch)
+    pattern = None
+    for pk, pv in zip(pks, pvs):
+        if pk is None or pk.shape[-2] == 0:
+            continue
+        lead = _broadcast(tuple(pk.shape[:-2]), tuple(pv.shape[:-2]))
+        if len(lead) > n:
+            return 0
+        lead = (1,) * (n - len(lead)) + lead
+        red = tuple(int(lead[i] == 1 and batch[i] > 1) for i in range(n))
+        if pattern is not None and red != pattern:
+            return 0
+        pattern = red
+    if pattern is None:
+        return 0
+    kept_seen = False
+    R = 1
+    for i in range(n):
+        if batch[i] <= 1:
+            continue
+        if pattern[i]:
+            if kept_seen:
+                return 0
+            R *= int(batch[i])
+        else:
+            kept_seen = True
+    return R if R <= SEQ_REPS_MAX else 0
+
+
 def finish_prompt_grads(buf, pk, pv, partial_dims: Tuple[int, ...] = ()):
     """(dpk, dpv) in the prompts' shapes and dtype from a :func:`prompt_grad_shape` buffer:
     first the per-program partials ``partial_dims`` (dims of ``buf[i]``, if a backend keeps
-    any) are summed, then the broadcast batch dims (``sum_to_size``), then the cast."""
+    any) are summed, then the broadcast batch dims (``sum_to_size``), then the cast.  When
+    the buffer already has both prompts' shape and dtype, one cast of the whole buffer
+    (one kernel for dpk and dpv; they are views of its halves)."""
+    if (not partial_dims and pk.dtype == pv.dtype and tuple(pk.shape) == tuple(pv.shape)
+            and tuple(buf.shape[1:]) == tuple(pk.shape)):
+        g = buf.to(pk.dtype, copy=True)
+        return g[0], g[1]
     g = buf.sum(tuple(d + 1 for d in partial_dims)) if partial_dims else buf
     return (g[0].sum_to_size(pk.shape).to(pk.dtype, copy=True),
             g[1].sum_to_size(pv.shape).to(pv.dtype, copy=True))
@@ -140,7 +188,12 @@ class LaunchPlan:
         self.dtype = DTYPE_CODES.get(str(q.dtype).replace("torch.", ""), -1)
         self.elsize = q.element_size()
         self.scale = float(scale)
-        self.atomic_prompt_grads = int(backward and not deterministic)
+        # the short fp16/bf16 backward (seq_bwd_kernel) sums the prompt gradients of the
+        # sequences sharing a prompt row set itself: no atomics, no zero-fill
+        short = (max(int(n) for n in q_segments) <= SHORT_QUERIES) if nseg else True
+        self.seq_reps = (seq_reps(pks, pvs, batch) if backward and short
+                         and str(q.dtype) in ("torch.float16", "torch.bfloat16") else 0)
+        self.atomic_prompt_grads = int(backward and not deterministic and not self.seq_reps)
         # operands as (name, shape, strides) broadcast to the batch
         ops = [("q", q.shape, q.stride()), ("k", k.shape, k.stride()),
                ("v", v.shape, v.stride())]
@@ -157,7 +210,7 @@ class LaunchPlan:
             for name, t in ((f"pk{s}", pk), (f"pv{s}", pv)):
                 ops.append((name, (*batch, P, E), _expand_strides(t, batch)))
             if backward:
-                shp = prompt_grad_shape(pk, pv, batch, deterministic)
+                shp = prompt_grad_shape(pk, pv, batch, deterministic, self.seq_reps)
                 self.grad_shapes[s] = shp
                 st = contiguous_strides(shp)[1:]
                 lead = shp[1:-2]
@@ -194,7 +247,7 @@ class LaunchPlan:
         scale_bits = struct.unpack("<i", struct.pack("<f", self.scale))[0]
         out = [PLAN_VERSION, self.nseq, *self.bsize, self.Lq, self.nseg, self.head_dim,
                self.dtype, self.vec16, self.vec16_out, self.short_tiles,
-               self.atomic_prompt_grads, scale_bits]
+               self.atomic_prompt_grads, scale_bits, self.seq_reps]
         out += [0] * (PLAN_HEADER - len(out))
         for s in range(MAX_SEGMENTS):
             out += [self.q_start[s], self.q_len[s], self.k_start[s], self.k_len[s],
