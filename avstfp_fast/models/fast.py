@@ -99,11 +99,9 @@ def layer_kv(model, blk, layer: int, mods, sizes) -> LayerKV:
     temporal = spatial = fusion = (None, None)
     if c.has("temporal"):
         tkv = [_temporal_kv(kv, m) for m in mods]
-        if tkv[0] is None:
-            pass
-        elif len(mods) == 1:
+        if tkv[0] is not None and len(mods) == 1:
             temporal = tkv[0]
-        else:       # per-position prompts (N, H, Nt, d): audio rows then visual rows
+        elif tkv[0] is not None:    # per-position prompts (N, H, Nt, d): audio, then visual
             temporal = tuple(torch.cat([t[i].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
                              for i in (0, 1))
     if c.has("spatial"):
