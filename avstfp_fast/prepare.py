@@ -115,22 +115,22 @@ def prepare(args) -> dict:
         avqa_hop=cfg.avqa_hop if layout == "avqa" else None)
     task = make_task(cfg)
     os.makedirs(args.out, exist_ok=True)
-    classes, splits = task.prepare_data(args.out, 0)     # synthetic: generates when empty
-    task.classes, task.splits = classes, splits
+    data = task.prepare_data(args.out, 0)     # synthetic: generates when empty
+    classes, splits = data.classes, data.splits
     extra = {}
     if layout == "avqa":
         from .train.avqa_data import AVQA_SPLIT_FILES, _find_json
         qdir = os.path.join(args.out, "json")
         os.makedirs(qdir, exist_ok=True)
         for split, fname in AVQA_SPLIT_FILES.items():
-            src = _find_json(cfg.data_root, fname)
+            src = _find_json(data.data_root, fname)
             if src is not None:
                 shutil.copyfile(src, os.path.join(qdir, fname))
         extra["avqa"] = {"questions": {s: len(v) for s, v in splits.items()},
                          "vocabulary": len(task.vocab), "answers": len(task.answers)}
     sources = _sources_for(task, size)
     source_info = {"task": args.task, "layout": layout,
-                   "data_root": os.path.abspath(cfg.data_root)}
+                   "data_root": os.path.abspath(data.data_root)}
     return prepare_splits(args.out, sources, settings, source_info=source_info,
                           classes=list(classes), workers=args.workers,
                           shard_size=args.shard_size, progress=args.progress,

@@ -397,8 +397,9 @@ def test_avqa_video_prepared_once_questions_reference_it(tmp_path):
     assert sum(len(v) for v in s.splits.values()) > 5          # several questions a video
     cfg = TrainConfig(task="synthetic_avqa", backbone="tiny", prepared=out, avqa_hop=1)
     task = make_task(cfg)
-    answers, items = task.prepare_data(str(tmp_path / "run"), 0)
-    task.classes, task.splits = answers, items
+    data = task.prepare_data(str(tmp_path / "run"), 0)
+    answers, items = data.classes, data.splits
+    assert task.classes is answers and task.splits is items and data.data_root is None
     assert answers == s.answers and list(task.vocab.words) == list(s.vocab.words)
     ds = task.dataset("val", train=False, image_size=64)
     dec = AVQADataset(s.splits["val"], hop=1, image_size=64, segments=10)

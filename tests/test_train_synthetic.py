@@ -32,6 +32,9 @@ def test_synthetic_cli_learns_and_swaps_backend(tmp_path):
               "confusion_test.png", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert os.path.isfile(os.path.join(out, f)), f
     summary = json.load(open(os.path.join(out, "summary.json")))
+    # the run records the data root the task resolved (generated in the run folder)
+    assert json.load(open(os.path.join(out, "config.json")))["data_root"] == \
+        os.path.join(out, "synthetic_data")
     classes, splits = ave_splits(os.path.join(out, "synthetic_data"))
     labels = np.concatenate([lab for _, lab, _ in splits["val"]])
     chance = np.bincount(labels).max() / labels.size          # majority-class rate

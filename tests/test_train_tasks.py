@@ -114,3 +114,20 @@ def test_classification_metrics_count_top1_and_top5():
     s = m.summary()
     assert (s["n"], s["acc"], s["top5"]) == (3, 1 / 3, 2 / 3)
     assert int(s["confusion"].sum()) == 3
+
+
+def test_prepare_data_returns_what_it_resolved_and_leaves_the_config_alone(tmp_path):
+    """Data flows one way: the task keeps and returns its classes, splits and resolved
+    root; the config is not written to (a synthetic task generates under the run folder)."""
+    from avstfp_fast.train.registry import make_task
+    cfg = TrainConfig(task="synthetic", backbone="tiny", synthetic_events=2, synthetic_train=2,
+                      synthetic_val=1, synthetic_test=0)
+    before = cfg.to_dict()
+    task = make_task(cfg)
+    data = task.prepare_data(str(tmp_path), 0)
+    assert data.data_root == os.path.join(str(tmp_path), "synthetic_data")
+    assert os.path.isfile(os.path.join(data.data_root, "Annotations.txt"))
+    assert cfg.to_dict() == before and cfg.data_root is None
+    assert task.classes is data.classes and task.splits is data.splits
+    assert task.data_root == data.data_root and "background" in data.classes
+    assert {"train", "val"} <= set(data.splits)

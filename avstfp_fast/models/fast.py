@@ -12,10 +12,14 @@ Per layer and stage:
   audio and visual positions, so they are gathered once to (N, H, Nt, d) — batch-free;
 - prompt rows never get queries (their outputs would be discarded);
 - the FFN runs once over the joint buffer.
+
+The stage functions (``temporal_stage``, ``spatial_stage``, ``fusion_stage``, ``ffn``)
+carry the names and argument order of :mod:`avstfp_fast.models.reference`; where a
+literal stage takes ``modality``, a fast one takes the layer's :class:`LayerKV`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +77,44 @@ def _temporal_kv(kv: Dict[PromptKey, KV], m: str) -> Optional[KV]:
     return tk[0], kv[PromptKey(PromptKind.TEMPORAL_VALUE, m)][1]
 
 
+class LayerKV(NamedTuple):
+    """One layer's prompt keys/values, laid out for the joint buffer: the one value the
+    stages take (the counterpart of the literal stages' ``modality``).
+
+    ``temporal``/``spatial``/``fusion`` are (pk, pv) pairs (None, None when absent),
+    gathered from :func:`_layer_prompt_kv`'s single LayerNorm + GEMM, still views or,
+    for two-modality temporal prompts, one per-position gather (N, H, Nt, d).
+    """
+    mods: Tuple[str, ...]            # the modalities in buffer order (audio first)
+    sizes: Tuple[int, ...]           # their token counts N_m (CLS included)
+    temporal: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+    spatial: Tuple[object, object]   # two modalities: per-segment lists
+    fusion: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def layer_kv(model, blk, layer: int, mods, sizes) -> LayerKV:
+    """Gather the prompt K/V of one layer for every stage the config enables."""
+    c = model.config
+    kv = _layer_prompt_kv(model, blk, layer, mods, model.num_heads)
+    temporal = spatial = fusion = (None, None)
+    if c.has("temporal"):
+        tkv = [_temporal_kv(kv, m) for m in mods]
+        if tkv[0] is not None and len(mods) == 1:
+            temporal = tkv[0]
+        elif tkv[0] is not None:    # per-position prompts (N, H, Nt, d): audio, then visual
+            temporal = tuple(torch.cat([t[i].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
+                             for i in (0, 1))
+    if c.has("spatial"):
+        pairs = [kv.get(PromptKey(PromptKind.SPATIAL, m), (None, None)) for m in mods]
+        if len(mods) == 1:
+            spatial = pairs[0]
+        elif any(k is not None for k, _ in pairs):
+            spatial = ([k for k, _ in pairs], [p for _, p in pairs])
+    if c.has("fusion"):
+        fusion = kv.get(PromptKey(PromptKind.FUSION), (None, None))
+    return LayerKV(tuple(mods), tuple(sizes), temporal, spatial, fusion)
+
+
 def _gate(betas, sizes, like):
     """Per-position gate (N, 1) from per-modality scalars."""
     parts = [b.to(like.dtype).expand(n) for b, n in zip(betas, sizes)]
@@ -108,6 +150,41 @@ def _attend_rows(blk, x, rows, pk, pv, backend):
     return blk.ls_1(blk.attn.out_proj(o))
 
 
+# ---------------------------------------------------------------- the stages
+# Same names and argument order as models/reference.py; ``kv`` (a LayerKV) stands where
+# the literal stages take ``modality``: the fast stages run every modality at once.
+
+def temporal_stage(model, blk, layer: int, x: torch.Tensor, kv: LayerKV,
+                   backend: str) -> torch.Tensor:
+    """Attention over the M frames (seq_dim 1) for every token position; K/V get the
+    temporal prompts of the position's modality; gated by beta_<modality>."""
+    gate = _gate([getattr(model, f"beta_{m}")[layer] for m in kv.mods], kv.sizes, x)
+    return x + gate * _attend(blk, x, 1, *kv.temporal, None, backend)
+
+
+def spatial_stage(model, blk, layer: int, x: torch.Tensor, kv: LayerKV,
+                  backend: str) -> torch.Tensor:
+    """Per frame, attention over each modality's own tokens (segments audio | visual)
+    with that modality's spatial prompts as extra K/V."""
+    segments = list(kv.sizes) if len(kv.mods) == 2 else None
+    return x + _attend(blk, x, 2, *kv.spatial, segments, backend)
+
+
+def fusion_stage(model, blk, layer: int, x: torch.Tensor, kv: LayerKV, backend: str,
+                 rows: Optional[List[int]] = None) -> torch.Tensor:
+    """Per frame, attention over all tokens with the fusion prompts as extra K/V; gated
+    by beta_fusion.  ``rows``: compute (and return) only these query rows (the last
+    layer's CLS rows)."""
+    beta = model.beta_fusion[layer].to(x.dtype)
+    if rows is None:
+        return x + beta * _attend(blk, x, 2, *kv.fusion, None, backend)
+    return x[:, :, rows] + beta * _attend_rows(blk, x, rows, *kv.fusion, backend)
+
+
+def ffn(blk, x: torch.Tensor) -> torch.Tensor:
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+
 def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
                   backend: str, tokens: bool = False
                   ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -122,44 +199,20 @@ def encode_tokens(model, a: Optional[torch.Tensor], v: Optional[torch.Tensor],
     c = model.config
     mods = [m for m, t in (("audio", a), ("visual", v)) if t is not None]
     sizes = [t.shape[2] for t in (a, v) if t is not None]
-    cls_rows = [0] if len(mods) == 1 else [0, sizes[0]]
-    x = torch.cat([t for t in (a, v) if t is not None], dim=2) if len(mods) == 2 else (a if a is not None else v)
-    H = model.num_heads
+    x = torch.cat([a, v], dim=2) if len(mods) == 2 else (a if a is not None else v)
     blocks = model.visual.transformer.resblocks
     for layer, blk in enumerate(blocks):
-        last = layer == len(blocks) - 1 and not tokens
-        kv = _layer_prompt_kv(model, blk, layer, mods, H)
+        kv = layer_kv(model, blk, layer, mods, sizes)
+        rows = None if tokens or layer < len(blocks) - 1 else [0, sizes[0]][:len(mods)]
         if c.has("temporal"):
-            tkv = [_temporal_kv(kv, m) for m in mods]
-            if tkv[0] is None:
-                pk = pv = None
-            elif len(mods) == 1:
-                pk, pv = tkv[0]
-            else:       # per-position prompts (N, H, Nt, d): audio rows then visual rows
-                pk = torch.cat([t[0].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
-                pv = torch.cat([t[1].expand(n, -1, -1, -1) for t, n in zip(tkv, sizes)])
-            gate = _gate([getattr(model, f"beta_{m}")[layer] for m in mods], sizes, x)
-            x = x + gate * _attend(blk, x, 1, pk, pv, None, backend)
+            x = temporal_stage(model, blk, layer, x, kv, backend)
         if c.has("spatial"):
-            pairs = [kv.get(PromptKey(PromptKind.SPATIAL, m), (None, None)) for m in mods]
-            if len(mods) == 1:
-                (pk, pv), segs = pairs[0], None
-            else:
-                segs = sizes
-                pk, pv = [k for k, _ in pairs], [p for _, p in pairs]
-                if all(k is None for k in pk):
-                    pk = pv = None
-            x = x + _attend(blk, x, 2, pk, pv, segs, backend)
-        if last:
-            x = x[:, :, cls_rows] if not c.has("fusion") else x
+            x = spatial_stage(model, blk, layer, x, kv, backend)
         if c.has("fusion"):
-            pk, pv = kv.get(PromptKey(PromptKind.FUSION), (None, None))
-            beta = model.beta_fusion[layer].to(x.dtype)
-            if last:
-                x = x[:, :, cls_rows] + beta * _attend_rows(blk, x, cls_rows, pk, pv, backend)
-            else:
-                x = x + beta * _attend(blk, x, 2, pk, pv, None, backend)
-        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            x = fusion_stage(model, blk, layer, x, kv, backend, rows)
+        elif rows is not None:
+            x = x[:, :, rows]
+        x = ffn(blk, x)
     if tokens:
         parts = model.visual.ln_post(x).split(sizes, dim=2)
         return tuple(dict(zip(mods, parts)).get(m) for m in ("audio", "visual"))

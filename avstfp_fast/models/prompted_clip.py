@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..ops.backends import AUTO, backend_choices, backend_names, get_backend
 from . import backbone as bb
-from . import fast, reference
+from . import fast, reference, summary
 from .config import AVSTFPConfig, PromptKey, PromptKind
 
 # The two implementations of the layers, side by side: same parameters, same function.
@@ -183,29 +183,13 @@ class PromptedCLIP(nn.Module):
         return [g for g in groups if g["params"]]
 
     def parameter_counts(self) -> dict:
-        def count(ps, trainable_only=False):
-            return sum(p.numel() for p in ps if p.requires_grad or not trainable_only)
-        rows = {
-            "prompts": count(self.prompt_parameters()),
-            "head": count(self.head.parameters()) if self.head is not None else 0,
-            "backbone": count(self.visual.parameters()),
-        }
-        rows["trainable"] = count(self.parameters(), trainable_only=True)
-        rows["total"] = count(self.parameters())
-        return rows
+        """Parameter numbers per group (:func:`avstfp_fast.models.summary.parameter_counts`)."""
+        return summary.parameter_counts(self)
 
     def parameter_summary(self, print_it: bool = True) -> str:
-        c, n = self.config, self.parameter_counts()
-        lines = [f"PromptedCLIP({self.model_name}, L={self.num_layers}, D={self.width}, "
-                 f"H={self.num_heads}) stages={'+'.join(c.stages) or 'none'} "
-                 f"modalities={'+'.join(c.modalities)} Nt={c.n_temporal} Ns={c.n_spatial} "
-                 f"Nf={c.n_fusion} backend={self.backend}"]
-        for name in ("prompts", "head", "backbone"):
-            frozen = name == "backbone" and not c.full_finetune
-            lines.append(f"  {name:10s} {n[name]:>13,d}  {'frozen' if frozen else 'trainable'}")
-        lines.append(f"  {'trainable':10s} {n['trainable']:>13,d}  ({n['trainable'] / 1e6:.2f}M)")
-        lines.append(f"  {'total':10s} {n['total']:>13,d}  ({n['total'] / 1e6:.2f}M)")
-        text = "\n".join(lines)
+        """The one-screen summary (:func:`avstfp_fast.models.summary.parameter_summary`),
+        printed unless ``print_it=False``."""
+        text = summary.parameter_summary(self)
         if print_it:
             print(text)
         return text

@@ -88,9 +88,9 @@ class AVQATask(Task):
     def checkpoint_state(self):
         return {"vocabulary": list(self.vocab.words), "answers": list(self.answers)}
 
-    def prepare_data(self, run_dir, rank):
+    def read_data(self, root, rank):
         cfg = self.cfg
-        root, has_video = self._data_source()
+        root, has_video = self._data_source(root)
         st = self.stored or {}
         have = "vocabulary" in st and "answers" in st
         s = avqa_splits(root, max_len=cfg.question_len,
@@ -132,7 +132,7 @@ class AVQATask(Task):
                 print(line, flush=True)
         return s.answers, self._clips(s)
 
-    def _data_source(self):
+    def _data_source(self, root):
         """``(folder of the question files, has_video(path))``: the data root, or a
         prepared folder (its ``json/`` copies; a video is there when it was prepared)."""
         cfg = self.cfg
@@ -143,9 +143,9 @@ class AVQATask(Task):
             have = {m["id"] for _, m in self._refs}
             return (self.prepared["root"],
                     lambda p: os.path.splitext(os.path.basename(p))[0] in have)
-        if cfg.data_root is None:
+        if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
-        return cfg.data_root, os.path.isfile
+        return root, os.path.isfile
 
     def _clips(self, s) -> dict:
         """The questions of each split; from prepared data, pointed at their clips."""
@@ -243,16 +243,17 @@ class SyntheticAVQATask(AVQATask):
                     synthetic_events=2, synthetic_train=80, synthetic_val=24,
                     synthetic_test=24, head_hidden=64)
 
-    def prepare_data(self, run_dir, rank):
+    def resolve_data_root(self, run_dir, rank):
+        """``data_root``, or ``<run folder>/synthetic_avqa``; rank 0 generates the files
+        there when missing (not for a prepared folder)."""
         cfg = self.cfg
         if prepared_root(cfg):
-            return super().prepare_data(run_dir, rank)
-        if cfg.data_root is None:
-            cfg.data_root = os.path.join(run_dir, "synthetic_avqa")
-        if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "avqa-train.json")):
-            make_synthetic_avqa(cfg.data_root, n_train=cfg.synthetic_train,
+            return cfg.data_root
+        root = cfg.data_root or os.path.join(run_dir, "synthetic_avqa")
+        if rank == 0 and not os.path.isfile(os.path.join(root, "avqa-train.json")):
+            make_synthetic_avqa(root, n_train=cfg.synthetic_train,
                                 n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
                                 n_kinds=cfg.synthetic_events, segments=cfg.segments,
                                 hop=cfg.avqa_hop, seed=cfg.seed)
         ddp.barrier()
-        return super().prepare_data(run_dir, rank)
+        return root

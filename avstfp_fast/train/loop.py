@@ -19,6 +19,7 @@ uninterrupted run on CPU):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -142,8 +143,11 @@ class Trainer:
         self.resume_ckpt = ck.load_checkpoint(cfg.resume) if cfg.resume else None
         if self.resume_ckpt is not None:
             self.task.restore(self.resume_ckpt.get("task_state"), resuming=not cfg.eval_only)
-        self.classes, self.splits = self.task.prepare_data(self.run_dir, self.rank)
-        self.task.classes, self.task.splits = self.classes, self.splits
+        data = self.task.prepare_data(self.run_dir, self.rank)
+        self.classes, self.splits = data.classes, data.splits
+        # the run records the data root the task resolved (a synthetic task's generated
+        # folder), so that evaluating or resuming its checkpoints reads the same files
+        self.cfg = cfg = dataclasses.replace(cfg, data_root=data.data_root)
         self.num_classes = len(self.classes)
         if self.is_main:
             dump_json({**cfg.to_dict(), "classes": self.classes, "world_size": self.world,

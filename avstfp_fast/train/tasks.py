@@ -5,8 +5,12 @@ The trainer's step, end-of-epoch and evaluation functions only call the :class:`
 interface below, so a new task (say audio-visual question answering) is one subclass
 listed in :mod:`.registry` (``TASKS``), with no edit to ``loop.py``:
 
-* ``prepare_data(run_dir, rank)`` -> ``(classes, splits)``; ``splits`` maps "train",
-  "val", "test" to whatever ``dataset`` accepts;
+* ``prepare_data(run_dir, rank)`` -> :class:`TaskData` (classes, splits and the data
+  root it resolved); the task keeps them (``classes``, ``splits``, ``data_root``) and
+  never writes to the config: data flows from the task to the trainer, not back.
+  Subclasses implement ``read_data(root, rank)`` -> ``(classes, splits)``; ``splits``
+  maps "train", "val", "test" to whatever ``dataset`` accepts; synthetic tasks also
+  override ``resolve_data_root`` (generate the files when needed);
 * ``dataset(split, train, image_size)`` and ``collate(samples)``: a batch is a dict with
   at least ``bad`` (paths of skipped files); ``is_empty(batch)`` says it has nothing usable;
 * ``build_model(num_classes)``: the model with this task's head;
@@ -101,6 +105,16 @@ def build_model(cfg, head: Optional[str], num_classes: Optional[int], model_cls=
                      config=config, **kw)
 
 
+@dataclass(frozen=True)
+class TaskData:
+    """What :meth:`Task.prepare_data` resolved: the class (answer) names, the splits, and
+    the data root it read (``data_root`` as given, or where a synthetic task generated its
+    files; the trainer records it in config.json and checkpoints)."""
+    classes: list
+    splits: dict
+    data_root: Optional[str]
+
+
 class Task:
     """One training task (see the module docstring).  An instance serves one run."""
     name: str = ""
@@ -110,15 +124,28 @@ class Task:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.classes: list = []
+        self.classes: list = []          # set by prepare_data
         self.splits: dict = {}
+        self.data_root: Optional[str] = None
         self.prepared: Optional[dict] = None     # manifest, when reading prepared shards
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def prepare_data(self, run_dir: str, rank: int) -> tuple[list, dict]:
+    def prepare_data(self, run_dir: str, rank: int) -> TaskData:
+        """Resolve the data root, read classes and splits, keep them; return them."""
+        root = self.resolve_data_root(run_dir, rank)
+        classes, splits = self.read_data(root, rank)
+        self.classes, self.splits, self.data_root = classes, splits, root
+        return TaskData(classes, splits, root)
+
+    def resolve_data_root(self, run_dir: str, rank: int) -> Optional[str]:
+        """The folder the data is read from: the configured ``data_root``."""
+        return self.cfg.data_root
+
+    def read_data(self, root: Optional[str], rank: int) -> tuple[list, dict]:
+        """``(classes, splits)`` read from ``root`` (or the prepared folder)."""
         raise NotImplementedError
 
     def dataset(self, split: str, train: bool, image_size: int):
@@ -293,12 +320,12 @@ class AVETask(ClassificationTask):
     """AVE: 28 events + background, one label per 1-s segment; segment accuracy."""
     name, head, item_name = "ave", "ave", "segments"
 
-    def prepare_data(self, run_dir, rank):
+    def read_data(self, root, rank):
         if prepared_root(self.cfg):
             return load_prepared(self, "ave")
-        if self.cfg.data_root is None:
+        if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
-        return ave_splits(self.cfg.data_root, segments=self.cfg.segments,
+        return ave_splits(root, segments=self.cfg.segments,
                           clip_seconds=self.cfg.clip_seconds)
 
 
@@ -313,19 +340,20 @@ class SyntheticAVETask(AVETask):
                     lr_head=3e-3, weight_decay=1e-4, batch_size=8, visual_aug="light",
                     mixup_prob=0.0, num_workers=0, cache=True, threads=1)
 
-    def prepare_data(self, run_dir, rank):
+    def resolve_data_root(self, run_dir, rank):
+        """``data_root``, or ``<run folder>/synthetic_data``; rank 0 generates the files
+        there when missing (not for a prepared folder)."""
         cfg = self.cfg
         if prepared_root(cfg):
-            return load_prepared(self, "ave")
-        if cfg.data_root is None:
-            cfg.data_root = os.path.join(run_dir, "synthetic_data")
-        if rank == 0 and not os.path.isfile(os.path.join(cfg.data_root, "Annotations.txt")):
-            make_synthetic_ave(cfg.data_root, n_events=cfg.synthetic_events,
+            return cfg.data_root
+        root = cfg.data_root or os.path.join(run_dir, "synthetic_data")
+        if rank == 0 and not os.path.isfile(os.path.join(root, "Annotations.txt")):
+            make_synthetic_ave(root, n_events=cfg.synthetic_events,
                                n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
                                n_test=cfg.synthetic_test, segments=cfg.segments, seed=cfg.seed,
                                header=cfg.synthetic_header)
         ddp.barrier()
-        return super().prepare_data(run_dir, rank)
+        return root
 
 
 class AVARTask(ClassificationTask):
@@ -333,9 +361,9 @@ class AVARTask(ClassificationTask):
     name, head, item_name = "avar", "avar", "clips"
     report_top5 = True
 
-    def prepare_data(self, run_dir, rank):
+    def read_data(self, root, rank):
         if prepared_root(self.cfg):
             return load_prepared(self, "ks")
-        if self.cfg.data_root is None:
+        if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
-        return ks_splits(self.cfg.data_root)
+        return ks_splits(root)
