@@ -44,6 +44,11 @@ Operand descriptors (shared by all kernels)
 import triton
 import triton.language as tl
 
+#: Whether these kernels run in Triton's CPU interpreter: ``triton.jit`` reads
+#: TRITON_INTERPRET (this knob) as it wraps each kernel, i.e. once, when this module is
+#: imported; ``ops.triton_backend`` reads the flag.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
 
 @triton.jit
 def _sel(t, i, N: tl.constexpr):
