@@ -343,6 +343,17 @@ def _kv_block(dk, dv, k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS
 
 
 @triton.jit
+def _program(NQ, NK, BS, NB, NSEG: tl.constexpr):
+    # the backward kernels' program (grid: blocks x groups on axis 0, segment on axis 1):
+    # its block, sequence group and segment, the segment's query/key lengths and starts,
+    # and the number of sequences BT
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    return pid % NB, pid // NB, seg, nq, nk, q0, k0, BS[3]
+
+
+@triton.jit
 def prompted_attn_bwd(
     Q, K, V, DO, DK, DV, DQA, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, sdqa,
     PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, NKB, NB, LQ, qk_scale, scale,
@@ -355,11 +366,7 @@ def prompted_attn_bwd(
     # accumulator DQA (atomics).  Prompt blocks add scale * ds^T q and p^T do into GR
     # (fp32, the prompt's own shape addressed through its broadcast strides; dpv at
     # + GKV), so the batch reduction happens in the atomics.
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    kblk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    kblk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if kblk < NKB:
         if kblk * SLOT_N < nk:
             kb, kj, k_ok = _rows(grp, kblk, BT, nk, G, SLOT_N)
@@ -423,11 +430,7 @@ def prompted_attn_bwd_dq(
     # dq_i = scale sum_j ds_ij k_j over token keys and prompts; per prompt j, this
     # program's partial dpk_j = scale sum_i ds_ij q_i and dpv_j = sum_i p_ij do_i, stored
     # at [b, blk, j] of GR (block stride GM), reduced on the host in a fixed order.
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if blk * SLOT_M < nq:
         qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
         q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
@@ -500,11 +503,7 @@ def prompted_attn_bwd_dkdv(
     NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # Deterministic mode, pass 2: dk/dv of this program's token keys (no dq, no atomics)
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if blk * SLOT_N < nk:
         kb, kj, k_ok = _rows(grp, blk, BT, nk, G, SLOT_N)
         k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
