@@ -82,15 +82,20 @@ def _start(t, i, N: tl.constexpr):
 
 
 @triton.jit
+def _unravel4(b, S1, S2, S3):
+    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   (i0, i1, i2, i3)   (div/mod in int32)
+    i3 = b % S3
+    b = b // S3
+    i2 = b % S2
+    b = b // S2
+    return b // S1, b % S1, i2, i3
+
+
+@triton.jit
 def _boff(b, BS, st):
-    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * st[d]
+    # batch index b over the dims (S1, S2, S3) = BS[:3]  ->  offset = sum_d i_d * st[d]
     # (div/mod in int32 -- the batch product is < 2^31 -- products in int64)
-    i3 = b % BS[2]
-    b = b // BS[2]
-    i2 = b % BS[1]
-    b = b // BS[1]
-    i1 = b % BS[0]
-    i0 = b // BS[0]
+    i0, i1, i2, i3 = _unravel4(b, BS[0], BS[1], BS[2])
     return (i0.to(tl.int64) * st[0] + i1.to(tl.int64) * st[1] + i2.to(tl.int64) * st[2]
             + i3.to(tl.int64) * st[3])
 
@@ -833,12 +838,7 @@ def prompted_attn_pgrad(
         l, p = pid // P, pid % P
         if l < nl:
             # kept coordinates of l
-            k3 = l % ks[3]
-            t = l // ks[3]
-            k2 = t % ks[2]
-            t = t // ks[2]
-            k1 = t % ks[1]
-            k0 = t // ks[1]
+            k0, k1, k2, k3 = _unravel4(l, ks[1], ks[2], ks[3])
             G = _sel(GR, seg, NSEG)
             gkv = _sel(GKV, seg, NSEG)
             pe = _sel(PE, seg, NSEG)
