@@ -124,18 +124,24 @@ def ratio(a, b):
 
 
 # --------------------------------------------------------------------------- analysis
-def kernel_rows(benchmarks):
-    """{(stage, arch, batch, dtype, passes): {contender: benchmark}}"""
+def _rows(benchmarks, kind, key, cell, order):
+    """The benchmarks of one ``extra_info`` kind as {key(e): {e[cell]: benchmark}}, sorted
+    by ``order(key)``."""
     rows = defaultdict(dict)
     for b in benchmarks:
         e = b.get("extra_info") or {}
-        if e.get("kind") != "kernel":
-            continue
-        key = (e["stage"], e["arch"], int(e["batch"]), e["dtype"], e["passes"])
-        rows[key][e["contender"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: (
-        kv[0][4] != "fwdbwd", kv[0][3], ARCH_ORDER.get(kv[0][1], 9), kv[0][2],
-        STAGE_ORDER.get(kv[0][0], 9))))
+        if e.get("kind") == kind:
+            rows[key(e)][e[cell]] = b
+    return OrderedDict(sorted(rows.items(), key=lambda kv: order(kv[0])))
+
+
+def kernel_rows(benchmarks):
+    """{(stage, arch, batch, dtype, passes): {contender: benchmark}}"""
+    return _rows(benchmarks, "kernel",
+                 lambda e: (e["stage"], e["arch"], int(e["batch"]), e["dtype"], e["passes"]),
+                 "contender",
+                 lambda k: (k[4] != "fwdbwd", k[3], ARCH_ORDER.get(k[1], 9), k[2],
+                            STAGE_ORDER.get(k[0], 9)))
 
 
 def best_ours(cells, fallback=False):
@@ -149,14 +155,8 @@ def best_ours(cells, fallback=False):
 
 def e2e_rows(benchmarks):
     """{(mode, arch, batch): {variant: benchmark}}"""
-    rows = defaultdict(dict)
-    for b in benchmarks:
-        e = b.get("extra_info") or {}
-        if e.get("kind") != "e2e":
-            continue
-        rows[(e["mode"], e["arch"], int(e["batch"]))][e["variant"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: (
-        kv[0][0] != "train", ARCH_ORDER.get(kv[0][1], 9), kv[0][2])))
+    return _rows(benchmarks, "e2e", lambda e: (e["mode"], e["arch"], int(e["batch"])),
+                 "variant", lambda k: (k[0] != "train", ARCH_ORDER.get(k[1], 9), k[2]))
 
 
 def best_fast(cells):
@@ -167,13 +167,9 @@ def best_fast(cells):
 
 
 def cpu_rows(benchmarks):
-    rows = defaultdict(dict)
-    for b in benchmarks:
-        e = b.get("extra_info") or {}
-        if e.get("kind") != "cpu":
-            continue
-        rows[(e["arch"], int(e["batch"]))][e["backend"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: ARCH_ORDER.get(kv[0][0], 9)))
+    """{(arch, batch): {backend: benchmark}}"""
+    return _rows(benchmarks, "cpu", lambda e: (e["arch"], int(e["batch"])), "backend",
+                 lambda k: ARCH_ORDER.get(k[0], 9))
 
 
 def case_name(key):
