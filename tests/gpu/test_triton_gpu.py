@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from avstfp_fast import prompted_attention_qkv
-from avstfp_fast.ops import get_backend, make_problem
-from avstfp_fast.testing import check_vs_reference
+from avstfp_fast.testing import check_vs_reference, skip_unless_supported
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -18,14 +17,10 @@ DEV = "cuda"
 
 @pytest.fixture(scope="module", autouse=True)
 def _triton_ready():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("TRITON_INTERPRET=1: these tests need the compiled kernels")
     q = torch.randn(1, 4, 64, device=DEV, dtype=torch.float16)
-    r = get_backend("triton").why_not(make_problem(q, q, q))
-    if r is not None:
-        pytest.skip(f"triton backend unavailable: {r}")
+    skip_unless_supported("triton", q, q, q)
 
 
 def _check(fn, inputs, dtype, what):
