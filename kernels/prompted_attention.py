@@ -673,6 +673,7 @@ def prompted_attn_bwd_seq(
             # (dpk and dpv themselves, (*lead, P, D) dense): no partials, no second launch
             gk = tl.zeros([SLOT_N, D], tl.float32)
             gv = tl.zeros([SLOT_N, D], tl.float32)
+            # twin loops on purpose (module docstring, WHILE): same body, while/range form
             if WHILE:
                 it = 0
                 while it < NIT:
