@@ -470,6 +470,18 @@ def plot(benchmarks, path):
     plt.close(fig)
 
 
+def _grouped_bars(ax, series, labels, **label_kw):
+    """One bar group per label, one bar per series entry ({name: [value or None per
+    label]}; None and 0 draw nothing), with a legend."""
+    w = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [j + i * w for j, v in enumerate(vals) if v]
+        ax.bar(xs, [v for v in vals if v], width=w, label=name)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, **label_kw)
+    ax.legend(fontsize=7)
+
+
 def plot_kernel_speedups(ax, benchmarks):
     """Kernels fwd+bwd: speedup of ours over each peer."""
     kr = [(k, c) for k, c in kernel_rows(benchmarks).items() if k[4] == "fwdbwd"]
@@ -482,17 +494,11 @@ def plot_kernel_speedups(ax, benchmarks):
         for p in peers:
             series[p].append(ratio(median(cells[p]), t) if p in cells else None)
     if labels and any(v for s in series.values() for v in s if v):
-        w = 0.8 / max(1, len(peers))
-        for i, p in enumerate(peers):
-            xs = [j + i * w for j, v in enumerate(series[p]) if v]
-            ys = [v for v in series[p] if v]
-            ax.bar(xs, ys, width=w, label=f"vs {p}")
+        _grouped_bars(ax, {f"vs {p}": series[p] for p in peers}, labels, rotation=70,
+                      fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
-        ax.set_xticklabels(labels, rotation=70, fontsize=7)
         ax.set_ylabel("speedup of ours (peer time / ours)")
-        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no kernel fwd+bwd results with ours", ha="center", va="center")
     ax.set_title("kernels, fwd+bwd")
@@ -502,15 +508,10 @@ def plot_training_steps(ax, benchmarks):
     er = [(k, c) for k, c in e2e_rows(benchmarks).items() if k[0] == "train"]
     if er:
         variants = [v for v in E2E_VARIANTS if any(v in c for _, c in er)]
-        w = 0.8 / max(1, len(variants))
-        for i, v in enumerate(variants):
-            xs = [j + i * w for j, (_, c) in enumerate(er) if v in c and median(c[v])]
-            ys = [median(c[v]) * 1e3 for _, c in er if v in c and median(c[v])]
-            ax.bar(xs, ys, width=w, label=v)
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(er))])
-        ax.set_xticklabels([f"{k[1]} B={k[2]}" for k, _ in er], fontsize=8)
+        series = {v: [median(c[v]) * 1e3 if v in c and median(c[v]) else None for _, c in er]
+                  for v in variants}
+        _grouped_bars(ax, series, [f"{k[1]} B={k[2]}" for k, _ in er], fontsize=8)
         ax.set_ylabel("training step, ms")
-        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no end-to-end results", ha="center", va="center")
     ax.set_title("training step (bf16 autocast)")
