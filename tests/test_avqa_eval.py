@@ -27,6 +27,7 @@ def strict_json(path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    # same shape as test_predict's fixture on purpose: another task, data and trainer entry
     base = tmp_path_factory.mktemp("avqa_eval")
     root = str(base / "data")
     make_synthetic_avqa(root, n_train=4, n_val=2, n_test=2, hop=1, seed=3)
