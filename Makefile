@@ -29,7 +29,8 @@ demo: $(STAMP)
 # CPU suite: the compile-time sm_90 contract of the Triton and CUDA kernels (CI subset),
 # the byte and launch ledger of every stage call (bench/ledger.py --ci: fails on a row
 # over its bounds; for the cuda backend only the stages within bounds so far: temporal),
-# unit tests (Triton kernels under the interpreter, CUDA kernels under emulation), and
+# unit tests (Triton kernels under the interpreter without a GPU: tests/conftest.py sets
+# TRITON_INTERPRET=1; CUDA kernels under emulation), and
 # every CPU benchmark case run once at tiny size (benchmarks are not timed here).
 # Each test's inputs come from a seed derived from its node id and AVSTFP_TEST_SEED
 # (fresh for every run, printed first and in the report of a failing test; set it to
@@ -44,11 +45,11 @@ test: $(STAMP)
 	$(VPY) bench/static_sm90.py --ci
 	$(VPY) bench/ledger.py --ci
 	$(VPY) bench/ledger.py --ci --backend cuda --stages temporal
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow" tests
+	$(VPY) -m pytest -q -m "not slow" tests
 	AVSTFP_BENCH_SIZE=tiny $(VPY) -m pytest -q bench --benchmark-disable
 
 test-all: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

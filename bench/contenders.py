@@ -69,6 +69,14 @@ def _check_ours(backend: str, device) -> None:
         raise Unavailable(f"backend {backend!r} needs a CUDA device")
 
 
+def _segments(shape: KernelShape, N: int, pks):
+    """(segment, first token, end, length, prompt count) of each key segment of a
+    spatial/fusion stage: one segment, or the audio and visual ones."""
+    bounds = [(0, N)] if shape.segments is None else \
+        [(0, shape.segments[0]), (shape.segments[0], N)]
+    return [(s, lo, hi, hi - lo, pks[s].shape[-2]) for s, (lo, hi) in enumerate(bounds)]
+
+
 def _to4d(shape: KernelShape, qkv, pks, pvs):
     """SDPA-style (batch, heads, L, d) inputs per segment, prompts concatenated.
 
@@ -88,11 +96,8 @@ def _to4d(shape: KernelShape, qkv, pks, pvs):
         def back(outs):
             return outs[0].view(B, N, H, M, d).permute(0, 3, 1, 2, 4).reshape(B, M, N, H * d)
         return parts, back
-    bounds = [(0, N)] if shape.segments is None else \
-        [(0, shape.segments[0]), (shape.segments[0], N)]
     parts = []
-    for s, (lo, hi) in enumerate(bounds):
-        n, P = hi - lo, pks[s].shape[-2]
+    for s, lo, hi, n, P in _segments(shape, N, pks):
         q = q5[:, :, lo:hi].transpose(2, 3).reshape(B * M, H, n, d)   # a view: B,M merge
         k = k5[:, :, lo:hi].transpose(2, 3).reshape(B * M, H, n, d)
         v = v5[:, :, lo:hi].transpose(2, 3).reshape(B * M, H, n, d)
@@ -182,11 +187,8 @@ def _bmhk(shape: KernelShape, qkv, pks, pvs, with_prompts_cat: bool):
         def back(outs):
             return outs[0].view(B, N, M, H, d).transpose(1, 2).reshape(B, M, N, H * d)
         return parts, back
-    bounds = [(0, N)] if shape.segments is None else \
-        [(0, shape.segments[0]), (shape.segments[0], N)]
     parts = []
-    for s, (lo, hi) in enumerate(bounds):
-        n, P = hi - lo, pks[s].shape[-2]
+    for s, lo, hi, n, P in _segments(shape, N, pks):
         q = q5[:, :, lo:hi].reshape(B * M, n, H, d)                    # views (B, M merge)
         k = k5[:, :, lo:hi].reshape(B * M, n, H, d)
         v = v5[:, :, lo:hi].reshape(B * M, n, H, d)

@@ -330,7 +330,7 @@ def floor_rows(models=MODELS) -> List[Dict]:
                 prompts=tuple(t.shape[-2] for t in pr), head_dim=64, elem=2,
                 prompt_rows=sum(t.numel() // 64 for t in pr))
             t = TB.tile_for(p)
-            if getattr(t, "bwd", "fa2") == "seq":
+            if t.bwd == "seq":
                 # the kernels walk a sequence's keys and then its prompts as one source
                 # (prompts in the last key tile): executed FLOPs of the folded problem;
                 # backward: the one-tile step has 5 products, the two-pass walk 7
@@ -356,8 +356,8 @@ def floor_rows(models=MODELS) -> List[Dict]:
                 rows.append(s)
                 continue
             tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
-            bwd = getattr(TB, "BACKWARD_SCHEME", "two-pass")
-            bq = getattr(t, "bwd_slot_m", t.slot_m) if bwd == "fused" else t.slot_m
+            bwd = TB.BACKWARD_SCHEME
+            bq = t.bwd_slot_m if bwd == "fused" else t.slot_m
             s = floors.summary(call, tile, bwd, bwd_slot_m=bq)
             s.update(model=model, stage=stage, tile=f"{t.g}x({t.slot_m},{t.slot_n},{t.slot_p})",
                      backward=bwd + (f", {bq}-row q tiles" if bq != t.slot_m else ""))

@@ -124,18 +124,24 @@ def ratio(a, b):
 
 
 # --------------------------------------------------------------------------- analysis
-def kernel_rows(benchmarks):
-    """{(stage, arch, batch, dtype, passes): {contender: benchmark}}"""
+def _rows(benchmarks, kind, key, cell, order):
+    """The benchmarks of one ``extra_info`` kind as {key(e): {e[cell]: benchmark}}, sorted
+    by ``order(key)``."""
     rows = defaultdict(dict)
     for b in benchmarks:
         e = b.get("extra_info") or {}
-        if e.get("kind") != "kernel":
-            continue
-        key = (e["stage"], e["arch"], int(e["batch"]), e["dtype"], e["passes"])
-        rows[key][e["contender"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: (
-        kv[0][4] != "fwdbwd", kv[0][3], ARCH_ORDER.get(kv[0][1], 9), kv[0][2],
-        STAGE_ORDER.get(kv[0][0], 9))))
+        if e.get("kind") == kind:
+            rows[key(e)][e[cell]] = b
+    return OrderedDict(sorted(rows.items(), key=lambda kv: order(kv[0])))
+
+
+def kernel_rows(benchmarks):
+    """{(stage, arch, batch, dtype, passes): {contender: benchmark}}"""
+    return _rows(benchmarks, "kernel",
+                 lambda e: (e["stage"], e["arch"], int(e["batch"]), e["dtype"], e["passes"]),
+                 "contender",
+                 lambda k: (k[4] != "fwdbwd", k[3], ARCH_ORDER.get(k[1], 9), k[2],
+                            STAGE_ORDER.get(k[0], 9)))
 
 
 def best_ours(cells, fallback=False):
@@ -149,14 +155,8 @@ def best_ours(cells, fallback=False):
 
 def e2e_rows(benchmarks):
     """{(mode, arch, batch): {variant: benchmark}}"""
-    rows = defaultdict(dict)
-    for b in benchmarks:
-        e = b.get("extra_info") or {}
-        if e.get("kind") != "e2e":
-            continue
-        rows[(e["mode"], e["arch"], int(e["batch"]))][e["variant"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: (
-        kv[0][0] != "train", ARCH_ORDER.get(kv[0][1], 9), kv[0][2])))
+    return _rows(benchmarks, "e2e", lambda e: (e["mode"], e["arch"], int(e["batch"])),
+                 "variant", lambda k: (k[0] != "train", ARCH_ORDER.get(k[1], 9), k[2]))
 
 
 def best_fast(cells):
@@ -167,13 +167,9 @@ def best_fast(cells):
 
 
 def cpu_rows(benchmarks):
-    rows = defaultdict(dict)
-    for b in benchmarks:
-        e = b.get("extra_info") or {}
-        if e.get("kind") != "cpu":
-            continue
-        rows[(e["arch"], int(e["batch"]))][e["backend"]] = b
-    return OrderedDict(sorted(rows.items(), key=lambda kv: ARCH_ORDER.get(kv[0][0], 9)))
+    """{(arch, batch): {backend: benchmark}}"""
+    return _rows(benchmarks, "cpu", lambda e: (e["arch"], int(e["batch"])), "backend",
+                 lambda k: ARCH_ORDER.get(k[0], 9))
 
 
 def case_name(key):
@@ -474,6 +470,18 @@ def plot(benchmarks, path):
     plt.close(fig)
 
 
+def _grouped_bars(ax, series, labels, **label_kw):
+    """One bar group per label, one bar per series entry ({name: [value or None per
+    label]}; None and 0 draw nothing), with a legend."""
+    w = 0.8 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [j + i * w for j, v in enumerate(vals) if v]
+        ax.bar(xs, [v for v in vals if v], width=w, label=name)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, **label_kw)
+    ax.legend(fontsize=7)
+
+
 def plot_kernel_speedups(ax, benchmarks):
     """Kernels fwd+bwd: speedup of ours over each peer."""
     kr = [(k, c) for k, c in kernel_rows(benchmarks).items() if k[4] == "fwdbwd"]
@@ -486,17 +494,11 @@ def plot_kernel_speedups(ax, benchmarks):
         for p in peers:
             series[p].append(ratio(median(cells[p]), t) if p in cells else None)
     if labels and any(v for s in series.values() for v in s if v):
-        w = 0.8 / max(1, len(peers))
-        for i, p in enumerate(peers):
-            xs = [j + i * w for j, v in enumerate(series[p]) if v]
-            ys = [v for v in series[p] if v]
-            ax.bar(xs, ys, width=w, label=f"vs {p}")
+        _grouped_bars(ax, {f"vs {p}": series[p] for p in peers}, labels, rotation=70,
+                      fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(labels))])
-        ax.set_xticklabels(labels, rotation=70, fontsize=7)
         ax.set_ylabel("speedup of ours (peer time / ours)")
-        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no kernel fwd+bwd results with ours", ha="center", va="center")
     ax.set_title("kernels, fwd+bwd")
@@ -506,15 +508,10 @@ def plot_training_steps(ax, benchmarks):
     er = [(k, c) for k, c in e2e_rows(benchmarks).items() if k[0] == "train"]
     if er:
         variants = [v for v in E2E_VARIANTS if any(v in c for _, c in er)]
-        w = 0.8 / max(1, len(variants))
-        for i, v in enumerate(variants):
-            xs = [j + i * w for j, (_, c) in enumerate(er) if v in c and median(c[v])]
-            ys = [median(c[v]) * 1e3 for _, c in er if v in c and median(c[v])]
-            ax.bar(xs, ys, width=w, label=v)
-        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(er))])
-        ax.set_xticklabels([f"{k[1]} B={k[2]}" for k, _ in er], fontsize=8)
+        series = {v: [median(c[v]) * 1e3 if v in c and median(c[v]) else None for _, c in er]
+                  for v in variants}
+        _grouped_bars(ax, series, [f"{k[1]} B={k[2]}" for k, _ in er], fontsize=8)
         ax.set_ylabel("training step, ms")
-        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no end-to-end results", ha="center", va="center")
     ax.set_title("training step (bf16 autocast)")

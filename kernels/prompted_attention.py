@@ -44,6 +44,11 @@ Operand descriptors (shared by all kernels)
 import triton
 import triton.language as tl
 
+#: Whether these kernels run in Triton's CPU interpreter: ``triton.jit`` reads
+#: TRITON_INTERPRET (this knob) as it wraps each kernel, i.e. once, when this module is
+#: imported; ``ops.triton_backend`` reads the flag.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
 
 @triton.jit
 def _sel(t, i, N: tl.constexpr):
@@ -77,15 +82,20 @@ def _start(t, i, N: tl.constexpr):
 
 
 @triton.jit
+def _unravel4(b, S1, S2, S3):
+    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   (i0, i1, i2, i3)   (div/mod in int32)
+    i3 = b % S3
+    b = b // S3
+    i2 = b % S2
+    b = b // S2
+    return b // S1, b % S1, i2, i3
+
+
+@triton.jit
 def _boff(b, BS, st):
-    # b = ((i0*S1 + i1)*S2 + i2)*S3 + i3   ->   offset = sum_d i_d * st[d]
+    # batch index b over the dims (S1, S2, S3) = BS[:3]  ->  offset = sum_d i_d * st[d]
     # (div/mod in int32 -- the batch product is < 2^31 -- products in int64)
-    i3 = b % BS[2]
-    b = b // BS[2]
-    i2 = b % BS[1]
-    b = b // BS[1]
-    i1 = b % BS[0]
-    i0 = b // BS[0]
+    i0, i1, i2, i3 = _unravel4(b, BS[0], BS[1], BS[2])
     return (i0.to(tl.int64) * st[0] + i1.to(tl.int64) * st[1] + i2.to(tl.int64) * st[2]
             + i3.to(tl.int64) * st[3])
 
@@ -338,6 +348,17 @@ def _kv_block(dk, dv, k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS
 
 
 @triton.jit
+def _program(NQ, NK, BS, NB, NSEG: tl.constexpr):
+    # the backward kernels' program (grid: blocks x groups on axis 0, segment on axis 1):
+    # its block, sequence group and segment, the segment's query/key lengths and starts,
+    # and the number of sequences BT
+    pid, seg = tl.program_id(0), tl.program_id(1)
+    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
+    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    return pid % NB, pid // NB, seg, nq, nk, q0, k0, BS[3]
+
+
+@triton.jit
 def prompted_attn_bwd(
     Q, K, V, DO, DK, DV, DQA, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, sdqa,
     PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, NKB, NB, LQ, qk_scale, scale,
@@ -350,11 +371,7 @@ def prompted_attn_bwd(
     # accumulator DQA (atomics).  Prompt blocks add scale * ds^T q and p^T do into GR
     # (fp32, the prompt's own shape addressed through its broadcast strides; dpv at
     # + GKV), so the batch reduction happens in the atomics.
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    kblk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    kblk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if kblk < NKB:
         if kblk * SLOT_N < nk:
             kb, kj, k_ok = _rows(grp, kblk, BT, nk, G, SLOT_N)
@@ -418,11 +435,7 @@ def prompted_attn_bwd_dq(
     # dq_i = scale sum_j ds_ij k_j over token keys and prompts; per prompt j, this
     # program's partial dpk_j = scale sum_i ds_ij q_i and dpv_j = sum_i p_ij do_i, stored
     # at [b, blk, j] of GR (block stride GM), reduced on the host in a fixed order.
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if blk * SLOT_M < nq:
         qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
         q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
@@ -495,11 +508,7 @@ def prompted_attn_bwd_dkdv(
     NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # Deterministic mode, pass 2: dk/dv of this program's token keys (no dq, no atomics)
-    pid, seg = tl.program_id(0), tl.program_id(1)
-    blk, grp = pid % NB, pid // NB
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    BT = BS[3]
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
     if blk * SLOT_N < nk:
         kb, kj, k_ok = _rows(grp, blk, BT, nk, G, SLOT_N)
         k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
@@ -664,6 +673,7 @@ def prompted_attn_bwd_seq(
             # (dpk and dpv themselves, (*lead, P, D) dense): no partials, no second launch
             gk = tl.zeros([SLOT_N, D], tl.float32)
             gv = tl.zeros([SLOT_N, D], tl.float32)
+            # twin loops on purpose (module docstring, WHILE): same body, while/range form
             if WHILE:
                 it = 0
                 while it < NIT:
@@ -829,12 +839,7 @@ def prompted_attn_pgrad(
         l, p = pid // P, pid % P
         if l < nl:
             # kept coordinates of l
-            k3 = l % ks[3]
-            t = l // ks[3]
-            k2 = t % ks[2]
-            t = t // ks[2]
-            k1 = t % ks[1]
-            k0 = t // ks[1]
+            k0, k1, k2, k3 = _unravel4(l, ks[1], ks[2], ks[3])
             G = _sel(GR, seg, NSEG)
             gkv = _sel(GKV, seg, NSEG)
             pe = _sel(PE, seg, NSEG)

@@ -10,6 +10,11 @@ import zlib
 import pytest
 import torch
 
+# The one place the tests choose the Triton mode: without a GPU the triton backend runs
+# in the CPU interpreter (unless the caller set TRITON_INTERPRET itself).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     # Triton fixes at import time whether its kernels are interpreted.  Import them once

@@ -27,6 +27,7 @@ def strict_json(path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    # same shape as test_predict's fixture on purpose: another task, data and trainer entry
     base = tmp_path_factory.mktemp("avqa_eval")
     root = str(base / "data")
     make_synthetic_avqa(root, n_train=4, n_val=2, n_test=2, hop=1, seed=3)
@@ -55,6 +56,16 @@ def _eval(root, ckpt, out, extra=()):
     return main(["--task", "synthetic_avqa", "--data-root", root, "--out", out,
                  "--eval-only", "--resume", ckpt, "--no-progress", "--threads", "1",
                  "--backend", "torch", *extra])
+
+
+def _eval_edited_val(trained, tmp_path, capsys, edit):
+    """Evaluate the trained best.pt on a copy of the data whose val rows ``edit`` changed:
+    (output folder, what it printed)."""
+    root, run = trained
+    data = _copy_data(root, tmp_path / "data", edit_val=edit)
+    out = str(tmp_path / "eval")
+    assert _eval(data, os.path.join(run, "checkpoints", "best.pt"), out) == 0
+    return out, capsys.readouterr().out
 
 
 def _add_word(rows):
@@ -109,17 +120,12 @@ def test_resume_refuses_a_training_file_with_new_words_or_answers(trained, tmp_p
 
 def test_unseen_answers_are_counted_at_load_in_the_table_and_summary(trained, tmp_path,
                                                                      capsys):
-    root, run = trained
-
     def unseen(rows):
         rows = [dict(r) for r in rows]
         rows[0]["anser"] = "banjo"
         rows[1]["anser"] = "banjo"
         return rows
-    data = _copy_data(root, tmp_path / "data", edit_val=unseen)
-    out = str(tmp_path / "eval")
-    assert _eval(data, os.path.join(run, "checkpoints", "best.pt"), out) == 0
-    printed = capsys.readouterr().out
+    out, printed = _eval_edited_val(trained, tmp_path, capsys, unseen)
     assert "avqa val: " in printed and "2 with an answer never seen in training" in printed
     assert "'banjo'" in printed
     assert "val unseen answers" in printed and "2 questions (scored wrong)" in printed
@@ -130,16 +136,11 @@ def test_unseen_answers_are_counted_at_load_in_the_table_and_summary(trained, tm
 
 def test_other_question_types_get_their_own_row_and_files_are_strict_json(trained, tmp_path,
                                                                           capsys):
-    root, run = trained
-
     def retype(rows):
         rows = [dict(r) for r in rows]
         rows[0]["type"] = '["Audio", "Rhythm"]'
         return rows
-    data = _copy_data(root, tmp_path / "data", edit_val=retype)
-    out = str(tmp_path / "eval")
-    assert _eval(data, os.path.join(run, "checkpoints", "best.pt"), out) == 0
-    printed = capsys.readouterr().out
+    out, printed = _eval_edited_val(trained, tmp_path, capsys, retype)
     assert "val Other types" in printed
     final = _final(out)
     assert final["val"]["n_other"] == 1
@@ -147,7 +148,7 @@ def test_other_question_types_get_their_own_row_and_files_are_strict_json(traine
                  if k.startswith("n_") and not k.endswith(("avg", "overall")))
     assert n_rows == final["val"]["n_overall"]        # every question is in some row
     # every JSON file the runs wrote parses strictly (no NaN: empty groups are null)
-    for folder in (run, out):
+    for folder in (trained[1], out):          # the training run and this evaluation
         for f in os.listdir(folder):
             if f.endswith((".json", ".jsonl")):
                 strict_json(os.path.join(folder, f))

@@ -5,21 +5,20 @@ every device present (the CPU always, CUDA when there is a GPU) and compares the
 and every gradient with the float64 reference (docs/design.md, "The op contract" and
 "Tolerances").  A backend that cannot run a case is skipped with its own ``why_not``
 reasons, never by name: on the CPU the reference and torch backends run, the triton
-backend runs in the Triton CPU interpreter (``TRITON_INTERPRET=1``, set below before the
-kernels are first imported; fp32/fp16 only) and the cuda backend skips; on a GPU every
-backend runs the same cases at the ViT-B/16 stage shapes.
+backend runs in the Triton CPU interpreter (``TRITON_INTERPRET=1``, which tests/conftest.py
+sets; fp32/fp16 only) and the cuda backend skips; on a GPU every backend runs the same
+cases at the ViT-B/16 stage shapes.
 
 Sizes depend on the device: tiny on the CPU (the interpreter costs milliseconds per
-program instance), realistic on CUDA.  The backend-specific tests (refusal reasons, the
-offline sm_90 compile, the CUDA build, batch products above 65535, compute-sanitizer)
-stay in the backends' own files.
+program instance), realistic on CUDA; batch products above 65535 run on CUDA only.  The
+backend-specific tests (refusal reasons, tile and backward-path choices, the offline sm_90
+compile, the CUDA build and its emulation, compute-sanitizer) stay in the backends' own
+files.
 """
 import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 # deterministic mode on CUDA: cuBLAS (the autograd-native backends' matmuls) needs a fixed
 # workspace, read when its first handle is made
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -198,6 +197,43 @@ def test_lengths_and_head_dims(backend, dev, case):
     check_vs_reference(fn, inputs, dtype, backend, f"batch {batch} Lq={Lq} Lk={Lk} P={P} E={E}")
 
 
+# short queries over long keys (Lq <= 32, Lk > 64; the kernels' short-query tiles walk the
+# keys in blocks): (batch, Lq, Lk); shared prompts on the CPU, per head on CUDA
+_CPU_SHORT_Q = [((2,), 3, 239)]
+_GPU_SHORT_Q = [((4, 3), 1, 239), ((4, 3), 10, 512), ((4, 3), 32, 1000)]
+
+
+@pytest.mark.parametrize("dev,case", on(
+    cpu=[(dt, c) for dt in (F32, F16) for c in _CPU_SHORT_Q],
+    cuda=[(BF16, c) for c in _GPU_SHORT_Q],
+    name=lambda c: "{}-b{}-Lq{}-Lk{}".format(_SHORT[c[0]], len(c[1][0]), *c[1][1:])))
+def test_short_queries_over_long_keys(backend, dev, case):
+    dtype, (batch, Lq, Lk) = case
+    E, P, lead = (32, 3, ()) if dev == "cpu" else (64, 2, batch[-1:])
+    inputs = [rnd(dev, dtype, *batch, Lq, E), rnd(dev, dtype, *batch, Lk, E),
+              rnd(dev, dtype, *batch, Lk, E), rnd(dev, dtype, *lead, P, E),
+              rnd(dev, dtype, *lead, P, E)]
+    skip_unless_supported(backend, *inputs)
+    check_vs_reference(attn, inputs, dtype, backend, f"short queries {Lq}x{Lk}")
+
+
+# batch products above 65535 (GPU only: the grid limit of one axis): one sequence per
+# program (L = 40), packed short tiles (L = 10), 270 000 sequences in 3 batch dims
+_GPU_BIG_BATCH = [((70_000,), 10), ((70_000,), 40), ((10, 2250, 12), 10)]
+
+
+@pytest.mark.parametrize("dev,case", on(
+    cpu=[], cuda=[(F16, c) for c in _GPU_BIG_BATCH],
+    name=lambda c: "{}-{}-L{}".format(_SHORT[c[0]], "x".join(map(str, c[1][0])), c[1][1]))
+    or [pytest.param(None, None, id="gpu-only", marks=pytest.mark.skip(reason="needs a GPU"))])
+def test_batch_product_above_65535(backend, dev, case):
+    dtype, (batch, L) = case
+    inputs = [rnd(dev, dtype, *batch, L, 32) for _ in range(3)]
+    inputs += [rnd(dev, dtype, 2, 32), rnd(dev, dtype, 2, 32)]
+    skip_unless_supported(backend, *inputs)
+    check_vs_reference(attn, inputs, dtype, backend, f"batch {batch} L={L}")
+
+
 @pytest.mark.parametrize("dev,dtype", dtypes())
 def test_zero_prompts_and_no_prompts(backend, dev, dtype):
     """P = 0 prompt tensors; no prompts at all, with q, k and v views of one tensor."""
@@ -222,9 +258,13 @@ def test_zero_prompts_and_no_prompts(backend, dev, dtype):
 # lengths and, per segment, its prompts: "-" none, "s" shared (P, E), "h" per head
 # (H, P, E), "b" per sample: k prompt (*batch, P, E), v prompt broadcast over the last dim
 _CPU_SEGMENTS = [((9, 21), "-b"), ((0, 17), "ss"), ((7, 0, 20), "s-h"), ((5, 6, 7), "hhh"),
-                 ((3, 4, 5, 6), "sh-s")]
+                 ((3, 4, 5, 6), "sh-s"), ((5, 0, 11), "h-h"), ((3, 7, 2, 9), "h-hh")]
+#: also run in float16 on the CPU (3 and 4 segments, an empty and an unprompted one)
+_CPU_SEGMENTS_F16 = [((5, 0, 11), "h-h"), ((3, 7, 2, 9), "h-hh")]
 _GPU_SEGMENTS = _CPU_SEGMENTS + [((49, 197), "hh"), ((16, 16), "h-"), ((1, 2, 3, 4), "h-h-"),
                                  ((7, 0, 20), "h-h"),
+                                 # 4 segments at stage lengths (one unprompted)
+                                 ((49, 3, 197, 37), "hhh-"),
                                  # empty first segment with prompts (packed 16-row tiles and
                                  # 64-row tiles), 1-token segments
                                  ((0, 10), "hh"), ((0, 10), "--"), ((0, 40), "s-"),
@@ -232,7 +272,7 @@ _GPU_SEGMENTS = _CPU_SEGMENTS + [((49, 197), "hh"), ((16, 16), "h-"), ((1, 2, 3,
 
 
 @pytest.mark.parametrize("dev,case", on(
-    cpu=[(F32, c) for c in _CPU_SEGMENTS],
+    cpu=[(F32, c) for c in _CPU_SEGMENTS] + [(F16, c) for c in _CPU_SEGMENTS_F16],
     cuda=[(dt, c) for dt in GPU_DTYPES for c in _GPU_SEGMENTS],
     name=lambda c: f"{_SHORT[c[0]]}-{'_'.join(map(str, c[1][0]))}-{c[1][1]}"))
 def test_segments(backend, dev, case):

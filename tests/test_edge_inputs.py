@@ -15,18 +15,14 @@ here through its own ``why_not``.
 """
 import os
 
+import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-from avstfp_fast import prompted_attention  # noqa: E402
-from avstfp_fast.ops import get_backend, make_problem  # noqa: E402
-from avstfp_fast.ops.contract import check_kernel_writes, empty_in_stride_order  # noqa: E402
-from avstfp_fast.testing import (EDGE_RESULTS, TOL, EdgeCase, check_edge_case,  # noqa: E402
+from avstfp_fast import prompted_attention
+from avstfp_fast.ops import get_backend, make_problem
+from avstfp_fast.ops.contract import check_kernel_writes, empty_in_stride_order
+from avstfp_fast.testing import (EDGE_RESULTS, TOL, EdgeCase, check_edge_case,
                                  edge_cases, rel_err, skip_unless_supported)
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,22 +1,21 @@
-"""Triton backend of prompted_attention vs the float64 reference (docs/design.md,
-"The op contract" and "Tolerances").
+"""What is the triton backend's own: its tile table, batch-dim merging, the choice between
+its backward paths (each checked against the float64 reference, docs/design.md
+"Tolerances"), its refusal reasons and the offline sm_90 compile.  The op's shape classes
+(stages, lengths, segments, short queries over long keys, layouts) run for every backend
+in tests/test_backend_contract.py.
 
-Without a GPU this runs the Triton kernels in the CPU interpreter: TRITON_INTERPRET=1 is
-set below before the kernels are first imported (the backend re-checks it at call time).
-With a GPU the same tests run the compiled kernels.  Grids are kept tiny (the interpreter
-costs milliseconds per program instance)."""
+Without a GPU this runs the Triton kernels in the CPU interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1; the backend re-checks it at call time).  With a GPU the same tests run
+the compiled kernels.  Grids are kept tiny (the interpreter costs milliseconds per
+program instance)."""
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from avstfp_fast import prompted_attention, prompted_attention_qkv  # noqa: E402
-from avstfp_fast.ops import get_backend, make_problem  # noqa: E402
-from avstfp_fast.testing import check_vs_reference  # noqa: E402
+from avstfp_fast import prompted_attention
+from avstfp_fast.ops import get_backend, make_problem
+from avstfp_fast.testing import check_vs_reference
 
 INTERP = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEV = "cpu" if INTERP else "cuda"
@@ -35,47 +34,7 @@ def check(fn, inputs, dtype, what=""):
     check_vs_reference(fn, inputs, dtype, "triton", what)
 
 
-def _qkv_fn(seq_dim, segments=None):
-    def fn(qkv, pk, pv, backend):
-        return prompted_attention_qkv(qkv, pk, pv, qkv_dim=3, seq_dim=seq_dim,
-                                      segments=segments, backend=backend)
-    return fn
-
-
-# ------------------------------------------------------------- the three AV-STFP stages
-# ------------------------------------------------------------- layouts, shapes, prompts
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("segs", [(5, 0, 11), (3, 7, 2, 9)])
-def test_three_and_four_segments(dtype, segs):
-    # up to 4 block-diagonal segments in one launch, each with its own prompts (one
-    # unprompted, counts differ), on a packed-QKV view
-    n = sum(segs)
-    qkv = rnd(1, 2, n, 3, 2, 32, dtype=dtype)
-    counts = [2, 0, 3, 1][:len(segs)]
-    pks = [None if c == 0 else rnd(2, c, 32, dtype=dtype) for c in counts]
-    pvs = [None if c == 0 else rnd(2, c, 32, dtype=dtype) for c in counts]
-    given = [t for t in pks + pvs if t is not None]
-
-    def fn(qkv, *ps):
-        *ps, backend = ps
-        it = iter(ps)
-        pk = [None if c == 0 else next(it) for c in counts]
-        pv = [None if c == 0 else next(it) for c in counts]
-        return prompted_attention_qkv(qkv, pk, pv, qkv_dim=3, seq_dim=2, segments=segs,
-                                      backend=backend)
-    check(fn, [qkv, *given], dtype, f"segments {segs}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_short_queries_over_long_keys(dtype):
-    # Lq <= 32 over a few hundred keys: the "short-q" tile walks keys in 64-row blocks
-    q, k, v = rnd(2, 3, 32, dtype=dtype), rnd(2, 239, 32, dtype=dtype), rnd(2, 239, 32, dtype=dtype)
-
-    def fn(q, k, v, pk, pv, backend):
-        return prompted_attention(q, k, v, pk, pv, backend=backend)
-    check(fn, [q, k, v, rnd(3, 32, dtype=dtype), rnd(3, 32, dtype=dtype)], dtype, "1x239")
-
-
+# ------------------------------------------------------------- tiles and batch dims
 def test_tile_table_and_print(monkeypatch, capsys):
     from avstfp_fast.ops import triton_backend as TB
     kinds = {(10, 12, 2): "packed", (1, 239, 3): "short-q", (197, 197, 10): "long"}
@@ -276,7 +235,6 @@ def test_direct_prompt_gradients_through_the_custom_op(monkeypatch):
     TB._PLANS.clear()
 
 
-# ------------------------------------------------------------- determinism
 # ------------------------------------------------------------- refusals
 def _reason(q, k, v, pk=None, pv=None, **kw):
     return get_backend("triton").why_not(make_problem(q, k, v, pk, pv, **kw))
@@ -306,8 +264,6 @@ def test_named_backend_raises_with_reason():
         prompted_attention(q, q, q, backend="triton")
 
 
-# ------------------------------------------------------------- torch.compile
-# ------------------------------------------------------------- model level
 # ------------------------------------------------------------- offline GPU compile (slow)
 _COMPILE_SCRIPT = r"""
 import sys, torch

@@ -67,7 +67,6 @@ MIN_CAPABILITY = (8, 0)
 _LOADED = False
 _LOAD_ERROR: Optional[str] = None
 _FAKES = False
-LOADED_FROM: Optional[str] = None     # "installed" or "jit"
 
 
 # --------------------------------------------------------------------------- extension
@@ -100,7 +99,7 @@ def extension_status() -> Optional[str]:
 
 def load(verbose: bool = False) -> None:
     """Import the installed extension, or JIT-build it; register the fake impls."""
-    global _LOADED, _LOAD_ERROR, LOADED_FROM
+    global _LOADED, _LOAD_ERROR
     if _LOADED:
         return
     if _LOAD_ERROR is not None:
@@ -108,13 +107,11 @@ def load(verbose: bool = False) -> None:
     try:
         try:
             importlib.import_module("avstfp_fast._C")
-            LOADED_FROM = "installed"
         except ImportError as e:
             reason = extension_status() if not _installed() else None
             if reason is not None:
                 raise ImportError(reason) from e
             _build.jit_load(verbose=verbose)
-            LOADED_FROM = "jit"
         if not hasattr(torch.ops.avstfp_cuda, "fwd"):
             raise ImportError("the extension loaded but did not register torch.ops.avstfp_cuda")
         _register_fakes()
@@ -210,7 +207,7 @@ def define_ops_for_tracing() -> None:
     """Define ``torch.ops.avstfp_cuda.fwd`` / ``.bwd`` from :data:`OP_SCHEMAS` with only
     their fake implementations, for tracing without the extension (bench/ledger.py on a
     machine without a GPU).  Not for a process that may load the extension."""
-    global _LOADED, LOADED_FROM
+    global _LOADED
     if _LOADED:
         return
     if not hasattr(torch.ops.avstfp_cuda, "fwd"):
@@ -219,7 +216,7 @@ def define_ops_for_tracing() -> None:
             lib.define(schema)
         _TRACING_LIBS.append(lib)
     _register_fakes()
-    _LOADED, LOADED_FROM = True, "tracing"
+    _LOADED = True
 
 
 _TRACING_LIBS: List[object] = []
@@ -289,11 +286,9 @@ class CudaBackend(KernelBackend):
         lse = torch.empty(tuple(p.batch_shape) + (p.q.shape[-2],), dtype=torch.float32,
                           device=p.device)
         pks, pvs = _prompts(p)
-        target = out if out.stride(-1) == 1 else torch.empty_like(out, memory_format=torch.contiguous_format)
-        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=target)
-        torch.ops.avstfp_cuda.fwd(p.q, p.k, p.v, pks, pvs, plan.ints(), target, lse)
-        if target is not out:
-            out.copy_(target)
+        # check_writes guarantees a dense last dim (head dims > 1): the kernel writes out
+        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out)
+        torch.ops.avstfp_cuda.fwd(p.q, p.k, p.v, pks, pvs, plan.ints(), out, lse)
         return lse
 
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
@@ -302,10 +297,8 @@ class CudaBackend(KernelBackend):
         dout = _dense_last(dout)
         out = _dense_last(out)
         pks, pvs = _prompts(p)
-        dq_, dk_, dv_ = [t if t.stride(-1) == 1 else
-                         torch.empty_like(t, memory_format=torch.contiguous_format)
-                         for t in (dq, dk, dv)]
-        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq_, dk=dk_, dv=dv_,
+        # as in forward, check_writes guarantees dq/dk/dv a dense last dim
+        plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq, dk=dk, dv=dv,
                      deterministic=bool(deterministic), backward=True)
         # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape),
         # all carved from one allocation: atomics need zeros (one fill for all segments),
@@ -320,10 +313,7 @@ class CudaBackend(KernelBackend):
             offs.append(o)
             o += n
         torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, ints, out, dout, lse,
-                                  dq_, dk_, dv_, [b for b in bufs if b is not None])
-        for t, dst in zip((dq_, dk_, dv_), (dq, dk, dv)):
-            if t is not dst:
-                dst.copy_(t)
+                                  dq, dk, dv, [b for b in bufs if b is not None])
         # one cast for every segment when each buffer already has its prompts' shape
         # and all prompts one dtype (dpk, dpv: views of the cast); else per segment
         prompted = [(pk, pv, b) for pk, pv, b in zip(p.prompt_k, p.prompt_v, bufs)

@@ -132,7 +132,7 @@ def _kernels_interpreted() -> Optional[bool]:
     mod = sys.modules.get(_KMOD)
     if mod is None:
         return None
-    return type(mod.prompted_attn_fwd).__name__ == "InterpretedFunction"
+    return mod.INTERPRETED
 
 
 def _p2(n: int) -> int:

@@ -54,10 +54,8 @@ def write_clip(path: str, frames: np.ndarray, fps: int, wave: np.ndarray | None,
             fr = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             fr.pts = i
             fr.time_base = Fraction(1, fps)
-            for pkt in vs.encode(fr):
-                out.mux(pkt)
-        for pkt in vs.encode(None):
-            out.mux(pkt)
+            _encode(out, vs, fr)
+        _encode(out, vs, None)
         if aus is not None:
             block = 1024
             x = np.asarray(wave, dtype=np.float32).clip(-1, 1)
@@ -70,10 +68,14 @@ def write_clip(path: str, frames: np.ndarray, fps: int, wave: np.ndarray | None,
                 af.sample_rate = sample_rate
                 af.pts = start
                 af.time_base = Fraction(1, sample_rate)
-                for pkt in aus.encode(af):
-                    out.mux(pkt)
-            for pkt in aus.encode(None):
-                out.mux(pkt)
+                _encode(out, aus, af)
+            _encode(out, aus, None)
+
+
+def _encode(out, stream, frame) -> None:
+    """Encode one frame on ``stream`` (None flushes it) and mux the packets into ``out``."""
+    for pkt in stream.encode(frame):
+        out.mux(pkt)
 
 
 def _event_frame(rng, c, h, w, colour_scale, phase):
