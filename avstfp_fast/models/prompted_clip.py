@@ -137,19 +137,17 @@ class PromptedCLIP(nn.Module):
         check_model_backend(backend)
         # Import lazily registered (kernel) backends now, outside any torch.compile region
         # (a lazy import while tracing would break the graph).
-        if backend == LITERAL_BACKEND:      # the literal layers call no op backend
-            pass
-        elif backend != AUTO:
-            try:
-                get_backend(backend)
-            except ImportError as e:
-                raise ValueError(f"backend: {backend!r} is not available: {e}") from e
-        else:
+        if backend == AUTO:
             for name in backend_names():
                 try:
                     get_backend(name)
                 except ImportError:
                     pass
+        elif backend != LITERAL_BACKEND:    # the literal layers call no op backend
+            try:
+                get_backend(backend)
+            except ImportError as e:
+                raise ValueError(f"backend: {backend!r} is not available: {e}") from e
         self.backend = backend
         return self
 
