@@ -48,7 +48,6 @@ def load_avqa_model(path: str, *, pretrained=None, backend="auto", device=None):
         inputs = json.loads(model.prompt_metadata.get("inputs", "{}"))
     else:
         from ..train import checkpoint as ck
-        from ..train.avqa_data import Vocabulary
         from ..train.config import TrainConfig
         from ..train.registry import make_task
         ckpt = ck.load_checkpoint(path)
@@ -59,13 +58,13 @@ def load_avqa_model(path: str, *, pretrained=None, backend="auto", device=None):
         if ckpt["model_full"]:
             cfg.pretrained = None
         st = ckpt.get("task_state") or {}
-        if "vocabulary" not in st:
+        if "vocabulary" not in st or "answers" not in st:
             raise ValueError(f"model: {path} stores no AVQA vocabulary (written by an older "
                              f"version); use its prompt file best.prompts.safetensors")
         task = make_task(cfg)
-        task.vocab, task.answers = Vocabulary(st["vocabulary"][2:]), list(st["answers"])
+        task.restore(st, resuming=False)      # the task takes the model's vocabulary
         torch.manual_seed(cfg.seed)
-        model = task.build_model(len(task.answers))
+        model = task.build_model(task.num_classes)
         ck.load_model_state(model, ckpt["model"], ckpt["model_full"])
         if device is not None:
             model = model.to(device)

@@ -47,11 +47,9 @@ class LoadedModel:
         from ..train.config import TrainConfig
         from ..train.registry import TASKS, make_task
         name = self.trainer_task if self.trainer_task in TASKS else self.head
-        t = make_task(TrainConfig(task=name, segments=self.segments,
-                                  clip_seconds=self.clip_seconds,
-                                  sample_rate=self.sample_rate))
-        t.classes = list(self.classes)
-        return t
+        return make_task(TrainConfig(task=name, segments=self.segments,
+                                     clip_seconds=self.clip_seconds,
+                                     sample_rate=self.sample_rate), classes=self.classes)
 
 
 def _is_checkpoint(path: str) -> bool:

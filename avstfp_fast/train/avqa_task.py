@@ -19,13 +19,13 @@ import torch
 
 from . import ddp
 from .augment import build_visual_augment
-from .avqa_data import (AVQADataset, PreparedAVQADataset, avqa_splits, collate_avqa,
-                        prepared_avqa_items, sample_negatives)
+from .avqa_data import (AVQADataset, PreparedAVQADataset, Vocabulary, avqa_splits,
+                        collate_avqa, prepared_avqa_items, sample_negatives)
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
 from .avqa_synthetic import make_synthetic_avqa
 from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
-                    load_prepared, prepared_root)
+                    prepared_root)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -82,8 +82,14 @@ class AVQATask(Task):
     restoring: Optional[str] = None   # None, "eval" or "resume"
 
     def restore(self, state, resuming):
+        """Also makes the trained model's vocabulary and answers this task's own, so that
+        :meth:`build_model` rebuilds it without reading data (avstfp-predict)."""
         self.stored = state
         self.restoring = "resume" if resuming else "eval"
+        st = state or {}
+        if "vocabulary" in st and "answers" in st:
+            self.vocab = Vocabulary(st["vocabulary"][2:])
+            self.answers = self.classes = list(st["answers"])
 
     def checkpoint_state(self):
         return {"vocabulary": list(self.vocab.words), "answers": list(self.answers)}
@@ -137,8 +143,8 @@ class AVQATask(Task):
         prepared folder (its ``json/`` copies; a video is there when it was prepared)."""
         cfg = self.cfg
         if prepared_root(cfg):
-            _, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
-                                    avqa_hop=cfg.avqa_hop)
+            _, vids = self.load_prepared("avqa", clip_seconds=float(cfg.segments),
+                                         avqa_hop=cfg.avqa_hop)
             self._refs = vids["videos"][0]
             have = {m["id"] for _, m in self._refs}
             return (self.prepared["root"],

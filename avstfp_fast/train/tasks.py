@@ -7,7 +7,9 @@ listed in :mod:`.registry` (``TASKS``), with no edit to ``loop.py``:
 
 * ``prepare_data(run_dir, rank)`` -> :class:`TaskData` (classes, splits and the data
   root it resolved); the task keeps them (``classes``, ``splits``, ``data_root``) and
-  never writes to the config: data flows from the task to the trainer, not back.
+  never writes to the config: data flows from the task to the trainer, not back.  A task
+  for a trained model (``make_task(cfg, classes)``, as avstfp-predict evaluates) is given
+  its classes when it is made, and nothing writes them into it afterwards;
   Subclasses implement ``read_data(root, rank)`` -> ``(classes, splits)``; ``splits``
   maps "train", "val", "test" to whatever ``dataset`` accepts; synthetic tasks also
   override ``resolve_data_root`` (generate the files when needed);
@@ -122,9 +124,10 @@ class Task:
     defaults: dict = {}             # TrainConfig values this task changes (options win)
     item_name: str = "items"        # what accuracy counts, for figure titles
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, classes: Optional[list] = None):
         self.cfg = cfg
-        self.classes: list = []          # set by prepare_data
+        # a trained model's classes; else what prepare_data reads
+        self.classes: list = list(classes or [])
         self.splits: dict = {}
         self.data_root: Optional[str] = None
         self.prepared: Optional[dict] = None     # manifest, when reading prepared shards
@@ -147,6 +150,17 @@ class Task:
     def read_data(self, root: Optional[str], rank: int) -> tuple[list, dict]:
         """``(classes, splits)`` read from ``root`` (or the prepared folder)."""
         raise NotImplementedError
+
+    def load_prepared(self, layout: str, **settings) -> tuple[list, dict]:
+        """Read the run's prepared folder (its manifest checked against the run's
+        settings); keeps the manifest (``prepared``), returns ``(classes, splits)``."""
+        cfg = self.cfg
+        root = prepared_root(cfg)
+        settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
+        man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
+                                               sample_rate=cfg.sample_rate, **settings)
+        self.prepared = {**man, "root": root}
+        return classes, splits
 
     def dataset(self, split: str, train: bool, image_size: int):
         raise NotImplementedError
@@ -297,19 +311,6 @@ def prepared_root(cfg) -> Optional[str]:
     return cfg.data_root if is_prepared(cfg.data_root) else None
 
 
-def load_prepared(task, layout: str, **settings):
-    """Read a prepared folder for ``task`` (its manifest checked against the run's
-    settings); sets ``task.prepared`` and returns ``(classes, splits)``."""
-    cfg = task.cfg
-    root = prepared_root(cfg)
-    settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
-    man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
-                                           sample_rate=cfg.sample_rate, **settings)
-    man["root"] = root
-    task.prepared = man
-    return classes, splits
-
-
 def check_prepared_image_size(man: dict, image_size: int) -> None:
     """The model's input size must be the one the frames were prepared for."""
     check_settings(man, man["root"], image_size=int(image_size),
@@ -322,7 +323,7 @@ class AVETask(ClassificationTask):
 
     def read_data(self, root, rank):
         if prepared_root(self.cfg):
-            return load_prepared(self, "ave")
+            return self.load_prepared("ave")
         if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ave_splits(root, segments=self.cfg.segments,
@@ -363,7 +364,7 @@ class AVARTask(ClassificationTask):
 
     def read_data(self, root, rank):
         if prepared_root(self.cfg):
-            return load_prepared(self, "ks")
+            return self.load_prepared("ks")
         if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ks_splits(root)
