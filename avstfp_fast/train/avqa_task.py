@@ -24,8 +24,8 @@ from .avqa_data import (AVQADataset, PreparedAVQADataset, Vocabulary, avqa_split
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
 from .avqa_synthetic import make_synthetic_avqa
-from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
-                    prepared_root)
+from .tasks import (GeneratedData, Metrics, StepOutput, Task, build_model,
+                    check_prepared_image_size, prepared_root)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -238,7 +238,7 @@ class AVQATask(Task):
         return rows
 
 
-class SyntheticAVQATask(AVQATask):
+class SyntheticAVQATask(GeneratedData, AVQATask):
     """Synthetic AVQA data (:mod:`.avqa_synthetic`) generated once, by rank 0, under the
     data root or the run folder; ``synthetic_train/val/test`` count videos and
     ``synthetic_events`` the instrument kinds."""
@@ -249,17 +249,10 @@ class SyntheticAVQATask(AVQATask):
                     synthetic_events=2, synthetic_train=80, synthetic_val=24,
                     synthetic_test=24, head_hidden=64)
 
-    def resolve_data_root(self, run_dir, rank):
-        """``data_root``, or ``<run folder>/synthetic_avqa``; rank 0 generates the files
-        there when missing (not for a prepared folder)."""
+    data_folder, marker = "synthetic_avqa", "avqa-train.json"
+
+    def generate(self, root):
         cfg = self.cfg
-        if prepared_root(cfg):
-            return cfg.data_root
-        root = cfg.data_root or os.path.join(run_dir, "synthetic_avqa")
-        if rank == 0 and not os.path.isfile(os.path.join(root, "avqa-train.json")):
-            make_synthetic_avqa(root, n_train=cfg.synthetic_train,
-                                n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
-                                n_kinds=cfg.synthetic_events, segments=cfg.segments,
-                                hop=cfg.avqa_hop, seed=cfg.seed)
-        ddp.barrier()
-        return root
+        make_synthetic_avqa(root, n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
+                            n_test=cfg.synthetic_test, n_kinds=cfg.synthetic_events,
+                            segments=cfg.segments, hop=cfg.avqa_hop, seed=cfg.seed)

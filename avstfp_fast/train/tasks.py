@@ -54,7 +54,7 @@ from .synthetic import make_synthetic_ave
 log = logging.getLogger("avstfp_fast.train")
 
 __all__ = ["Task", "Metrics", "StepContext", "StepOutput", "ClassificationTask", "AVETask",
-           "SyntheticAVETask", "AVARTask", "build_model"]
+           "SyntheticAVETask", "AVARTask", "GeneratedData", "build_model"]
 
 
 @dataclass
@@ -330,10 +330,32 @@ class AVETask(ClassificationTask):
                           clip_seconds=self.cfg.clip_seconds)
 
 
-class SyntheticAVETask(AVETask):
+class GeneratedData:
+    """Mixin of the synthetic tasks: their data root is ``data_root``, or
+    ``<run folder>/<data_folder>``; rank 0 generates the files there (:meth:`generate`)
+    when ``marker`` is missing -- never into a prepared folder."""
+    data_folder: str = ""
+    marker: str = ""
+
+    def generate(self, root: str) -> None:
+        raise NotImplementedError
+
+    def resolve_data_root(self, run_dir, rank):
+        cfg = self.cfg
+        if prepared_root(cfg):
+            return cfg.data_root
+        root = cfg.data_root or os.path.join(run_dir, self.data_folder)
+        if rank == 0 and not os.path.isfile(os.path.join(root, self.marker)):
+            self.generate(root)
+        ddp.barrier()
+        return root
+
+
+class SyntheticAVETask(GeneratedData, AVETask):
     """AVE-layout .mp4 files generated (once, by rank 0) under the data root or the run
     folder: the tiny-model smoke task."""
     name = "synthetic"
+    data_folder, marker = "synthetic_data", "Annotations.txt"
     # Tuned so the tiny CPU model reaches >= 90 % segment accuracy in well under 5
     # minutes; one torch thread: the model is tiny, and on a shared 2-core CPU two threads
     # are several times slower.  Any field given explicitly wins.
@@ -341,20 +363,11 @@ class SyntheticAVETask(AVETask):
                     lr_head=3e-3, weight_decay=1e-4, batch_size=8, visual_aug="light",
                     mixup_prob=0.0, num_workers=0, cache=True, threads=1)
 
-    def resolve_data_root(self, run_dir, rank):
-        """``data_root``, or ``<run folder>/synthetic_data``; rank 0 generates the files
-        there when missing (not for a prepared folder)."""
+    def generate(self, root):
         cfg = self.cfg
-        if prepared_root(cfg):
-            return cfg.data_root
-        root = cfg.data_root or os.path.join(run_dir, "synthetic_data")
-        if rank == 0 and not os.path.isfile(os.path.join(root, "Annotations.txt")):
-            make_synthetic_ave(root, n_events=cfg.synthetic_events,
-                               n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
-                               n_test=cfg.synthetic_test, segments=cfg.segments, seed=cfg.seed,
-                               header=cfg.synthetic_header)
-        ddp.barrier()
-        return root
+        make_synthetic_ave(root, n_events=cfg.synthetic_events, n_train=cfg.synthetic_train,
+                           n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
+                           segments=cfg.segments, seed=cfg.seed, header=cfg.synthetic_header)
 
 
 class AVARTask(ClassificationTask):
