@@ -11,8 +11,8 @@ listed in :mod:`.registry` (``TASKS``), with no edit to ``loop.py``:
   for a trained model (``make_task(cfg, classes)``, as avstfp-predict evaluates) is given
   its classes when it is made, and nothing writes them into it afterwards;
   Subclasses implement ``read_data(root, rank)`` -> ``(classes, splits)``; ``splits``
-  maps "train", "val", "test" to whatever ``dataset`` accepts; synthetic tasks also
-  override ``resolve_data_root`` (generate the files when needed);
+  maps "train", "val", "test" to whatever ``dataset`` accepts; the synthetic tasks take
+  ``resolve_data_root`` from :class:`GeneratedData` (generate the files when needed);
 * ``dataset(split, train, image_size)`` and ``collate(samples)``: a batch is a dict with
   at least ``bad`` (paths of skipped files); ``is_empty(batch)`` says it has nothing usable;
 * ``build_model(num_classes)``: the model with this task's head;
