@@ -105,6 +105,8 @@ def _demux(path: str, media: _Streams) -> _Streams:
 
 
 def _read_packets(av, container, media: _Streams) -> None:
+    """Demux until both streams cover the clip: a frame at or past its end, and its
+    number of audio samples (else to the end of the file)."""
     vs, aus = container.streams.video[0], container.streams.audio[0]
     vs.thread_type = "AUTO"
     media.frame_rate = float(vs.average_rate or 0) or 25.0
