@@ -33,6 +33,9 @@ LAYOUTS = {"ave": "ave", "synthetic": "ave", "avar": "ks", "avqa": "avqa",
            "synthetic_avqa": "avqa"}
 
 
+# Its opening has the shape of avstfp-predict's (predict/cli.py) on purpose: both are
+# argparse.ArgumentParser(prog=..., description=...) with each program's own text; a
+# shared helper would only rename the constructor.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="avstfp-prepare",

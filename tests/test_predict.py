@@ -19,6 +19,7 @@ COMMON = ["--no-progress", "--threads", "1", "--backend", "torch"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    # same shape as test_avqa_eval's fixture on purpose: another task, data and trainer entry
     base = tmp_path_factory.mktemp("predict")
     data = str(base / "data")
     make_synthetic_ave(data, n_events=3, n_train=4, n_val=2, n_test=3, seed=3)

@@ -2,6 +2,7 @@
 format, loss and per-type metrics, with no edit to the loop."""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -131,3 +132,22 @@ def test_prepare_data_returns_what_it_resolved_and_leaves_the_config_alone(tmp_p
     assert task.classes is data.classes and task.splits is data.splits
     assert task.data_root == data.data_root and "background" in data.classes
     assert {"train", "val"} <= set(data.splits)
+
+
+def test_a_task_for_a_trained_model_is_given_its_classes():
+    """avstfp-predict evaluates with the trainer's task made with the model's classes
+    (nothing writes them into a built task); an AVQA task takes a checkpoint's vocabulary
+    and answers through restore, ready to rebuild the model without reading data."""
+    from avstfp_fast.train.registry import make_task
+    classes = ["a", "b", "background"]
+    task = make_task(TrainConfig(task="ave"), classes)
+    assert task.classes == classes and task.classes is not classes and task.num_classes == 3
+    assert task.new_metrics().cm.shape == (3, 3)
+    assert make_task(TrainConfig(task="avar")).classes == []
+    avqa = make_task(TrainConfig(task="avqa"))
+    avqa.restore({"vocabulary": ["<pad>", "<unk>", "what", "plays"], "answers": ["yes", "no"]},
+                 resuming=False)
+    assert avqa.vocab.words == ["<pad>", "<unk>", "what", "plays"]
+    assert avqa.answers == avqa.classes == ["yes", "no"] and avqa.num_classes == 2
+    with pytest.raises(ValueError, match="task: expected one of .*got 'nope'"):
+        make_task(SimpleNamespace(task="nope"), classes)

@@ -41,31 +41,24 @@ def load_avqa_model(path: str, *, pretrained=None, backend="auto", device=None):
     """(model, inputs) of an AVQA prompt file or trainer checkpoint; ``inputs``: segments,
     sample_rate, avqa_hop, question_len."""
     from ..models.avqa import PromptedCLIPAVQA
-    from .core import _is_checkpoint
+    from .core import _checkpoint_config, _is_checkpoint
     if not _is_checkpoint(path):
         model = PromptedCLIPAVQA.from_prompts(path, pretrained=pretrained, backend=backend,
                                               device=device)
         inputs = json.loads(model.prompt_metadata.get("inputs", "{}"))
     else:
         from ..train import checkpoint as ck
-        from ..train.avqa_data import Vocabulary
-        from ..train.config import TrainConfig
         from ..train.registry import make_task
         ckpt = ck.load_checkpoint(path)
-        cfg = TrainConfig.from_dict(ckpt["config"])
-        cfg.backend = backend
-        if pretrained is not None:
-            cfg.pretrained = pretrained
-        if ckpt["model_full"]:
-            cfg.pretrained = None
+        cfg = _checkpoint_config(ckpt, backend, pretrained=pretrained)
         st = ckpt.get("task_state") or {}
-        if "vocabulary" not in st:
+        if "vocabulary" not in st or "answers" not in st:
             raise ValueError(f"model: {path} stores no AVQA vocabulary (written by an older "
                              f"version); use its prompt file best.prompts.safetensors")
         task = make_task(cfg)
-        task.vocab, task.answers = Vocabulary(st["vocabulary"][2:]), list(st["answers"])
+        task.restore(st, resuming=False)      # the task takes the model's vocabulary
         torch.manual_seed(cfg.seed)
-        model = task.build_model(len(task.answers))
+        model = task.build_model(task.num_classes)
         ck.load_model_state(model, ckpt["model"], ckpt["model_full"])
         if device is not None:
             model = model.to(device)

@@ -35,6 +35,9 @@ from ..train.config import COMPILE_MODES, check_compile_mode
 __all__ = ["main", "build_parser"]
 
 
+# Its opening has the shape of avstfp-prepare's (prepare.py) on purpose: both are
+# argparse.ArgumentParser(prog=..., description=...) with each program's own text; a
+# shared helper would only rename the constructor.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="avstfp-predict",

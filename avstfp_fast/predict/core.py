@@ -47,11 +47,9 @@ class LoadedModel:
         from ..train.config import TrainConfig
         from ..train.registry import TASKS, make_task
         name = self.trainer_task if self.trainer_task in TASKS else self.head
-        t = make_task(TrainConfig(task=name, segments=self.segments,
-                                  clip_seconds=self.clip_seconds,
-                                  sample_rate=self.sample_rate))
-        t.classes = list(self.classes)
-        return t
+        return make_task(TrainConfig(task=name, segments=self.segments,
+                                     clip_seconds=self.clip_seconds,
+                                     sample_rate=self.sample_rate), classes=self.classes)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -104,12 +102,11 @@ def _is_open_clip_tag(name: str, tag: str) -> bool:
         return False
 
 
-def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
-    from ..train import checkpoint as ck
+def _checkpoint_config(ckpt: dict, backend: str, backbone=None, pretrained=None):
+    """The TrainConfig a trainer checkpoint's model is rebuilt from: the run's, with the
+    inference ``backend`` and the tower overrides; no tower weights to read when the
+    checkpoint holds every weight."""
     from ..train.config import TrainConfig
-    from ..train.registry import make_task
-    from ..train.tasks import build_model
-    ckpt = ck.load_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
     cfg.backend = backend
     if backbone is not None:
@@ -117,8 +114,17 @@ def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel
     if pretrained is not None:
         cfg.pretrained = pretrained
     if ckpt["model_full"]:
-        cfg.pretrained = None          # every weight is in the checkpoint
-    elif cfg.pretrained is not None and not os.path.isfile(cfg.pretrained) \
+        cfg.pretrained = None
+    return cfg
+
+
+def _from_checkpoint(path, backbone, pretrained, backend, device) -> LoadedModel:
+    from ..train import checkpoint as ck
+    from ..train.registry import make_task
+    from ..train.tasks import build_model
+    ckpt = ck.load_checkpoint(path)
+    cfg = _checkpoint_config(ckpt, backend, backbone, pretrained)
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained) \
             and not _is_open_clip_tag(cfg.backbone, cfg.pretrained):
         raise FileNotFoundError(f"pretrained: the checkpoint's tower weights "
                                 f"{cfg.pretrained!r} are not here; pass --pretrained FILE")

@@ -19,13 +19,13 @@ import torch
 
 from . import ddp
 from .augment import build_visual_augment
-from .avqa_data import (AVQADataset, PreparedAVQADataset, avqa_splits, collate_avqa,
-                        prepared_avqa_items, sample_negatives)
+from .avqa_data import (AVQADataset, PreparedAVQADataset, Vocabulary, avqa_splits,
+                        collate_avqa, prepared_avqa_items, sample_negatives)
 from .avqa_metrics import (REPORT_ROWS, avqa_report, new_counts, plot_avqa_bars,
                            update_counts)
 from .avqa_synthetic import make_synthetic_avqa
-from .tasks import (Metrics, StepOutput, Task, build_model, check_prepared_image_size,
-                    load_prepared, prepared_root)
+from .tasks import (GeneratedData, Metrics, StepOutput, Task, build_model,
+                    check_prepared_image_size, prepared_root)
 
 __all__ = ["AVQATask", "SyntheticAVQATask", "AVQAMetrics"]
 
@@ -82,8 +82,14 @@ class AVQATask(Task):
     restoring: Optional[str] = None   # None, "eval" or "resume"
 
     def restore(self, state, resuming):
+        """Also makes the trained model's vocabulary and answers this task's own, so that
+        :meth:`build_model` rebuilds it without reading data (avstfp-predict)."""
         self.stored = state
         self.restoring = "resume" if resuming else "eval"
+        st = state or {}
+        if "vocabulary" in st and "answers" in st:
+            self.vocab = Vocabulary(st["vocabulary"][2:])
+            self.answers = self.classes = list(st["answers"])
 
     def checkpoint_state(self):
         return {"vocabulary": list(self.vocab.words), "answers": list(self.answers)}
@@ -137,8 +143,8 @@ class AVQATask(Task):
         prepared folder (its ``json/`` copies; a video is there when it was prepared)."""
         cfg = self.cfg
         if prepared_root(cfg):
-            _, vids = load_prepared(self, "avqa", clip_seconds=float(cfg.segments),
-                                    avqa_hop=cfg.avqa_hop)
+            _, vids = self.load_prepared("avqa", clip_seconds=float(cfg.segments),
+                                         avqa_hop=cfg.avqa_hop)
             self._refs = vids["videos"][0]
             have = {m["id"] for _, m in self._refs}
             return (self.prepared["root"],
@@ -232,7 +238,7 @@ class AVQATask(Task):
         return rows
 
 
-class SyntheticAVQATask(AVQATask):
+class SyntheticAVQATask(GeneratedData, AVQATask):
     """Synthetic AVQA data (:mod:`.avqa_synthetic`) generated once, by rank 0, under the
     data root or the run folder; ``synthetic_train/val/test`` count videos and
     ``synthetic_events`` the instrument kinds."""
@@ -243,17 +249,10 @@ class SyntheticAVQATask(AVQATask):
                     synthetic_events=2, synthetic_train=80, synthetic_val=24,
                     synthetic_test=24, head_hidden=64)
 
-    def resolve_data_root(self, run_dir, rank):
-        """``data_root``, or ``<run folder>/synthetic_avqa``; rank 0 generates the files
-        there when missing (not for a prepared folder)."""
+    data_folder, marker = "synthetic_avqa", "avqa-train.json"
+
+    def generate(self, root):
         cfg = self.cfg
-        if prepared_root(cfg):
-            return cfg.data_root
-        root = cfg.data_root or os.path.join(run_dir, "synthetic_avqa")
-        if rank == 0 and not os.path.isfile(os.path.join(root, "avqa-train.json")):
-            make_synthetic_avqa(root, n_train=cfg.synthetic_train,
-                                n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
-                                n_kinds=cfg.synthetic_events, segments=cfg.segments,
-                                hop=cfg.avqa_hop, seed=cfg.seed)
-        ddp.barrier()
-        return root
+        make_synthetic_avqa(root, n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
+                            n_test=cfg.synthetic_test, n_kinds=cfg.synthetic_events,
+                            segments=cfg.segments, hop=cfg.avqa_hop, seed=cfg.seed)

@@ -31,6 +31,92 @@ from .config import COMPILE_MODES, MODEL_OPTIONS, TrainConfig, task_defaults, ta
 __all__ = ["main", "build_parser", "config_from_args"]
 
 
+S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
+B = argparse.BooleanOptionalAction
+
+#: The option groups after the general options: (title, ((option, kind, help), ...)).
+#: ``kind``: int or float (the value's type), None (a string), a tuple (the choices),
+#: B (``--x`` / ``--no-x``), "store_true", or "*" / "+" (a list of words).  Every option
+#: defaults to S; a ``{field}`` in a help is TrainConfig's default of that field, and
+#: build_parser adds "(default ...)" to a help that states none.  (A table: its rows are
+#: alike by design -- one row an option -- where a duplicate-finder sees repeated lines.)
+OPTION_GROUPS = (
+    ("recipe", (
+        ("--epochs", int, "default {epochs}"),
+        ("--warmup-epochs", float, "default {warmup_epochs}"),
+        ("--lr-prompts", float, "peak lr of prompts and gates (default {lr_prompts})"),
+        ("--lr-head", float, "peak lr of the head (default {lr_head})"),
+        ("--min-lr", float, "cosine floor (default {min_lr})"),
+        ("--weight-decay", float, "default {weight_decay}"),
+        ("--optimizer", ("adam", "adamw"), "adam (the paper's) or adamw (decoupled weight "
+                                           "decay)"),
+        ("--batch-size", int, "per process (default {batch_size})"),
+        ("--clip-grad", float, "max gradient norm, 0 = off (default {clip_grad})"),
+        ("--mixup-alpha", float, "Beta(alpha, alpha) of the audio mix-up weight"),
+        ("--mixup-prob", float, "probability that a batch is mixed up"),
+        ("--visual-aug", ("none", "light", "strong"), "visual augmentation of training "
+                                                      "frames"),
+        ("--amp", B, "bf16 autocast on GPU (default on)"),
+        ("--seed", int, "seed of initialisation, sampling and augmentation"),
+    )),
+    ("model", (
+        ("--full-finetune", B, "also train the CLIP tower (else it is frozen)"),
+        ("--n-temporal", int, "temporal prompts per layer and modality"),
+        ("--n-spatial", int, "spatial prompts per layer and modality"),
+        ("--n-fusion", int, "fusion prompts per layer"),
+        ("--stages", "*", "subset of temporal spatial fusion"),
+        ("--modalities", "+", "audio and/or visual"),
+        ("--beta-init", float, "initial value of the learnable gates"),
+        ("--compile", B, "wrap the model in torch.compile"),
+        ("--compile-mode", COMPILE_MODES, "torch.compile mode, implies --compile; "
+                                          "reduce-overhead captures CUDA graphs (GPU only)"),
+    )),
+    ("data", (
+        ("--num-workers", int, "decoding processes per training process (default: 4, at "
+                               "most the CPU cores available)"),
+        ("--cache", B, "keep decoded clips in memory"),
+        ("--segments", int, "1-s segments per clip"),
+        ("--synthetic-events", int, "synthetic tasks: event classes (AVQA: instrument "
+                                    "kinds)"),
+        ("--synthetic-train", int, "synthetic tasks: training videos to generate"),
+        ("--synthetic-val", int, "synthetic tasks: validation videos to generate"),
+        ("--synthetic-test", int, "synthetic tasks: test videos to generate"),
+    )),
+    ("question answering (avqa, synthetic_avqa)", (
+        ("--avqa-hop", int, "seconds between the sampled 1-s segments"),
+        ("--question-len", int, "maximum question length in words (longer questions: an "
+                                "error)"),
+        ("--match-weight", float, "weight of the audio-visual matching loss"),
+        ("--head-hidden", int, "width of the task head"),
+    )),
+    ("run control", (
+        ("--resume", None, "checkpoint to continue from (or evaluate)"),
+        ("--eval-only", "store_true", "evaluate the --resume checkpoint on val and test, no "
+                                      "training"),
+        ("--max-steps", int, "stop after this many optimiser steps (the schedule still "
+                             "spans --epochs)"),
+        ("--ckpt-every", int, "also checkpoint every N steps (default: once per epoch)"),
+        ("--eval-every", int, "validate every N epochs (0: never during training)"),
+        ("--final-eval", B, "evaluate best.pt on val and test at the end"),
+        ("--progress", B, "progress bars on stderr"),
+        ("--device", None, "cpu, cuda[:N] or mps (default: cuda if available, else cpu)"),
+        ("--threads", int, "torch CPU threads (default: torch's)"),
+        ("--find-unused-parameters", B, "DDP option for models with unused parameters"),
+    )),
+)
+
+
+def _kind(kind) -> dict:
+    """The add_argument keywords of an OPTION_GROUPS ``kind``."""
+    if kind in (int, float):
+        return {"type": kind}
+    if kind in ("*", "+"):
+        return {"nargs": kind}
+    if kind is B or kind == "store_true":
+        return {"action": kind}
+    return {"choices": kind} if isinstance(kind, tuple) else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig().flat()
     p = argparse.ArgumentParser(
@@ -39,8 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "synthetic data.  Defaults are the paper's recipe; the synthetic task has "
                     "its own faster defaults (see tasks.SyntheticAVETask.defaults).",
     )
-    S = argparse.SUPPRESS   # unset options stay unset, so per-task defaults can apply
-    B = argparse.BooleanOptionalAction
     a = p.add_argument
     a("--task", choices=task_names(), default="ave",
       help="what to train: ave (AVE events per second), avar (Kinetics-Sounds), avqa "
@@ -51,101 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
            "and download) or a local file (docs/weights.md)")
     a("--backend", choices=model_backend_choices(), default=S,
       help=f"attention backend, or 'literal' for the literal layers (default {d['backend']})")
-    a("--data-root", dest="data_root", default=S,
+    a("--data-root", default=S,
       help="data set folder in the official layout (synthetic tasks: generated there), "
            "or a folder made by avstfp-prepare")
     a("--prepared", default=S,
       help="read clips from this avstfp-prepare folder instead of decoding videos "
            "(also detected in --data-root)")
     a("--out", default=S, help="run folder (default runs/<task>-<time>)")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=int, default=S, help=f"default {d['epochs']}")
-    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
-                   help=f"default {d['warmup_epochs']}")
-    g.add_argument("--lr-prompts", dest="lr_prompts", type=float, default=S,
-                   help=f"peak lr of prompts and gates (default {d['lr_prompts']})")
-    g.add_argument("--lr-head", dest="lr_head", type=float, default=S,
-                   help=f"peak lr of the head (default {d['lr_head']})")
-    g.add_argument("--min-lr", dest="min_lr", type=float, default=S,
-                   help=f"cosine floor (default {d['min_lr']})")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S,
-                   help=f"default {d['weight_decay']}")
-    g.add_argument("--optimizer", choices=("adam", "adamw"), default=S,
-                   help="adam (the paper's) or adamw (decoupled weight decay)")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=S,
-                   help=f"per process (default {d['batch_size']})")
-    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S,
-                   help=f"max gradient norm, 0 = off (default {d['clip_grad']})")
-    g.add_argument("--mixup-alpha", dest="mixup_alpha", type=float, default=S,
-                   help="Beta(alpha, alpha) of the audio mix-up weight")
-    g.add_argument("--mixup-prob", dest="mixup_prob", type=float, default=S,
-                   help="probability that a batch is mixed up")
-    g.add_argument("--visual-aug", dest="visual_aug", choices=("none", "light", "strong"),
-                   default=S, help="visual augmentation of training frames")
-    g.add_argument("--amp", action=B, default=S, help="bf16 autocast on GPU (default on)")
-    g.add_argument("--seed", type=int, default=S,
-                   help="seed of initialisation, sampling and augmentation")
-    m = p.add_argument_group("model")
-    m.add_argument("--full-finetune", dest="full_finetune", action=B, default=S,
-                   help="also train the CLIP tower (else it is frozen)")
-    m.add_argument("--n-temporal", dest="n_temporal", type=int, default=S,
-                   help="temporal prompts per layer and modality")
-    m.add_argument("--n-spatial", dest="n_spatial", type=int, default=S,
-                   help="spatial prompts per layer and modality")
-    m.add_argument("--n-fusion", dest="n_fusion", type=int, default=S,
-                   help="fusion prompts per layer")
-    m.add_argument("--stages", nargs="*", default=S,
-                   help="subset of temporal spatial fusion")
-    m.add_argument("--modalities", nargs="+", default=S, help="audio and/or visual")
-    m.add_argument("--beta-init", dest="beta_init", type=float, default=S,
-                   help="initial value of the learnable gates")
-    m.add_argument("--compile", action=B, default=S, help="wrap the model in torch.compile")
-    m.add_argument("--compile-mode", dest="compile_mode", choices=COMPILE_MODES, default=S,
-                   help="torch.compile mode, implies --compile; reduce-overhead captures "
-                        "CUDA graphs (GPU only)")
-    dd = p.add_argument_group("data")
-    dd.add_argument("--num-workers", dest="num_workers", type=int, default=S,
-                    help="decoding processes per training process (default: 4, at most "
-                         "the CPU cores available)")
-    dd.add_argument("--cache", action=B, default=S, help="keep decoded clips in memory")
-    dd.add_argument("--segments", type=int, default=S,
-                    help="1-s segments per clip")
-    dd.add_argument("--synthetic-events", dest="synthetic_events", type=int, default=S,
-                    help="synthetic tasks: event classes (AVQA: instrument kinds)")
-    dd.add_argument("--synthetic-train", dest="synthetic_train", type=int, default=S,
-                    help="synthetic tasks: training videos to generate")
-    dd.add_argument("--synthetic-val", dest="synthetic_val", type=int, default=S,
-                    help="synthetic tasks: validation videos to generate")
-    dd.add_argument("--synthetic-test", dest="synthetic_test", type=int, default=S,
-                    help="synthetic tasks: test videos to generate")
-    q = p.add_argument_group("question answering (avqa, synthetic_avqa)")
-    q.add_argument("--avqa-hop", dest="avqa_hop", type=int, default=S,
-                   help="seconds between the sampled 1-s segments")
-    q.add_argument("--question-len", dest="question_len", type=int, default=S,
-                   help="maximum question length in words (longer questions: an error)")
-    q.add_argument("--match-weight", dest="match_weight", type=float, default=S,
-                   help="weight of the audio-visual matching loss")
-    q.add_argument("--head-hidden", dest="head_hidden", type=int, default=S,
-                   help="width of the task head")
-    r = p.add_argument_group("run control")
-    r.add_argument("--resume", default=S, help="checkpoint to continue from (or evaluate)")
-    r.add_argument("--eval-only", dest="eval_only", action="store_true", default=S,
-                   help="evaluate the --resume checkpoint on val and test, no training")
-    r.add_argument("--max-steps", dest="max_steps", type=int, default=S,
-                   help="stop after this many optimiser steps (the schedule still spans "
-                        "--epochs)")
-    r.add_argument("--ckpt-every", dest="ckpt_every", type=int, default=S,
-                   help="also checkpoint every N steps (default: once per epoch)")
-    r.add_argument("--eval-every", dest="eval_every", type=int, default=S,
-                   help="validate every N epochs (0: never during training)")
-    r.add_argument("--final-eval", dest="final_eval", action=B, default=S,
-                   help="evaluate best.pt on val and test at the end")
-    r.add_argument("--progress", action=B, default=S, help="progress bars on stderr")
-    r.add_argument("--device", default=S,
-                   help="cpu, cuda[:N] or mps (default: cuda if available, else cpu)")
-    r.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
-    r.add_argument("--find-unused-parameters", dest="find_unused_parameters", action=B,
-                   default=S, help="DDP option for models with unused parameters")
+    for title, options in OPTION_GROUPS:
+        g = p.add_argument_group(title)
+        for option, kind, text in options:
+            g.add_argument(option, default=S, help=text.format(**d), **_kind(kind))
     for act in p._actions:       # show the config default of every option not yet saying it
         if act.dest in d and "default" not in (act.help or ""):
             act.help = ((act.help + " ") if act.help else "") + f"(default {d[act.dest]})"

@@ -36,8 +36,9 @@ def task_defaults(task: str) -> dict:
     return dict(TASKS[task].defaults) if task in TASKS else {}
 
 
-def make_task(cfg) -> Task:
-    try:
-        return TASKS[cfg.task](cfg)
-    except KeyError:
-        raise ValueError(f"task: expected one of {tuple(TASKS)}, got {cfg.task!r}") from None
+def make_task(cfg, classes: list | None = None) -> Task:
+    """The task of TrainConfig ``cfg``; ``classes``: a trained model's (the task then
+    evaluates it without reading data)."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task: expected one of {tuple(TASKS)}, got {cfg.task!r}")
+    return TASKS[cfg.task](cfg, classes)

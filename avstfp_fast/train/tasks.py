@@ -7,10 +7,12 @@ listed in :mod:`.registry` (``TASKS``), with no edit to ``loop.py``:
 
 * ``prepare_data(run_dir, rank)`` -> :class:`TaskData` (classes, splits and the data
   root it resolved); the task keeps them (``classes``, ``splits``, ``data_root``) and
-  never writes to the config: data flows from the task to the trainer, not back.
+  never writes to the config: data flows from the task to the trainer, not back.  A task
+  for a trained model (``make_task(cfg, classes)``, as avstfp-predict evaluates) is given
+  its classes when it is made, and nothing writes them into it afterwards;
   Subclasses implement ``read_data(root, rank)`` -> ``(classes, splits)``; ``splits``
-  maps "train", "val", "test" to whatever ``dataset`` accepts; synthetic tasks also
-  override ``resolve_data_root`` (generate the files when needed);
+  maps "train", "val", "test" to whatever ``dataset`` accepts; the synthetic tasks take
+  ``resolve_data_root`` from :class:`GeneratedData` (generate the files when needed);
 * ``dataset(split, train, image_size)`` and ``collate(samples)``: a batch is a dict with
   at least ``bad`` (paths of skipped files); ``is_empty(batch)`` says it has nothing usable;
 * ``build_model(num_classes)``: the model with this task's head;
@@ -52,7 +54,7 @@ from .synthetic import make_synthetic_ave
 log = logging.getLogger("avstfp_fast.train")
 
 __all__ = ["Task", "Metrics", "StepContext", "StepOutput", "ClassificationTask", "AVETask",
-           "SyntheticAVETask", "AVARTask", "build_model"]
+           "SyntheticAVETask", "AVARTask", "GeneratedData", "build_model"]
 
 
 @dataclass
@@ -122,9 +124,10 @@ class Task:
     defaults: dict = {}             # TrainConfig values this task changes (options win)
     item_name: str = "items"        # what accuracy counts, for figure titles
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, classes: Optional[list] = None):
         self.cfg = cfg
-        self.classes: list = []          # set by prepare_data
+        # a trained model's classes; else what prepare_data reads
+        self.classes: list = list(classes or [])
         self.splits: dict = {}
         self.data_root: Optional[str] = None
         self.prepared: Optional[dict] = None     # manifest, when reading prepared shards
@@ -147,6 +150,17 @@ class Task:
     def read_data(self, root: Optional[str], rank: int) -> tuple[list, dict]:
         """``(classes, splits)`` read from ``root`` (or the prepared folder)."""
         raise NotImplementedError
+
+    def load_prepared(self, layout: str, **settings) -> tuple[list, dict]:
+        """Read the run's prepared folder (its manifest checked against the run's
+        settings); keeps the manifest (``prepared``), returns ``(classes, splits)``."""
+        cfg = self.cfg
+        root = prepared_root(cfg)
+        settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
+        man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
+                                               sample_rate=cfg.sample_rate, **settings)
+        self.prepared = {**man, "root": root}
+        return classes, splits
 
     def dataset(self, split: str, train: bool, image_size: int):
         raise NotImplementedError
@@ -297,19 +311,6 @@ def prepared_root(cfg) -> Optional[str]:
     return cfg.data_root if is_prepared(cfg.data_root) else None
 
 
-def load_prepared(task, layout: str, **settings):
-    """Read a prepared folder for ``task`` (its manifest checked against the run's
-    settings); sets ``task.prepared`` and returns ``(classes, splits)``."""
-    cfg = task.cfg
-    root = prepared_root(cfg)
-    settings = {"clip_seconds": float(cfg.clip_seconds), **settings}
-    man, classes, splits = prepared_splits(root, layout, segments=cfg.segments,
-                                           sample_rate=cfg.sample_rate, **settings)
-    man["root"] = root
-    task.prepared = man
-    return classes, splits
-
-
 def check_prepared_image_size(man: dict, image_size: int) -> None:
     """The model's input size must be the one the frames were prepared for."""
     check_settings(man, man["root"], image_size=int(image_size),
@@ -322,17 +323,39 @@ class AVETask(ClassificationTask):
 
     def read_data(self, root, rank):
         if prepared_root(self.cfg):
-            return load_prepared(self, "ave")
+            return self.load_prepared("ave")
         if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ave_splits(root, segments=self.cfg.segments,
                           clip_seconds=self.cfg.clip_seconds)
 
 
-class SyntheticAVETask(AVETask):
+class GeneratedData:
+    """Mixin of the synthetic tasks: their data root is ``data_root``, or
+    ``<run folder>/<data_folder>``; rank 0 generates the files there (:meth:`generate`)
+    when ``marker`` is missing -- never into a prepared folder."""
+    data_folder: str = ""
+    marker: str = ""
+
+    def generate(self, root: str) -> None:
+        raise NotImplementedError
+
+    def resolve_data_root(self, run_dir, rank):
+        cfg = self.cfg
+        if prepared_root(cfg):
+            return cfg.data_root
+        root = cfg.data_root or os.path.join(run_dir, self.data_folder)
+        if rank == 0 and not os.path.isfile(os.path.join(root, self.marker)):
+            self.generate(root)
+        ddp.barrier()
+        return root
+
+
+class SyntheticAVETask(GeneratedData, AVETask):
     """AVE-layout .mp4 files generated (once, by rank 0) under the data root or the run
     folder: the tiny-model smoke task."""
     name = "synthetic"
+    data_folder, marker = "synthetic_data", "Annotations.txt"
     # Tuned so the tiny CPU model reaches >= 90 % segment accuracy in well under 5
     # minutes; one torch thread: the model is tiny, and on a shared 2-core CPU two threads
     # are several times slower.  Any field given explicitly wins.
@@ -340,20 +363,11 @@ class SyntheticAVETask(AVETask):
                     lr_head=3e-3, weight_decay=1e-4, batch_size=8, visual_aug="light",
                     mixup_prob=0.0, num_workers=0, cache=True, threads=1)
 
-    def resolve_data_root(self, run_dir, rank):
-        """``data_root``, or ``<run folder>/synthetic_data``; rank 0 generates the files
-        there when missing (not for a prepared folder)."""
+    def generate(self, root):
         cfg = self.cfg
-        if prepared_root(cfg):
-            return cfg.data_root
-        root = cfg.data_root or os.path.join(run_dir, "synthetic_data")
-        if rank == 0 and not os.path.isfile(os.path.join(root, "Annotations.txt")):
-            make_synthetic_ave(root, n_events=cfg.synthetic_events,
-                               n_train=cfg.synthetic_train, n_val=cfg.synthetic_val,
-                               n_test=cfg.synthetic_test, segments=cfg.segments, seed=cfg.seed,
-                               header=cfg.synthetic_header)
-        ddp.barrier()
-        return root
+        make_synthetic_ave(root, n_events=cfg.synthetic_events, n_train=cfg.synthetic_train,
+                           n_val=cfg.synthetic_val, n_test=cfg.synthetic_test,
+                           segments=cfg.segments, seed=cfg.seed, header=cfg.synthetic_header)
 
 
 class AVARTask(ClassificationTask):
@@ -363,7 +377,7 @@ class AVARTask(ClassificationTask):
 
     def read_data(self, root, rank):
         if prepared_root(self.cfg):
-            return load_prepared(self, "ks")
+            return self.load_prepared("ks")
         if root is None:
             raise ValueError(f"data_root: required for task {self.name!r}")
         return ks_splits(root)
