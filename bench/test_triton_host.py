@@ -312,3 +312,92 @@ def test_cached_launch_is_the_full_launch():
             knobs.runtime.launch_enter_hook.remove(hook)
         assert len(seen) == 1                       # the hook saw the launch
     assert len(recs) == 5
+
+
+# --------------------------------------------------------------------------- eager path
+def _norm_launches(recs, named):
+    """Launch records with every pointer argument (a tensor, or an int where the full path
+    has a tensor) as (buffer name, byte offset) for the named buffers, else as the order
+    in which the fresh buffer first appears; other arguments as they are."""
+    fresh = {}
+
+    def ptr(p):
+        p = p if isinstance(p, int) else p.data_ptr()
+        for name, t in named.items():
+            lo = t.data_ptr()
+            if lo <= p < lo + t.numel() * t.element_size():
+                return (name, p - lo)
+        return ("fresh", fresh.setdefault(p, len(fresh)))
+
+    def arg(ref, a):
+        if isinstance(ref, torch.Tensor):
+            return ptr(a)
+        if isinstance(ref, tuple):
+            return tuple(arg(r, b) for r, b in zip(ref, a))
+        assert not isinstance(a, torch.Tensor)
+        return a
+    return recs, arg
+
+
+@pytest.mark.parametrize("stage", geometry.STAGES)
+@pytest.mark.parametrize("path", ["seq", "auto", "direct"])
+def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
+    """The op's eager path (ops/triton_backend.py ``_Bound``: addresses instead of views,
+    one scratch buffer, one buffer of prompt gradients) launches the same kernels with
+    the same grids and arguments as the full path (views, AttnProblem, _backward_impl):
+    every pointer at the same offset into the same input, output or gradient, fresh
+    scratch used in the same places; and the gradients have the same shapes/dtypes."""
+    from avstfp_fast.ops import attention as A
+    if path == "direct":            # prompt gradients written by the backward kernel
+        if stage != "temporal":
+            pytest.skip("packed one-step sequences only")
+        monkeypatch.setattr(TB, "DIRECT_MIN_PROGRAMS", 1)
+    monkeypatch.setenv("AVSTFP_TRITON_BWD", "seq" if path == "direct" else path)
+    recs = []
+    runs = {}
+    cls = TB.TritonBackend
+    orig = cls.reasons
+    monkeypatch.setattr(cls, "reasons", lambda self, p: [
+        r for r in orig(self, p) if not r.startswith(_CPU_REASON)])
+    returned = []                   # the gradients the op returns (the sink holds the
+    bwd = A._KernelAttention.backward     # full path's views: autograd then copies them)
+
+    def spy(ctx, dout):
+        grads = bwd(ctx, dout)
+        returned[:] = grads[1:]
+        return grads
+    monkeypatch.setattr(A._KernelAttention, "backward", staticmethod(spy))
+    with fake_sm90([TB._kernels()], sink=recs.append):
+        c = Case(stage)
+        for _ in range(3):                                # plans and launchers made
+            c.zero_grad()
+            c.forward().backward(c.dout)
+        if path == "direct":
+            assert any(getattr(pl, "direct", False) for pl in TB._PLANS.values())
+        plans = [pl for pl in A._PLANS.values() if pl.fast is not None]
+        assert plans, "no eager binding was made"
+        fast = plans[0].fast
+        for mode in ("fast", "full"):
+            for pl in plans:
+                pl.fast = fast if mode == "fast" else None
+            c.zero_grad()
+            del recs[:]
+            o = c.forward()
+            lse = o.grad_fn.saved_tensors[-1]
+            o.backward(c.dout)
+            named = dict(qkv=c.qkv, out=o, lse=lse, dout=c.dout,
+                         **{f"p{i}": t for i, t in enumerate(c.leaves[1:])},
+                         **{f"g{i}": t for i, t in enumerate(returned)})
+            runs[mode] = (list(recs), named,
+                          [(t.shape, t.dtype, t.stride()) for t in returned])
+    (fr, fnamed, fg), (rr, rnamed, rg) = runs["fast"], runs["full"]
+    assert fg == rg
+    assert [(r.kernel, r.grid) for r in fr] == [(r.kernel, r.grid) for r in rr]
+    _, farg = _norm_launches(fr, fnamed)
+    _, rarg = _norm_launches(rr, rnamed)
+    for f, r in zip(fr, rr):
+        assert len(f.args) == len(r.args)
+        assert farg(r.args, f.args) == rarg(r.args, r.args), r.kernel
+    # where the eager path applies, it ran (its launch args hold raw addresses)
+    assert any(isinstance(a, int) and not isinstance(b, int)
+               for f, r in zip(fr, rr) for a, b in zip(f.args, r.args))

@@ -176,6 +176,19 @@ class KernelBackend(Backend):
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         raise NotImplementedError
 
+    def bind(self, p: AttnProblem, layout, out_stride, grad_strides):
+        """Optional eager path of one validated layout: an object whose
+        ``forward(q, k, v, pks, pvs, out)`` returns the log-sum-exp as :meth:`forward`
+        does, ``backward_plan(dout, deterministic)`` an opaque plan (None: this call
+        takes :meth:`backward`) and ``backward(plan, q, k, v, pks, pvs, out, lse, dout,
+        dq, dk, dv)`` returns ``(dprompt_k, dprompt_v)`` as :meth:`backward` does; either
+        returns None where the call must take :meth:`forward`/:meth:`backward` instead
+        (nothing launched).  q/k/v and dq/dk/dv may be passed as data pointers (ints).  ``layout``: the op's layout token (``p.layout`` of later calls);
+        ``out_stride``, ``grad_strides``: the strides of the output and of dq, dk, dv as
+        the op allocates them.  None (the default): every call takes
+        :meth:`forward`/:meth:`backward`."""
+        return None
+
     def check_writes(self, **buffers: Optional[torch.Tensor]) -> None:
         """Call before launch on every buffer the kernel writes: see
         :func:`avstfp_fast.ops.contract.check_kernel_writes` (ValueError on a layout the

@@ -22,7 +22,10 @@ nothing is allocated or synchronised, so the path stays capturable.
 
 Contract for callers: the positional arguments are the kernel's leading parameters, in
 order; between calls with the same ``slots``, only tensors (alone or in tuples) may
-change; keyword arguments must be the same.  In the Triton interpreter, or when the
+change; keyword arguments must be the same.  A cached launch may take a tensor's data
+pointer (an int) in its place -- the compiled launcher uses an int as the address as is,
+which spares building a view just to pass its address (``full`` rebuilds the tensors
+when the full path must run).  In the Triton interpreter, or when the
 launcher cannot be reused, every call takes the full path.
 """
 from __future__ import annotations
@@ -64,17 +67,21 @@ class _Entry:
                             and a and all(isinstance(b, torch.Tensor) for b in a))
 
     def _aligned(self, args) -> bool:
+        # a pointer argument may also be a raw address (int): the C launcher takes either
         m = 0
         for i in self.tpos:
-            m |= _PTR(args[i])
+            a = args[i]
+            m |= a if a.__class__ is int else _PTR(a)
         for i in self.tuppos:
             for t in args[i]:
-                m |= _PTR(t)
+                m |= t if t.__class__ is int else _PTR(t)
         return not (m & 15)
 
     def __call__(self, args) -> bool:
         """Launch with new positional ``args``; False (nothing launched) if the full path
-        is needed."""
+        is needed.  Where the first launch had a tensor, ``args`` may hold the tensor or
+        its data pointer as an int (the compiled launcher accepts both: an int is used as
+        the address as is)."""
         rt = self.knobs.runtime
         if rt.launch_enter_hook.calls or rt.launch_exit_hook.calls:
             return False
@@ -121,13 +128,18 @@ _NONE: Any = object()
 
 
 def launch(fn, grid: Tuple[int, ...], args: tuple, kwargs: Callable[[], Dict[str, Any]],
-           slots: Dict[Any, Any]) -> None:
+           slots: Dict[Any, Any], full: Optional[Callable[[], tuple]] = None) -> None:
     """``fn[grid](*args, **kwargs())``, through the launcher cached in ``slots`` when
     possible (see the module docstring for the contract).  ``kwargs`` is a function
-    returning the keyword arguments: a cached launch does not need them built."""
+    returning the keyword arguments: a cached launch does not need them built.
+    ``full``: where ``args`` pass raw addresses (ints) in place of tensors, a function
+    returning the same arguments with the tensors, for the full path (Triton's binder
+    reads each pointer's element type from its tensor)."""
     ent = slots.get(fn, _NONE)
     if ent is not _NONE and ent is not None and ent(args):
         return
+    if full is not None:
+        args = full()
     kwargs = kwargs()
     kernel = fn[grid](*args, **kwargs)
     if ent is _NONE:                # first launch of this plan (a refused call keeps it)
