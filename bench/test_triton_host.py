@@ -390,6 +390,18 @@ def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
                          **{f"g{i}": t for i, t in enumerate(returned)})
             runs[mode] = (list(recs), named,
                           [(t.shape, t.dtype, t.stride()) for t in returned])
+        # saved-tensor hooks that hand back copies (another layout): the full path
+        for pl in plans:
+            pl.fast = fast
+        del recs[:]
+        c.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: t.clone(memory_format=torch.contiguous_format), lambda t: t):
+            o = c.forward()
+        o.backward(c.dout)
+        hooked = [r for r in recs[1:] if r.kernel == "prompted_attn_bwd_seq"]
+        for r in hooked:                # views of the copies, as tensors (no addresses)
+            assert all(isinstance(a, torch.Tensor) for a in r.args[:8])
     (fr, fnamed, fg), (rr, rnamed, rg) = runs["fast"], runs["full"]
     assert fg == rg
     assert [(r.kernel, r.grid) for r in fr] == [(r.kernel, r.grid) for r in rr]

@@ -750,12 +750,13 @@ class _Bound:
     takes the full path, which makes them.  Sequence-owning backward only (the AV-STFP
     stages' path); the fa2 backward and host-side prompt-gradient reductions always take
     the full path."""
-    __slots__ = ("fkey", "bkey", "seg", "kfwd", "kseq", "kpg")
+    __slots__ = ("fkey", "bkey", "seg", "kfwd", "kseq", "kpg", "dense")
 
     def __init__(self, p: AttnProblem, layout, out_stride, grad_strides):
         self.fkey = ("f", layout, tuple(out_stride))
         self.bkey = ("b", layout, tuple(out_stride)) + tuple(map(tuple, grad_strides))
         self.seg = len(p.prompt_k)
+        self.dense = all(t is not None for t in p.prompt_k)    # no dummy pointers needed
         K = _kernels()
         self.kfwd, self.kseq, self.kpg = (K.prompted_attn_fwd, K.prompted_attn_bwd_seq,
                                           K.prompted_attn_pgrad)
@@ -768,8 +769,9 @@ class _Bound:
         if ent is None:
             return None
         lse = torch.empty(pl.lse_shape, dtype=torch.float32, device=out.device)
-        if not ent((q, k, v, out, lse) + pl.fwd_mid + (_ptrs(pks, q), _ptrs(pvs, q))
-                   + pl.fwd_tail):
+        if not self.dense:
+            pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+        if not ent((q, k, v, out, lse) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail):
             return None
         return lse
 
@@ -801,8 +803,10 @@ class _Bound:
         else:
             grs = tuple(lse if x is None else base + x[0] for x in parts[1:])
             gvs = grs
-        if not ent((q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid
-                   + (_ptrs(pks, q), _ptrs(pvs, q)) + pl.seq_p + (grs, gvs) + pl.seq_tail):
+        if not self.dense:
+            pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+        if not ent((q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid + (pks, pvs)
+                   + pl.seq_p + (grs, gvs) + pl.seq_tail):
             return None
         S = self.seg
         if pl.direct:                       # one segment
