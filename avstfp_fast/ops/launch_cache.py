@@ -52,13 +52,33 @@ def _aligned(args) -> bool:
 _PTR = torch.Tensor.data_ptr
 
 
+def _c_launch(run):
+    """Triton 3.8's ``CudaLauncher`` without its Python ``__call__``: the arguments it
+    passes to the C launch when the kernel needs no scratch memory (the compiled
+    launchers of this package need none) and no sanitizer is on -- then ``__call__``
+    only allocates nothing and forwards them.  None under other versions or
+    launchers (their ``__call__`` runs)."""
+    try:
+        import triton
+        from triton.backends.nvidia.driver import CudaLauncher
+    except ImportError:
+        return None
+    if (not triton.__version__.startswith("3.8.") or type(run) is not CudaLauncher
+            or getattr(run, "gsan_enabled", True) or run.global_scratch_size
+            or run.profile_scratch_size):
+        return None
+    return (run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
+            run.kernel_signature)
+
+
 class _Entry:
     __slots__ = ("run", "fn_handle", "packed", "grid", "tail", "device", "driver", "knobs",
-                 "tpos", "tuppos")
+                 "tpos", "tuppos", "c")
 
     def __init__(self, kernel, grid, tail, device, driver, knobs, args):
         g = tuple(grid) + (1, 1)
         self.run, self.fn_handle, self.packed = kernel.run, kernel.function, kernel.packed_metadata
+        self.c = _c_launch(kernel.run)
         self.grid, self.tail, self.device = (g[0], g[1], g[2]), tail, device
         self.driver, self.knobs = driver, knobs
         # where the tensors are: alone, or in tuples of tensors only
@@ -90,8 +110,13 @@ class _Entry:
         if device != self.device or not self._aligned(args):
             return False
         g = self.grid
-        self.run(g[0], g[1], g[2], drv.get_current_stream(device), self.fn_handle, self.packed,
-                 None, None, None, *args, *self.tail)
+        c = self.c
+        if c is not None:
+            c[0](g[0], g[1], g[2], drv.get_current_stream(device), self.fn_handle, c[1], c[2],
+                 self.packed, None, None, None, None, None, c[3], c[4], args + self.tail)
+        else:
+            self.run(g[0], g[1], g[2], drv.get_current_stream(device), self.fn_handle,
+                     self.packed, None, None, None, *args, *self.tail)
         return True
 
 
