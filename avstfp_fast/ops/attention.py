@@ -234,7 +234,11 @@ def _fast_backward(ctx, plan: _Plan, fast, tensors, out, lse, dout):
     if o is not None:                 # one gradient buffer laid out like qkv (dense)
         lead = (torch.empty_like(tensors[0]),)
         b, g = tensors[0].data_ptr(), lead[0].data_ptr()
-        pks, pvs = plan.prompts_of(tensors[1:])
+        n = plan.split
+        if n.__class__ is int and n:
+            pks, pvs = tensors[1:1 + n], tensors[1 + n:]
+        else:
+            pks, pvs = plan.prompts_of(tensors[1:])
         r = fast.backward(bp, b + o[0], b + o[1], b + o[2], pks, pvs, out, lse, dout,
                           g + o[0], g + o[1], g + o[2])
     else:

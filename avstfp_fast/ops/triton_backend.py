@@ -84,7 +84,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .backends import Capabilities, KernelBackend, register
+from .backends import Capabilities, KernelBackend, env_reader, register
 from .contract import AttnProblem
 from .launch_cache import launch
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
@@ -115,6 +115,10 @@ _LOG2E = 1.4426950408889634
 #: Backward scheme of the default (non-deterministic) mode of the long-sequence ("fa2")
 #: path; ``bench/floors.py`` names.  (Short sequences: see ``_Tiles.bwd``.)
 BACKWARD_SCHEME = "fused"
+
+
+#: AVSTFP_TRITON_BWD as the backward's plan keys hold it (a forced path is a new plan)
+_forced_path = env_reader("AVSTFP_TRITON_BWD")
 
 
 def interpreting() -> bool:
@@ -548,6 +552,7 @@ class _Plan:
             parts.append((4 * n, shp))
             n += -(-int(torch.Size(shp).numel()) // 4) * 4
         self.scratch_parts, self.scratch_numel = tuple(parts), n
+        self.scratch_goffs = tuple(None if x is None else x[0] for x in parts[1:])
         # the prompt gradients the reduction writes: one buffer for all of them where
         # they are the prompts' own shape and dtype and alike across segments
         oshapes = {shp for shp in self.pg_oshape if shp is not None}
@@ -614,7 +619,7 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
-    path = os.environ.get("AVSTFP_TRITON_BWD", "auto")      # a forced path is a new plan
+    path = _forced_path()                                   # a forced path is a new plan
     if layout is not None:
         # (order: what _Bound.backward joins, a fixed prefix and the per-call rest)
         key = ("b", layout, out.stride(), dq.stride(), dk.stride(), dv.stride(), det, path,
@@ -780,8 +785,7 @@ class _Bound:
         runs it (sequence-owning backward, prompt gradients written by the kernels in
         their own shape and dtype, cached launcher), else None: checked before the op
         allocates anything."""
-        pl = _PLANS.get(self.bkey + (det, os.environ.get("AVSTFP_TRITON_BWD", "auto"),
-                                     dout.stride()))
+        pl = _PLANS.get(self.bkey + (det, _forced_path(), dout.stride()))
         if pl is None or not pl.seq or pl.Bt == 0 or not (pl.direct or pl.pg_one
                                                           or pl.pg_rows == 0):
             return None
@@ -801,7 +805,7 @@ class _Bound:
             gp = g.data_ptr()
             grs, gvs = (gp,), (gp + g.numel() // 2 * g.element_size(),)
         else:
-            grs = tuple(lse if x is None else base + x[0] for x in parts[1:])
+            grs = tuple([lse if x is None else base + x for x in pl.scratch_goffs])
             gvs = grs
         if not self.dense:
             pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
@@ -833,8 +837,10 @@ class _Bound:
             return (tuple(lse if x is None else scratch.as_strided(x[1], _dense(x[1]),
                                                                    x[0] // 4)
                           for x in parts[1:]), pl.gkv, ks, vs) + pl.pg_tail
-        launch(self.kpg, pl.pg_grid, (grs, pl.gkv, ks, vs) + pl.pg_tail,
-               lambda: pl.pg_kw, pl.launchers, full=full)
+        args = (grs, pl.gkv, ks, vs) + pl.pg_tail
+        ent = pl.launchers.get(self.kpg)
+        if ent is None or not ent(args):
+            launch(self.kpg, pl.pg_grid, args, lambda: pl.pg_kw, pl.launchers, full=full)
         return dpk, dpv
 
 
