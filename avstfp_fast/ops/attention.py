@@ -254,7 +254,7 @@ def _fast_backward(ctx, plan: _Plan, fast, tensors, out, lse, dout):
     else:
         grads = lead + tuple(dpk[i] for i in plan.split) + tuple(dpv[i] for i in plan.split)
     need = ctx.needs_input_grad
-    if False in need:
+    if False in need[1:]:
         grads = tuple(g if n else None for g, n in zip(grads, need[1:]))
     return (None,) + grads
 

@@ -7,7 +7,8 @@ the launch metadata.  For a launch whose non-tensor arguments are fixed by the l
 (strides, lengths, tiles, grid -- everything a launcher's per-layout plan holds), all of
 that gives the same answer every time except the tensors' data pointers.
 
-:func:`launch` keeps, per plan (``slots``, a dict the plan owns) and kernel, the compiled
+:func:`launch` keeps, per plan (``slots``, a dict the plan owns) and kernel (keyed by
+``id(kernel)``: a JITFunction's own hash is a Python method that costs ~1.5 µs), the compiled
 kernel and the bound values of its trailing (keyword) parameters from the first launch,
 and afterwards calls the kernel's launcher with the new positional arguments.  What can
 still change between calls of one layout is checked on every call, and any change takes
@@ -73,10 +74,11 @@ def _c_launch(run):
 
 class _Entry:
     __slots__ = ("run", "fn_handle", "packed", "grid", "tail", "device", "driver", "knobs",
-                 "tpos", "tuppos", "c")
+                 "tpos", "tuppos", "c", "fn")
 
-    def __init__(self, kernel, grid, tail, device, driver, knobs, args):
+    def __init__(self, fn, kernel, grid, tail, device, driver, knobs, args):
         g = tuple(grid) + (1, 1)
+        self.fn = fn            # keeps id(fn), the slot's key, from being reused
         self.run, self.fn_handle, self.packed = kernel.run, kernel.function, kernel.packed_metadata
         self.c = _c_launch(kernel.run)
         self.grid, self.tail, self.device = (g[0], g[1], g[2]), tail, device
@@ -97,17 +99,19 @@ class _Entry:
                 m |= t if t.__class__ is int else _PTR(t)
         return not (m & 15)
 
-    def __call__(self, args) -> bool:
+    def __call__(self, args, ptrs: Optional[int] = None) -> bool:
         """Launch with new positional ``args``; False (nothing launched) if the full path
         is needed.  Where the first launch had a tensor, ``args`` may hold the tensor or
         its data pointer as an int (the compiled launcher accepts both: an int is used as
-        the address as is)."""
+        the address as is).  ``ptrs``: the bitwise OR of every pointer in ``args``, where
+        the caller has them as ints anyway (else they are read here)."""
         rt = self.knobs.runtime
         if rt.launch_enter_hook.calls or rt.launch_exit_hook.calls:
             return False
         drv = self.driver.active
         device = drv.get_current_device()
-        if device != self.device or not self._aligned(args):
+        if device != self.device or (ptrs & 15 if ptrs is not None
+                                     else not self._aligned(args)):
             return False
         g = self.grid
         c = self.c
@@ -144,7 +148,7 @@ def _make_entry(fn, kernel, grid, args, kwargs) -> Optional[_Entry]:
         bound = tuple(binder(*args, **kw)[0].values())
         if len(bound) < len(args):
             return None
-        return _Entry(kernel, grid, bound[len(args):], device, driver, knobs, args)
+        return _Entry(fn, kernel, grid, bound[len(args):], device, driver, knobs, args)
     except (ImportError, AttributeError, KeyError, IndexError, TypeError):
         return None          # another Triton version's internals: stay on the full path
 
@@ -160,7 +164,7 @@ def launch(fn, grid: Tuple[int, ...], args: tuple, kwargs: Callable[[], Dict[str
     ``full``: where ``args`` pass raw addresses (ints) in place of tensors, a function
     returning the same arguments with the tensors, for the full path (Triton's binder
     reads each pointer's element type from its tensor)."""
-    ent = slots.get(fn, _NONE)
+    ent = slots.get(id(fn), _NONE)
     if ent is not _NONE and ent is not None and ent(args):
         return
     if full is not None:
@@ -168,4 +172,4 @@ def launch(fn, grid: Tuple[int, ...], args: tuple, kwargs: Callable[[], Dict[str
     kwargs = kwargs()
     kernel = fn[grid](*args, **kwargs)
     if ent is _NONE:                # first launch of this plan (a refused call keeps it)
-        slots[fn] = _make_entry(fn, kernel, grid, args, kwargs)
+        slots[id(fn)] = _make_entry(fn, kernel, grid, args, kwargs)

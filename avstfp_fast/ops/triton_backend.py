@@ -763,8 +763,9 @@ class _Bound:
         self.seg = len(p.prompt_k)
         self.dense = all(t is not None for t in p.prompt_k)    # no dummy pointers needed
         K = _kernels()
-        self.kfwd, self.kseq, self.kpg = (K.prompted_attn_fwd, K.prompted_attn_bwd_seq,
-                                          K.prompted_attn_pgrad)
+        self.kpg = K.prompted_attn_pgrad
+        # the launchers' slots are keyed by id(kernel) (ops/launch_cache.py)
+        self.kfwd, self.kseq = id(K.prompted_attn_fwd), id(K.prompted_attn_bwd_seq)
 
     def forward(self, q, k, v, pks, pvs, out):
         pl = _PLANS.get(self.fkey)
@@ -774,9 +775,16 @@ class _Bound:
         if ent is None:
             return None
         lse = torch.empty(pl.lse_shape, dtype=torch.float32, device=out.device)
-        if not self.dense:
-            pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
-        if not ent((q, k, v, out, lse) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail):
+        if self.dense and q.__class__ is int:      # every pointer as an int
+            out, lse_p = out.data_ptr(), lse.data_ptr()
+            pks, pvs = tuple(map(_PTR, pks)), tuple(map(_PTR, pvs))
+            ok = ent((q, k, v, out, lse_p) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail,
+                     _or(pvs, _or(pks, q | k | v | out | lse_p)))
+        else:
+            if not self.dense:
+                pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+            ok = ent((q, k, v, out, lse) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail)
+        if not ok:
             return None
         return lse
 
@@ -807,10 +815,18 @@ class _Bound:
         else:
             grs = tuple([lse if x is None else base + x for x in pl.scratch_goffs])
             gvs = grs
-        if not self.dense:
-            pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
-        if not ent((q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid + (pks, pvs)
-                   + pl.seq_p + (grs, gvs) + pl.seq_tail):
+        if self.dense and q.__class__ is int and dq.__class__ is int and not pl.direct:
+            po, pd, pl_ = out.data_ptr(), dout.data_ptr(), lse.data_ptr()
+            pks, pvs = tuple(map(_PTR, pks)), tuple(map(_PTR, pvs))
+            ok = ent((q, k, v, po, pd, dq, dk, dv, pl_, delta) + pl.seq_mid + (pks, pvs)
+                     + pl.seq_p + (grs, gvs) + pl.seq_tail,
+                     _or(pvs, _or(pks, q | k | v | po | pd | dq | dk | dv | pl_ | base)))
+        else:
+            if not self.dense:
+                pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+            ok = ent((q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid + (pks, pvs)
+                     + pl.seq_p + (grs, gvs) + pl.seq_tail)
+        if not ok:
             return None
         S = self.seg
         if pl.direct:                       # one segment
@@ -838,10 +854,19 @@ class _Bound:
                                                                    x[0] // 4)
                           for x in parts[1:]), pl.gkv, ks, vs) + pl.pg_tail
         args = (grs, pl.gkv, ks, vs) + pl.pg_tail
-        ent = pl.launchers.get(self.kpg)
+        ent = pl.launchers.get(id(self.kpg))
         if ent is None or not ent(args):
             launch(self.kpg, pl.pg_grid, args, lambda: pl.pg_kw, pl.launchers, full=full)
         return dpk, dpv
+
+
+_PTR = torch.Tensor.data_ptr
+
+
+def _or(xs, m: int) -> int:
+    for x in xs:
+        m |= x
+    return m
 
 
 def _dense(shape):
