@@ -340,7 +340,7 @@ def _norm_launches(recs, named):
 
 
 @pytest.mark.parametrize("stage", geometry.STAGES)
-@pytest.mark.parametrize("path", ["seq", "auto", "direct"])
+@pytest.mark.parametrize("path", ["seq", "auto", "direct", "seq-det", "seq-split"])
 def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
     """The op's eager path (ops/triton_backend.py ``_Bound``: addresses instead of views,
     one scratch buffer, one buffer of prompt gradients) launches the same kernels with
@@ -348,11 +348,21 @@ def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
     every pointer at the same offset into the same input, output or gradient, fresh
     scratch used in the same places; and the gradients have the same shapes/dtypes."""
     from avstfp_fast.ops import attention as A
+    path, _, variant = path.partition("-")
     if path == "direct":            # prompt gradients written by the backward kernel
         if stage != "temporal":
             pytest.skip("packed one-step sequences only")
         monkeypatch.setattr(TB, "DIRECT_MIN_PROGRAMS", 1)
     monkeypatch.setenv("AVSTFP_TRITON_BWD", "seq" if path == "direct" else path)
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(variant == "det")
+    try:
+        _eager_vs_full(A, stage, path, variant, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+def _eager_vs_full(A, stage, path, variant, monkeypatch):
     recs = []
     runs = {}
     cls = TB.TritonBackend
@@ -367,8 +377,20 @@ def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
         returned[:] = grads[1:]
         return grads
     monkeypatch.setattr(A._KernelAttention, "backward", staticmethod(spy))
+    count, built = [0], {}          # problem records built (the full path builds one)
+    problem = A._Plan.problem
+
+    def counted(self, *a, **k):
+        count[0] += 1
+        return problem(self, *a, **k)
+    monkeypatch.setattr(A._Plan, "problem", counted)
     with fake_sm90([TB._kernels()], sink=recs.append):
         c = Case(stage)
+        if variant == "split":          # prompted_attention on separate q, k, v
+            from avstfp_fast.ops.attention import prompted_attention
+            c.forward = lambda: prompted_attention(
+                *qkv_views(c.qkv, 3, c.seq_dim), *c.prompts, segments=c.segments,
+                backend="triton")
         for _ in range(3):                                # plans and launchers made
             c.zero_grad()
             c.forward().backward(c.dout)
@@ -376,23 +398,26 @@ def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
             assert any(getattr(pl, "direct", False) for pl in TB._PLANS.values())
         plans = [pl for pl in A._PLANS.values() if pl.fast is not None]
         assert plans, "no eager binding was made"
-        fast = plans[0].fast
+        fast = [pl.fast for pl in plans]
         for mode in ("fast", "full"):
-            for pl in plans:
-                pl.fast = fast if mode == "fast" else None
+            for pl, f in zip(plans, fast):
+                pl.fast = f if mode == "fast" else None
             c.zero_grad()
             del recs[:]
+            count[0] = 0
             o = c.forward()
+            nf = count[0]
             lse = o.grad_fn.saved_tensors[-1]
             o.backward(c.dout)
+            built[mode] = (nf, count[0] - nf)
             named = dict(qkv=c.qkv, out=o, lse=lse, dout=c.dout,
                          **{f"p{i}": t for i, t in enumerate(c.leaves[1:])},
                          **{f"g{i}": t for i, t in enumerate(returned)})
             runs[mode] = (list(recs), named,
                           [(t.shape, t.dtype, t.stride()) for t in returned])
         # saved-tensor hooks that hand back copies (another layout): the full path
-        for pl in plans:
-            pl.fast = fast
+        for pl, f in zip(plans, fast):
+            pl.fast = f
         del recs[:]
         c.zero_grad()
         with torch.autograd.graph.saved_tensors_hooks(
@@ -410,6 +435,7 @@ def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
     for f, r in zip(fr, rr):
         assert len(f.args) == len(r.args)
         assert farg(r.args, f.args) == rarg(r.args, r.args), r.kernel
-    # where the eager path applies, it ran (its launch args hold raw addresses)
-    assert any(isinstance(a, int) and not isinstance(b, int)
-               for f, r in zip(fr, rr) for a, b in zip(f.args, r.args))
+    # the eager path ran: no problem record built in the forward, nor in the backward
+    # where it applies (sequence-owning backward)
+    assert built["fast"][0] == 0 and (path == "auto" or built["fast"][1] == 0), built
+    assert built["full"][0] > 0 and built["full"][1] > 0, built
