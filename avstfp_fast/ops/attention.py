@@ -6,6 +6,12 @@ projection layout for free), the gradients of q/k/v (in the caller's layout; wit
 ``prompted_attention_qkv`` one gradient buffer laid out like the QKV projection output,
 so autograd never zero-fills and scatters three view gradients into it), and it passes
 the determinism switch to the backend.
+
+Eager calls of a validated layout (the plan cache below) take the backend's eager path
+where it offers one (``KernelBackend.bind``): q/k/v and dq/dk/dv go to it as addresses
+into the caller's buffers, so no views and no problem record are built per call; any
+other call, or one the eager path refuses, takes the full path (``plan.problem`` and the
+backend's ``forward``/``backward``).
 """
 from __future__ import annotations
 

@@ -37,9 +37,12 @@ the spatial/fusion view (sequence = tokens, batch = (B, M, H)) of one
 (``ops/layout.py``: size-1 dims dropped, dims every operand lays out densely merged, at
 most 4 remain); the kernel recovers batch coordinates by div/mod.  Everything that does
 not change with the data pointers (merged dims, strides, tiles, grid) is cached per
-layout (:class:`_Plan`), so an eager forward spends ~10 µs in Python before the launch
-(``bench/test_triton_host.py``).  Eager calls run the launcher directly; traced calls
-(torch.compile) go through the custom ops below.
+layout (:class:`_Plan`, with the launches' fixed argument runs), and eager calls run the
+compiled kernel's launcher directly (``ops/launch_cache.py``); the op's eager path of a
+validated layout (:class:`_Bound`) passes q/k/v and dq/dk/dv as addresses, so an eager
+call builds no views (``bench/test_triton_host.py``: the public op's forward ~11-14 µs
+of host time, backward ~32-38 µs, autograd included).  Traced calls (torch.compile) go
+through the custom ops below.
 
 *Grid.*  Axis 0 = ``group * blocks + block``: the query (or key) blocks of one sequence
 group are adjacent, so they run at the same time and share its K/V in L2; limit 2^31-1
