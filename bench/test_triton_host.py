@@ -183,11 +183,52 @@ def measure(stage: str, n: int = 2000) -> Dict[str, float]:
         return _Noop.apply(*c.leaves)
     r["autograd floor (no-op Function) backward"] = _median(
         lambda o: o.backward(one), n, noop_setup)
+    r["autograd floor (no-op Function) forward"] = _median(lambda: _Noop.apply(*c.leaves), n)
     r["validation (make_problem)"] = _median(c.problem, n)
     r["backend choice (select)"] = _median(lambda: B.select(p, "triton"), n)
     r["backend forward"] = _median(lambda: be.forward(p, out), n)
     r["backend backward"] = _median(
         lambda: be.backward(p, out, lse, dout, dq, dk, dv, False), n)
+    r.update(_eager_parts(c, n))
+    return r
+
+
+def _eager_parts(c: "Case", n: int) -> Dict[str, float]:
+    """The op's eager path in pieces (see docs/performance.md, "Host path"): the plan
+    key and lookup, the backend's eager forward (log-sum-exp allocation and launch) and
+    its sequence-owning backward (the plan lookup; scratch and prompt-gradient buffers
+    and two launches), each called alone with the op's arguments."""
+    from avstfp_fast.ops import attention as A
+    r = {}
+    args = ((c.qkv,), *c.prompts, None, c.segments, "triton", (3, c.seq_dim))
+    r["eager: plan key and lookup"] = _median(lambda: A._PLANS.get(A._plan_key(*args)), n)
+    plan = A._PLANS[A._plan_key(*args)]
+    fast = plan.fast
+    qkv, flat = c.qkv.detach(), [t.detach() for t in c.leaves[1:]]
+    pks, pvs = plan.prompts_of(tuple(flat))
+    b, o = qkv.data_ptr(), plan.offs
+    out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=plan.dtype)
+    r["eager: backend forward"] = _median(
+        lambda: fast.forward(b + o[0], b + o[1], b + o[2], pks, pvs, out), n)
+    lse = fast.forward(b + o[0], b + o[1], b + o[2], pks, pvs, out)
+    dout = c.dout
+    old = os.environ.get("AVSTFP_TRITON_BWD")
+    os.environ["AVSTFP_TRITON_BWD"] = "seq"
+    try:
+        for _ in range(3):                      # the seq path's plans exist
+            c.forward().backward(dout)
+            c.zero_grad()
+        r["eager: backward plan lookup"] = _median(lambda: fast.backward_plan(dout, False), n)
+        bp = fast.backward_plan(dout, False)
+        g = torch.empty_like(qkv).data_ptr()
+        r["eager: backend backward (seq path)"] = _median(lambda: fast.backward(
+            bp, b + o[0], b + o[1], b + o[2], pks, pvs, out, lse, dout, g + o[0], g + o[1],
+            g + o[2]), n)
+    finally:
+        if old is None:
+            del os.environ["AVSTFP_TRITON_BWD"]
+        else:
+            os.environ["AVSTFP_TRITON_BWD"] = old
     return r
 
 
