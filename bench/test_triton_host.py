@@ -387,7 +387,8 @@ def _norm_launches(recs, named):
 
 
 @pytest.mark.parametrize("stage", geometry.STAGES)
-@pytest.mark.parametrize("path", ["seq", "auto", "direct", "seq-det", "seq-split"])
+@pytest.mark.parametrize("path", ["seq", "auto", "direct", "seq-det", "seq-split",
+                                  "seq-noprompt"])
 def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
     """The op's eager path (ops/triton_backend.py ``_Bound``: addresses instead of views,
     one scratch buffer, one buffer of prompt gradients) launches the same kernels with
@@ -433,6 +434,9 @@ def _eager_vs_full(A, stage, path, variant, monkeypatch):
     monkeypatch.setattr(A._Plan, "problem", counted)
     with fake_sm90([TB._kernels()], sink=recs.append):
         c = Case(stage)
+        if variant == "noprompt":
+            c.forward = lambda: prompted_attention_qkv(
+                c.qkv, qkv_dim=3, seq_dim=c.seq_dim, segments=c.segments, backend="triton")
         if variant == "split":          # prompted_attention on separate q, k, v
             from avstfp_fast.ops.attention import prompted_attention
             c.forward = lambda: prompted_attention(

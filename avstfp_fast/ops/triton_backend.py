@@ -758,13 +758,14 @@ class _Bound:
     takes the full path, which makes them.  Sequence-owning backward only (the AV-STFP
     stages' path); the fa2 backward and host-side prompt-gradient reductions always take
     the full path."""
-    __slots__ = ("fkey", "bkey", "seg", "kfwd", "kseq", "kpg", "dense")
+    __slots__ = ("fkey", "bkey", "seg", "kfwd", "kseq", "kpg", "dense", "npresent")
 
     def __init__(self, p: AttnProblem, layout, out_stride, grad_strides):
         self.fkey = ("f", layout, tuple(out_stride))
         self.bkey = ("b", layout, tuple(out_stride)) + tuple(map(tuple, grad_strides))
         self.seg = len(p.prompt_k)
         self.dense = all(t is not None for t in p.prompt_k)    # no dummy pointers needed
+        self.npresent = sum(t is not None for t in p.prompt_k)
         K = _kernels()
         self.kpg = K.prompted_attn_pgrad
         # the launchers' slots are keyed by id(kernel) (ops/launch_cache.py)
@@ -797,8 +798,11 @@ class _Bound:
         their own shape and dtype, cached launcher), else None: checked before the op
         allocates anything."""
         pl = _PLANS.get(self.bkey + (det, _forced_path(), dout.stride()))
-        if pl is None or not pl.seq or pl.Bt == 0 or not (pl.direct or pl.pg_one
-                                                          or pl.pg_rows == 0):
+        # (every present prompt gets its gradient from the kernels: 0-row prompts, whose
+        # empty gradients the full path makes, take the full path)
+        if pl is None or not pl.seq or pl.Bt == 0 or not (
+                pl.direct or ((pl.pg_one or pl.pg_rows == 0)
+                              and pl.pg_count == self.npresent)):
             return None
         return pl if pl.launchers.get(self.kseq) is not None else None
 
