@@ -184,9 +184,10 @@ class KernelBackend(Backend):
         takes :meth:`backward`) and ``backward(plan, q, k, v, pks, pvs, out, lse, dout,
         dq, dk, dv)`` returns ``(dprompt_k, dprompt_v)`` as :meth:`backward` does; either
         returns None where the call must take :meth:`forward`/:meth:`backward` instead
-        (nothing launched).  q/k/v and dq/dk/dv may be passed as data pointers (ints).  ``layout``: the op's layout token (``p.layout`` of later calls);
-        ``out_stride``, ``grad_strides``: the strides of the output and of dq, dk, dv as
-        the op allocates them.  None (the default): every call takes
+        (nothing launched).  q/k/v and dq/dk/dv may be passed as data pointers (ints).
+        ``layout``: the op's layout token (``p.layout`` of later calls); ``out_stride``,
+        ``grad_strides``: the strides of the output and of dq, dk, dv as the op
+        allocates them.  None (the default): every call takes
         :meth:`forward`/:meth:`backward`."""
         return None
 
