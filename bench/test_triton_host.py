@@ -21,7 +21,7 @@ at roughly their launch cost.
 Timer: thread CPU time (``time.thread_time``), median; targets on the 2-core CI machine:
 eager forward <= 20 µs, eager backward <= 40 µs (benchmark targets, never timed tests).
 
-    python bench/test_triton_host.py [--out bench/results/host-path-after.md]
+    python bench/test_triton_host.py [--runs 3] [--out bench/results/host-path-after.md]
 
 prints the totals and the components (validation, backend choice, the backend's
 forward/backward, Triton's launch path) per stage; the backward again on the
@@ -183,11 +183,52 @@ def measure(stage: str, n: int = 2000) -> Dict[str, float]:
         return _Noop.apply(*c.leaves)
     r["autograd floor (no-op Function) backward"] = _median(
         lambda o: o.backward(one), n, noop_setup)
+    r["autograd floor (no-op Function) forward"] = _median(lambda: _Noop.apply(*c.leaves), n)
     r["validation (make_problem)"] = _median(c.problem, n)
     r["backend choice (select)"] = _median(lambda: B.select(p, "triton"), n)
     r["backend forward"] = _median(lambda: be.forward(p, out), n)
     r["backend backward"] = _median(
         lambda: be.backward(p, out, lse, dout, dq, dk, dv, False), n)
+    r.update(_eager_parts(c, n))
+    return r
+
+
+def _eager_parts(c: "Case", n: int) -> Dict[str, float]:
+    """The op's eager path in pieces (see docs/performance.md, "Host path"): the plan
+    key and lookup, the backend's eager forward (log-sum-exp allocation and launch) and
+    its sequence-owning backward (the plan lookup; scratch and prompt-gradient buffers
+    and two launches), each called alone with the op's arguments."""
+    from avstfp_fast.ops import attention as A
+    r = {}
+    args = ((c.qkv,), *c.prompts, None, c.segments, "triton", (3, c.seq_dim))
+    r["eager: plan key and lookup"] = _median(lambda: A._PLANS.get(A._plan_key(*args)), n)
+    plan = A._PLANS[A._plan_key(*args)]
+    fast = plan.fast
+    qkv, flat = c.qkv.detach(), [t.detach() for t in c.leaves[1:]]
+    pks, pvs = plan.prompts_of(tuple(flat))
+    b, o = qkv.data_ptr(), plan.offs
+    out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=plan.dtype)
+    r["eager: backend forward"] = _median(
+        lambda: fast.forward(b + o[0], b + o[1], b + o[2], pks, pvs, out), n)
+    lse = fast.forward(b + o[0], b + o[1], b + o[2], pks, pvs, out)
+    dout = c.dout
+    old = os.environ.get("AVSTFP_TRITON_BWD")
+    os.environ["AVSTFP_TRITON_BWD"] = "seq"
+    try:
+        for _ in range(3):                      # the seq path's plans exist
+            c.forward().backward(dout)
+            c.zero_grad()
+        r["eager: backward plan lookup"] = _median(lambda: fast.backward_plan(dout, False), n)
+        bp = fast.backward_plan(dout, False)
+        g = torch.empty_like(qkv).data_ptr()
+        r["eager: backend backward (seq path)"] = _median(lambda: fast.backward(
+            bp, b + o[0], b + o[1], b + o[2], pks, pvs, out, lse, dout, g + o[0], g + o[1],
+            g + o[2]), n)
+    finally:
+        if old is None:
+            del os.environ["AVSTFP_TRITON_BWD"]
+        else:
+            os.environ["AVSTFP_TRITON_BWD"] = old
     return r
 
 
@@ -241,15 +282,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--title", default="Host path of the Triton backend")
     ap.add_argument("-n", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement; report each cell's median run")
     a = ap.parse_args(argv)
-    rows = {}
-    with host_env():
-        for stage in geometry.STAGES:
-            rows[stage] = measure(stage, a.n)
+    runs = []
+    for _ in range(a.runs):         # the stages interleaved run by run (shared machine)
+        with host_env():
+            runs.append({stage: measure(stage, a.n) for stage in geometry.STAGES})
+    rows = {s: {k: sorted(r[s][k] for r in runs)[len(runs) // 2] for k in runs[0][s]}
+            for s in geometry.STAGES}
     comps = list(next(iter(rows.values())))
+    how = (f"median of {a.n} calls" if a.runs == 1 else
+           f"median of {a.n} calls, then the median of {a.runs} such runs")
     L = [f"# {a.title}", "",
-         "`python bench/test_triton_host.py`: thread CPU time per call, median of "
-         f"{a.n} calls, on the 2-core CPU machine (other jobs running). Public op "
+         f"`python bench/test_triton_host.py --runs {a.runs}`: thread CPU time per call, "
+         f"{how}, on the 2-core CPU machine (other jobs running). Public op "
          "`prompted_attention_qkv` as the model calls it (forward under autograd; "
          "`.backward()`), bf16, CI geometry; kernels launched on a faked sm_90 target "
          "(only the compile and the C launch stubbed). Targets: forward <= 20 µs, "
@@ -292,7 +339,7 @@ def test_cached_launch_is_the_full_launch():
     kw = lambda: dict(BLOCK=16, num_warps=4)      # noqa: E731
     with fake_sm90([mod], sink=recs.append):
         launch(toy, (3, 2), (x1, (y1, x1), (5, 7), 33, 0.5), kw, slots)
-        assert isinstance(slots[toy], _Entry)
+        assert isinstance(slots[id(toy)], _Entry)
         launch(toy, (3, 2), (x2, (y2, x2), (5, 7), 33, 0.5), kw, slots)
         toy[(3, 2)](x2, (y2, x2), (5, 7), 33, 0.5, **kw())                # full path
         assert recs[1].grid == recs[2].grid == (3, 2, 1)
@@ -301,7 +348,7 @@ def test_cached_launch_is_the_full_launch():
             assert a is b or a == b, (a, b)
         launch(toy, (3, 2), (x2[1:], (y2, x2), (5, 7), 33, 0.5), kw, slots)   # misaligned
         assert recs[-1].args[0].data_ptr() == x2[1:].data_ptr()
-        assert isinstance(slots[toy], _Entry)                                 # kept
+        assert isinstance(slots[id(toy)], _Entry)                                 # kept
         from triton import knobs
         seen = []
         hook = seen.append
@@ -312,3 +359,134 @@ def test_cached_launch_is_the_full_launch():
             knobs.runtime.launch_enter_hook.remove(hook)
         assert len(seen) == 1                       # the hook saw the launch
     assert len(recs) == 5
+
+
+# --------------------------------------------------------------------------- eager path
+def _norm_launches(recs, named):
+    """Launch records with every pointer argument (a tensor, or an int where the full path
+    has a tensor) as (buffer name, byte offset) for the named buffers, else as the order
+    in which the fresh buffer first appears; other arguments as they are."""
+    fresh = {}
+
+    def ptr(p):
+        p = p if isinstance(p, int) else p.data_ptr()
+        for name, t in named.items():
+            lo = t.data_ptr()
+            if lo <= p < lo + t.numel() * t.element_size():
+                return (name, p - lo)
+        return ("fresh", fresh.setdefault(p, len(fresh)))
+
+    def arg(ref, a):
+        if isinstance(ref, torch.Tensor):
+            return ptr(a)
+        if isinstance(ref, tuple):
+            return tuple(arg(r, b) for r, b in zip(ref, a))
+        assert not isinstance(a, torch.Tensor)
+        return a
+    return recs, arg
+
+
+@pytest.mark.parametrize("stage", geometry.STAGES)
+@pytest.mark.parametrize("path", ["seq", "auto", "direct", "seq-det", "seq-split",
+                                  "seq-noprompt"])
+def test_eager_path_launches_what_the_full_path_does(stage, path, monkeypatch):
+    """The op's eager path (ops/triton_backend.py ``_Bound``: addresses instead of views,
+    one scratch buffer, one buffer of prompt gradients) launches the same kernels with
+    the same grids and arguments as the full path (views, AttnProblem, _backward_impl):
+    every pointer at the same offset into the same input, output or gradient, fresh
+    scratch used in the same places; and the gradients have the same shapes/dtypes."""
+    from avstfp_fast.ops import attention as A
+    path, _, variant = path.partition("-")
+    if path == "direct":            # prompt gradients written by the backward kernel
+        if stage != "temporal":
+            pytest.skip("packed one-step sequences only")
+        monkeypatch.setattr(TB, "DIRECT_MIN_PROGRAMS", 1)
+    monkeypatch.setenv("AVSTFP_TRITON_BWD", "seq" if path == "direct" else path)
+    det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(variant == "det")
+    try:
+        _eager_vs_full(A, stage, path, variant, monkeypatch)
+    finally:
+        torch.use_deterministic_algorithms(det)
+
+
+def _eager_vs_full(A, stage, path, variant, monkeypatch):
+    recs = []
+    runs = {}
+    cls = TB.TritonBackend
+    orig = cls.reasons
+    monkeypatch.setattr(cls, "reasons", lambda self, p: [
+        r for r in orig(self, p) if not r.startswith(_CPU_REASON)])
+    returned = []                   # the gradients the op returns (the sink holds the
+    bwd = A._KernelAttention.backward     # full path's views: autograd then copies them)
+
+    def spy(ctx, dout):
+        grads = bwd(ctx, dout)
+        returned[:] = grads[1:]
+        return grads
+    monkeypatch.setattr(A._KernelAttention, "backward", staticmethod(spy))
+    count, built = [0], {}          # problem records built (the full path builds one)
+    problem = A._Plan.problem
+
+    def counted(self, *a, **k):
+        count[0] += 1
+        return problem(self, *a, **k)
+    monkeypatch.setattr(A._Plan, "problem", counted)
+    with fake_sm90([TB._kernels()], sink=recs.append):
+        c = Case(stage)
+        if variant == "noprompt":
+            c.forward = lambda: prompted_attention_qkv(
+                c.qkv, qkv_dim=3, seq_dim=c.seq_dim, segments=c.segments, backend="triton")
+        if variant == "split":          # prompted_attention on separate q, k, v
+            from avstfp_fast.ops.attention import prompted_attention
+            c.forward = lambda: prompted_attention(
+                *qkv_views(c.qkv, 3, c.seq_dim), *c.prompts, segments=c.segments,
+                backend="triton")
+        for _ in range(3):                                # plans and launchers made
+            c.zero_grad()
+            c.forward().backward(c.dout)
+        if path == "direct":
+            assert any(getattr(pl, "direct", False) for pl in TB._PLANS.values())
+        plans = [pl for pl in A._PLANS.values() if pl.fast is not None]
+        assert plans, "no eager binding was made"
+        fast = [pl.fast for pl in plans]
+        for mode in ("fast", "full"):
+            for pl, f in zip(plans, fast):
+                pl.fast = f if mode == "fast" else None
+            c.zero_grad()
+            del recs[:]
+            count[0] = 0
+            o = c.forward()
+            nf = count[0]
+            lse = o.grad_fn.saved_tensors[-1]
+            o.backward(c.dout)
+            built[mode] = (nf, count[0] - nf)
+            named = dict(qkv=c.qkv, out=o, lse=lse, dout=c.dout,
+                         **{f"p{i}": t for i, t in enumerate(c.leaves[1:])},
+                         **{f"g{i}": t for i, t in enumerate(returned)})
+            runs[mode] = (list(recs), named,
+                          [(t.shape, t.dtype, t.stride()) for t in returned])
+        # saved-tensor hooks that hand back copies (another layout): the full path
+        for pl, f in zip(plans, fast):
+            pl.fast = f
+        del recs[:]
+        c.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: t.clone(memory_format=torch.contiguous_format), lambda t: t):
+            o = c.forward()
+        o.backward(c.dout)
+        hooked = [r for r in recs[1:] if r.kernel == "prompted_attn_bwd_seq"]
+        for r in hooked:                # views of the copies, as tensors (no addresses)
+            assert all(isinstance(a, torch.Tensor) for a in r.args[:8])
+    (fr, fnamed, fg), (rr, rnamed, rg) = runs["fast"], runs["full"]
+    assert fg == rg
+    assert [(r.kernel, r.grid) for r in fr] == [(r.kernel, r.grid) for r in rr]
+    _, farg = _norm_launches(fr, fnamed)
+    _, rarg = _norm_launches(rr, rnamed)
+    for f, r in zip(fr, rr):
+        assert len(f.args) == len(r.args)
+        assert farg(r.args, f.args) == rarg(r.args, r.args), r.kernel
+    # the eager path ran: no problem record built in the forward, nor in the backward
+    # where it applies (sequence-owning backward)
+    assert built["fast"][0] == 0 and (path == "auto" or built["fast"][1] == 0), built
+    assert built["full"][0] > 0 and built["full"][1] > 0, built

@@ -4,6 +4,7 @@ same errors as a first call; results stay those of the reference."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -197,3 +198,36 @@ def test_per_node_saved_tensor_hooks_registered_after_forward_keep_gradients_exa
     for hooked in (False, True, False):
         for name, a, b in zip(("dqkv", "dpk", "dpv"), run(be, hooked), ref):
             assert_close(a, b, torch.float32, f"{name}, hook={hooked}")
+
+
+def test_env_reader_follows_os_environ(monkeypatch):
+    """The plan keys' environment reads (backends.env_reader, env_token) see every update
+    made through os.environ, as os.environ.get would."""
+    from avstfp_fast.ops import backends as B
+    read = B.env_reader("AVSTFP_TEST_ENV_READER")
+    monkeypatch.delenv("AVSTFP_TEST_ENV_READER", raising=False)
+    assert read() is None
+    monkeypatch.setenv("AVSTFP_TEST_ENV_READER", "seq")
+    first = read()
+    assert first is not None
+    monkeypatch.setenv("AVSTFP_TEST_ENV_READER", "fa2")
+    assert read() != first
+    monkeypatch.setenv("AVSTFP_TEST_ENV_READER", "seq")
+    assert read() == first
+    monkeypatch.delenv("AVSTFP_TEST_ENV_READER")
+    assert read() is None
+    token = B.env_token()
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1"
+                       else "1")
+    assert B.env_token() != token
+
+
+def test_no_eager_binding_in_the_interpreter(validations):
+    """The eager path needs cached compiled launchers: under TRITON_INTERPRET every call
+    takes the full path (plan.problem, the backend's forward/backward), which the
+    tests here check."""
+    be = _kernel_backend()              # on the CPU: the interpreter
+    q, k, v = (torch.randn(2, 5, 32) for _ in range(3))
+    prompted_attention(q, k, v, backend=be)
+    prompted_attention(q, k, v, backend=be)
+    assert A._PLANS and all(pl.fast is None for pl in A._PLANS.values())

@@ -6,6 +6,12 @@ projection layout for free), the gradients of q/k/v (in the caller's layout; wit
 ``prompted_attention_qkv`` one gradient buffer laid out like the QKV projection output,
 so autograd never zero-fills and scatters three view gradients into it), and it passes
 the determinism switch to the backend.
+
+Eager calls of a validated layout (the plan cache below) take the backend's eager path
+where it offers one (``KernelBackend.bind``): q/k/v and dq/dk/dv go to it as addresses
+into the caller's buffers, so no views and no problem record are built per call; any
+other call, or one the eager path refuses, takes the full path (``plan.problem`` and the
+backend's ``forward``/``backward``).
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ class _Plan:
     Built after :func:`make_problem` and backend selection accepted a call; reused (see
     :func:`_plan_key`) only for calls whose every validated property is identical."""
     __slots__ = ("meta", "backend", "views", "out_shape", "out_strides", "traced", "layout",
-                 "in_strides")
+                 "in_strides", "fast", "offs", "grads", "dtype", "device", "split")
 
     def __init__(self, meta: _Meta, backend, p: AttnProblem, qkv: Optional[torch.Tensor],
                  key=None):
@@ -74,13 +80,29 @@ class _Plan:
         self.views = None if (qkv is None or self.traced) else tuple(
             (tuple(t.shape), t.stride(), t.storage_offset() - qkv.storage_offset())
             for t in (p.q, p.k, p.v))
+        # the backend's eager path of this layout (KernelBackend.bind), which takes q/k/v
+        # and dq/dk/dv as data pointers: packed, at these byte offsets into the buffer
+        self.fast = self.offs = self.grads = None
         if not self.traced:
-            order = stride_order(p.q.shape, p.q.stride())
-            self.out_shape, strides, acc = tuple(p.q.shape), [0] * len(order), 1
-            for i in reversed(order):                    # dense, in q's stride order
-                strides[i] = acc
-                acc *= self.out_shape[i]
-            self.out_strides = tuple(strides)
+            self.out_shape = tuple(p.q.shape)
+            self.out_strides = _dense_like(p.q.shape, p.q.stride())
+            self.dtype, self.device = p.q.dtype, p.q.device
+            if self.views is not None:
+                es = qkv.element_size()
+                self.offs = tuple(rel * es for _, _, rel in self.views)
+                gstrides = tuple(st for _, st, _ in self.views)
+            else:           # dq, dk, dv as _KernelAttention.backward allocates them
+                self.grads = tuple((tuple(t.shape), _dense_like(t.shape, t.stride()))
+                                   for t in (p.q, p.k, p.v))
+                gstrides = tuple(st for _, st in self.grads)
+            if self.layout is not None:
+                self.fast = backend.bind(p, self.layout, self.out_strides, gstrides)
+        # the flat prompts (present ones: keys, then values) as per-segment tuples
+        n = sum(meta.present)
+        if n == len(meta.present):
+            self.split = n
+        else:
+            self.split = tuple(i for i, pr in enumerate(meta.present) if pr)
 
     def qkv_of(self, qkv: torch.Tensor, exact: bool = True):
         if self.views is None or not exact:
@@ -110,6 +132,17 @@ class _Plan:
         return AttnProblem(q, k, v, pks, pvs, m.q_segments, m.k_segments, m.scale,
                            self.layout if exact else None)
 
+    def prompts_of(self, rest):
+        """(pks, pvs) per segment (None where absent) from the flat present prompts."""
+        n = self.split
+        if n.__class__ is int:
+            return (rest[:n], rest[n:]) if n else ((None,), (None,))
+        pks, pvs = [None] * len(self.meta.present), [None] * len(self.meta.present)
+        m = len(n)
+        for j, i in enumerate(n):
+            pks[i], pvs[i] = rest[j], rest[m + j]
+        return tuple(pks), tuple(pvs)
+
     def empty_out(self, q: torch.Tensor) -> torch.Tensor:
         """The output buffer in q's stride order (as :func:`empty_in_stride_order`)."""
         if self.traced:
@@ -118,12 +151,42 @@ class _Plan:
                                    device=q.device)
 
 
+def _dense_like(shape, strides) -> Tuple[int, ...]:
+    """Strides of a dense tensor of ``shape`` in the stride order of ``strides`` (as
+    :func:`empty_in_stride_order` lays it out)."""
+    order = stride_order(shape, strides)
+    out, acc = [0] * len(order), 1
+    for i in reversed(order):
+        out[i] = acc
+        acc *= shape[i]
+    return tuple(out)
+
+
+_no_modes = torch._C._len_torch_dispatch_stack
+
+
 class _KernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, *tensors):
-        p = plan.problem(tensors)
-        out = plan.empty_out(p.q)
-        lse = plan.backend.forward(p, out)
+        fast = plan.fast
+        lse = None
+        if fast is not None and not _no_modes():
+            # the layout's eager path: no views, no problem record (a dispatch mode, e.g.
+            # a FLOP counter, sees the full path's custom op instead)
+            out = torch.empty_strided(plan.out_shape, plan.out_strides, dtype=plan.dtype,
+                                      device=plan.device)
+            o = plan.offs
+            if o is not None:
+                b = tensors[0].data_ptr()
+                pks, pvs = plan.prompts_of(tensors[1:])
+                lse = fast.forward(b + o[0], b + o[1], b + o[2], pks, pvs, out)
+            else:
+                pks, pvs = plan.prompts_of(tensors[3:])
+                lse = fast.forward(*tensors[:3], pks, pvs, out)
+        if lse is None:
+            p = plan.problem(tensors)
+            out = plan.empty_out(p.q)
+            lse = plan.backend.forward(p, out)
         ctx.plan = plan
         # the inputs themselves, not the q/k/v views; under saved-tensor hooks the
         # backward may get copies in another layout (a clone of an expanded prompt is
@@ -141,8 +204,13 @@ class _KernelAttention(torch.autograd.Function):
         *tensors, out, lse = ctx.saved_tensors
         # a hook registered on this node after the forward (grad_fn._raw_saved_tensors)
         # can also hand back copies: the plan's layout holds only if the strides still do
-        exact = ctx.exact and (plan.in_strides is None or all(
-            t.stride() == s for t, s in zip(tensors, plan.in_strides)))
+        exact = ctx.exact and (plan.in_strides is None
+                               or [t.stride() for t in tensors] == plan.in_strides)
+        fast = plan.fast
+        if fast is not None and exact and not _no_modes():
+            grads = _fast_backward(ctx, plan, fast, tensors, out, lse, dout)
+            if grads is not None:
+                return grads
         if meta.packed is not None:
             p = plan.problem(tensors, exact)
             dqkv = torch.empty_like(tensors[0])   # dense: the three views tile it exactly
@@ -161,6 +229,40 @@ class _KernelAttention(torch.autograd.Function):
         grads += [g for g, pr in zip(dpv, meta.present) if pr]
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[1:])]
         return (None, *grads)
+
+
+def _fast_backward(ctx, plan: _Plan, fast, tensors, out, lse, dout):
+    """The backward through the layout's eager path (the backend's ``bind``), or None."""
+    bp = fast.backward_plan(dout, torch.are_deterministic_algorithms_enabled())
+    if bp is None:
+        return None
+    o = plan.offs
+    if o is not None:                 # one gradient buffer laid out like qkv (dense)
+        lead = (torch.empty_like(tensors[0]),)
+        b, g = tensors[0].data_ptr(), lead[0].data_ptr()
+        n = plan.split
+        if n.__class__ is int and n:
+            pks, pvs = tensors[1:1 + n], tensors[1 + n:]
+        else:
+            pks, pvs = plan.prompts_of(tensors[1:])
+        r = fast.backward(bp, b + o[0], b + o[1], b + o[2], pks, pvs, out, lse, dout,
+                          g + o[0], g + o[1], g + o[2])
+    else:
+        lead = tuple(torch.empty_strided(shp, st, dtype=plan.dtype, device=plan.device)
+                     for shp, st in plan.grads)
+        pks, pvs = plan.prompts_of(tensors[3:])
+        r = fast.backward(bp, *tensors[:3], pks, pvs, out, lse, dout, *lead)
+    if r is None:
+        return None
+    dpk, dpv = r
+    if plan.split.__class__ is int:
+        grads = lead + dpk[:plan.split] + dpv[:plan.split]
+    else:
+        grads = lead + tuple(dpk[i] for i in plan.split) + tuple(dpv[i] for i in plan.split)
+    need = ctx.needs_input_grad
+    if False in need[1:]:
+        grads = tuple(g if n else None for g, n in zip(grads, need[1:]))
+    return (None,) + grads
 
 
 def _autocast(tensors, prompt_k, prompt_v):
@@ -245,7 +347,7 @@ def _run(p: AttnProblem, b: "_b.Backend", key=None, packed=None, qkv=None) -> to
     lead = (qkv,) if packed is not None else (p.q, p.k, p.v)
     prompts = [t for t in p.prompt_k if t is not None] + [t for t in p.prompt_v if t is not None]
     if not plan.traced:
-        plan.in_strides = tuple(t.stride() for t in (*lead, *prompts))
+        plan.in_strides = [t.stride() for t in (*lead, *prompts)]
     return _KernelAttention.apply(plan, *lead, *prompts)
 
 

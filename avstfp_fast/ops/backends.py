@@ -36,6 +36,7 @@ _REGISTRY: Dict[str, "Backend"] = {}
 _LAZY: Dict[str, str] = {}    # name -> module that registers it on import
 _ORDER: List[str] = []        # names in the order they were first registered
 _ENV_VARS: List[str] = []     # environment variables that backends' reasons read
+_ENV_KEYS: list = []          # ... as os.environ's store keys them (env_token)
 _VERSION = [0]                # bumped on every (lazy) registration
 
 
@@ -176,6 +177,20 @@ class KernelBackend(Backend):
     def backward(self, p, out, lse, dout, dq, dk, dv, deterministic: bool):
         raise NotImplementedError
 
+    def bind(self, p: AttnProblem, layout, out_stride, grad_strides):
+        """Optional eager path of one validated layout: an object whose
+        ``forward(q, k, v, pks, pvs, out)`` returns the log-sum-exp as :meth:`forward`
+        does, ``backward_plan(dout, deterministic)`` an opaque plan (None: this call
+        takes :meth:`backward`) and ``backward(plan, q, k, v, pks, pvs, out, lse, dout,
+        dq, dk, dv)`` returns ``(dprompt_k, dprompt_v)`` as :meth:`backward` does; either
+        returns None where the call must take :meth:`forward`/:meth:`backward` instead
+        (nothing launched).  q/k/v and dq/dk/dv may be passed as data pointers (ints).
+        ``layout``: the op's layout token (``p.layout`` of later calls); ``out_stride``,
+        ``grad_strides``: the strides of the output and of dq, dk, dv as the op
+        allocates them.  None (the default): every call takes
+        :meth:`forward`/:meth:`backward`."""
+        return None
+
     def check_writes(self, **buffers: Optional[torch.Tensor]) -> None:
         """Call before launch on every buffer the kernel writes: see
         :func:`avstfp_fast.ops.contract.check_kernel_writes` (ValueError on a layout the
@@ -202,7 +217,23 @@ def register_lazy(name: str, module: str, env: Tuple[str, ...] = ()) -> None:
     _LAZY[name] = module
     _remember(name)
     _ENV_VARS.extend(v for v in env if v not in _ENV_VARS)
+    _ENV_KEYS[:] = [_ENV_KEY(v) for v in _ENV_VARS]
     _VERSION[0] += 1
+
+
+try:        # os.environ's own store: what os.environ.get decodes (CPython, every platform)
+    _ENV_GET, _ENV_KEY = os.environ._data.get, os.environ.encodekey
+except AttributeError:      # pragma: no cover - another Python
+    _ENV_GET, _ENV_KEY = os.environ.get, str
+
+
+def env_reader(name: str):
+    """A function returning environment variable ``name`` as os.environ holds it (None
+    if unset; compare only for equality), read on every call like ``os.environ.get``
+    (os.environ's updates included) at a fraction of its cost: the per-call plan keys
+    read it."""
+    key = _ENV_KEY(name)
+    return lambda: _ENV_GET(key)
 
 
 def env_token() -> tuple:
@@ -211,7 +242,7 @@ def env_token() -> tuple:
     backends declared.  The op's per-layout plan cache (ops/attention.py) keys on it, so
     a change re-runs validation and backend selection."""
     return (torch.are_deterministic_algorithms_enabled(), _VERSION[0],
-            tuple(map(os.environ.get, _ENV_VARS)))
+            tuple(map(_ENV_GET, _ENV_KEYS)))
 
 
 def backend_names() -> Tuple[str, ...]:

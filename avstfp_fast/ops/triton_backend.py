@@ -37,9 +37,12 @@ the spatial/fusion view (sequence = tokens, batch = (B, M, H)) of one
 (``ops/layout.py``: size-1 dims dropped, dims every operand lays out densely merged, at
 most 4 remain); the kernel recovers batch coordinates by div/mod.  Everything that does
 not change with the data pointers (merged dims, strides, tiles, grid) is cached per
-layout (:class:`_Plan`), so an eager forward spends ~10 µs in Python before the launch
-(``bench/test_triton_host.py``).  Eager calls run the launcher directly; traced calls
-(torch.compile) go through the custom ops below.
+layout (:class:`_Plan`, with the launches' fixed argument runs), and eager calls run the
+compiled kernel's launcher directly (``ops/launch_cache.py``); the op's eager path of a
+validated layout (:class:`_Bound`) passes q/k/v and dq/dk/dv as addresses, so an eager
+call builds no views (``bench/test_triton_host.py``: the public op's forward ~11-14 µs
+of host time, backward ~32-38 µs, autograd included).  Traced calls (torch.compile) go
+through the custom ops below.
 
 *Grid.*  Axis 0 = ``group * blocks + block``: the query (or key) blocks of one sequence
 group are adjacent, so they run at the same time and share its K/V in L2; limit 2^31-1
@@ -84,7 +87,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .backends import Capabilities, KernelBackend, register
+from .backends import Capabilities, KernelBackend, env_reader, register
 from .contract import AttnProblem
 from .launch_cache import launch
 from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
@@ -115,6 +118,10 @@ _LOG2E = 1.4426950408889634
 #: Backward scheme of the default (non-deterministic) mode of the long-sequence ("fa2")
 #: path; ``bench/floors.py`` names.  (Short sequences: see ``_Tiles.bwd``.)
 BACKWARD_SCHEME = "fused"
+
+
+#: AVSTFP_TRITON_BWD as the backward's plan keys hold it (a forced path is a new plan)
+_forced_path = env_reader("AVSTFP_TRITON_BWD")
 
 
 def interpreting() -> bool:
@@ -505,6 +512,7 @@ class _Plan:
         self.pg_odt = q.dtype if self.pg_all_direct else torch.float32
         self.pg_oshape = tuple(None if ld is None else (*ld, self.P[s], self.E)
                                for s, ld in enumerate(self.pg_lead))
+        self._launch_args(dout is not None)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
             print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
                   f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
@@ -512,6 +520,49 @@ class _Plan:
                      f"; backward path {'seq' if self.seq else 'fa2'}"
                      + (" (direct prompt gradients)" if self.direct else "")),
                   file=sys.stderr)
+
+    def _launch_args(self, backward: bool) -> None:
+        """The launches' arguments that are fixed by the layout, as the tuple runs that
+        go between the pointers (built once; the full path and the eager one,
+        :class:`_Bound`, join the same runs)."""
+        self.lse_shape = (*self.batch, self.Lq)
+        self.fwd_mid = tuple(self.st[:4])                           # sq, sk, sv, so
+        self.fwd_tail = (self.spk, self.spv, self.NP, self.NQ, self.NK, self.nqbs, self.BS,
+                         self.Lq, self.qk_scale)
+        self.fwd_grid = (self.groups * sum(self.nqbs),)
+        if not backward:
+            return
+        t = self.t
+        self.seq_mid = tuple(self.st)                 # sq sk sv so sdo sdq sdk sdv
+        self.seq_p = (self.spk, self.spv, self.NP)
+        self.seq_tail = (self.sgr, self.gkv, self.NQ, self.NK, self.BS, self.Lq,
+                         self.qk_scale, self.scale, self.gs, self.nit)
+        self.seq_grid = (self.gs if self.direct else self.seq_groups * self.nseg,)
+        self.seq_kw = dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=self.npb > 0,
+                           NS=self.ns, ST1=self.seq_st1, ONE=t.bwd_one, DIRECT=self.direct,
+                           **(dict(self.bwd_const, G=1) if self.direct else self.bwd_const))
+        self.pg_tail = (self.NP, self.pg_ks, self.pg_rs, self.pg_bs, self.pg_sizes)
+        self.pg_grid = (self.pg_rows * max(self.P), self.nseg)
+        self.pg_kw = dict(RB=16, D=self.E, NSEG=self.nseg, WHILE=interpreting(), num_warps=4)
+        # the eager path's scratch (see _Bound.backward): delta and the per-program prompt
+        # partials in ONE fp32 buffer, each part starting on a 16-byte boundary (the
+        # binder's alignment), as (byte offset, shape) per part
+        parts, n = [], 0
+        for i, shp in enumerate([self.lse_shape] + list(self.gshape)):
+            if shp is None or (i > 0 and self.direct):    # direct: q's dtype, see there
+                parts.append(None)
+                continue
+            parts.append((4 * n, shp))
+            n += -(-int(torch.Size(shp).numel()) // 4) * 4
+        self.scratch_parts, self.scratch_numel = tuple(parts), n
+        self.scratch_goffs = tuple(None if x is None else x[0] for x in parts[1:])
+        # the prompt gradients the reduction writes: one buffer for all of them where
+        # they are the prompts' own shape and dtype and alike across segments
+        oshapes = {shp for shp in self.pg_oshape if shp is not None}
+        self.pg_one = (self.seq and not self.direct and self.pg_rows > 0
+                       and self.pg_all_direct and len(oshapes) == 1)
+        self.pg_count = sum(shp is not None for shp in self.pg_oshape)
+        self.pg_oshape1 = next(iter(oshapes)) if self.pg_one else None
 
     def grid(self, blocks: int):
         return (self.groups * blocks, self.nseg)
@@ -546,15 +597,12 @@ def _forward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, layout=
                     v.stride(), k.shape[-2], out.stride(), tuple(map(_layout_key, pks)),
                     tuple(map(_layout_key, pvs)), tuple(q_segments), tuple(k_segments),
                     scale), q, k, v, out, pks, pvs, q_segments, k_segments, scale)
-    lse = torch.empty((*pl.batch, pl.Lq), dtype=torch.float32, device=q.device)
+    lse = torch.empty(pl.lse_shape, dtype=torch.float32, device=q.device)
     if pl.Bt == 0 or pl.nqb == 0:
         return lse
-    t = pl.t
-    sq, sk, sv, so = pl.st
-    launch(_kernels().prompted_attn_fwd, (pl.groups * sum(pl.nqbs),), (
-        q, k, v, out, lse, sq, sk, sv, so, _ptrs(pks, q), _ptrs(pvs, q), tuple(pl.spk),
-        tuple(pl.spv), pl.NP, pl.NQ, pl.NK, pl.nqbs, pl.BS, pl.Lq, pl.qk_scale),
-        lambda: dict(SLOT_N=t.slot_kp, **pl.fwd_const), pl.launchers)
+    launch(_kernels().prompted_attn_fwd, pl.fwd_grid,
+           (q, k, v, out, lse) + pl.fwd_mid + (_ptrs(pks, q), _ptrs(pvs, q)) + pl.fwd_tail,
+           lambda: dict(SLOT_N=pl.t.slot_kp, **pl.fwd_const), pl.launchers)
     return lse
 
 
@@ -574,10 +622,11 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()        # e.g. the stride-0 gradient of out.sum()
     det = bool(deterministic)
-    path = os.environ.get("AVSTFP_TRITON_BWD", "auto")      # a forced path is a new plan
+    path = _forced_path()                                   # a forced path is a new plan
     if layout is not None:
-        key = ("b", layout, det, path, out.stride(), dout.stride(), dq.stride(), dk.stride(),
-               dv.stride())
+        # (order: what _Bound.backward joins, a fixed prefix and the per-call rest)
+        key = ("b", layout, out.stride(), dq.stride(), dk.stride(), dv.stride(), det, path,
+               dout.stride())
         pl = _PLANS.get(key)
         if pl is None:
             if check is not None:
@@ -613,14 +662,9 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if pl.seq and pl.Bt > 0:
         # one launch: dq, dk, dv written once each; per-sequence prompt partials
         # (direct: one program per prompt row set, its gradient written in place)
-        launch(K.prompted_attn_bwd_seq, (pl.gs if pl.direct else pl.seq_groups * pl.nseg,), (
-            q, k, v, out, dout, dq, dk, dv, lse, delta, sq, sk, sv, so, sdo, sdq, sdk, sdv,
-            PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, gvs, tuple(pl.sgr),
-            tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.Lq, pl.qk_scale, pl.scale, pl.gs,
-            pl.nit), lambda: dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=pl.npb > 0,
-                                  NS=pl.ns, ST1=pl.seq_st1, ONE=t.bwd_one, DIRECT=pl.direct,
-                                  **(dict(pl.bwd_const, G=1) if pl.direct
-                                     else pl.bwd_const)), pl.launchers)
+        launch(K.prompted_attn_bwd_seq, pl.seq_grid,
+               (q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid + (PK, PV) + pl.seq_p
+               + (grs, gvs) + pl.seq_tail, lambda: pl.seq_kw, pl.launchers)
     elif pl.Bt > 0 and pl.nqb > 0:
         if det:
             launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
@@ -667,11 +711,9 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
                 for shp in pl.pg_oshape]
         some = next(o for o in outs if o is not None)
         outs = [some if o is None else o for o in outs]
-        launch(K.prompted_attn_pgrad, (pl.pg_rows * max(pl.P), pl.nseg), (
-            grs, pl.gkv, tuple([o[0] for o in outs]), tuple([o[1] for o in outs]),
-            pl.NP, pl.pg_ks, pl.pg_rs, pl.pg_bs, pl.pg_sizes),
-            lambda: dict(RB=16, D=pl.E, NSEG=pl.nseg, WHILE=interpreting(), num_warps=4),
-            pl.launchers)
+        launch(K.prompted_attn_pgrad, pl.pg_grid,
+               (grs, pl.gkv, tuple([o[0] for o in outs]), tuple([o[1] for o in outs]))
+               + pl.pg_tail, lambda: pl.pg_kw, pl.launchers)
         direct = pl.pg_all_direct
         for s, (pk, pv) in enumerate(zip(pks, pvs)):
             if pl.pg_lead[s] is None:
@@ -697,6 +739,149 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
     if placeholders:
         grads = [q.new_empty(0) if g is None else g for g in grads]
     return tuple(grads)
+
+
+class _Bound:
+    """The eager path of one validated layout (the op's layout token): everything a call
+    does besides the data pointers, fixed, so that a call is a plan lookup, the
+    allocations and direct launcher calls (ops/launch_cache.py).
+
+    The op (:mod:`avstfp_fast.ops.attention`) calls it only for plain eager calls of a
+    layout it validated, with the inputs in exactly that layout (its plan key, and in the
+    backward the saved inputs' strides), and passes q/k/v (and dq/dk/dv) either as
+    tensors or as their data pointers (ints: views of a packed QKV buffer need not be
+    built to pass their address).  It uses the backend plans that the full path made
+    (:func:`_forward_impl`, :func:`_backward_impl` with the layout token: same keys,
+    same argument runs) and the launchers cached on them; it returns None -- nothing
+    launched, nothing returned -- when a plan or a cached launcher is missing or refuses
+    the call (a misaligned pointer, another device, a launch hook), and the op then
+    takes the full path, which makes them.  Sequence-owning backward only (the AV-STFP
+    stages' path); the fa2 backward and host-side prompt-gradient reductions always take
+    the full path."""
+    __slots__ = ("fkey", "bkey", "seg", "kfwd", "kseq", "kpg", "dense", "npresent")
+
+    def __init__(self, p: AttnProblem, layout, out_stride, grad_strides):
+        self.fkey = ("f", layout, tuple(out_stride))
+        self.bkey = ("b", layout, tuple(out_stride)) + tuple(map(tuple, grad_strides))
+        self.seg = len(p.prompt_k)
+        self.dense = all(t is not None for t in p.prompt_k)    # no dummy pointers needed
+        self.npresent = sum(t is not None for t in p.prompt_k)
+        K = _kernels()
+        self.kpg = K.prompted_attn_pgrad
+        # the launchers' slots are keyed by id(kernel) (ops/launch_cache.py)
+        self.kfwd, self.kseq = id(K.prompted_attn_fwd), id(K.prompted_attn_bwd_seq)
+
+    def forward(self, q, k, v, pks, pvs, out):
+        pl = _PLANS.get(self.fkey)
+        if pl is None or pl.Bt == 0 or pl.nqb == 0:
+            return None
+        ent = pl.launchers.get(self.kfwd)
+        if ent is None:
+            return None
+        lse = torch.empty(pl.lse_shape, dtype=torch.float32, device=out.device)
+        if self.dense and q.__class__ is int:      # every pointer as an int
+            out, lse_p = out.data_ptr(), lse.data_ptr()
+            pks, pvs = tuple(map(_PTR, pks)), tuple(map(_PTR, pvs))
+            ok = ent((q, k, v, out, lse_p) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail,
+                     _or(pvs, _or(pks, q | k | v | out | lse_p)))
+        else:
+            if not self.dense:
+                pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+            ok = ent((q, k, v, out, lse) + pl.fwd_mid + (pks, pvs) + pl.fwd_tail)
+        if not ok:
+            return None
+        return lse
+
+    def backward_plan(self, dout, det):
+        """The backward's plan for this gradient layout and mode where the eager path
+        runs it (sequence-owning backward, prompt gradients written by the kernels in
+        their own shape and dtype, cached launcher), else None: checked before the op
+        allocates anything."""
+        pl = _PLANS.get(self.bkey + (det, _forced_path(), dout.stride()))
+        # (every present prompt gets its gradient from the kernels: 0-row prompts, whose
+        # empty gradients the full path makes, take the full path)
+        if pl is None or not pl.seq or pl.Bt == 0 or not (
+                pl.direct or ((pl.pg_one or pl.pg_rows == 0)
+                              and pl.pg_count == self.npresent)):
+            return None
+        return pl if pl.launchers.get(self.kseq) is not None else None
+
+    def backward(self, pl, q, k, v, pks, pvs, out, lse, dout, dq, dk, dv):
+        """(dpk, dpv) per segment, as :meth:`TritonBackend.backward`, for a plan of
+        :meth:`backward_plan`; or None (nothing launched)."""
+        ent = pl.launchers[self.kseq]
+        dev = out.device
+        parts = pl.scratch_parts
+        scratch = torch.empty(pl.scratch_numel, dtype=torch.float32, device=dev)
+        base = scratch.data_ptr()
+        delta = base + parts[0][0]
+        if pl.direct:       # the prompt gradients themselves: one (2, *lead, P, E) buffer
+            g = torch.empty(pl.gshape[0], dtype=out.dtype, device=dev)
+            gp = g.data_ptr()
+            grs, gvs = (gp,), (gp + g.numel() // 2 * g.element_size(),)
+        else:
+            grs = tuple([lse if x is None else base + x for x in pl.scratch_goffs])
+            gvs = grs
+        if self.dense and q.__class__ is int and dq.__class__ is int and not pl.direct:
+            po, pd, pl_ = out.data_ptr(), dout.data_ptr(), lse.data_ptr()
+            pks, pvs = tuple(map(_PTR, pks)), tuple(map(_PTR, pvs))
+            ok = ent((q, k, v, po, pd, dq, dk, dv, pl_, delta) + pl.seq_mid + (pks, pvs)
+                     + pl.seq_p + (grs, gvs) + pl.seq_tail,
+                     _or(pvs, _or(pks, q | k | v | po | pd | dq | dk | dv | pl_ | base)))
+        else:
+            if not self.dense:
+                pks, pvs = _ptrs(pks, q), _ptrs(pvs, q)
+            ok = ent((q, k, v, out, dout, dq, dk, dv, lse, delta) + pl.seq_mid + (pks, pvs)
+                     + pl.seq_p + (grs, gvs) + pl.seq_tail)
+        if not ok:
+            return None
+        S = self.seg
+        if pl.direct:                       # one segment
+            gk, gv = g.unbind(0)
+            return (gk,), (gv,)
+        if pl.pg_rows == 0:
+            return (None,) * S, (None,) * S
+        # the batch reduction and cast of the partials, into one buffer of all the prompt
+        # gradients (views returned: each has its prompt's shape and dtype)
+        n = pl.pg_count
+        gl = torch.empty((2 * n, *pl.pg_oshape1), dtype=out.dtype, device=dev).unbind(0)
+        if n == S:
+            dpk, dpv = gl[:n], gl[n:]
+            ks, vs = dpk, dpv
+        else:                               # absent prompts: None, and any buffer
+            it = iter(range(n))
+            idx = [None if shp is None else next(it) for shp in pl.pg_oshape]
+            dpk = tuple(None if i is None else gl[i] for i in idx)
+            dpv = tuple(None if i is None else gl[n + i] for i in idx)
+            ks = tuple(gl[0] if i is None else gl[i] for i in idx)
+            vs = tuple(gl[n] if i is None else gl[n + i] for i in idx)
+
+        def full():                         # the partials as tensors
+            return (tuple(lse if x is None else scratch.as_strided(x[1], _dense(x[1]),
+                                                                   x[0] // 4)
+                          for x in parts[1:]), pl.gkv, ks, vs) + pl.pg_tail
+        args = (grs, pl.gkv, ks, vs) + pl.pg_tail
+        ent = pl.launchers.get(id(self.kpg))
+        if ent is None or not ent(args):
+            launch(self.kpg, pl.pg_grid, args, lambda: pl.pg_kw, pl.launchers, full=full)
+        return dpk, dpv
+
+
+_PTR = torch.Tensor.data_ptr
+
+
+def _or(xs, m: int) -> int:
+    for x in xs:
+        m |= x
+    return m
+
+
+def _dense(shape):
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return tuple(reversed(st))
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -782,6 +967,13 @@ class TritonBackend(KernelBackend):
         return torch.ops.avstfp_triton.attn_fwd(
             p.q, p.k, p.v, list(p.prompt_k), list(p.prompt_v), list(p.q_segments),
             list(p.k_segments), p.scale, out)
+
+    def bind(self, p: AttnProblem, layout, out_stride, grad_strides) -> Optional[_Bound]:
+        """The eager path of the op's validated layout (see :class:`_Bound`), for plain
+        tensors outside the interpreter (whose kernels cache no launcher)."""
+        if layout is None or type(p.q) is not torch.Tensor or interpreting():
+            return None
+        return _Bound(p, layout, out_stride, grad_strides)
 
     def _check_grads(self, dq, dk, dv):
         self.check_writes(dq=dq, dk=dk, dv=dv)
