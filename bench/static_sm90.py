@@ -174,7 +174,7 @@ _DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) [^\n]*-> tensor<((?:\d+x)+)
 _MMA = re.compile(r"^(#\w+) = #ttg\.nvidia_mma<", re.M)
 
 
-def compile_one(fn, args, kwargs) -> Dict:
+def compile_one(fn, args, kwargs, dump: Optional[str] = None) -> Dict:
     import triton
     src, target, options, _ = _specialise(fn, args, kwargs)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
@@ -184,6 +184,13 @@ def compile_one(fn, args, kwargs) -> Dict:
         c = triton.compile(src, target=target, options=options.__dict__)
     log = buf.getvalue()
     ptx, ttgir = c.asm.get("ptx", ""), c.asm.get("ttgir", "")
+    if dump:   # the compiled stages, for reading by hand (--dump)
+        for ext in ("ttgir", "ptx"):
+            with open(f"{dump}.{ext}", "w") as f:
+                f.write(c.asm.get(ext, ""))
+        from triton.tools.disasm import get_sass
+        with open(f"{dump}.sass", "w") as f:
+            f.write(get_sass(c.asm["cubin"]))
     regs = int(_PTXAS.search(log).group(1)) if _PTXAS.search(log) else -1
     sp = _SPILL.search(log)
     spills = int(sp.group(1)) + int(sp.group(2)) if sp else -1
@@ -237,7 +244,7 @@ def _config(kwargs) -> str:
     return f"{tiles} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
 
 
-def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
+def worker(ci: bool, shard: int, nshards: int, dump: Optional[str] = None) -> List[Dict]:
     """Capture every case, compile this shard's distinct specialisations; rows as dicts."""
     launches = capture(_cases(ci))
     from avstfp_fast.ops import triton_backend as TB
@@ -260,7 +267,14 @@ def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
         if i % nshards != shard:
             continue
         L = u.pop("first")
-        r = compile_one(getattr(K, L.kernel), L.args, L.kwargs)
+        stem = None
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            stem = os.path.join(dump, f"{triton.__version__}-{L.kernel}-{u['dtype']}-"
+                                      f"d{u['head_dim']}-" + "-".join(
+                                          sorted({c.split()[0] for c in u['cases']})) +
+                                f"-{i}")
+        r = compile_one(getattr(K, L.kernel), L.args, L.kwargs, stem)
         r.update(u)
         r.update(occupancy(r["regs"], r["smem"], r["num_warps"]))
         r["triton"] = triton.__version__
@@ -268,7 +282,8 @@ def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
     return rows
 
 
-def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None) -> List[Dict]:
+def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None,
+                 dump: Optional[str] = None) -> List[Dict]:
     """Compile in ``jobs`` worker processes (clean env: no interpreter, fresh cache)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if pythonpath:
@@ -281,7 +296,8 @@ def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None) -> List[
         for s in range(jobs):
             outp = os.path.join(tmp, f"rows{s}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(s), str(jobs),
-                   "--json", outp] + (["--ci"] if ci else [])
+                   "--json", outp] + (["--ci"] if ci else []) + (
+                       ["--dump", os.path.abspath(dump)] if dump else [])
             procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), outp))
         for p, outp in procs:
@@ -452,24 +468,27 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--triton-path", default=None,
                     help="directory with a second Triton (pip --target) to check as well")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="also write each compiled kernel's TTGIR, PTX and SASS to DIR "
+                         "(<triton>-<kernel>-<dtype>-d<head dim>-<stages>-<n>.{ttgir,ptx,sass})")
     ap.add_argument("--worker", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sys.path.insert(0, HERE)
     if a.worker is not None:
         os.environ.pop("TRITON_INTERPRET", None)
-        rows = worker(a.ci, *a.worker)
+        rows = worker(a.ci, *a.worker, dump=a.dump)
         with open(a.json, "w") as f:
             json.dump(rows, f)
         return 0
     t0 = time.time()
     by_ver: Dict[str, List[Dict]] = {}
-    rows = run_contract(a.ci, a.jobs)
+    rows = run_contract(a.ci, a.jobs, dump=a.dump)
     by_ver[rows[0]["triton"] if rows else "?"] = rows
     notes = []
     if a.triton_path:
         if os.path.isdir(os.path.join(a.triton_path, "triton")):
-            rows2 = run_contract(a.ci, a.jobs, a.triton_path)
+            rows2 = run_contract(a.ci, a.jobs, a.triton_path, a.dump)
             by_ver[rows2[0]["triton"] if rows2 else "?"] = rows2
         else:
             notes.append(f"SKIPPED: no Triton under {a.triton_path} (install it with "
