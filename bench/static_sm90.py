@@ -19,7 +19,8 @@ sequences and do not appear at these shapes.
 Fails (exit 1) on: any spill for head dim 64, fewer than 2 CTAs/SM for head dim 64,
 a bf16/fp16 main (64+ row) matrix product not on wgmma, a bf16/fp16 per-sequence
 (batched, 3-D) product of the packed temporal tile not on tensor cores (mma.sync: wgmma
-has no batched form), acq_rel atomics.
+has no batched form), acq_rel atomics, a forward whose first K/V tile is not requested
+(L2 prefetch) before the wait for its Q tile.
 
 CUDA kernels join the table when ``bench/static_sm90_cuda.py`` exists: its
 ``cuda_rows()`` rows are appended and ``cuda_failures(rows)`` added to the failures.
@@ -208,6 +209,11 @@ def compile_one(fn, args, kwargs, dump: Optional[str] = None) -> Dict:
     n_main, n_main_wgmma = len(main), sum(op != "tt.dot" for op in main)
     batched = [enc for _, shp, enc in dots if len(shp) == 3]
     n_bat, n_bat_mma = len(batched), sum(enc in mma_enc for enc in batched)
+    # the forward's Q tile is a plain load whose shared-memory store waits for it; the
+    # first K/V tile's L2 prefetches must be issued before that store (and so before
+    # the wait), or the K/V reads start only once Q has arrived
+    pf, sts = ptx.find("prefetch.global.L2"), ptx.find("st.shared")
+    kv_before_q = "-" if pf < 0 else ("yes" if sts < 0 or pf < sts else "no")
     atomics = set(re.findall(r"\b(?:atom|red)\.global\.[\w.:]+", ptx))
     sems = {"acq_rel" if ("acq_rel" in a or "acquire" in a or "release" in a) else
             "relaxed" if "relaxed" in a else "other" for a in atomics}
@@ -217,7 +223,8 @@ def compile_one(fn, args, kwargs, dump: Optional[str] = None) -> Dict:
                 main_dots=n_main, main_wgmma=n_main_wgmma, batched_dots=n_bat,
                 batched_mma=n_bat_mma, mma_sync_ptx="mma.sync" in ptx,
                 wgmma_ptx="wgmma.mma_async" in ptx, cp_async16=bool(_CPASYNC16.search(ptx)),
-                cp_async_any="cp.async" in ptx, compile_s=round(time.time() - t0, 1))
+                cp_async_any="cp.async" in ptx, kv_before_q=kv_before_q,
+                compile_s=round(time.time() - t0, 1))
 
 
 def occupancy(regs: int, smem: int, num_warps: int) -> Dict[str, int]:
@@ -318,6 +325,10 @@ def failures(rows: List[Dict]) -> List[str]:
         if r["head_dim"] == 64 and r["ctas_per_sm"] < 2:
             bad.append(f"{what}: {r['ctas_per_sm']} CTA/SM (< 2 for head dim 64; "
                        f"{r['regs']} regs, {r['smem']} B smem)")
+        if r["kernel"] == "prompted_attn_fwd" and r.get("kv_before_q") != "yes":
+            bad.append(f"{what}: the first K/V tile's L2 prefetch is "
+                       f"{'missing' if r.get('kv_before_q') == '-' else 'after'} the Q "
+                       f"tile's wait (st.shared of the loaded Q)")
         if "acq_rel" in r.get("atomics", ""):
             bad.append(f"{what}: acq_rel atomics (fence + L1 invalidate each; use sem='relaxed')")
         if r["dtype"] in ("bf16", "fp16") and r["main_wgmma"] < r["main_dots"]:
@@ -402,9 +413,9 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
     for ver, rows in rows_by_version.items():
         L += [f"## Triton {ver}", "",
               "| kernel | config | dtype | d | regs | spills B | smem KB | CTAs/SM | warps/SM "
-              "(limit) | wgmma: main, all | cp.async 16B | atomics | grid (largest case) | waves | "
-              "cases |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(limit) | wgmma: main, all | cp.async 16B | K/V read before Q wait | atomics | "
+              "grid (largest case) | waves | cases |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["head_dim"], r["config"])):
             g = max(r["grids"], key=lambda g: math.prod(g))
             ctas = math.prod(g)
@@ -418,7 +429,7 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
                      + (f"; batched on mma {r['batched_mma']}/{r['batched_dots']}"
                         if r.get("batched_dots") else "") + " | "
                      f"{'yes' if r['cp_async16'] else ('other' if r['cp_async_any'] else 'no')} | "
-                     f"{r.get('atomics', '?')} | "
+                     f"{r.get('kv_before_q', '?')} | {r.get('atomics', '?')} | "
                      f"{tuple(g)} | {waves:.1f} | {', '.join(cases)} |")
         L.append("")
     if cuda_rows:
@@ -451,7 +462,10 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
           "Fails on: any spill for head dim 64; fewer than 2 CTAs/SM for head dim 64; a "
           "bf16/fp16 main matrix product (64+ result rows, the token-key tiles) not lowered "
           "to wgmma; a bf16/fp16 per-sequence (batched, 3-D) product of the packed temporal "
-          "tile not on tensor cores; acq_rel atomics. Products of 16-row prompt tiles use "
+          "tile not on tensor cores; acq_rel atomics; a forward whose first K/V tile's L2 "
+          "prefetch is not issued before the wait for its Q tile (\"K/V read before Q "
+          "wait\": the PTX's first `prefetch.global.L2` precedes its first `st.shared`). "
+          "Products of 16-row prompt tiles use "
           "mma.sync (wgmma needs 64 rows per warpgroup); so do the packed tile's batched "
           "products (wgmma has no batched form: each sequence's 16 x 16 block is one warp's "
           "mma.sync tile), which is why they are checked for tensor cores, not for wgmma.", ""]
