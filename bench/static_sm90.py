@@ -357,37 +357,17 @@ def floor_rows(models=MODELS) -> List[Dict]:
                 prompts=tuple(t.shape[-2] for t in pr), head_dim=64, elem=2,
                 prompt_rows=sum(t.numel() // 64 for t in pr))
             t = TB.tile_for(p)
-            if t.bwd == "seq":
-                # the kernels walk a sequence's keys and then its prompts as one source
-                # (prompts in the last key tile): executed FLOPs of the folded problem;
-                # backward: the one-tile step has 5 products, the two-pass walk 7
-                tile = floors.Tile(t.g, t.slot_m, t.slot_kp, t.slot_kp)
-                bwd = "fused" if t.bwd_one else "two-pass"
-                s = floors.summary(call, tile, bwd)
-                fold = dataclasses.replace(
-                    call, k_segments=tuple(n + P for n, P in
-                                           zip(call.k_segments, call.prompts)),
-                    prompts=(0,) * len(call.prompts))
-                for passes in ("fwd", "fwdbwd"):
-                    e = floors.executed_flops(fold, tile, passes, bwd)
-                    s[f"{passes}_executed_flops"] = e
-                    s[f"{passes}_useful_fraction"] = s[f"{passes}_useful_flops"] / e
-                    s[f"{passes}_floor_s"] = floors.floor_s(
-                        s[f"{passes}_bytes"], e, **floors.NOMINAL_SM90)
-                s.update(model=model, stage=stage,
-                         tile=f"{t.g}x({t.slot_m},{t.slot_kp} keys+prompts)",
-                         backward="sequence-owning, " + (
-                             "one step (5 products)" if t.bwd_one else
-                             f"two passes (7 products, {t.bwd_slot_m}-row q tiles in the "
-                             f"key pass)"))
-                rows.append(s)
-                continue
-            tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
-            bwd = TB.BACKWARD_SCHEME
-            bq = t.bwd_slot_m if bwd == "fused" else t.slot_m
+            # the kernels the tile table launches: the forward walks keys + prompts as
+            # one source; the sequence-owning backward two passes (3 + 4 products) or,
+            # packed one-tile sequences, one step (5)
+            tile, bwd, bq = floors.for_tiles(t, TB.BACKWARD_SCHEME)
             s = floors.summary(call, tile, bwd, bwd_slot_m=bq)
-            s.update(model=model, stage=stage, tile=f"{t.g}x({t.slot_m},{t.slot_n},{t.slot_p})",
-                     backward=bwd + (f", {bq}-row q tiles" if bq != t.slot_m else ""))
+            s.update(model=model, stage=stage,
+                     tile=f"{t.g}x({t.slot_m},{t.slot_kp} keys+prompts)",
+                     backward={"seq-one": "sequence-owning, one step (5 products)",
+                               "seq": f"sequence-owning, two passes (3 + 4 products; "
+                                      f"{t.slot_m}- / {bq}-row query tiles)"}.get(
+                         bwd, bwd + (f", {bq}-row q tiles" if bq and bq != t.slot_m else "")))
             rows.append(s)
     return rows
 
