@@ -548,17 +548,17 @@ def _kp_rows(KP, kbo, sk, k0, PP, pbo, sp, j, nk):
 @triton.jit
 def _prefetch_rows(ptr, ok, D: tl.constexpr):
     # ask L2 for rows ptr[r] .. ptr[r] + D elements (rows with ok) without waiting: one
-    # `prefetch.global.L2` per 128 bytes of a row (a row aligned to 128 bytes -- the QKV
-    # buffer's and dense tensors' rows at head dim 64 and 128 in 16-bit types -- is
-    # covered whole; a misaligned row's last line is left to the copy).  A hint: its
-    # dummy results are unused; compiled kernels only (the interpreter runs no PTX)
+    # `prefetch.global.L2` per 32-byte sector of a row, each (row, sector) once across the
+    # program's threads (a row whose start is not 32-byte aligned leaves its last partial
+    # sector to the copy).  A hint: its dummy results are unused; compiled kernels only
+    # (the interpreter runs no PTX)
     ROWB: tl.constexpr = D * ptr.dtype.element_ty.primitive_bitwidth // 8
-    a = tl.cast(ptr, tl.int64)
-    m = ok.to(tl.int32)
-    for o in tl.static_range(0, ROWB, 128):
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-            "=r,l,r", [a + o, m], dtype=tl.int32, is_pure=False, pack=1)
+    NSEC: tl.constexpr = (ROWB + 31) // 32
+    a = tl.cast(ptr, tl.int64)[:, None] + (tl.arange(0, NSEC) * 32)[None, :]
+    m = tl.broadcast_to(ok.to(tl.int32)[:, None], a.shape)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [a, m], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
