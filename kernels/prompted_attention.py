@@ -251,9 +251,9 @@ def prompted_attn_fwd(
     PKs, PVs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG)
     cb, cj, kbo, vbo, pko, pvo = _kv_rows(grp, BT, BS, sk, sv, spk_s, spv_s, G, SLOT_N)
     if not WHILE:
-        # Q overlaps the first K/V tile: their DRAM reads start before Q is waited for
-        # (Q is a plain load whose shared-memory store the pipeliner's K/V prologue
-        # follows, see docs/performance.md "Q load")
+        # the first K/V tile's DRAM reads start before Q is waited for: Q is a plain load
+        # whose shared-memory store waits for it, and the pipeliner issues the K/V copies
+        # after that store (docs/performance.md, "Q load"); prefetched, they hit L2
         ok0 = (cb < BT) & (cj < nkp)
         _prefetch_rows(_kp_rows(K, kbo, sk, k0, PKs, pko, spk_s, cj, nk), ok0, D)
         _prefetch_rows(_kp_rows(V, vbo, sv, k0, PVs, pvo, spv_s, cj, nk), ok0, D)
