@@ -19,17 +19,24 @@ Interface
     per-segment query/key lengths and prompt counts, the element size in bytes, and the
     number of distinct stored prompt rows (k and v counted separately by
     :func:`min_bytes`; e.g. ``heads * P`` for batch-shared ``(H, P, d)`` prompts).
-``Tile(g, slot_m, slot_n, slot_p)``
+``Tile(g, slot_m, slot_n, slot_p, batched=True, slot_kp=None)``
     ``g`` sequences per program, ``slot_m`` query rows, ``slot_n`` key rows and
     ``slot_p`` prompt rows per sequence and step (tile rows = g * slot).  ``batched``:
     the products are per sequence (g blocks of slot x slot; the kernels since the
     packed tile uses batched dots); False models the earlier block-diagonal tile, which
     computed the whole (g slot_m) x (g slot_n) grid and masked all but its diagonal.
+    ``slot_kp``: the key tile of the kernels that walk a sequence's keys and then its
+    prompts as one source (the forward and the sequence-owning backward: the prompts
+    share the last key tile where they fit); None models the earlier forward, whose
+    prompts took their own ``slot_p`` step.
 ``min_bytes(call, passes)``, ``useful_flops(call, passes)``,
 ``executed_flops(call, tile, passes, backward, bwd_slot_m=None)`` with ``passes`` in
-("fwd", "fwdbwd"), ``backward`` in :data:`BACKWARDS` and ``bwd_slot_m`` the fused
-backward's query tile if it differs; ``floor_s(bytes, flops, copy_Bps, gemm_flops)``;
-``summary(call, tile, backward, ceilings, bwd_slot_m)`` -> all of them in one dict.
+("fwd", "fwdbwd"), ``backward`` in :data:`BACKWARDS` and ``bwd_slot_m`` the query tile
+of the fused backward's or the sequence-owning backward's key pass if it differs;
+``floor_s(bytes, flops, copy_Bps, gemm_flops)``;
+``summary(call, tile, backward, ceilings, bwd_slot_m)`` -> all of them in one dict;
+``for_tiles(t, fa2_backward)`` -> ``(Tile, backward, bwd_slot_m)`` of a tile-table entry
+(``avstfp_fast.ops.triton_backend._Tiles``): the kernels that entry launches.
 """
 from __future__ import annotations
 
@@ -37,10 +44,19 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 #: Backward schemes and their matrix products per (query tile, key tile) pair.
+#: Key-block-parallel ("fa2") kernels, prompts in their own slot_p steps:
 #:   "two-pass": a dq pass (S, dP, dQ; on prompt tiles also dPK, dPV) and a dk/dv pass
 #:               (S, dV, dP, dK): S and dP are computed twice -> 7 per token tile.
 #:   "fused":    one pass per key tile: S, dP, dV, dK and dQ (fp32 atomics) -> 5.
-BACKWARDS = ("two-pass", "fused")
+#: Sequence-owning kernels (``prompted_attn_bwd_seq``), keys + prompts as one source in
+#: slot_kp tiles:
+#:   "seq":      a query-outer pass (per slot_m-row query tile, over every key tile: S,
+#:               dP, dQ) and a key-outer pass (per key tile, over bwd_slot_m-row query
+#:               tiles: S, dP, dV, dK): S and dP twice -> 3 + 4 = 7 per tile pair, the
+#:               two passes over different query tilings.
+#:   "seq-one":  sequences that are one query tile and one key tile (packed temporal):
+#:               one step, S and dP once -> 5.
+BACKWARDS = ("two-pass", "fused", "seq", "seq-one")
 
 #: Nominal sm_90 ceilings used for *estimated* floors when nothing was measured (H100 SXM:
 #: ~3.0 TB/s device copy, ~790 TFLOP/s dense bf16 measured-class GEMM rate).
@@ -65,6 +81,7 @@ class Tile:
     slot_n: int
     slot_p: int
     batched: bool = True
+    slot_kp: Optional[int] = None
 
     @property
     def rows_m(self) -> int:
@@ -118,28 +135,59 @@ def executed_flops(c: Call, t: Tile, passes: str, backward: str = "two-pass",
     Programs: ``cdiv(batch, g)`` groups x query (forward, dq) or key (dk/dv) blocks per
     segment; each walks the other side in tile steps.  A product of an (a x d) by a
     (d x b) tile is 2 a b d FLOPs; per-sequence (batched) products of g sequences are g
-    such products of one sequence's slots.  ``bwd_slot_m``: the query tile of the fused
-    backward's inner loop when it differs from the forward's (``g == 1`` only)."""
+    such products of one sequence's slots.  With ``t.slot_kp`` the forward (and the
+    "seq" backwards) walk keys + prompts in slot_kp tiles; without it, keys in slot_n
+    and prompts in slot_p steps.  ``bwd_slot_m``: the query tile of the fused
+    backward's inner loop or of the "seq" backward's key pass when it differs from the
+    forward's (``g == 1`` only)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"backward: expected one of {BACKWARDS}, got {backward!r}")
+    if backward.startswith("seq") and not t.slot_kp:
+        raise ValueError(f"backward {backward!r} walks keys + prompts as one source: "
+                         f"the tile needs slot_kp, got {t}")
     d, groups = c.head_dim, _cdiv(c.batch, t.g)
+    w = t.g if (t.batched or t.g == 1) else 1              # key columns a query row meets
+
+    def prod(rows_a: int, rows_b: int) -> float:           # one product of two tiles
+        return 2.0 * rows_a * rows_b // w * d
+
     fwd = bwd = 0.0
     for nq, nk, p in _segments(c):
-        mb = _cdiv(nq, t.slot_m)                          # query blocks
-        nb, pb = _cdiv(nk, t.slot_n), _cdiv(p, t.slot_p)  # key / prompt steps
-        w = t.g if (t.batched or t.g == 1) else 1          # key columns a query row meets
-        tok = 2.0 * t.rows_m * t.rows_n // w * d           # one product, query x key tile
-        prm = 2.0 * t.rows_m * t.rows_p // w * d           # one product, query x prompt tile
-        fwd += groups * mb * (2 * nb * tok + 2 * pb * prm)
+        mb = _cdiv(nq, t.slot_m)                            # query blocks
+        nb, pb = _cdiv(nk, t.slot_n), _cdiv(p, t.slot_p)    # key / prompt steps
+        kp = _cdiv(nk + p, t.slot_kp) if t.slot_kp else 0   # keys + prompts as one source
+        tok, prm = prod(t.rows_m, t.rows_n), prod(t.rows_m, t.rows_p)
+        if t.slot_kp:
+            fwd += groups * mb * 2 * kp * prod(t.rows_m, t.g * t.slot_kp)
+        else:
+            fwd += groups * mb * (2 * nb * tok + 2 * pb * prm)
+        bq = bwd_slot_m or t.slot_m
         if backward == "two-pass":
             bwd += groups * mb * (3 * nb * tok + 5 * pb * prm)   # dq pass (+ prompt grads)
             bwd += groups * nb * mb * 4 * tok                    # dk/dv pass
         elif backward == "fused":                               # query tile bq rows/seq
-            bq = bwd_slot_m or t.slot_m
             rq = t.g * bq
-            bwd += groups * _cdiv(nq, bq) * 5 * (nb * 2.0 * rq * t.rows_n // w * d
-                                                 + pb * 2.0 * rq * t.rows_p // w * d)
-        else:
-            raise ValueError(f"backward: expected one of {BACKWARDS}, got {backward!r}")
+            bwd += groups * _cdiv(nq, bq) * 5 * (nb * prod(rq, t.rows_n)
+                                                 + pb * prod(rq, t.rows_p))
+        elif backward == "seq":
+            kt = t.g * t.slot_kp
+            bwd += groups * mb * kp * 3 * prod(t.rows_m, kt)             # query pass
+            bwd += groups * kp * _cdiv(nq, bq) * 4 * prod(t.g * bq, kt)  # key pass
+        else:                                                   # "seq-one"
+            bwd += groups * mb * kp * 5 * prod(t.rows_m, t.g * t.slot_kp)
     return fwd if passes == "fwd" else fwd + bwd
+
+
+def for_tiles(t, fa2_backward: str = "fused") -> Tuple[Tile, str, Optional[int]]:
+    """``(Tile, backward, bwd_slot_m)`` of the kernels a tile-table entry launches (``t``:
+    an ``avstfp_fast.ops.triton_backend._Tiles``; its ``bwd`` path, ``fa2_backward`` the
+    scheme of the key-block-parallel path): the forward and the sequence-owning backward
+    walk keys + prompts in ``slot_kp`` tiles; "seq" runs its key pass over
+    ``bwd_slot_m``-row query tiles, the fused fa2 backward its inner loop."""
+    tile = Tile(t.g, t.slot_m, t.slot_n, t.slot_p, slot_kp=t.slot_kp)
+    if t.bwd == "seq":
+        return tile, ("seq-one" if t.bwd_one else "seq"), t.bwd_slot_m
+    return tile, fa2_backward, (t.bwd_slot_m if fa2_backward == "fused" else None)
 
 
 def floor_s(nbytes: float, flops: float, copy_Bps: float, gemm_flops: float) -> float:

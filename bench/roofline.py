@@ -49,8 +49,12 @@ def kernel_cost(shape: KernelShape, passes: str) -> Dict[str, float]:
 
 def executed_flops(shape: KernelShape, passes: str) -> float:
     """FLOPs the triton kernels execute for this case, padding, packing and the backward
-    scheme included: the triton backend's own tile choice for the case, counted by
-    ``floors.executed_flops`` (the same arithmetic as the static sm_90 contract)."""
+    path included: the triton backend's own tile-table entry for the case and the kernels
+    it launches (``floors.for_tiles``: the forward over keys + prompts as one source; at
+    the AV-STFP stage shapes the sequence-owning backward, whose query pass (S, dP, dQ)
+    and key pass (S, dP, dV, dK) compute S and dP twice, or one 5-product step for the
+    packed temporal tile), counted by ``floors.executed_flops`` (the same arithmetic as
+    the static sm_90 contract's floor table)."""
     from avstfp_fast.ops import triton_backend as tb
     seqs = shape.sequences()
     counts = {s[0] for s in seqs}
@@ -61,8 +65,8 @@ def executed_flops(shape: KernelShape, passes: str) -> float:
                        k_segments=tuple(s[2] for s in seqs), prompts=tuple(s[3] for s in seqs),
                        head_dim=shape.arch.head_dim, elem=torch.finfo(shape.dtype).bits // 8,
                        prompt_rows=0)
-    tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
-    return floors.executed_flops(call, tile, passes, tb.BACKWARD_SCHEME, t.bwd_slot_m)
+    tile, backward, bwd_slot_m = floors.for_tiles(t, tb.BACKWARD_SCHEME)
+    return floors.executed_flops(call, tile, passes, backward, bwd_slot_m)
 
 
 def floor_time(cost: Dict[str, float], ceilings: Dict[str, float]) -> float:

@@ -19,7 +19,8 @@ sequences and do not appear at these shapes.
 Fails (exit 1) on: any spill for head dim 64, fewer than 2 CTAs/SM for head dim 64,
 a bf16/fp16 main (64+ row) matrix product not on wgmma, a bf16/fp16 per-sequence
 (batched, 3-D) product of the packed temporal tile not on tensor cores (mma.sync: wgmma
-has no batched form), acq_rel atomics.
+has no batched form), acq_rel atomics, a forward whose first K/V tile is not requested
+(L2 prefetch) before the wait for its Q tile.
 
 CUDA kernels join the table when ``bench/static_sm90_cuda.py`` exists: its
 ``cuda_rows()`` rows are appended and ``cuda_failures(rows)`` added to the failures.
@@ -174,7 +175,7 @@ _DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) [^\n]*-> tensor<((?:\d+x)+)
 _MMA = re.compile(r"^(#\w+) = #ttg\.nvidia_mma<", re.M)
 
 
-def compile_one(fn, args, kwargs) -> Dict:
+def compile_one(fn, args, kwargs, dump: Optional[str] = None) -> Dict:
     import triton
     src, target, options, _ = _specialise(fn, args, kwargs)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
@@ -184,6 +185,13 @@ def compile_one(fn, args, kwargs) -> Dict:
         c = triton.compile(src, target=target, options=options.__dict__)
     log = buf.getvalue()
     ptx, ttgir = c.asm.get("ptx", ""), c.asm.get("ttgir", "")
+    if dump:   # the compiled stages, for reading by hand (--dump)
+        for ext in ("ttgir", "ptx"):
+            with open(f"{dump}.{ext}", "w") as f:
+                f.write(c.asm.get(ext, ""))
+        from triton.tools.disasm import get_sass
+        with open(f"{dump}.sass", "w") as f:
+            f.write(get_sass(c.asm["cubin"]))
     regs = int(_PTXAS.search(log).group(1)) if _PTXAS.search(log) else -1
     sp = _SPILL.search(log)
     spills = int(sp.group(1)) + int(sp.group(2)) if sp else -1
@@ -201,6 +209,11 @@ def compile_one(fn, args, kwargs) -> Dict:
     n_main, n_main_wgmma = len(main), sum(op != "tt.dot" for op in main)
     batched = [enc for _, shp, enc in dots if len(shp) == 3]
     n_bat, n_bat_mma = len(batched), sum(enc in mma_enc for enc in batched)
+    # the forward's Q tile is a plain load whose shared-memory store waits for it; the
+    # first K/V tile's L2 prefetches must be issued before that store (and so before
+    # the wait), or the K/V reads start only once Q has arrived
+    pf, sts = ptx.find("prefetch.global.L2"), ptx.find("st.shared")
+    kv_before_q = "-" if pf < 0 else ("yes" if sts < 0 or pf < sts else "no")
     atomics = set(re.findall(r"\b(?:atom|red)\.global\.[\w.:]+", ptx))
     sems = {"acq_rel" if ("acq_rel" in a or "acquire" in a or "release" in a) else
             "relaxed" if "relaxed" in a else "other" for a in atomics}
@@ -210,7 +223,8 @@ def compile_one(fn, args, kwargs) -> Dict:
                 main_dots=n_main, main_wgmma=n_main_wgmma, batched_dots=n_bat,
                 batched_mma=n_bat_mma, mma_sync_ptx="mma.sync" in ptx,
                 wgmma_ptx="wgmma.mma_async" in ptx, cp_async16=bool(_CPASYNC16.search(ptx)),
-                cp_async_any="cp.async" in ptx, compile_s=round(time.time() - t0, 1))
+                cp_async_any="cp.async" in ptx, kv_before_q=kv_before_q,
+                compile_s=round(time.time() - t0, 1))
 
 
 def occupancy(regs: int, smem: int, num_warps: int) -> Dict[str, int]:
@@ -237,7 +251,7 @@ def _config(kwargs) -> str:
     return f"{tiles} w{kwargs.get('num_warps')} s{kwargs.get('num_stages')}"
 
 
-def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
+def worker(ci: bool, shard: int, nshards: int, dump: Optional[str] = None) -> List[Dict]:
     """Capture every case, compile this shard's distinct specialisations; rows as dicts."""
     launches = capture(_cases(ci))
     from avstfp_fast.ops import triton_backend as TB
@@ -260,7 +274,14 @@ def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
         if i % nshards != shard:
             continue
         L = u.pop("first")
-        r = compile_one(getattr(K, L.kernel), L.args, L.kwargs)
+        stem = None
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            stem = os.path.join(dump, f"{triton.__version__}-{L.kernel}-{u['dtype']}-"
+                                      f"d{u['head_dim']}-" + "-".join(
+                                          sorted({c.split()[0] for c in u['cases']})) +
+                                f"-{i}")
+        r = compile_one(getattr(K, L.kernel), L.args, L.kwargs, stem)
         r.update(u)
         r.update(occupancy(r["regs"], r["smem"], r["num_warps"]))
         r["triton"] = triton.__version__
@@ -268,7 +289,8 @@ def worker(ci: bool, shard: int, nshards: int) -> List[Dict]:
     return rows
 
 
-def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None) -> List[Dict]:
+def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None,
+                 dump: Optional[str] = None) -> List[Dict]:
     """Compile in ``jobs`` worker processes (clean env: no interpreter, fresh cache)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if pythonpath:
@@ -281,7 +303,8 @@ def run_contract(ci: bool, jobs: int, pythonpath: Optional[str] = None) -> List[
         for s in range(jobs):
             outp = os.path.join(tmp, f"rows{s}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(s), str(jobs),
-                   "--json", outp] + (["--ci"] if ci else [])
+                   "--json", outp] + (["--ci"] if ci else []) + (
+                       ["--dump", os.path.abspath(dump)] if dump else [])
             procs.append((subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), outp))
         for p, outp in procs:
@@ -302,6 +325,10 @@ def failures(rows: List[Dict]) -> List[str]:
         if r["head_dim"] == 64 and r["ctas_per_sm"] < 2:
             bad.append(f"{what}: {r['ctas_per_sm']} CTA/SM (< 2 for head dim 64; "
                        f"{r['regs']} regs, {r['smem']} B smem)")
+        if r["kernel"] == "prompted_attn_fwd" and r.get("kv_before_q") != "yes":
+            bad.append(f"{what}: the first K/V tile's L2 prefetch is "
+                       f"{'missing' if r.get('kv_before_q') == '-' else 'after'} the Q "
+                       f"tile's wait (st.shared of the loaded Q)")
         if "acq_rel" in r.get("atomics", ""):
             bad.append(f"{what}: acq_rel atomics (fence + L1 invalidate each; use sem='relaxed')")
         if r["dtype"] in ("bf16", "fp16") and r["main_wgmma"] < r["main_dots"]:
@@ -330,37 +357,17 @@ def floor_rows(models=MODELS) -> List[Dict]:
                 prompts=tuple(t.shape[-2] for t in pr), head_dim=64, elem=2,
                 prompt_rows=sum(t.numel() // 64 for t in pr))
             t = TB.tile_for(p)
-            if t.bwd == "seq":
-                # the kernels walk a sequence's keys and then its prompts as one source
-                # (prompts in the last key tile): executed FLOPs of the folded problem;
-                # backward: the one-tile step has 5 products, the two-pass walk 7
-                tile = floors.Tile(t.g, t.slot_m, t.slot_kp, t.slot_kp)
-                bwd = "fused" if t.bwd_one else "two-pass"
-                s = floors.summary(call, tile, bwd)
-                fold = dataclasses.replace(
-                    call, k_segments=tuple(n + P for n, P in
-                                           zip(call.k_segments, call.prompts)),
-                    prompts=(0,) * len(call.prompts))
-                for passes in ("fwd", "fwdbwd"):
-                    e = floors.executed_flops(fold, tile, passes, bwd)
-                    s[f"{passes}_executed_flops"] = e
-                    s[f"{passes}_useful_fraction"] = s[f"{passes}_useful_flops"] / e
-                    s[f"{passes}_floor_s"] = floors.floor_s(
-                        s[f"{passes}_bytes"], e, **floors.NOMINAL_SM90)
-                s.update(model=model, stage=stage,
-                         tile=f"{t.g}x({t.slot_m},{t.slot_kp} keys+prompts)",
-                         backward="sequence-owning, " + (
-                             "one step (5 products)" if t.bwd_one else
-                             f"two passes (7 products, {t.bwd_slot_m}-row q tiles in the "
-                             f"key pass)"))
-                rows.append(s)
-                continue
-            tile = floors.Tile(t.g, t.slot_m, t.slot_n, t.slot_p)
-            bwd = TB.BACKWARD_SCHEME
-            bq = t.bwd_slot_m if bwd == "fused" else t.slot_m
+            # the kernels the tile table launches: the forward walks keys + prompts as
+            # one source; the sequence-owning backward two passes (3 + 4 products) or,
+            # packed one-tile sequences, one step (5)
+            tile, bwd, bq = floors.for_tiles(t, TB.BACKWARD_SCHEME)
             s = floors.summary(call, tile, bwd, bwd_slot_m=bq)
-            s.update(model=model, stage=stage, tile=f"{t.g}x({t.slot_m},{t.slot_n},{t.slot_p})",
-                     backward=bwd + (f", {bq}-row q tiles" if bq != t.slot_m else ""))
+            s.update(model=model, stage=stage,
+                     tile=f"{t.g}x({t.slot_m},{t.slot_kp} keys+prompts)",
+                     backward={"seq-one": "sequence-owning, one step (5 products)",
+                               "seq": f"sequence-owning, two passes (3 + 4 products; "
+                                      f"{t.slot_m}- / {bq}-row query tiles)"}.get(
+                         bwd, bwd + (f", {bq}-row q tiles" if bq and bq != t.slot_m else "")))
             rows.append(s)
     return rows
 
@@ -386,9 +393,9 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
     for ver, rows in rows_by_version.items():
         L += [f"## Triton {ver}", "",
               "| kernel | config | dtype | d | regs | spills B | smem KB | CTAs/SM | warps/SM "
-              "(limit) | wgmma: main, all | cp.async 16B | atomics | grid (largest case) | waves | "
-              "cases |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "(limit) | wgmma: main, all | cp.async 16B | K/V read before Q wait | atomics | "
+              "grid (largest case) | waves | cases |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rows, key=lambda r: (r["kernel"], r["dtype"], r["head_dim"], r["config"])):
             g = max(r["grids"], key=lambda g: math.prod(g))
             ctas = math.prod(g)
@@ -402,7 +409,7 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
                      + (f"; batched on mma {r['batched_mma']}/{r['batched_dots']}"
                         if r.get("batched_dots") else "") + " | "
                      f"{'yes' if r['cp_async16'] else ('other' if r['cp_async_any'] else 'no')} | "
-                     f"{r.get('atomics', '?')} | "
+                     f"{r.get('kv_before_q', '?')} | {r.get('atomics', '?')} | "
                      f"{tuple(g)} | {waves:.1f} | {', '.join(cases)} |")
         L.append("")
     if cuda_rows:
@@ -435,7 +442,10 @@ def markdown(rows_by_version: Dict[str, List[Dict]], frows: List[Dict], cuda_row
           "Fails on: any spill for head dim 64; fewer than 2 CTAs/SM for head dim 64; a "
           "bf16/fp16 main matrix product (64+ result rows, the token-key tiles) not lowered "
           "to wgmma; a bf16/fp16 per-sequence (batched, 3-D) product of the packed temporal "
-          "tile not on tensor cores; acq_rel atomics. Products of 16-row prompt tiles use "
+          "tile not on tensor cores; acq_rel atomics; a forward whose first K/V tile's L2 "
+          "prefetch is not issued before the wait for its Q tile (\"K/V read before Q "
+          "wait\": the PTX's first `prefetch.global.L2` precedes its first `st.shared`). "
+          "Products of 16-row prompt tiles use "
           "mma.sync (wgmma needs 64 rows per warpgroup); so do the packed tile's batched "
           "products (wgmma has no batched form: each sequence's 16 x 16 block is one warp's "
           "mma.sync tile), which is why they are checked for tensor cores, not for wgmma.", ""]
@@ -452,24 +462,27 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--triton-path", default=None,
                     help="directory with a second Triton (pip --target) to check as well")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="also write each compiled kernel's TTGIR, PTX and SASS to DIR "
+                         "(<triton>-<kernel>-<dtype>-d<head dim>-<stages>-<n>.{ttgir,ptx,sass})")
     ap.add_argument("--worker", nargs=2, type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     sys.path.insert(0, HERE)
     if a.worker is not None:
         os.environ.pop("TRITON_INTERPRET", None)
-        rows = worker(a.ci, *a.worker)
+        rows = worker(a.ci, *a.worker, dump=a.dump)
         with open(a.json, "w") as f:
             json.dump(rows, f)
         return 0
     t0 = time.time()
     by_ver: Dict[str, List[Dict]] = {}
-    rows = run_contract(a.ci, a.jobs)
+    rows = run_contract(a.ci, a.jobs, dump=a.dump)
     by_ver[rows[0]["triton"] if rows else "?"] = rows
     notes = []
     if a.triton_path:
         if os.path.isdir(os.path.join(a.triton_path, "triton")):
-            rows2 = run_contract(a.ci, a.jobs, a.triton_path)
+            rows2 = run_contract(a.ci, a.jobs, a.triton_path, a.dump)
             by_ver[rows2[0]["triton"] if rows2 else "?"] = rows2
         else:
             notes.append(f"SKIPPED: no Triton under {a.triton_path} (install it with "

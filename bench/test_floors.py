@@ -1,4 +1,6 @@
 """bench/floors.py arithmetic, checked by hand on small cases (no GPU, no torch)."""
+import pytest
+
 import floors
 from floors import Call, Tile
 
@@ -21,6 +23,17 @@ def test_useful_and_executed_flops_by_hand():
     t2 = Tile(g=2, slot_m=16, slot_n=16, slot_p=16)
     assert floors.executed_flops(c, t2, "fwd") == 2 * 4 * 2 * one
     assert floors.executed_flops(c, t2, "fwdbwd", "fused") == 2 * 14 * 2 * one
+    # keys + prompts as one source (the forward and the sequence-owning backward): 12 + 2
+    # keys in one 16-slot step; "seq-one": one backward step of 5 products; "seq": a
+    # query pass (3 products) and a key pass (4) over its own query tiles (32 rows: twice
+    # the 16-row tile's work)
+    tk = Tile(g=1, slot_m=16, slot_n=16, slot_p=16, slot_kp=16)
+    assert floors.executed_flops(c, tk, "fwd") == 3 * 2 * one
+    assert floors.executed_flops(c, tk, "fwdbwd", "seq-one") == 3 * (2 + 5) * one
+    assert floors.executed_flops(c, tk, "fwdbwd", "seq") == 3 * (2 + 3 + 4) * one
+    assert floors.executed_flops(c, tk, "fwdbwd", "seq", bwd_slot_m=32) == 3 * (2 + 3 + 8) * one
+    with pytest.raises(ValueError, match="slot_kp"):
+        floors.executed_flops(c, t, "fwdbwd", "seq")
     # the earlier block-diagonal tile computed the whole 32 x 32 grid per step
     tb = Tile(g=2, slot_m=16, slot_n=16, slot_p=16, batched=False)
     assert floors.executed_flops(c, tb, "fwd") == 2 * 4 * (2 * 32 * 32 * 8)

@@ -45,29 +45,36 @@ def test_kernel_cost_by_hand():
 
 def test_executed_flops_by_hand():
     b16 = ARCHS["B16"]
-    # fusion, B=2: 240 sequences of 246 queries/keys + 2 prompts; 64-row query and key
-    # tiles (246 -> 256), prompts in one 16-row tile; 2 products forward
+    # fusion, B=2: 240 sequences of 246 queries/keys + 2 prompts; the forward walks keys
+    # + prompts as one source (248 -> 4 tiles of 64 = 256 rows, the prompts in the last
+    # one), 64-row query tiles (246 -> 256); 2 products
     f = KernelShape(b16, 2, "fusion", torch.bfloat16)
-    assert executed_flops(f, "fwd") == 240 * 2.0 * 64 * 256 * (2 * 256 + 2 * 16)
-    # fused backward: 5 products per key or prompt row on top of the forward's 2, over
-    # 32-row query tiles (246 -> 256 rows again)
-    assert executed_flops(f, "fwdbwd") == 240 * 2.0 * 64 * 256 * (7 * 256 + 7 * 16)
-    # temporal: 4 sequences of 10 frames packed in a 64-row tile (16 slots each), keys
-    # and prompts 16 slots per sequence, per-sequence (batched) products: one 16 x 16
-    # block per sequence and step, 23.4% of the forward's tensor work is useful (9.4%
-    # with the earlier block-diagonal 64 x (64 + 16) tile), 20.1% of fwd+bwd (8.0%)
+    assert executed_flops(f, "fwd") == 240 * 2.0 * 64 * 256 * (2 * 256)
+    # the sequence-owning backward: a query pass (S, dP, dQ: 3 products over 64-row query
+    # tiles x the 4 key tiles) and a key pass (S, dP, dV, dK: 4 products over the 4 key
+    # tiles x 32-row query tiles, 246 -> 256 rows again): S and dP twice
+    assert executed_flops(f, "fwdbwd") == 240 * 2.0 * 64 * 256 * ((2 + 3 + 4) * 256)
+    # temporal: 4 sequences of 10 frames packed in a 64-row tile (16 slots each), the 10
+    # keys + 2 prompts in one 16-slot step, per-sequence (batched) products: one 16 x 16
+    # block per sequence, 10 x 12 useful (46.9% of the forward's tensor work; 23.4% with
+    # the prompts in their own step, 9.4% with the block-diagonal 64 x (64 + 16) tile);
+    # the backward is one step of 5 products (S and dP once): 40.2% of fwd+bwd
     t = KernelShape(b16, 2, "temporal", torch.bfloat16)
     c = kernel_cost(t, "fwd")
-    assert c["executed_flops"] == math.ceil(2 * 246 * 12 / 4) * 4 * 2.0 * 16 * 64 * (2 * 16
-                                                                                   + 2 * 16)
-    assert c["flops"] / c["executed_flops"] == pytest.approx(0.234375)
+    assert c["executed_flops"] == math.ceil(2 * 246 * 12 / 4) * 4 * 2.0 * 16 * 64 * (2 * 16)
+    assert c["flops"] / c["executed_flops"] == pytest.approx(0.46875)
     c = kernel_cost(t, "fwdbwd")
-    assert c["flops"] / c["executed_flops"] == pytest.approx(3 * 480 / (7 * 1024))
-    # spatial B=8 backward alone: ~40.6 GFLOP with the fused backward (63 with the
-    # two-pass one; audio 49 -> 64 rows, visual 197 -> 224 in 32-row query tiles)
+    assert c["flops"] / c["executed_flops"] == pytest.approx(3 * 480 / (7 * 512))
+    # spatial B=8 backward alone: ~55.9 GFLOP (audio 49 + 10 -> 1 key tile, visual
+    # 197 + 10 -> 4; query pass 64-row tiles, key pass 32-row: 197 -> 224 rows); the
+    # fa2 fused backward (5 products, prompts in their own step) was ~40.6, the two-pass
+    # one ~63
     s = KernelShape(b16, 8, "spatial", torch.bfloat16)
     bwd = executed_flops(s, "fwdbwd") - executed_flops(s, "fwd")
-    assert bwd == pytest.approx(40.6e9, rel=0.01)
+    seqs = 8 * 10 * 12
+    q_pass = seqs * 3 * (1 * 1 + 4 * 4) * 2.0 * 64 * 64 * 64
+    k_pass = seqs * 4 * (1 * 2 + 4 * 7) * 2.0 * 32 * 64 * 64
+    assert bwd == q_pass + k_pass == pytest.approx(55.9e9, rel=0.01)
     for stage in STAGES:
         for passes in ("fwd", "fwdbwd"):
             c = kernel_cost(KernelShape(ARCHS["L14"], 8, stage, torch.bfloat16), passes)

@@ -245,15 +245,22 @@ def prompted_attn_fwd(
     nkp = nk + _sel(NP, seg, NSEG)
     BT = BS[3]
     qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
-    q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
-    m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([G * SLOT_M], tl.float32)
-    acc = tl.zeros([G * SLOT_M, D], tl.float32)
     # the segment's token keys/values, then its prompt keys/values (broadcast strides,
     # often 0 over the batch), as one source
     spk_s, spv_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG)
     PKs, PVs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG)
     cb, cj, kbo, vbo, pko, pvo = _kv_rows(grp, BT, BS, sk, sv, spk_s, spv_s, G, SLOT_N)
+    if not WHILE:
+        # the first K/V tile's DRAM reads start before Q is waited for: Q is a plain load
+        # whose shared-memory store waits for it, and the pipeliner issues the K/V copies
+        # after that store (docs/performance.md, "Q load"); prefetched, they hit L2
+        ok0 = (cb < BT) & (cj < nkp)
+        _prefetch_rows(_kp_rows(K, kbo, sk, k0, PKs, pko, spk_s, cj, nk), ok0, D)
+        _prefetch_rows(_kp_rows(V, vbo, sv, k0, PVs, pvo, spv_s, cj, nk), ok0, D)
+    q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
+    m_i = tl.full([G * SLOT_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([G * SLOT_M], tl.float32)
+    acc = tl.zeros([G * SLOT_M, D], tl.float32)
     if WHILE:
         j0 = 0
         while j0 < nkp:
@@ -529,6 +536,29 @@ def _load_kp(KP, kbo, sk, k0, PP, pbo, sp, j, nk, ok, D: tl.constexpr):
     ptr = tl.where((j < nk)[:, None], _ptr(KP, kbo, k0 + j, sk, D),
                    _ptr(PP, pbo, j - nk, sp, D))
     return tl.load(ptr, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _kp_rows(KP, kbo, sk, k0, PP, pbo, sp, j, nk):
+    # the first element of rows j of a sequence's combined key source (see _load_kp)
+    return tl.where(j < nk, KP + kbo + (k0 + j).to(tl.int64) * sk[4],
+                    PP + pbo + (j - nk).to(tl.int64) * sp[4])
+
+
+@triton.jit
+def _prefetch_rows(ptr, ok, D: tl.constexpr):
+    # ask L2 for rows ptr[r] .. ptr[r] + D elements (rows with ok) without waiting: one
+    # `prefetch.global.L2` per 32-byte sector of a row, each (row, sector) once across the
+    # program's threads (a row whose start is not 32-byte aligned leaves its last partial
+    # sector to the copy).  A hint: its dummy results are unused; compiled kernels only
+    # (the interpreter runs no PTX)
+    ROWB: tl.constexpr = D * ptr.dtype.element_ty.primitive_bitwidth // 8
+    NSEC: tl.constexpr = (ROWB + 31) // 32
+    a = tl.cast(ptr, tl.int64)[:, None] + (tl.arange(0, NSEC) * 32)[None, :]
+    m = tl.broadcast_to(ok.to(tl.int32)[:, None], a.shape)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [a, m], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -164,7 +164,7 @@ class _Tiles:
                  blocks (packing would advance only a couple of keys per step).
     ``long``     Lq > 32 (spatial, fusion): 64 queries x 64 keys, one sequence.
     Prompt tiles: next_pow2(P) clamped to the key tile's bounds.  Head dim 128 uses 8
-    warps; fp32 (IEEE FMA dots, no tensor cores) one pipeline stage and key tiles of at
+    warps (4 for tiles of fewer than 64 query rows); fp32 (IEEE FMA dots, no tensor cores) one pipeline stage and key tiles of at
     most 64 rows, so shared memory stays under ~160 KB (sm_80 and sm_90).
     ``slot_kp``: the key tile of the kernels that walk keys + prompts as one source.
     Backward path ``bwd``: ``"seq"`` (sequence-owning) while a sequence has at most
@@ -196,7 +196,10 @@ class _Tiles:
         # key tile of the sequence-owning backward, which walks a sequence's keys and then
         # its prompts as one source (the prompts share the last key tile where they fit)
         self.slot_kp = clamp(max_k + max_p)
-        self.num_warps = 8 if head_dim >= 128 else 4
+        # 8 warps at head dim 128, except a 16/32-row tile (one packed sequence or a few
+        # queries per program): a 16 x 128 packed forward at 8 warps compiled to 94
+        # registers under Triton 3.6, 2 CTAs/SM (3.8: 80, 3); at 4 warps 68-71, 7 under both
+        self.num_warps = 8 if head_dim >= 128 and self.g * self.slot_m >= 64 else 4
         self.num_stages = 1 if dtype == torch.float32 else 2
         # backward kernels (fused, and dk/dv of the deterministic mode) hold dk, dv in fp32
         # plus transposed score tiles.  Head dim 64: 4 warps (8 barely lower the
