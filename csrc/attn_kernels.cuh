@@ -688,22 +688,139 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
                          sO, L::LDO, nq, sL, 1.f, p.vec16_out != 0, tid);
 }
 
-// ================================================================== backward: delta
-// delta[b, r] = sum_c dout[b, r, c] * o[b, r, c]  (float32), one warp per row.
+// ================================================================== backward: prompt gradients
+// The prompt gradients leave the backward finished, in the prompts' dtype and shape (dpk,
+// dpv), with no zero-fill, no atomics on data and no cast after it.  Every unit that owns
+// prompt rows of a sequence writes them as fp32 partials (prompt_part_offset: one slice
+// per sequence); then the unit takes a ticket for its (segment, prompt row set).  The last
+// unit of a row set (the one that draws ticket `total - 1`) resets the counter to 0 and
+// sums the row set's partials in sequence order, so the result does not depend on which
+// unit finishes last: deterministic, and bit-exact between runs.  Memory order is the
+// threadFenceReduction pattern: every writer fences its partials before the unit barrier
+// that precedes the ticket, and the last unit reads them through L2 (ld.global.cg).
+#ifndef AVSTFP_CPU_EMULATION
+__device__ __forceinline__ float load_cg(const float* a) { return __ldcg(a); }
+#else
+inline float load_cg(const float* a) { return *a; }
+#endif
+
+__device__ __forceinline__ bool prompt_reduced(const AttnParams& p, int s, int d) {
+    return p.bsize[d] > 1 && p.dpk[s].bstride[d] == 0;
+}
+
+// Row-major index of the row set of sequence bi (over the dims the prompts keep).
+__device__ __forceinline__ int64_t prompt_group(const AttnParams& p, int s, const BatchIdx& bi) {
+    int64_t g = 0;
+#pragma unroll
+    for (int d = 0; d < AVSTFP_MAX_BDIMS; ++d)
+        if (!prompt_reduced(p, s, d)) g = g * p.bsize[d] + bi.i[d];
+    return g;
+}
+
+// Slot b's fp32 partial of prompt row 0 (which: 0 prompt_k, 1 prompt_v); b: the sequence,
+// or with seq_reps the row set.
+__device__ __forceinline__ float* prompt_part(const AttnParams& p, int s, int which, int64_t b) {
+    return p.part + prompt_part_offset(p, s) +
+           ((int64_t)which * prompt_part_slots(p) + b) * p.n_prompt[s] * p.head_dim;
+}
+
+// After this unit wrote its partials: true in the unit that completes the row set (all
+// `total` units counted), whose counter is back at 0.  flag: one int of the unit's shared
+// memory that no thread reads or writes around the call.
+template <int UT>
+__device__ __forceinline__ bool last_of_row_set(int* ticket, int total, int* flag, int tid) {
+    __threadfence();
+    unit_sync<UT>();
+    if (tid == 0) {
+        const bool last = atomicAdd(ticket, 1) == total - 1;
+        if (last) *ticket = 0;   // every other unit of the row set has drawn its ticket
+        *flag = last;
+    }
+    unit_sync<UT>();
+    const bool last = *flag != 0;
+    unit_sync<UT>();             // flag may be reused after the call
+    if (last) __threadfence();
+    return last;
+}
+
+// dpk/dpv of the row set of sequence bi: the sum of its R sequences' partials in sequence
+// order, written in the prompts' dtype.
+template <typename T, int D, int UT>
+__device__ __noinline__ void finish_prompt_grads(const AttnParams& p, int s, const BatchIdx& bi,
+                                                 int tid) {
+    const int P = p.n_prompt[s];
+    const int64_t R = prompt_reps(p, s);
+    int64_t b0 = 0, step[AVSTFP_MAX_BDIMS], acc = 1;   // first member; flat stride per dim
+#pragma unroll
+    for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {
+        step[d] = acc;
+        if (!prompt_reduced(p, s, d)) b0 += bi.i[d] * acc;
+        acc *= p.bsize[d];
+    }
+    const Operand& ok = p.dpk[s];
+    const Operand& ov = p.dpv[s];
+    T* gk = (T*)ok.ptr + boff(ok, bi);
+    T* gv = (T*)ov.ptr + boff(ov, bi);
+    const float* part = p.part + prompt_part_offset(p, s);
+    const int64_t slice = (int64_t)P * D;
+    for (int e = tid; e < 2 * P * D; e += UT) {
+        const int which = e >= P * D;
+        const int rc = e - which * P * D, r = rc / D, c = rc % D;
+        const float* src = part + (int64_t)which * p.nseq * slice + rc;
+        float sum = 0.f;
+        int64_t idx[AVSTFP_MAX_BDIMS] = {0, 0, 0, 0};   // odometer over the reduced dims
+        int64_t b = b0;
+        for (int64_t m = 0; m < R; ++m) {
+            sum += load_cg(src + b * slice);
+            for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {
+                if (!prompt_reduced(p, s, d)) continue;
+                b += step[d];
+                if (++idx[d] < p.bsize[d]) break;
+                b -= idx[d] * step[d];
+                idx[d] = 0;
+            }
+        }
+        T* dst = which ? gv + (int64_t)r * ov.rstride : gk + (int64_t)r * ok.rstride;
+        dst[c] = from_f<T>(sum);
+    }
+}
+
+// A unit that owns prompt rows of sequence bi of segment s has written their partials: it
+// takes its ticket; the last of the `total` units of the row set finishes dpk/dpv.
+template <typename T, int D, int UT>
+__device__ __forceinline__ void prompt_rows_done(const AttnParams& p, int s, const BatchIdx& bi,
+                                                 int tid, int total, int* flag) {
+    int* ticket = p.tickets + prompt_ticket_offset(p, s) + prompt_group(p, s, bi);
+    if (last_of_row_set<UT>(ticket, total, flag, tid)) finish_prompt_grads<T, D, UT>(p, s, bi, tid);
+}
+
+// Key tiles of BN rows of segment s that hold prompt rows (units per sequence that take a
+// ticket in dK/dV).
+__host__ __device__ inline int prompt_key_tiles(const AttnParams& p, int s, int BN) {
+    return num_prompts(p, s) > 0 ? num_key_tiles(p, s, BN) - p.k_len[s] / BN : 0;
+}
+
+// rowsum(dO o O) of `rows` query rows (dO in shared memory, O from global memory) by one
+// warp, lane 0 writes them to p.delta; returns the values of rows g and g + 8 (fragment
+// rows of this lane).  What the three-kernel backward's delta pre-pass did, done by the
+// dQ kernel for its own query tile (dK/dV, launched after it, reads p.delta).
 template <typename T, int D>
-__global__ void __launch_bounds__(256) delta_kernel(const __grid_constant__ AttnParams p) {
-    const int64_t row = work_item<8>(threadIdx.x / 32);   // 8 warps, one row each
-    if (row >= p.nseq * p.Lq) return;
-    const int lane = threadIdx.x & 31;
-    const int64_t b = row / p.Lq;
-    const int r = (int)(row % p.Lq);
-    const BatchIdx bi = batch_index(p, b);
-    const T* o = (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)r * p.o.rstride;
-    const T* d = (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)r * p.dout.rstride;
-    float acc = 0.f;
-    for (int c = lane; c < D; c += 32) acc += to_f(o[c]) * to_f(d[c]);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta[row] = acc;
+__device__ __forceinline__ void warp_delta(const AttnParams& p, const T* sdO, int ld,
+                                           const T* o, int64_t ostride, int rows, float* out,
+                                           float (&mine)[2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    mine[0] = mine[1] = 0.f;
+#pragma unroll 1
+    for (int r = 0; r < rows; ++r) {
+        float a = 0.f;
+#pragma unroll
+        for (int c = lane; c < D; c += 32)
+            a += to_f(sdO[r * ld + c]) * to_f(o[(int64_t)r * ostride + c]);
+        a = warp_sum(a);
+        if (lane == 0) out[r] = a;
+        if (r == g) mine[0] = a;
+        if (r == g + 8) mine[1] = a;
+    }
 }
 
 // ================================================================== backward: dQ
@@ -784,13 +901,13 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
         if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
         cp_async_commit();
     }
-    float lse[2], dlt[2];   // rows g, g+8 of this warp (log2 units); padded rows: 0
-#pragma unroll
+    float lse[2], dlt[2] = {0.f, 0.f};   // rows g, g+8 of this warp (lse in log2 units);
+#pragma unroll                              // padded rows: 0
     for (int h = 0; h < 2; ++h) {
         const int r = warp * 16 + g + 8 * h;
         lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
-        dlt[h] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
     }
+    const int wrows = max(0, min(16, nq - warp * 16));   // this warp's query rows
 
     T* Qw = sQ + warp * 16 * L::LDT;
     const T* dOw = sdO + warp * 16 * L::LDT;
@@ -816,6 +933,10 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
         if (j == 0) {
             load_a_frags<T, D>(qf, Qw, L::LDT);
             load_a_frags<T, D>(df, dOw, L::LDT);
+            // delta = rowsum(dO o O) of the warp's rows, for dS here and for dK/dV
+            warp_delta<T, D>(p, dOw, L::LDT,
+                             (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                             p.o.rstride, wrows, p.delta + b * p.Lq + q0 + warp * 16, dlt);
         }
         const T* sK = stK(j % STAGES);
         const T* sV = stV(j % STAGES);
@@ -891,10 +1012,7 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
         cp_async_commit();
     }
     for (int i = tid; i < BM * L::LDA; i += UT) sdQ[i] = 0.f;
-    for (int r = tid; r < BM; r += UT) {
-        sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
-        sDelta[r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
-    }
+    for (int r = tid; r < BM; r += UT) sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
 
     const T* Qw = sQ + warp * 16 * L::LDT;
     const T* dOw = sdO + warp * 16 * L::LDT;
@@ -915,6 +1033,18 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
             const int jn = j + STAGES - 1, st = jn % STAGES;
             if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
             cp_async_commit();
+        }
+        if (j == 0) {   // delta = rowsum(dO o O) of the warp's rows (sDelta: warp-owned rows)
+            float mine[2];
+            warp_delta<T, D>(p, dOw, L::LDT,
+                             (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                             p.o.rstride, max(0, min(16, nq - warp * 16)),
+                             p.delta + b * p.Lq + q0 + warp * 16, mine);
+            if ((lane & 3) == 0) {
+                sDelta[warp * 16 + (lane >> 2)] = mine[0];
+                sDelta[warp * 16 + (lane >> 2) + 8] = mine[1];
+            }
+            __syncwarp();
         }
         const T* sK = stK(j % STAGES);
         const T* sV = stV(j % STAGES);
@@ -1175,34 +1305,29 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
         warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
                               p.dv.rstride, Vw, L::LDT, nkw, v16);
     }
-    // prompt rows [nk, nk + np): float32 gradients from the registers
-    if (kt.np > 0 && r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
-        const Operand& ok = p.dpk[t.seg];
-        const Operand& ov = p.dpv[t.seg];
-        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+    // prompt rows [nk, nk + np): this sequence's fp32 partials from the registers; the
+    // last unit of the row set writes dpk/dpv (prompt_rows_done)
+    if (kt.np > 0) {
+        if (r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
+            float* gk = prompt_part(p, t.seg, 0, t.b) + (int64_t)kt.p0 * D;
+            float* gv = prompt_part(p, t.seg, 1, t.b) + (int64_t)kt.p0 * D;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
-            if (r < 0 || r >= kt.np) continue;
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
+                if (r < 0 || r >= kt.np) continue;
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n)
+                for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = n * 8 + 2 * tq + e;
-                    float* ak = gk + (int64_t)r * ok.rstride + c;
-                    float* av = gv + (int64_t)r * ov.rstride + c;
-                    const float vk = dk[n][2 * h + e] * p.scale, vv = dv[n][2 * h + e];
-                    if (atomic) {
-                        atomicAdd(ak, vk);
-                        atomicAdd(av, vv);
-                    } else {
-                        *ak = vk;
-                        *av = vv;
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = n * 8 + 2 * tq + e;
+                        gk[r * D + c] = dk[n][2 * h + e] * p.scale;
+                        gv[r * D + c] = dv[n][2 * h + e];
                     }
-                }
+            }
         }
+        prompt_rows_done<T, D, UT>(p, t.seg, t.bi, tid,
+                                   (int)prompt_reps(p, t.seg) * prompt_key_tiles(p, t.seg, BN),
+                                   reinterpret_cast<int*>(t.base + L::qd));
     }
 }
 
@@ -1269,30 +1394,20 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
                              p.dv.rstride, sdV, L::LDA, kt.nk, nullptr, 1.f, v16, tid);
     }
     if (kt.np > 0) {
-        // rows [nk, nk + np): prompt gradients (float32), reduced over the batch either by
-        // atomics into the un-broadcast buffer (broadcast strides 0), or stored per
-        // sequence (deterministic) and summed afterwards by the caller.
-        const Operand& ok = p.dpk[t.seg];
-        const Operand& ov = p.dpv[t.seg];
-        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+        // rows [nk, nk + np): this sequence's fp32 partials; the last unit of the row set
+        // writes dpk/dpv (prompt_rows_done)
+        float* gk = prompt_part(p, t.seg, 0, t.b) + (int64_t)kt.p0 * D;
+        float* gv = prompt_part(p, t.seg, 1, t.b) + (int64_t)kt.p0 * D;
         const float* dK = sdK + kt.nk * L::LDA;
         const float* dV = sdV + kt.nk * L::LDA;
         for (int i = tid; i < kt.np * D; i += UT) {
             const int r = i / D, c = i % D;
-            const float vk = dK[r * L::LDA + c] * p.scale;
-            const float vv = dV[r * L::LDA + c];
-            float* ak = gk + (int64_t)r * ok.rstride + c;
-            float* av = gv + (int64_t)r * ov.rstride + c;
-            if (atomic) {
-                atomicAdd(ak, vk);
-                atomicAdd(av, vv);
-            } else {
-                *ak = vk;
-                *av = vv;
-            }
+            gk[i] = dK[r * L::LDA + c] * p.scale;
+            gv[i] = dV[r * L::LDA + c];
         }
+        prompt_rows_done<T, D, UT>(p, t.seg, t.bi, tid,
+                                   (int)prompt_reps(p, t.seg) * prompt_key_tiles(p, t.seg, BN),
+                                   reinterpret_cast<int*>(base + L::qd));
     }
 }
 
@@ -1305,21 +1420,26 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
 // 16-row tile).  Pass 1 over the key tiles: delta.  Pass 2: per key tile, dS for dQ
 // (query rows) and, with transposed products (S^T = K Q^T, dP^T = V dO^T), dV = P^T dO and
 // dK = dS^T Q of the tile's 16 keys/prompts, written at once (one owner per key row).
-// PACK such warps share a CTA; each has its own shared memory.  With p.seq_reps = R > 0 a
-// warp owns the R sequences b = r * (nseq / R) + g that share one prompt row set and runs
-// them in order r = 0 .. R-1, summing their prompt gradients in the fp32 buffer itself
-// (r = 0 stores, later ones add to the lane's own elements): no zero-fill, no atomics, one
-// fixed order (deterministic).
+// PACK such warps share a CTA; each has its own shared memory.  Prompt gradients: with
+// p.seq_reps = R > 0 a warp owns the R sequences b = r * (nseq / R) + g that share one
+// prompt row set and runs them in order r = 0 .. R-1, keeping a running fp32 sum in the
+// row set's partial slot (each lane its own elements; r = 0 stores, later ones add) and
+// writing dpk/dpv in the prompts' dtype at r = R-1: no zero-fill, no atomics, no
+// cast, one fixed order.  Without seq_reps each warp writes its sequence's partials and
+// the last warp of the row set sums them (prompt_rows_done).
+enum SeqPromptMode : int { kPartOwn = 0, kSumFirst, kSumAdd, kSumLast, kSumOnly };
+
 // One key tile's dV (which = 0) or dK (which = 1) of the short-sequence backward, from C
 // fragments acc (times mul): key rows [0, nk) staged in shared rows s (16 x D, the tile's
 // own V or K rows, no longer read) and written with 16-byte stores; prompt rows [nk,
-// nk + np) from the registers to the fp32 prompt-grad buffer (atomics, or plain stores of
-// this sequence's slice in deterministic mode).
+// nk + np) from the registers by `mode` (SeqPromptMode): partials of sequence b, or the
+// running sum of row set grp (slice grp), the last step writing dpv/dpk (prompts' dtype).
 template <typename T, int D>
 __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
                                                    const BatchIdx& bi, const KeyTile& kt,
                                                    const float (&acc)[D / 8][4], float mul,
-                                                   T* s, int which, bool v16, bool first) {
+                                                   T* s, int which, bool v16, int mode,
+                                                   int64_t b, int64_t grp) {
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     constexpr int LD = pitch<T>(D);
     if (kt.nk > 0) {
@@ -1331,9 +1451,10 @@ __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
                               LD, kt.nk, v16);
     }
     if (kt.np > 0) {
+        const int pw = 1 - which;   // partial index: 0 prompt_k, 1 prompt_v
+        float* part = prompt_part(p, seg, pw, mode == kPartOwn ? b : grp) + (int64_t)kt.p0 * D;
         const Operand& o = which == 0 ? p.dpv[seg] : p.dpk[seg];
-        float* gp = (float*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+        T* out = (T*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h - kt.nk;
@@ -1342,14 +1463,15 @@ __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
             for (int n = 0; n < D / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float* a = gp + (int64_t)r * o.rstride + n * 8 + 2 * tq + e;
+                    const int c = n * 8 + 2 * tq + e;
+                    float* a = part + r * D + c;
                     const float v = acc[n][2 * h + e] * mul;
-                    if (atomic)
-                        atomicAdd(a, v);
-                    else if (first)
+                    if (mode == kPartOwn || mode == kSumFirst)
                         *a = v;
+                    else if (mode == kSumAdd)
+                        *a += v;   // this lane's own element of the previous sequence
                     else
-                        *a += v;   // seq_reps: this lane's own element of the previous sequence
+                        out[(int64_t)r * o.rstride + c] = from_f<T>(mode == kSumLast ? *a + v : v);
                 }
         }
     }
@@ -1391,7 +1513,11 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
     constexpr bool kKeepQ = D <= 64;   // head dim 128: reload Q/dO fragments per tile
 #pragma unroll 1
     for (int64_t rep = 0; rep < reps; ++rep) {
-    const bool first = rep == 0;
+    const int mode = p.seq_reps == 0 ? kPartOwn
+                     : reps == 1      ? kSumOnly
+                     : rep == 0       ? kSumFirst
+                     : rep == reps - 1 ? kSumLast
+                                       : kSumAdd;
     const int64_t b = rep * groups + grp;
     const BatchIdx bi = batch_index(p, b);
     __syncwarp();   // the previous sequence's dQ staging in sQ is read by every lane
@@ -1526,7 +1652,7 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
                     mma_pv<T, D, 16>(acc, dst, sQ, LD);
                 const float mul = half == 0 ? 1.f : p.scale;
                 seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16,
-                                         first);
+                                         mode, b, grp);
             }
         }
     } else {
@@ -1537,8 +1663,8 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
 #pragma unroll 1
         for (int j = 0; j < ntiles; ++j) {
             const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16, first);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16, first);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16, mode, b, grp);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16, mode, b, grp);
         }
     }
     cp_async_drain();   // nothing left in flight on any exit path
@@ -1549,6 +1675,9 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
         warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
                               p.dq.rstride, sQ, LD, nq, v16);
     }
+    if (mode == kPartOwn && num_prompts(p, seg) > 0)   // one warp per sequence: R units
+        prompt_rows_done<T, D, 32>(p, seg, bi, lane, (int)prompt_reps(p, seg),
+                                   reinterpret_cast<int*>(sdO));
     }   // rep
 }
 
@@ -1639,18 +1768,6 @@ cudaError_t launch_dkv_cfg(const AttnParams& p, cudaStream_t st) {
                         PACK * L::bytes, p, st);
 }
 
-template <typename T, int D>
-cudaError_t launch_delta(const AttnParams& p, cudaStream_t st) {
-    const int64_t rows = p.nseq * p.Lq;
-    if (rows <= 0) return cudaSuccess;
-    dim3 grid;
-    if (!make_grid(rows, 8, grid)) return cudaErrorInvalidConfiguration;
-    auto kern = delta_kernel<T, D>;
-    AVSTFP_LAUNCH(kern, grid, 256, 0, st, p);
-    (void)st;
-    return cudaGetLastError();
-}
-
 // Packed configs exist for sequences <= 16 queries when Config has them (PACK_*_S > 0).
 template <typename T, int D>
 constexpr bool has_packed() { return Config<T, D>::PACK_FWD_S > 0; }
@@ -1676,8 +1793,10 @@ cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
                                 kPack * SL::bytes, p, st);
         }
     }
-    cudaError_t e = launch_delta<T, D>(p, st);
-    if (e != cudaSuccess) return e;
+    // dQ (which also writes delta = rowsum(dO o O) of its query tile), then dK/dV, which
+    // reads delta: two launches in stream order
+    if (p.delta == nullptr && p.Lq > 0) return cudaErrorInvalidValue;   // scratch too small
+    cudaError_t e;
     if constexpr (has_packed<T, D>() && std::is_same<T, float>::value) {
         if (p.short_tiles) {
             e = launch_dq_cfg<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1), kPack>(p, st);
@@ -1803,11 +1922,6 @@ void kernel_infos_d(F&& f) {
         s.pack = kPack;
         f(s);
     }
-    KernelInfo k{};
-    std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
-    k.threads = 256;
-    k.pack = 8;
-    f(k);
 }
 
 template <class F>

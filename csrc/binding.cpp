@@ -53,7 +53,6 @@ struct Bound {
     const Tensor* t;   // null: absent
     int op;            // operand index (attn_params.h operand_at), or -1 (lse)
     int64_t rows;
-    bool f32;          // float32 buffer (prompt grads) instead of the input dtype
 };
 
 void check_extent(const AttnParams& p, const Bound& b, const Operand& op, int64_t cols) {
@@ -69,7 +68,7 @@ void check_extent(const AttnParams& p, const Bound& b, const Operand& op, int64_
 }
 
 void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Bound>& bs,
-          const Tensor* lse, Tensor* delta) {
+          const Tensor* lse) {
     TORCH_CHECK(q.is_cuda(), "avstfp_cuda: q must be a CUDA tensor, got device ", q.device());
     TORCH_CHECK(q.dim() >= 2, "avstfp_cuda: q must be (*batch, Lq, E), got ", shape_str(q));
     const int code = dtype_code(q.scalar_type());
@@ -82,7 +81,6 @@ void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Boun
     for (const Bound& b : bs)
         if (b.t != nullptr && b.op >= 0) ptrs[b.op] = b.t->data_ptr();
     if (lse != nullptr) ptrs[avstfp::kNumOperands] = lse->data_ptr();
-    if (delta != nullptr) ptrs[avstfp::kNumOperands + 1] = delta->data_ptr();
     const char* err = avstfp::unpack_params(plan.data(), (int64_t)plan.size(), ptrs.data(), p);
     TORCH_CHECK(err == nullptr, "avstfp_cuda: ", err);
     TORCH_CHECK(p.dtype == code, "avstfp_cuda: the launch plan is for dtype code ", p.dtype,
@@ -107,7 +105,7 @@ void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Boun
         const Tensor& t = *b.t;
         TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "avstfp_cuda: ", b.name,
                     " must be on ", q.device(), ", got ", t.device());
-        const at::ScalarType want = b.f32 ? at::kFloat : q.scalar_type();
+        const at::ScalarType want = q.scalar_type();   // prompt grads too
         TORCH_CHECK(t.scalar_type() == want, "avstfp_cuda: ", b.name, " must have dtype ",
                     want, ", got ", t.scalar_type());
         TORCH_CHECK(t.dim() >= 1 && t.size(-1) == E && (E == 1 || t.stride(-1) == 1),
@@ -128,9 +126,9 @@ void add_prompts(std::vector<Bound>& bs, const c10::List<std::optional<Tensor>>&
                     "] and prompt_v[", s, "] must be given together");
         if (!pk.has_value()) continue;
         keep.push_back(*pk);
-        bs.push_back({"prompt_k", &keep.back(), kPk + (int)s, pk->size(-2), false});
+        bs.push_back({"prompt_k", &keep.back(), kPk + (int)s, pk->size(-2)});
         keep.push_back(*pv);
-        bs.push_back({"prompt_v", &keep.back(), kPv + (int)s, pv->size(-2), false});
+        bs.push_back({"prompt_v", &keep.back(), kPv + (int)s, pv->size(-2)});
     }
 }
 
@@ -163,28 +161,31 @@ void fwd(const Tensor& q, const Tensor& k, const Tensor& v,
     same_shape(out, "out", q, "q");
     check_lse(lse, q, "lse");
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2), false},
-                             {"k", &k, kK, k.size(-2), false},
-                             {"v", &v, kV, v.size(-2), false},
-                             {"out", &out, kO, out.size(-2), false}};
+    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2)},
+                             {"k", &k, kK, k.size(-2)},
+                             {"v", &v, kV, v.size(-2)},
+                             {"out", &out, kO, out.size(-2)}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     AttnParams p;
-    fill(p, plan, q, bs, &lse, nullptr);
+    fill(p, plan, q, bs, &lse);
     if (p.nseq == 0 || p.Lq == 0) return;
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     check_launch(avstfp::launch_forward(p, stream), "fwd", p);
 }
 
-// dprompt: one float32 buffer (2, *lead, P, E) per segment that has prompts (P > 0), in
-// segment order: index 0 receives the gradient of prompt_k, index 1 that of prompt_v
-// (layout.prompt_grad_shape; reduced over the batch by atomics, or one slice per sequence
-// in deterministic plans).
+// dprompt: one buffer (2, *lead, P, E) in the prompts' dtype per segment that has prompts
+// (P > 0), in segment order: index 0 receives the gradient of prompt_k, index 1 that of
+// prompt_v (layout.prompt_grad_shape: lead = the prompts' own batch shape).  scratch:
+// float32, the prompt-gradient partials (attn_params.h prompt_part_offset), then delta
+// (nseq * Lq) for the two-kernel backward (cuda_backend.launches sizes it); tickets: int32 counters, all 0 (the kernels leave them 0).  Both are
+// the backend's (ops/cuda_backend.py), so that this file allocates nothing.
 void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& dout, const Tensor& lse, const Tensor& dq,
-         const Tensor& dk, const Tensor& dv, at::TensorList dprompt) {
+         const Tensor& dk, const Tensor& dv, at::TensorList dprompt, const Tensor& scratch,
+         const Tensor& tickets) {
     same_shape(out, "out", q, "q");
     same_shape(dout, "dout", q, "q");
     same_shape(dq, "dq", q, "q");
@@ -192,14 +193,14 @@ void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
     same_shape(dv, "dv", v, "v");
     check_lse(lse, q, "lse");
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2), false},
-                             {"k", &k, kK, k.size(-2), false},
-                             {"v", &v, kV, v.size(-2), false},
-                             {"out", &out, kO, out.size(-2), false},
-                             {"dout", &dout, kDout, dout.size(-2), false},
-                             {"dq", &dq, kDq, dq.size(-2), false},
-                             {"dk", &dk, kDk, dk.size(-2), false},
-                             {"dv", &dv, kDv, dv.size(-2), false}};
+    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2)},
+                             {"k", &k, kK, k.size(-2)},
+                             {"v", &v, kV, v.size(-2)},
+                             {"out", &out, kO, out.size(-2)},
+                             {"dout", &dout, kDout, dout.size(-2)},
+                             {"dq", &dq, kDq, dq.size(-2)},
+                             {"dk", &dk, kDk, dk.size(-2)},
+                             {"dv", &dv, kDv, dv.size(-2)}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     size_t gi = 0;
     for (size_t s = 0; s < prompt_k.size(); ++s) {
@@ -210,16 +211,32 @@ void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
         TORCH_CHECK(g.dim() >= 3 && g.size(0) == 2, "avstfp_cuda: dprompt[", gi - 1,
                     "] must be (2, *lead, P, E), got ", shape_str(g));
         keep.push_back(g.select(0, 0));
-        bs.push_back({"dprompt_k", &keep.back(), kDpk + (int)s, g.size(-2), true});
+        bs.push_back({"dprompt_k", &keep.back(), kDpk + (int)s, g.size(-2)});
         keep.push_back(g.select(0, 1));
-        bs.push_back({"dprompt_v", &keep.back(), kDpv + (int)s, g.size(-2), true});
+        bs.push_back({"dprompt_v", &keep.back(), kDpv + (int)s, g.size(-2)});
     }
     TORCH_CHECK(gi == dprompt.size(), "avstfp_cuda: got ", dprompt.size(),
                 " prompt-grad buffers for ", gi, " segments with prompts");
-    Tensor delta = at::empty(lse.sizes(), q.options().dtype(at::kFloat));
     AttnParams p;
-    fill(p, plan, q, bs, &lse, &delta);
+    fill(p, plan, q, bs, &lse);
     if (p.nseq == 0) return;
+    const int64_t nparts = avstfp::prompt_part_offset(p, p.nseg);
+    const int64_t nticks = avstfp::prompt_ticket_offset(p, p.nseg);
+    TORCH_CHECK(scratch.scalar_type() == at::kFloat && scratch.is_contiguous() &&
+                    scratch.device() == q.device() && scratch.numel() >= nparts,
+                "avstfp_cuda: scratch must be a contiguous float32 tensor of at least ", nparts,
+                " elements on ", q.device(), ", got ", shape_str(scratch), " ",
+                scratch.scalar_type(), " on ", scratch.device());
+    TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() &&
+                    tickets.device() == q.device() && tickets.numel() >= nticks,
+                "avstfp_cuda: tickets must be a contiguous int32 tensor of at least ", nticks,
+                " elements on ", q.device(), ", got ", shape_str(tickets), " ",
+                tickets.scalar_type(), " on ", tickets.device());
+    p.part = scratch.data_ptr<float>();
+    // delta follows the partials where the backend sized scratch for it (the two-kernel
+    // backward; launch_backward refuses that path without it)
+    p.delta = scratch.numel() >= nparts + p.nseq * p.Lq ? p.part + nparts : nullptr;
+    p.tickets = tickets.data_ptr<int>();
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     check_launch(avstfp::launch_backward(p, stream), "bwd", p);
@@ -239,7 +256,7 @@ TORCH_LIBRARY(avstfp_cuda, m) {
           "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()");
     m.def("bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
           "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
-          "Tensor(c!) dv, Tensor(d!)[] dprompt) -> ()");
+          "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch, Tensor(f!) tickets) -> ()");
     m.def("smem_bytes(int dtype_code, int head_dim, bool short_tiles) -> int", &smem_bytes);
 }
 

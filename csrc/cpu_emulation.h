@@ -53,6 +53,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
@@ -278,6 +279,15 @@ inline float atomicAdd(float* a, float v) {
     *a = old + v;
     return old;
 }
+// Ticket counters (attn_kernels.cuh last_of_row_set).  CTAs run one after another here, so
+// the last CTA of a row set in launch order draws the last ticket; the kernels' fixed
+// summation order makes the result independent of which CTA that is on a GPU.
+inline int atomicAdd(int* a, int v) {
+    const int old = *a;
+    *a = old + v;
+    return old;
+}
+inline void __threadfence() {}
 
 // ------------------------------------------------------------------ cp.async
 namespace avstfp {
