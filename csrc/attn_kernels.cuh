@@ -802,7 +802,7 @@ __host__ __device__ inline int prompt_key_tiles(const AttnParams& p, int s, int 
 
 // rowsum(dO o O) of `rows` query rows (dO in shared memory, O from global memory) by one
 // warp, lane 0 writes them to p.delta; returns the values of rows g and g + 8 (fragment
-// rows of this lane).  What the three-kernel backward's delta pre-pass did, done by the
+// rows of this lane).  What the former delta pre-pass kernel did, done by the
 // dQ kernel for its own query tile (dK/dV, launched after it, reads p.delta).
 template <typename T, int D>
 __device__ __forceinline__ void warp_delta(const AttnParams& p, const T* sdO, int ld,
@@ -1223,8 +1223,8 @@ struct DkvTile {
 // P^T = exp2(S^T log2e scale - lse) and dS^T = P^T (dP^T - delta) in the same registers,
 // which become the A operands of dV += P^T dO and dK += dS^T Q; dK and dV stay in
 // registers until the end.  Key rows go out through the warp's own K/V rows in shared
-// memory (16-byte stores); prompt rows go from the registers to the fp32 prompt-grad
-// buffer (atomics, or per-sequence stores in deterministic mode).
+// memory (16-byte stores); prompt rows go from the registers to this sequence's fp32
+// partials, summed by the last unit of the row set (prompt_rows_done).
 template <typename T, int D, int BN, int BM, int STAGES, int PACK>
 __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
     using L = DkvSmem<T, D, BN, BM, STAGES>;

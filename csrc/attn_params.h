@@ -17,7 +17,7 @@ enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 // One (*batch, rows, head_dim) operand: the element at (batch index b_0..b_3, row r, col c)
 // lives at  ptr + sum_i b_i * bstride[i] + r * rstride + c   (elements, last dim dense).
-// A broadcast dim has bstride 0 (batch-shared prompts; atomically reduced prompt grads).
+// A broadcast dim has bstride 0 (batch-shared prompts and their summed gradients).
 struct Operand {
     void* ptr;
     int64_t bstride[AVSTFP_MAX_BDIMS];

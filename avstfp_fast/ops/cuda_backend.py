@@ -2,9 +2,9 @@
 
 Kernels: ``csrc/*.cu`` (design notes at the top of ``csrc/prompted_attention.cu``): a
 FlashAttention-style forward with the prompts as a second key/value source of the same
-online softmax, and a backward made of a ``delta = rowsum(dO*O)`` kernel, a dQ kernel
-(one 4-warp unit per query tile) and a dK/dV kernel (one unit per key tile, prompt tiles
-included), so dq/dk/dv need no atomics.  Streamed tiles go through a 1-3 stage cp.async
+online softmax, and a backward of two kernels, a dQ kernel (one 4-warp unit per query
+tile; it also computes ``delta = rowsum(dO*O)`` of its tile for the next kernel) and a
+dK/dV kernel (one unit per key tile, prompt tiles included), so dq/dk/dv need no atomics.  Streamed tiles go through a 1-3 stage cp.async
 pipeline; sequences of at most 16 queries (the temporal stage) are packed 4 per CTA;
 outputs are written with 16-byte stores.  The compile-time contract (registers, spills,
 occupancy, cp.async in the SASS) is ``bench/static_sm90_cuda.py``.  Configs above 99 KiB of

@@ -80,7 +80,7 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}                # attn_
 PLAN_HEADER = 16
 PLAN_INTS = PLAN_HEADER + 5 * MAX_SEGMENTS + (MAX_BATCH_DIMS + 1) * len(OPERANDS)
 SHORT_QUERIES = 16   # short_tiles: every segment has at most this many queries
-#: seq_reps: at most this many sequences run in series in one warp (else: atomics)
+#: seq_reps: at most this many sequences run in series in one warp (else: the ticket sum)
 SEQ_REPS_MAX = 64
 
 
@@ -183,7 +183,7 @@ class LaunchPlan:
         self.elsize = q.element_size()
         self.scale = float(scale)
         # the short fp16/bf16 backward (seq_bwd_kernel) sums the prompt gradients of the
-        # sequences sharing a prompt row set itself: no atomics, no zero-fill
+        # sequences sharing a prompt row set in one warp, as a running sum
         short = (max(int(n) for n in q_segments) <= SHORT_QUERIES) if nseg else True
         self.seq_reps = (seq_reps(pks, pvs, batch) if backward and short
                          and str(q.dtype) in ("torch.float16", "torch.bfloat16") else 0)
