@@ -699,9 +699,12 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
 // threadFenceReduction pattern: every writer fences its partials before the unit barrier
 // that precedes the ticket, and the last unit reads them through L2 (ld.global.cg).
 #ifndef AVSTFP_CPU_EMULATION
-__device__ __forceinline__ float load_cg(const float* a) { return __ldcg(a); }
+__device__ __forceinline__ float4 load_cg(const float4* a) { return __ldcg(a); }
 #else
-inline float load_cg(const float* a) { return *a; }
+inline float4 load_cg(const float4* a) {
+    if (reinterpret_cast<uintptr_t>(a) % 16 != 0) avstfp_emu::fail("misaligned float4 load");
+    return *a;
+}
 #endif
 
 __device__ __forceinline__ bool prompt_reduced(const AttnParams& p, int s, int d) {
@@ -744,10 +747,15 @@ __device__ __forceinline__ bool last_of_row_set(int* ticket, int total, int* fla
 }
 
 // dpk/dpv of the row set of sequence bi: the sum of its R sequences' partials in sequence
-// order, written in the prompts' dtype.
+// order, written in the prompts' dtype.  Each thread owns 4 consecutive elements (16-byte
+// loads through L2) and keeps kLoads of the R loads in flight before it adds them, in
+// order, so the unit that finishes a row set is not bound by one load's latency per
+// sequence (R is 80 in the spatial stage).  Every slice is 16-byte aligned (E % 4 == 0,
+// 16-byte aligned scratch).
 template <typename T, int D, int UT>
 __device__ __noinline__ void finish_prompt_grads(const AttnParams& p, int s, const BatchIdx& bi,
                                                  int tid) {
+    constexpr int kLoads = 8;
     const int P = p.n_prompt[s];
     const int64_t R = prompt_reps(p, s);
     int64_t b0 = 0, step[AVSTFP_MAX_BDIMS], acc = 1;   // first member; flat stride per dim
@@ -761,27 +769,43 @@ __device__ __noinline__ void finish_prompt_grads(const AttnParams& p, int s, con
     const Operand& ov = p.dpv[s];
     T* gk = (T*)ok.ptr + boff(ok, bi);
     T* gv = (T*)ov.ptr + boff(ov, bi);
-    const float* part = p.part + prompt_part_offset(p, s);
-    const int64_t slice = (int64_t)P * D;
-    for (int e = tid; e < 2 * P * D; e += UT) {
-        const int which = e >= P * D;
-        const int rc = e - which * P * D, r = rc / D, c = rc % D;
-        const float* src = part + (int64_t)which * p.nseq * slice + rc;
-        float sum = 0.f;
+    const int nvec = P * D / 4;                              // float4s per prompt (k or v)
+    const int64_t vslice = nvec;                              // one sequence's slice
+    const float4* part = reinterpret_cast<const float4*>(p.part + prompt_part_offset(p, s));
+    for (int e = tid; e < 2 * nvec; e += UT) {
+        const int which = e >= nvec;
+        const int v = e - which * nvec;
+        const float4* src = part + (int64_t)which * prompt_part_slots(p) * vslice + v;
+        float sum[4] = {0.f, 0.f, 0.f, 0.f};
         int64_t idx[AVSTFP_MAX_BDIMS] = {0, 0, 0, 0};   // odometer over the reduced dims
         int64_t b = b0;
-        for (int64_t m = 0; m < R; ++m) {
-            sum += load_cg(src + b * slice);
-            for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {
-                if (!prompt_reduced(p, s, d)) continue;
-                b += step[d];
-                if (++idx[d] < p.bsize[d]) break;
-                b -= idx[d] * step[d];
-                idx[d] = 0;
+        for (int64_t m = 0; m < R; m += kLoads) {
+            float4 x[kLoads];
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {
+                if (m + u >= R) break;
+                x[u] = load_cg(src + b * vslice);
+                for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {   // next member
+                    if (!prompt_reduced(p, s, d)) continue;
+                    b += step[d];
+                    if (++idx[d] < p.bsize[d]) break;
+                    b -= idx[d] * step[d];
+                    idx[d] = 0;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {   // in member order
+                if (m + u >= R) break;
+                sum[0] += x[u].x;
+                sum[1] += x[u].y;
+                sum[2] += x[u].z;
+                sum[3] += x[u].w;
             }
         }
-        T* dst = which ? gv + (int64_t)r * ov.rstride : gk + (int64_t)r * ok.rstride;
-        dst[c] = from_f<T>(sum);
+        const int r = 4 * v / D, c = 4 * v % D;
+        T* dst = which ? gv + (int64_t)r * ov.rstride + c : gk + (int64_t)r * ok.rstride + c;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = from_f<T>(sum[i]);
     }
 }
 
@@ -1675,10 +1699,10 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
         warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
                               p.dq.rstride, sQ, LD, nq, v16);
     }
-    if (mode == kPartOwn && num_prompts(p, seg) > 0)   // one warp per sequence: R units
-        prompt_rows_done<T, D, 32>(p, seg, bi, lane, (int)prompt_reps(p, seg),
-                                   reinterpret_cast<int*>(sdO));
     }   // rep
+    if (p.seq_reps == 0 && num_prompts(p, seg) > 0)    // one warp per sequence (b = grp): R
+        prompt_rows_done<T, D, 32>(p, seg, batch_index(p, grp), lane, (int)prompt_reps(p, seg),
+                                   reinterpret_cast<int*>(sdO));
 }
 
 // ================================================================== configurations

@@ -223,10 +223,11 @@ void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
     const int64_t nparts = avstfp::prompt_part_offset(p, p.nseg);
     const int64_t nticks = avstfp::prompt_ticket_offset(p, p.nseg);
     TORCH_CHECK(scratch.scalar_type() == at::kFloat && scratch.is_contiguous() &&
-                    scratch.device() == q.device() && scratch.numel() >= nparts,
-                "avstfp_cuda: scratch must be a contiguous float32 tensor of at least ", nparts,
-                " elements on ", q.device(), ", got ", shape_str(scratch), " ",
-                scratch.scalar_type(), " on ", scratch.device());
+                    scratch.device() == q.device() && scratch.numel() >= nparts &&
+                    reinterpret_cast<uintptr_t>(scratch.data_ptr()) % 16 == 0,
+                "avstfp_cuda: scratch must be a contiguous, 16-byte aligned float32 tensor of "
+                "at least ", nparts, " elements on ", q.device(), ", got ", shape_str(scratch),
+                " ", scratch.scalar_type(), " on ", scratch.device());
     TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() &&
                     tickets.device() == q.device() && tickets.numel() >= nticks,
                 "avstfp_cuda: tickets must be a contiguous int32 tensor of at least ", nticks,
