@@ -308,6 +308,20 @@ __device__ __forceinline__ void decode_q_tile(const AttnParams& p, int BM, int t
     }
 }
 
+// The work item of a query-tile unit (forward, dQ): sequence b and the query rows
+// [q0, q0 + nq) of segment seg; false when the unit has none.
+template <int PACK>
+__device__ __forceinline__ bool q_tile_item(const AttnParams& p, int BM, int unit, int64_t& b,
+                                            int& seg, int& q0, int& nq) {
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return false;
+    b = w / tiles;
+    seg = q0 = nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+    return true;
+}
+
 // Keys of segment s: its k_len rows of k followed by its P prompt rows, one sequence of
 // k_len + P rows cut into tiles of BN: a tile may end the real keys and start the prompts
 // (the temporal stage's 10 keys + 2 prompts are one 16-row tile).
@@ -365,6 +379,78 @@ __device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, cons
     load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
                              kt.np > 0 ? p.pv[s].rstride : 0, kt.np, vec, tid);
 }
+
+// What the forward and dQ bodies share (the twin of DkvTile, which streams query tiles
+// past fixed keys): the unit's work item (sequence b, query rows [q0, q0 + nq) of segment
+// seg), its shared memory (layout L: K/V stages at L::kv, L::tile bytes each), and the
+// cp.async pipeline over the segment's key tiles, one K/V tile per stage.  The bodies load
+// Q (and dO) by load_rows before start(), so those copies join the first group.  Each body
+// still opens with the same few lines (thread ids, init, its own names for the fields):
+// what follows differs (fragments in registers vs tiles in shared memory), and one body
+// template over both would hide that more than the repeated declarations do.
+template <typename T, int D, int BM, int BN, int STAGES, class L>
+struct QTile {
+    static constexpr int UT = BM * 2;
+    unsigned char* base;   // this unit's shared memory
+    int tid, seg, q0, nq, ntiles;
+    int64_t b;
+    BatchIdx bi;
+    bool vec;
+
+    // The work item of unit `unit`; false (and no copies issued) when there is none.
+    template <int PACK>
+    __device__ __forceinline__ bool init(const AttnParams& p, unsigned char* smem, int unit,
+                                         int tid_) {
+        if (!q_tile_item<PACK>(p, BM, unit, b, seg, q0, nq)) return false;
+        tid = tid_;
+        base = smem + unit * L::bytes;
+        bi = batch_index(p, b);
+        vec = p.vec16 != 0;
+        ntiles = num_key_tiles(p, seg, BN);
+        return true;
+    }
+
+    __device__ __forceinline__ T* stK(int st) const {
+        return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile);
+    }
+    __device__ __forceinline__ T* stV(int st) const {
+        return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile);
+    }
+
+    // The tile's rows of operand o (q or dout) into s, asynchronously.
+    __device__ __forceinline__ void load_rows(const Operand& o, T* s) const {
+        load_tile<T, BM, D, UT>(s, (const T*)o.ptr + boff(o, bi) + (int64_t)q0 * o.rstride,
+                                o.rstride, nq, vec, tid);
+    }
+
+    // The first STAGES-1 K/V tiles in flight, one commit group each.
+    __device__ __forceinline__ void start(const AttnParams& p) const {
+#pragma unroll 1
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+    }
+
+    // Key tile j resident in its stage (returned) for the whole unit (with tile 0: the
+    // rows of load_rows too); the next tile's copies are in flight.
+    __device__ __forceinline__ int acquire(const AttnParams& p, int j) const {
+        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        return j % STAGES;
+    }
+};
 
 // ================================================================== forward
 // Shared memory of one unit.  fp16/bf16 (MMA: the register-resident forward below): the
@@ -447,6 +533,19 @@ __device__ __forceinline__ void warp_store_rows(T* g, int64_t rstride, const T* 
     }
 }
 
+// The warp's 16 output rows from C fragments acc (times m0 for rows g, m1 for rows g + 8)
+// to global memory: staged in shared rows s (the warp's own, no longer read), then `rows`
+// of them stored by warp_store_rows.
+template <typename T, int D>
+__device__ __forceinline__ void warp_store_frags(T* g, int64_t rstride, T* s, int ld,
+                                                 const float (&acc)[D / 8][4], float m0,
+                                                 float m1, int rows, bool vec16) {
+    __syncwarp();   // every lane is done reading s
+    stage_frags<T, D>(s, ld, acc, m0, m1);
+    __syncwarp();
+    warp_store_rows<T, D>(g, rstride, s, ld, rows, vec16);
+}
+
 // One warp owns 16 query rows.  Per key tile: S = Q K^T into C fragments (Q's A fragments
 // loaded once by ldmatrix, K's by ldmatrix.x4), masked and scaled in registers; the row max
 // and the rescale factor come from the 4 lanes that share a row (two xor shuffles); P stays
@@ -462,30 +561,17 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.start(p);
 
     T* Qw = sQ + warp * 16 * L::LDT;
     uint32_t qf[D / 16][4];                    // Q's A fragments (loaded with tile 0)
@@ -497,22 +583,10 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
 
 #pragma unroll 1
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j (and Q) landed
-        if (AVSTFP_TEST_FAULT != 2)
-            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
+        const int stage = t.acquire(p, j);
         if (j == 0) load_a_frags<T, D>(qf, Qw, L::LDT);
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;   // valid keys of the tile (>= 1)
 
@@ -569,12 +643,10 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
         const int r = warp * 16 + g + 8 * h;
         if (tq == 0 && r < nq) p.lse[b * p.Lq + q0 + r] = (m[h] + log2f(l[h])) * kLn2;
     }
-    // O / l into this warp's Q rows (their fragments are in registers), then to global
-    __syncwarp();
-    stage_frags<T, D>(Qw, L::LDT, o, inv[0], inv[1]);
-    __syncwarp();
-    warp_store_rows<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
-                          p.o.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+    // O / l through this warp's Q rows (their fragments are in registers) to global
+    warp_store_frags<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                           p.o.rstride, Qw, L::LDT, o, inv[0], inv[1], min(16, nq - warp * 16),
+                           p.vec16_out != 0);
 }
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
@@ -585,36 +657,23 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     float* sS = reinterpret_cast<float*>(base + L::s);
     T* sP = reinterpret_cast<T*>(base + L::pm);
     float* sO = reinterpret_cast<float*>(base + L::o);
     float* sM = reinterpret_cast<float*>(base + L::stat);   // running max (log2 units)
     float* sL = sM + BM;                                      // running sum
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
     // prologue: Q and the first STAGES-1 K/V tiles in flight (Q joins the first group)
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.start(p);
     for (int i = tid; i < BM * L::LDO; i += UT) sO[i] = 0.f;
     for (int i = tid; i < BM; i += UT) {
         sM[i] = -INFINITY;
@@ -628,21 +687,9 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     float* Ow = sO + warp * 16 * L::LDO;
 
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
-        if (AVSTFP_TEST_FAULT != 2)
-            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const int stage = t.acquire(p, j);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;   // valid keys of the tile
 
@@ -897,34 +944,19 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     T* sdO = reinterpret_cast<T*>(base + L::dout);
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-    load_tile<T, BM, D, UT>(sdO,
-                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
-                            p.dout.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.load_rows(p.dout, sdO);
+    t.start(p);
     float lse[2], dlt[2] = {0.f, 0.f};   // rows g, g+8 of this warp (lse in log2 units);
 #pragma unroll                              // padded rows: 0
     for (int h = 0; h < 2; ++h) {
@@ -942,18 +974,7 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
 
 #pragma unroll 1
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
+        const int stage = t.acquire(p, j);
         if (j == 0) {
             load_a_frags<T, D>(qf, Qw, L::LDT);
             load_a_frags<T, D>(df, dOw, L::LDT);
@@ -962,8 +983,8 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
                              (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
                              p.o.rstride, wrows, p.delta + b * p.Lq + q0 + warp * 16, dlt);
         }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;
 
@@ -986,11 +1007,9 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
     }
     cp_async_drain();   // nothing left in flight on any exit path
 
-    __syncwarp();
-    stage_frags<T, D>(Qw, L::LDT, dq, p.scale, p.scale);
-    __syncwarp();
-    warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
-                          p.dq.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+    warp_store_frags<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
+                           p.dq.rstride, Qw, L::LDT, dq, p.scale, p.scale,
+                           min(16, nq - warp * 16), p.vec16_out != 0);
 }
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
@@ -1001,14 +1020,12 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     T* sdO = reinterpret_cast<T*>(base + L::dout);
     float* sS = reinterpret_cast<float*>(base + L::s);
@@ -1017,24 +1034,11 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     float* sdQ = reinterpret_cast<float*>(base + L::dq);
     float* sLse = reinterpret_cast<float*>(base + L::stat);   // log2 units
     float* sDelta = sLse + BM;
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-    load_tile<T, BM, D, UT>(sdO,
-                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
-                            p.dout.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.load_rows(p.dout, sdO);
+    t.start(p);
     for (int i = tid; i < BM * L::LDA; i += UT) sdQ[i] = 0.f;
     for (int r = tid; r < BM; r += UT) sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
 
@@ -1046,18 +1050,7 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     float* dQw = sdQ + warp * 16 * L::LDA;
 
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
+        const int stage = t.acquire(p, j);
         if (j == 0) {   // delta = rowsum(dO o O) of the warp's rows (sDelta: warp-owned rows)
             float mine[2];
             warp_delta<T, D>(p, dOw, L::LDT,
@@ -1070,8 +1063,8 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
             }
             __syncwarp();
         }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;
 
@@ -1319,15 +1312,11 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
     const int r0 = warp * 16;
     const int nkw = min(16, kt.nk - r0);
     if (nkw > 0) {
-        __syncwarp();
-        stage_frags<T, D>(Kw, L::LDT, dk, p.scale, p.scale);
-        stage_frags<T, D>(Vw, L::LDT, dv, 1.f, 1.f);
-        __syncwarp();
         const bool v16 = p.vec16_out != 0;
-        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
-                              p.dk.rstride, Kw, L::LDT, nkw, v16);
-        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
-                              p.dv.rstride, Vw, L::LDT, nkw, v16);
+        warp_store_frags<T, D>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
+                               p.dk.rstride, Kw, L::LDT, dk, p.scale, p.scale, nkw, v16);
+        warp_store_frags<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
+                               p.dv.rstride, Vw, L::LDT, dv, 1.f, 1.f, nkw, v16);
     }
     // prompt rows [nk, nk + np): this sequence's fp32 partials from the registers; the
     // last unit of the row set writes dpk/dpv (prompt_rows_done)
@@ -1468,11 +1457,8 @@ __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
     constexpr int LD = pitch<T>(D);
     if (kt.nk > 0) {
         const Operand& o = which == 0 ? p.dv : p.dk;
-        __syncwarp();
-        stage_frags<T, D>(s, LD, acc, mul, mul);
-        __syncwarp();
-        warp_store_rows<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
-                              LD, kt.nk, v16);
+        warp_store_frags<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
+                               LD, acc, mul, mul, kt.nk, v16);
     }
     if (kt.np > 0) {
         const int pw = 1 - which;   // partial index: 0 prompt_k, 1 prompt_v
@@ -1692,13 +1678,9 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
         }
     }
     cp_async_drain();   // nothing left in flight on any exit path
-    if (nq > 0) {
-        __syncwarp();
-        stage_frags<T, D>(sQ, LD, dq, p.scale, p.scale);
-        __syncwarp();
-        warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
-                              p.dq.rstride, sQ, LD, nq, v16);
-    }
+    if (nq > 0)
+        warp_store_frags<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
+                               p.dq.rstride, sQ, LD, dq, p.scale, p.scale, nq, v16);
     }   // rep
     if (p.seq_reps == 0 && num_prompts(p, seg) > 0)    // one warp per sequence (b = grp): R
         prompt_rows_done<T, D, 32>(p, seg, batch_index(p, grp), lane, (int)prompt_reps(p, seg),
@@ -1958,3 +1940,15 @@ void kernel_infos(F&& f) {
 
 }  // namespace detail
 }  // namespace avstfp
+
+// The entry points of attn_params.h for one dtype: csrc/attn_{f16,bf16,f32}.cu each expand
+// this once (one translation unit per dtype, compiled in parallel).
+#define AVSTFP_DTYPE_ENTRY_POINTS(SUFFIX, T)                                                 \
+    namespace avstfp {                                                                      \
+    cudaError_t launch_forward_##SUFFIX(const AttnParams& p, cudaStream_t stream) {         \
+        return detail::launch_fwd_t<T>(p, stream);                                          \
+    }                                                                                       \
+    cudaError_t launch_backward_##SUFFIX(const AttnParams& p, cudaStream_t stream) {        \
+        return detail::launch_bwd_t<T>(p, stream);                                          \
+    }                                                                                       \
+    }

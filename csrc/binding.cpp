@@ -154,17 +154,23 @@ void same_shape(const Tensor& a, const char* an, const Tensor& b, const char* bn
                 shape_str(b), ", got ", shape_str(a));
 }
 
+// The operands both ops read: q, k, v and the forward output (shape of q), with lse checked.
+std::vector<Bound> qkv_out(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                           const Tensor& lse) {
+    same_shape(out, "out", q, "q");
+    check_lse(lse, q, "lse");
+    return {{"q", &q, kQ, q.size(-2)},
+            {"k", &k, kK, k.size(-2)},
+            {"v", &v, kV, v.size(-2)},
+            {"out", &out, kO, out.size(-2)}};
+}
+
 void fwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& lse) {
-    same_shape(out, "out", q, "q");
-    check_lse(lse, q, "lse");
+    std::vector<Bound> bs = qkv_out(q, k, v, out, lse);
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2)},
-                             {"k", &k, kK, k.size(-2)},
-                             {"v", &v, kV, v.size(-2)},
-                             {"out", &out, kO, out.size(-2)}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     AttnParams p;
     fill(p, plan, q, bs, &lse);
@@ -178,29 +184,25 @@ void fwd(const Tensor& q, const Tensor& k, const Tensor& v,
 // (P > 0), in segment order: index 0 receives the gradient of prompt_k, index 1 that of
 // prompt_v (layout.prompt_grad_shape: lead = the prompts' own batch shape).  scratch:
 // float32, the prompt-gradient partials (attn_params.h prompt_part_offset), then delta
-// (nseq * Lq) for the two-kernel backward (cuda_backend.launches sizes it); tickets: int32 counters, all 0 (the kernels leave them 0).  Both are
-// the backend's (ops/cuda_backend.py), so that this file allocates nothing.
+// (nseq * Lq) for the two-kernel backward (cuda_backend.launches sizes it); tickets: int32
+// counters, all 0 (the kernels leave them 0).  Both are the backend's
+// (ops/cuda_backend.py), so that this file allocates nothing.
 void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& dout, const Tensor& lse, const Tensor& dq,
          const Tensor& dk, const Tensor& dv, at::TensorList dprompt, const Tensor& scratch,
          const Tensor& tickets) {
-    same_shape(out, "out", q, "q");
+    std::vector<Bound> bs = qkv_out(q, k, v, out, lse);
     same_shape(dout, "dout", q, "q");
     same_shape(dq, "dq", q, "q");
     same_shape(dk, "dk", k, "k");
     same_shape(dv, "dv", v, "v");
-    check_lse(lse, q, "lse");
+    bs.insert(bs.end(), {{"dout", &dout, kDout, dout.size(-2)},
+                         {"dq", &dq, kDq, dq.size(-2)},
+                         {"dk", &dk, kDk, dk.size(-2)},
+                         {"dv", &dv, kDv, dv.size(-2)}});
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2)},
-                             {"k", &k, kK, k.size(-2)},
-                             {"v", &v, kV, v.size(-2)},
-                             {"out", &out, kO, out.size(-2)},
-                             {"dout", &dout, kDout, dout.size(-2)},
-                             {"dq", &dq, kDq, dq.size(-2)},
-                             {"dk", &dk, kDk, dk.size(-2)},
-                             {"dv", &dv, kDv, dv.size(-2)}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     size_t gi = 0;
     for (size_t s = 0; s < prompt_k.size(); ++s) {
