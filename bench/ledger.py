@@ -37,8 +37,8 @@ for its plan, as ``avstfp_fast.ops.cuda_backend.launches`` decides them (the sam
 the backend sizes its scratch by).  The torch ops around the call (fills, reductions,
 casts) are recorded like any other; the scratch the backend allocates for the call (fp32
 prompt-gradient partials, delta) is charged one write and one read.  The int32 ticket
-counters of the prompt-gradient reduction are allocated and zeroed once per device, not
-per call (``cuda_backend.ticket_buffer``): that happens before the recorded calls.
+counters of the prompt-gradient reduction are the binding's, zeroed once per device and
+stream, not per call: not charged.
 """
 from __future__ import annotations
 
@@ -317,9 +317,6 @@ def run_case(model: str, stage: str, backend: str = "triton", batch: int = BATCH
     rows = []
     with cap, FakeTensorMode(), fake_sm90(modules, sink=sink):
         dt, dev = shape.dtype, "cuda"
-        if backend == "cuda":      # once per device in a process, not per call
-            CB._TICKETS.clear()
-            CB.ticket_buffer(torch.empty(0, device=dev).device, 1 << 16)
         qkv = torch.empty(batch, a.frames, a.tokens, 3, a.heads, a.head_dim, dtype=dt,
                           device=dev, requires_grad=True)
         ps = shape.prompt_shape()

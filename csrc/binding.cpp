@@ -11,7 +11,10 @@
 
 #include <cstring>
 #include <deque>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attn_params.h"
@@ -180,19 +183,36 @@ void fwd(const Tensor& q, const Tensor& k, const Tensor& v,
     check_launch(avstfp::launch_forward(p, stream), "fwd", p);
 }
 
+// The int32 ticket counters of the prompt-gradient reduction (attn_kernels.cuh,
+// last_of_row_set), at least n: one buffer per device and stream, zeroed once when it is
+// allocated or grown (one fill, on the stream, before the first launch that needs it) and
+// left at 0 by every kernel, so no call fills it and CUDA-graph replays stay valid (make
+// the first call before capturing).  Per stream: two backwards running at once must not
+// share counters.  Kept here rather than passed in, so that a traced graph
+// (torch.compile) holds no buffer of its own and adds no fill.  Never freed (a static
+// tensor would be destroyed after the CUDA runtime at exit).
+int* ticket_buffer(const Tensor& q, int64_t n, cudaStream_t stream) {
+    static std::mutex mu;
+    static auto* cache = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+    const std::lock_guard<std::mutex> lock(mu);
+    Tensor& t = (*cache)[{(int)q.get_device(), stream}];
+    if (!t.defined() || t.numel() < n)
+        t = at::zeros({std::max<int64_t>({n, 1024, t.defined() ? 2 * t.numel() : 0})},
+                      q.options().dtype(at::kInt));
+    return t.data_ptr<int>();
+}
+
 // dprompt: one buffer (2, *lead, P, E) in the prompts' dtype per segment that has prompts
 // (P > 0), in segment order: index 0 receives the gradient of prompt_k, index 1 that of
 // prompt_v (layout.prompt_grad_shape: lead = the prompts' own batch shape).  scratch:
 // float32, the prompt-gradient partials (attn_params.h prompt_part_offset), then delta
-// (nseq * Lq) for the two-kernel backward (cuda_backend.launches sizes it); tickets: int32
-// counters, all 0 (the kernels leave them 0).  Both are the backend's
-// (ops/cuda_backend.py), so that this file allocates nothing.
+// (nseq * Lq) for the two-kernel backward: the backend's (ops/cuda_backend.py, sized by
+// cuda_backend.launches).
 void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& dout, const Tensor& lse, const Tensor& dq,
-         const Tensor& dk, const Tensor& dv, at::TensorList dprompt, const Tensor& scratch,
-         const Tensor& tickets) {
+         const Tensor& dk, const Tensor& dv, at::TensorList dprompt, const Tensor& scratch) {
     std::vector<Bound> bs = qkv_out(q, k, v, out, lse);
     same_shape(dout, "dout", q, "q");
     same_shape(dq, "dq", q, "q");
@@ -230,18 +250,13 @@ void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
                 "avstfp_cuda: scratch must be a contiguous, 16-byte aligned float32 tensor of "
                 "at least ", nparts, " elements on ", q.device(), ", got ", shape_str(scratch),
                 " ", scratch.scalar_type(), " on ", scratch.device());
-    TORCH_CHECK(tickets.scalar_type() == at::kInt && tickets.is_contiguous() &&
-                    tickets.device() == q.device() && tickets.numel() >= nticks,
-                "avstfp_cuda: tickets must be a contiguous int32 tensor of at least ", nticks,
-                " elements on ", q.device(), ", got ", shape_str(tickets), " ",
-                tickets.scalar_type(), " on ", tickets.device());
     p.part = scratch.data_ptr<float>();
     // delta follows the partials where the backend sized scratch for it (the two-kernel
     // backward; launch_backward refuses that path without it)
     p.delta = scratch.numel() >= nparts + p.nseq * p.Lq ? p.part + nparts : nullptr;
-    p.tickets = tickets.data_ptr<int>();
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (nticks > 0) p.tickets = ticket_buffer(q, nticks, stream);
     check_launch(avstfp::launch_backward(p, stream), "bwd", p);
 }
 
@@ -259,7 +274,7 @@ TORCH_LIBRARY(avstfp_cuda, m) {
           "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()");
     m.def("bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
           "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
-          "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch, Tensor(f!) tickets) -> ()");
+          "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch) -> ()");
     m.def("smem_bytes(int dtype_code, int head_dim, bool short_tiles) -> int", &smem_bytes);
 }
 

@@ -37,7 +37,8 @@ prompts (:func:`avstfp_fast.ops.layout.prompt_grad_shape`; index 0 for prompt_k,
 prompt_v, lead = the prompts' own batch shape), written finished by the backward's last
 kernel: the units that own prompt rows write fp32 partials per sequence into a scratch
 buffer, and the last unit of each prompt row set (an int32 ticket counter per row set,
-zeroed once when this module allocates it and reset to 0 by the kernels themselves) sums
+kept by the binding per device and stream, zeroed once when allocated and reset to 0 by
+the kernels themselves) sums
 them in sequence order and writes the prompts' dtype.  No zero-fill, no atomics on data,
 no cast, bit-exact between runs in every mode.  The short fp16/bf16 backward keeps a
 running sum instead where :func:`~avstfp_fast.ops.layout.seq_reps` applies.  The scratch
@@ -136,7 +137,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("avstfp_cuda::bwd")
     def _bwd_fake(q, k, v, prompt_k, prompt_v, plan, out, dout, lse, dq, dk, dv, dprompt,
-                  scratch, tickets):
+                  scratch):
         return None
 
     _FAKES = True
@@ -149,7 +150,7 @@ OP_SCHEMAS = {
            "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()",
     "bwd": "bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
            "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
-           "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch, Tensor(f!) tickets) -> ()",
+           "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch) -> ()",
 }
 #: head dims / dtypes with packed 16-query configs (csrc/attn_kernels.cuh Config PACK_*_S > 0)
 _NO_PACKED = {(DTYPE_CODES["float32"], 128)}
@@ -164,7 +165,7 @@ class Launches:
     slots: nseq, or the row sets nseq / seq_reps of the short backward's running sums),
     then, for the two-kernel backward, delta (nseq * Lq: written by dq_kernel, read by
     dkv_kernel); ``tickets``: int32 ticket counters the kernels need (one per segment and
-    prompt row set; a cached, zeroed buffer, :func:`ticket_buffer`)."""
+    prompt row set; the binding keeps a zeroed buffer per device and stream for them)."""
     kernels: Tuple[str, ...]
     scratch_floats: int = 0
     tickets: int = 0
@@ -216,25 +217,6 @@ def launches(op: str, plan: Sequence[int]) -> Launches:
     if sum(_cdiv(n, bm) for n in keys):
         ks.append("dkv_kernel")
     return Launches(tuple(ks), parts + nseq * Lq, tickets)
-
-
-_TICKETS: Dict[tuple, torch.Tensor] = {}
-
-
-def ticket_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """The int32 ticket counters of the prompt-gradient reduction (at least ``n``), per
-    device and stream: zeroed once when allocated (or grown), and left at 0 by every
-    kernel that uses them, so no call fills them and CUDA-graph replays stay valid.  Per
-    stream, because two backwards running concurrently must not share counters."""
-    stream = 0
-    if device.type == "cuda" and torch.cuda.is_available():
-        stream = torch.cuda.current_stream(device).cuda_stream
-    key = (str(device), stream)
-    t = _TICKETS.get(key)
-    if t is None or t.numel() < n:
-        t = _TICKETS[key] = torch.zeros(max(n, 1024, 0 if t is None else 2 * t.numel()),
-                                        dtype=torch.int32, device=device)
-    return t
 
 
 def define_ops_for_tracing() -> None:
@@ -348,10 +330,8 @@ class CudaBackend(KernelBackend):
             bufs.append(None if shp is None else flat[o:o + n].view(shp))
             o += n
         scratch = torch.empty(la.scratch_floats, dtype=torch.float32, device=p.device)
-        tickets = ticket_buffer(p.device, la.tickets)
         torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, ints, out, dout, lse,
-                                  dq, dk, dv, [b for b in bufs if b is not None], scratch,
-                                  tickets)
+                                  dq, dk, dv, [b for b in bufs if b is not None], scratch)
         dpk, dpv = [], []
         for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             if pk is None:
