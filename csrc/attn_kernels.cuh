@@ -561,7 +561,7 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    QTile<T, D, BM, BN, STAGES, L> t;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
     if (!t.template init<PACK>(p, smem, unit, tid)) return;
     const int64_t b = t.b;
     const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
@@ -657,7 +657,7 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    QTile<T, D, BM, BN, STAGES, L> t;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
     if (!t.template init<PACK>(p, smem, unit, tid)) return;
     const int64_t b = t.b;
     const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
@@ -944,7 +944,7 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    QTile<T, D, BM, BN, STAGES, L> t;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
     if (!t.template init<PACK>(p, smem, unit, tid)) return;
     const int64_t b = t.b;
     const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
@@ -1020,7 +1020,7 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    QTile<T, D, BM, BN, STAGES, L> t;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
     if (!t.template init<PACK>(p, smem, unit, tid)) return;
     const int64_t b = t.b;
     const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
