@@ -978,10 +978,12 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
         if (j == 0) {
             load_a_frags<T, D>(qf, Qw, L::LDT);
             load_a_frags<T, D>(df, dOw, L::LDT);
-            // delta = rowsum(dO o O) of the warp's rows, for dS here and for dK/dV
-            warp_delta<T, D>(p, dOw, L::LDT,
-                             (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
-                             p.o.rstride, wrows, p.delta + b * p.Lq + q0 + warp * 16, dlt);
+            // delta of the warp's rows, for dS here and for dK/dV: with several key
+            // tiles rowsum(dO o O); with one, rowsum(P o dP) below (no extra product)
+            if (ntiles > 1)
+                warp_delta<T, D>(p, dOw, L::LDT,
+                                 (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                                 p.o.rstride, wrows, p.delta + b * p.Lq + q0 + warp * 16, dlt);
         }
         const T* sK = t.stK(stage);
         const T* sV = t.stV(stage);
@@ -1000,9 +1002,26 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int c = n * 8 + 2 * tq + (i & 1);
-                const float pr = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;
-                sc[n][i] = pr * (dp[n][i] - dlt[i >> 1]);   // dS
+                sc[n][i] = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;   // P
             }
+        if (ntiles == 1) {   // every key in this tile: delta = rowsum(P o dP) in fp32, exact
+            // where the rounded O of rowsum(dO o O) is not (few keys: dP - delta cancels)
+            dlt[0] = dlt[1] = 0.f;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dlt[i >> 1] += sc[n][i] * dp[n][i];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                dlt[h] += __shfl_xor_sync(0xffffffffu, dlt[h], 1);
+                dlt[h] += __shfl_xor_sync(0xffffffffu, dlt[h], 2);
+                if (tq == 0 && g + 8 * h < wrows) p.delta[b * p.Lq + q0 + warp * 16 + g + 8 * h] = dlt[h];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[n][i] *= dp[n][i] - dlt[i >> 1];   // dS
         mma_pv<T, D, BN>(dq, sc, sK, L::LDT);     // dQ += dS K
     }
     cp_async_drain();   // nothing left in flight on any exit path
