@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # CPU suite: the compile-time sm_90 contract of the Triton and CUDA kernels (CI subset),
 # the byte and launch ledger of every stage call (bench/ledger.py --ci: fails on a row
-# over its bounds; for the cuda backend only the stages within bounds so far: temporal),
+# over its bounds; the cuda backend's rows too),
 # unit tests (Triton kernels under the interpreter without a GPU: tests/conftest.py sets
 # TRITON_INTERPRET=1; CUDA kernels under emulation), and
 # every CPU benchmark case run once at tiny size (benchmarks are not timed here).
@@ -44,7 +44,7 @@ test: $(STAMP)
 	@echo "AVSTFP_TEST_SEED=$(AVSTFP_TEST_SEED)"
 	$(VPY) bench/static_sm90.py --ci
 	$(VPY) bench/ledger.py --ci
-	$(VPY) bench/ledger.py --ci --backend cuda --stages temporal
+	$(VPY) bench/ledger.py --ci --backend cuda
 	$(VPY) -m pytest -q -m "not slow" tests
 	AVSTFP_BENCH_SIZE=tiny $(VPY) -m pytest -q bench --benchmark-disable
 

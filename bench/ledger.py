@@ -34,8 +34,11 @@ Bounds (``--ci``): forward aux <= 5% of min and 1 launch; backward aux <= 10% of
 run as their registered fakes (the extension is not needed: the ops are defined from their
 schemas when it is not loaded), and each op call counts the kernels the C++ launcher starts
 for its plan, as ``avstfp_fast.ops.cuda_backend.launches`` decides them (the same function
-the backend allocates its prompt-gradient buffers by).  The torch ops around the call
-(fills, reductions, casts) are recorded like any other.
+the backend sizes its scratch by).  The torch ops around the call (fills, reductions,
+casts) are recorded like any other; the scratch the backend allocates for the call (fp32
+prompt-gradient partials, delta) is charged one write and one read.  The int32 ticket
+counters of the prompt-gradient reduction are the binding's, zeroed once per device and
+stream, not per call: not charged.
 """
 from __future__ import annotations
 
@@ -166,11 +169,10 @@ def _recorder(ledger_ref: list):
                     return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
             if ns == "avstfp_cuda":
                 from avstfp_fast.ops.cuda_backend import launches
-                la = launches(name, args[5])                # args[5]: the plan's ints
-                ks = la.kernels
-                # the binding's own scratch (delta): one write + one read per other kernel
-                item = Item("cuda-op", func._schema.name, len(ks), note=" + ".join(ks),
-                            scratch=la.scratch_bytes * la.scratch_touches)
+                ks = launches(name, args[5]).kernels        # args[5]: the plan's ints
+                # its scratch (prompt-grad partials, delta) is an argument the backend
+                # allocated: charged below like any scratch (one write + one read)
+                item = Item("cuda-op", func._schema.name, len(ks), note=" + ".join(ks))
                 led.items.append(item)
                 led.touch(item, _tensors((args, kwargs)))
                 out = func(*args, **kwargs)

@@ -83,30 +83,33 @@ def test_ledger_runs_a_stage_in_report_mode():
 
 
 # ------------------------------------------------------------------ cuda backend's launches
-def _plan_ints(dtype, segments, prompts, head_dim=64, deterministic=False, nseq=8):
+def _plan_ints(dtype, segments, prompts, head_dim=64, nseq=8):
     from avstfp_fast.ops.layout import LaunchPlan
     L = sum(segments)
     q = torch.empty(nseq, L, head_dim, dtype=dtype)
     pks = [torch.empty(p, head_dim, dtype=dtype) if p else None for p in prompts]
     pl = LaunchPlan(q, q, q, pks, pks, segments, segments, 0.125, out=q, dout=q, dq=q, dk=q,
-                    dv=q, deterministic=deterministic, backward=True)
+                    dv=q, backward=True)
     return pl.ints()
 
 
-@pytest.mark.parametrize("dtype,segments,prompts,det,kernels,zero", [
-    (torch.bfloat16, (10,), (2,), False, ("seq_bwd_kernel",), False),   # seq_reps 8
-    (torch.bfloat16, (10,), (2,), True, ("seq_bwd_kernel",), False),
-    (torch.float16, (10, 6), (0, 0), False, ("seq_bwd_kernel",), False),
-    (torch.bfloat16, (1, 196), (10, 10), False,
-     ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
-    (torch.float32, (10,), (2,), False, ("delta_kernel", "dq_kernel", "dkv_kernel"), True),
-    (torch.bfloat16, (0,), (2,), False, ("seq_bwd_kernel",), False),  # dK/dV of the prompts
+@pytest.mark.parametrize("dtype,segments,prompts,kernels,slots,delta", [
+    (torch.bfloat16, (10,), (2,), ("seq_bwd_kernel",), 1, False),   # seq_reps 8: 1 row set
+    (torch.float16, (10, 6), (0, 0), ("seq_bwd_kernel",), 0, False),
+    (torch.bfloat16, (1, 196), (10, 10), ("dq_kernel", "dkv_kernel"), 8, True),
+    (torch.float32, (10,), (2,), ("dq_kernel", "dkv_kernel"), 8, True),
+    (torch.bfloat16, (0,), (2,), ("seq_bwd_kernel",), 1, False),  # dK/dV of the prompts
 ])
-def test_cuda_launches_follow_the_plan(dtype, segments, prompts, det, kernels, zero):
+def test_cuda_launches_follow_the_plan(dtype, segments, prompts, kernels, slots, delta):
+    """At most 2 kernels per backward and nothing around them: delta is computed by the
+    dQ kernel, the prompt gradients are finished in the last kernel (scratch: fp32
+    partials, one slot per sequence or per seq_reps row set, then delta)."""
     from avstfp_fast.ops.cuda_backend import launches
-    la = launches("bwd", _plan_ints(dtype, segments, prompts, deterministic=det))
-    assert la.kernels == kernels and la.zero_prompt_grads == zero
-    assert (la.scratch_bytes > 0) == ("delta_kernel" in kernels)
+    la = launches("bwd", _plan_ints(dtype, segments, prompts))
+    assert la.kernels == kernels
+    L = sum(segments)
+    assert la.scratch_floats == sum(2 * slots * P * 64 for P in prompts) + (8 * L if delta else 0)
+    assert la.tickets == (sum(1 for P in prompts if P))     # one row set per prompted segment
     fwd = ("fwd_kernel",) if sum(segments) else ()          # no query tile: no launch
     assert launches("fwd", _plan_ints(dtype, segments, prompts)).kernels == fwd
     assert launches("bwd", _plan_ints(dtype, segments, prompts, nseq=0)).kernels == ()
@@ -128,12 +131,12 @@ def test_ledger_runs_a_cuda_stage_in_report_mode():
                         "--models", "B16", "--stages", "temporal,spatial"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "seq_bwd_kernel" in r.stdout and "delta_kernel + dq_kernel + dkv_kernel" in r.stdout
+    assert "seq_bwd_kernel" in r.stdout and "| dq_kernel + dkv_kernel |" in r.stdout
 
 
 def test_seq_reps_rule():
     """The short backward sums the prompt gradients of the sequences sharing a prompt row
-    set in one warp when those sequences are r * (nseq / R) + g; else atomics (zeroed)."""
+    set in one warp when those sequences are r * (nseq / R) + g; else by tickets."""
     from avstfp_fast.ops import layout
     from avstfp_fast.ops.cuda_backend import launches
     e = lambda *s: torch.empty(*s, 2, 64)            # noqa: E731  (P = 2, E = 64)
@@ -145,8 +148,9 @@ def test_seq_reps_rule():
     assert layout.seq_reps([None], [None], (2, 3)) == 0
     assert layout.seq_reps([e()], [e()], (layout.SEQ_REPS_MAX + 1,)) == 0
     ints = _plan_ints(torch.bfloat16, (10,), (2,), nseq=layout.SEQ_REPS_MAX + 1)
-    assert ints[15] == 0 and launches("bwd", ints).zero_prompt_grads
-    ints = _plan_ints(torch.bfloat16, (10,), (2,), nseq=8, deterministic=True)
+    assert ints[15] == 0 and ints[13] == 0                 # the ticket reduction instead
+    ints = _plan_ints(torch.bfloat16, (10,), (2,), nseq=8)
     assert ints[15] == 8 and ints[13] == 0
     ints = _plan_ints(torch.float32, (10,), (2,), nseq=8)
-    assert ints[15] == 0 and ints[13] == 1                 # fp32: the three-kernel path
+    assert ints[15] == 0 and ints[13] == 0                 # fp32: the two-kernel path
+    assert launches("bwd", ints).kernels == ("dq_kernel", "dkv_kernel")

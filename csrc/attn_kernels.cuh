@@ -308,6 +308,20 @@ __device__ __forceinline__ void decode_q_tile(const AttnParams& p, int BM, int t
     }
 }
 
+// The work item of a query-tile unit (forward, dQ): sequence b and the query rows
+// [q0, q0 + nq) of segment seg; false when the unit has none.
+template <int PACK>
+__device__ __forceinline__ bool q_tile_item(const AttnParams& p, int BM, int unit, int64_t& b,
+                                            int& seg, int& q0, int& nq) {
+    const int tiles = num_q_tiles(p, BM);
+    const int64_t w = work_item<PACK>(unit);
+    if (w >= (int64_t)tiles * p.nseq) return false;
+    b = w / tiles;
+    seg = q0 = nq = 0;
+    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
+    return true;
+}
+
 // Keys of segment s: its k_len rows of k followed by its P prompt rows, one sequence of
 // k_len + P rows cut into tiles of BN: a tile may end the real keys and start the prompts
 // (the temporal stage's 10 keys + 2 prompts are one 16-row tile).
@@ -365,6 +379,78 @@ __device__ __forceinline__ void issue_kv(const AttnParams& p, int s, int j, cons
     load_tile2<T, BN, D, UT>(sV, (const T*)kt.v, p.v.rstride, kt.nk, (const T*)kt.pv,
                              kt.np > 0 ? p.pv[s].rstride : 0, kt.np, vec, tid);
 }
+
+// What the forward and dQ bodies share (the twin of DkvTile, which streams query tiles
+// past fixed keys): the unit's work item (sequence b, query rows [q0, q0 + nq) of segment
+// seg), its shared memory (layout L: K/V stages at L::kv, L::tile bytes each), and the
+// cp.async pipeline over the segment's key tiles, one K/V tile per stage.  The bodies load
+// Q (and dO) by load_rows before start(), so those copies join the first group.  Each body
+// still opens with the same few lines (thread ids, init, its own names for the fields):
+// what follows differs (fragments in registers vs tiles in shared memory), and one body
+// template over both would hide that more than the repeated declarations do.
+template <typename T, int D, int BM, int BN, int STAGES, class L>
+struct QTile {
+    static constexpr int UT = BM * 2;
+    unsigned char* base;   // this unit's shared memory
+    int tid, seg, q0, nq, ntiles;
+    int64_t b;
+    BatchIdx bi;
+    bool vec;
+
+    // The work item of unit `unit`; false (and no copies issued) when there is none.
+    template <int PACK>
+    __device__ __forceinline__ bool init(const AttnParams& p, unsigned char* smem, int unit,
+                                         int tid_) {
+        if (!q_tile_item<PACK>(p, BM, unit, b, seg, q0, nq)) return false;
+        tid = tid_;
+        base = smem + unit * L::bytes;
+        bi = batch_index(p, b);
+        vec = p.vec16 != 0;
+        ntiles = num_key_tiles(p, seg, BN);
+        return true;
+    }
+
+    __device__ __forceinline__ T* stK(int st) const {
+        return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile);
+    }
+    __device__ __forceinline__ T* stV(int st) const {
+        return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile);
+    }
+
+    // The tile's rows of operand o (q or dout) into s, asynchronously.
+    __device__ __forceinline__ void load_rows(const Operand& o, T* s) const {
+        load_tile<T, BM, D, UT>(s, (const T*)o.ptr + boff(o, bi) + (int64_t)q0 * o.rstride,
+                                o.rstride, nq, vec, tid);
+    }
+
+    // The first STAGES-1 K/V tiles in flight, one commit group each.
+    __device__ __forceinline__ void start(const AttnParams& p) const {
+#pragma unroll 1
+        for (int st = 0; st < STAGES - 1; ++st) {
+            if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+    }
+
+    // Key tile j resident in its stage (returned) for the whole unit (with tile 0: the
+    // rows of load_rows too); the next tile's copies are in flight.
+    __device__ __forceinline__ int acquire(const AttnParams& p, int j) const {
+        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
+            unit_sync<UT>();
+            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
+            cp_async_commit();
+        }
+        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
+        if (AVSTFP_TEST_FAULT != 2)
+            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
+        if constexpr (STAGES > 1) {
+            const int jn = j + STAGES - 1, st = jn % STAGES;
+            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
+            cp_async_commit();
+        }
+        return j % STAGES;
+    }
+};
 
 // ================================================================== forward
 // Shared memory of one unit.  fp16/bf16 (MMA: the register-resident forward below): the
@@ -447,6 +533,19 @@ __device__ __forceinline__ void warp_store_rows(T* g, int64_t rstride, const T* 
     }
 }
 
+// The warp's 16 output rows from C fragments acc (times m0 for rows g, m1 for rows g + 8)
+// to global memory: staged in shared rows s (the warp's own, no longer read), then `rows`
+// of them stored by warp_store_rows.
+template <typename T, int D>
+__device__ __forceinline__ void warp_store_frags(T* g, int64_t rstride, T* s, int ld,
+                                                 const float (&acc)[D / 8][4], float m0,
+                                                 float m1, int rows, bool vec16) {
+    __syncwarp();   // every lane is done reading s
+    stage_frags<T, D>(s, ld, acc, m0, m1);
+    __syncwarp();
+    warp_store_rows<T, D>(g, rstride, s, ld, rows, vec16);
+}
+
 // One warp owns 16 query rows.  Per key tile: S = Q K^T into C fragments (Q's A fragments
 // loaded once by ldmatrix, K's by ldmatrix.x4), masked and scaled in registers; the row max
 // and the rescale factor come from the 4 lanes that share a row (two xor shuffles); P stays
@@ -462,30 +561,17 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.start(p);
 
     T* Qw = sQ + warp * 16 * L::LDT;
     uint32_t qf[D / 16][4];                    // Q's A fragments (loaded with tile 0)
@@ -497,22 +583,10 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
 
 #pragma unroll 1
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j (and Q) landed
-        if (AVSTFP_TEST_FAULT != 2)
-            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
+        const int stage = t.acquire(p, j);
         if (j == 0) load_a_frags<T, D>(qf, Qw, L::LDT);
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;   // valid keys of the tile (>= 1)
 
@@ -569,12 +643,10 @@ __device__ __forceinline__ void fwd_mma_body(const AttnParams& p) {
         const int r = warp * 16 + g + 8 * h;
         if (tq == 0 && r < nq) p.lse[b * p.Lq + q0 + r] = (m[h] + log2f(l[h])) * kLn2;
     }
-    // O / l into this warp's Q rows (their fragments are in registers), then to global
-    __syncwarp();
-    stage_frags<T, D>(Qw, L::LDT, o, inv[0], inv[1]);
-    __syncwarp();
-    warp_store_rows<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
-                          p.o.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+    // O / l through this warp's Q rows (their fragments are in registers) to global
+    warp_store_frags<T, D>((T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                           p.o.rstride, Qw, L::LDT, o, inv[0], inv[1], min(16, nq - warp * 16),
+                           p.vec16_out != 0);
 }
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
@@ -585,36 +657,23 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     float* sS = reinterpret_cast<float*>(base + L::s);
     T* sP = reinterpret_cast<T*>(base + L::pm);
     float* sO = reinterpret_cast<float*>(base + L::o);
     float* sM = reinterpret_cast<float*>(base + L::stat);   // running max (log2 units)
     float* sL = sM + BM;                                      // running sum
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
     // prologue: Q and the first STAGES-1 K/V tiles in flight (Q joins the first group)
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.start(p);
     for (int i = tid; i < BM * L::LDO; i += UT) sO[i] = 0.f;
     for (int i = tid; i < BM; i += UT) {
         sM[i] = -INFINITY;
@@ -628,21 +687,9 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
     float* Ow = sO + warp * 16 * L::LDO;
 
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {   // no prefetch: load tile j once tile j-1 is consumed
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();   // my copies of tile j landed
-        if (AVSTFP_TEST_FAULT != 2)
-            unit_sync<UT>();   // everyone's copies landed; tile j-1's stage is free
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const int stage = t.acquire(p, j);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;   // valid keys of the tile
 
@@ -688,22 +735,163 @@ __device__ __forceinline__ void fwd_smem_body(const AttnParams& p) {
                          sO, L::LDO, nq, sL, 1.f, p.vec16_out != 0, tid);
 }
 
-// ================================================================== backward: delta
-// delta[b, r] = sum_c dout[b, r, c] * o[b, r, c]  (float32), one warp per row.
+// ================================================================== backward: prompt gradients
+// The prompt gradients leave the backward finished, in the prompts' dtype and shape (dpk,
+// dpv), with no zero-fill, no atomics on data and no cast after it.  Every unit that owns
+// prompt rows of a sequence writes them as fp32 partials (prompt_part_offset: one slice
+// per sequence); then the unit takes a ticket for its (segment, prompt row set).  The last
+// unit of a row set (the one that draws ticket `total - 1`) resets the counter to 0 and
+// sums the row set's partials in sequence order, so the result does not depend on which
+// unit finishes last: deterministic, and bit-exact between runs.  Memory order is the
+// threadFenceReduction pattern: every writer fences its partials before the unit barrier
+// that precedes the ticket, and the last unit reads them through L2 (ld.global.cg).
+#ifndef AVSTFP_CPU_EMULATION
+__device__ __forceinline__ float4 load_cg(const float4* a) { return __ldcg(a); }
+#else
+inline float4 load_cg(const float4* a) {
+    if (reinterpret_cast<uintptr_t>(a) % 16 != 0) avstfp_emu::fail("misaligned float4 load");
+    return *a;
+}
+#endif
+
+__device__ __forceinline__ bool prompt_reduced(const AttnParams& p, int s, int d) {
+    return p.bsize[d] > 1 && p.dpk[s].bstride[d] == 0;
+}
+
+// Row-major index of the row set of sequence bi (over the dims the prompts keep).
+__device__ __forceinline__ int64_t prompt_group(const AttnParams& p, int s, const BatchIdx& bi) {
+    int64_t g = 0;
+#pragma unroll
+    for (int d = 0; d < AVSTFP_MAX_BDIMS; ++d)
+        if (!prompt_reduced(p, s, d)) g = g * p.bsize[d] + bi.i[d];
+    return g;
+}
+
+// Slot b's fp32 partial of prompt row 0 (which: 0 prompt_k, 1 prompt_v); b: the sequence,
+// or with seq_reps the row set.
+__device__ __forceinline__ float* prompt_part(const AttnParams& p, int s, int which, int64_t b) {
+    return p.part + prompt_part_offset(p, s) +
+           ((int64_t)which * prompt_part_slots(p) + b) * p.n_prompt[s] * p.head_dim;
+}
+
+// After this unit wrote its partials: true in the unit that completes the row set (all
+// `total` units counted), whose counter is back at 0.  flag: one int of the unit's shared
+// memory that no thread reads or writes around the call.
+template <int UT>
+__device__ __forceinline__ bool last_of_row_set(int* ticket, int total, int* flag, int tid) {
+    __threadfence();
+    unit_sync<UT>();
+    if (tid == 0) {
+        const bool last = atomicAdd(ticket, 1) == total - 1;
+        if (last) *ticket = 0;   // every other unit of the row set has drawn its ticket
+        *flag = last;
+    }
+    unit_sync<UT>();
+    const bool last = *flag != 0;
+    unit_sync<UT>();             // flag may be reused after the call
+    if (last) __threadfence();
+    return last;
+}
+
+// dpk/dpv of the row set of sequence bi: the sum of its R sequences' partials in sequence
+// order, written in the prompts' dtype.  Each thread owns 4 consecutive elements (16-byte
+// loads through L2) and keeps kLoads of the R loads in flight before it adds them, in
+// order, so the unit that finishes a row set is not bound by one load's latency per
+// sequence (R is 80 in the spatial stage).  Every slice is 16-byte aligned (E % 4 == 0,
+// 16-byte aligned scratch).
+template <typename T, int D, int UT>
+__device__ __noinline__ void finish_prompt_grads(const AttnParams& p, int s, const BatchIdx& bi,
+                                                 int tid) {
+    constexpr int kLoads = 8;
+    const int P = p.n_prompt[s];
+    const int64_t R = prompt_reps(p, s);
+    int64_t b0 = 0, step[AVSTFP_MAX_BDIMS], acc = 1;   // first member; flat stride per dim
+#pragma unroll
+    for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {
+        step[d] = acc;
+        if (!prompt_reduced(p, s, d)) b0 += bi.i[d] * acc;
+        acc *= p.bsize[d];
+    }
+    const Operand& ok = p.dpk[s];
+    const Operand& ov = p.dpv[s];
+    T* gk = (T*)ok.ptr + boff(ok, bi);
+    T* gv = (T*)ov.ptr + boff(ov, bi);
+    const int nvec = P * D / 4;                              // float4s per prompt (k or v)
+    const int64_t vslice = nvec;                              // one sequence's slice
+    const float4* part = reinterpret_cast<const float4*>(p.part + prompt_part_offset(p, s));
+    for (int e = tid; e < 2 * nvec; e += UT) {
+        const int which = e >= nvec;
+        const int v = e - which * nvec;
+        const float4* src = part + (int64_t)which * prompt_part_slots(p) * vslice + v;
+        float sum[4] = {0.f, 0.f, 0.f, 0.f};
+        int64_t idx[AVSTFP_MAX_BDIMS] = {0, 0, 0, 0};   // odometer over the reduced dims
+        int64_t b = b0;
+        for (int64_t m = 0; m < R; m += kLoads) {
+            float4 x[kLoads];
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {
+                if (m + u >= R) break;
+                x[u] = load_cg(src + b * vslice);
+                for (int d = AVSTFP_MAX_BDIMS - 1; d >= 0; --d) {   // next member
+                    if (!prompt_reduced(p, s, d)) continue;
+                    b += step[d];
+                    if (++idx[d] < p.bsize[d]) break;
+                    b -= idx[d] * step[d];
+                    idx[d] = 0;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kLoads; ++u) {   // in member order
+                if (m + u >= R) break;
+                sum[0] += x[u].x;
+                sum[1] += x[u].y;
+                sum[2] += x[u].z;
+                sum[3] += x[u].w;
+            }
+        }
+        const int r = 4 * v / D, c = 4 * v % D;
+        T* dst = which ? gv + (int64_t)r * ov.rstride + c : gk + (int64_t)r * ok.rstride + c;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = from_f<T>(sum[i]);
+    }
+}
+
+// A unit that owns prompt rows of sequence bi of segment s has written their partials: it
+// takes its ticket; the last of the `total` units of the row set finishes dpk/dpv.
+template <typename T, int D, int UT>
+__device__ __forceinline__ void prompt_rows_done(const AttnParams& p, int s, const BatchIdx& bi,
+                                                 int tid, int total, int* flag) {
+    int* ticket = p.tickets + prompt_ticket_offset(p, s) + prompt_group(p, s, bi);
+    if (last_of_row_set<UT>(ticket, total, flag, tid)) finish_prompt_grads<T, D, UT>(p, s, bi, tid);
+}
+
+// Key tiles of BN rows of segment s that hold prompt rows (units per sequence that take a
+// ticket in dK/dV).
+__host__ __device__ inline int prompt_key_tiles(const AttnParams& p, int s, int BN) {
+    return num_prompts(p, s) > 0 ? num_key_tiles(p, s, BN) - p.k_len[s] / BN : 0;
+}
+
+// rowsum(dO o O) of `rows` query rows (dO in shared memory, O from global memory) by one
+// warp, lane 0 writes them to p.delta; returns the values of rows g and g + 8 (fragment
+// rows of this lane).  What the former delta pre-pass kernel did, done by the
+// dQ kernel for its own query tile (dK/dV, launched after it, reads p.delta).
 template <typename T, int D>
-__global__ void __launch_bounds__(256) delta_kernel(const __grid_constant__ AttnParams p) {
-    const int64_t row = work_item<8>(threadIdx.x / 32);   // 8 warps, one row each
-    if (row >= p.nseq * p.Lq) return;
-    const int lane = threadIdx.x & 31;
-    const int64_t b = row / p.Lq;
-    const int r = (int)(row % p.Lq);
-    const BatchIdx bi = batch_index(p, b);
-    const T* o = (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)r * p.o.rstride;
-    const T* d = (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)r * p.dout.rstride;
-    float acc = 0.f;
-    for (int c = lane; c < D; c += 32) acc += to_f(o[c]) * to_f(d[c]);
-    acc = warp_sum(acc);
-    if (lane == 0) p.delta[row] = acc;
+__device__ __forceinline__ void warp_delta(const AttnParams& p, const T* sdO, int ld,
+                                           const T* o, int64_t ostride, int rows, float* out,
+                                           float (&mine)[2]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    mine[0] = mine[1] = 0.f;
+#pragma unroll 1
+    for (int r = 0; r < rows; ++r) {
+        float a = 0.f;
+#pragma unroll
+        for (int c = lane; c < D; c += 32)
+            a += to_f(sdO[r * ld + c]) * to_f(o[(int64_t)r * ostride + c]);
+        a = warp_sum(a);
+        if (lane == 0) out[r] = a;
+        if (r == g) mine[0] = a;
+        if (r == g + 8) mine[1] = a;
+    }
 }
 
 // ================================================================== backward: dQ
@@ -756,41 +944,26 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
     const int warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tq = lane & 3;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     T* sdO = reinterpret_cast<T*>(base + L::dout);
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-    load_tile<T, BM, D, UT>(sdO,
-                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
-                            p.dout.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
-    float lse[2], dlt[2];   // rows g, g+8 of this warp (log2 units); padded rows: 0
-#pragma unroll
+    t.load_rows(p.q, sQ);
+    t.load_rows(p.dout, sdO);
+    t.start(p);
+    float lse[2], dlt[2] = {0.f, 0.f};   // rows g, g+8 of this warp (lse in log2 units);
+#pragma unroll                              // padded rows: 0
     for (int h = 0; h < 2; ++h) {
         const int r = warp * 16 + g + 8 * h;
         lse[h] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
-        dlt[h] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
     }
+    const int wrows = max(0, min(16, nq - warp * 16));   // this warp's query rows
 
     T* Qw = sQ + warp * 16 * L::LDT;
     const T* dOw = sdO + warp * 16 * L::LDT;
@@ -801,24 +974,19 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
 
 #pragma unroll 1
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
-        }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
+        const int stage = t.acquire(p, j);
         if (j == 0) {
             load_a_frags<T, D>(qf, Qw, L::LDT);
             load_a_frags<T, D>(df, dOw, L::LDT);
+            // delta of the warp's rows, for dS here and for dK/dV: with several key
+            // tiles rowsum(dO o O); with one, rowsum(P o dP) below (no extra product)
+            if (ntiles > 1)
+                warp_delta<T, D>(p, dOw, L::LDT,
+                                 (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                                 p.o.rstride, wrows, p.delta + b * p.Lq + q0 + warp * 16, dlt);
         }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;
 
@@ -834,18 +1002,33 @@ __device__ __forceinline__ void dq_mma_body(const AttnParams& p) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int c = n * 8 + 2 * tq + (i & 1);
-                const float pr = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;
-                sc[n][i] = pr * (dp[n][i] - dlt[i >> 1]);   // dS
+                sc[n][i] = c < nk ? exp2f(sc[n][i] * sl2 - lse[i >> 1]) : 0.f;   // P
             }
+        if (ntiles == 1) {   // every key in this tile: delta = rowsum(P o dP) in fp32, exact
+            // where the rounded O of rowsum(dO o O) is not (few keys: dP - delta cancels)
+            dlt[0] = dlt[1] = 0.f;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dlt[i >> 1] += sc[n][i] * dp[n][i];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                dlt[h] += __shfl_xor_sync(0xffffffffu, dlt[h], 1);
+                dlt[h] += __shfl_xor_sync(0xffffffffu, dlt[h], 2);
+                if (tq == 0 && g + 8 * h < wrows) p.delta[b * p.Lq + q0 + warp * 16 + g + 8 * h] = dlt[h];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sc[n][i] *= dp[n][i] - dlt[i >> 1];   // dS
         mma_pv<T, D, BN>(dq, sc, sK, L::LDT);     // dQ += dS K
     }
     cp_async_drain();   // nothing left in flight on any exit path
 
-    __syncwarp();
-    stage_frags<T, D>(Qw, L::LDT, dq, p.scale, p.scale);
-    __syncwarp();
-    warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
-                          p.dq.rstride, Qw, L::LDT, min(16, nq - warp * 16), p.vec16_out != 0);
+    warp_store_frags<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)(q0 + warp * 16) * p.dq.rstride,
+                           p.dq.rstride, Qw, L::LDT, dq, p.scale, p.scale,
+                           min(16, nq - warp * 16), p.vec16_out != 0);
 }
 
 template <typename T, int D, int BM, int BN, int STAGES, int PACK>
@@ -856,14 +1039,12 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     const int unit = threadIdx.x / UT, tid = threadIdx.x % UT;
     const int warp = tid >> 5, lane = tid & 31;
 
-    const int tiles = num_q_tiles(p, BM);
-    const int64_t w = work_item<PACK>(unit);
-    if (w >= (int64_t)tiles * p.nseq) return;
-    const int64_t b = w / tiles;
-    int seg = 0, q0 = 0, nq = 0;
-    decode_q_tile(p, BM, (int)(w % tiles), seg, q0, nq);
-
-    unsigned char* base = smem + unit * L::bytes;
+    QTile<T, D, BM, BN, STAGES, L> t;   // the same preamble in all four bodies: see QTile
+    if (!t.template init<PACK>(p, smem, unit, tid)) return;
+    const int64_t b = t.b;
+    const int seg = t.seg, q0 = t.q0, nq = t.nq, ntiles = t.ntiles;
+    const BatchIdx& bi = t.bi;
+    unsigned char* base = t.base;
     T* sQ = reinterpret_cast<T*>(base + L::q);
     T* sdO = reinterpret_cast<T*>(base + L::dout);
     float* sS = reinterpret_cast<float*>(base + L::s);
@@ -872,29 +1053,13 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     float* sdQ = reinterpret_cast<float*>(base + L::dq);
     float* sLse = reinterpret_cast<float*>(base + L::stat);   // log2 units
     float* sDelta = sLse + BM;
-    auto stK = [=](int st) { return reinterpret_cast<T*>(base + L::kv + 2 * st * L::tile); };
-    auto stV = [=](int st) { return reinterpret_cast<T*>(base + L::kv + (2 * st + 1) * L::tile); };
-
-    const BatchIdx bi = batch_index(p, b);
-    const bool vec = p.vec16 != 0;
     const float sl2 = p.scale * kLog2e;
-    const int ntiles = num_key_tiles(p, seg, BN);
 
-    load_tile<T, BM, D, UT>(sQ, (const T*)p.q.ptr + boff(p.q, bi) + (int64_t)q0 * p.q.rstride,
-                            p.q.rstride, nq, vec, tid);
-    load_tile<T, BM, D, UT>(sdO,
-                            (const T*)p.dout.ptr + boff(p.dout, bi) + (int64_t)q0 * p.dout.rstride,
-                            p.dout.rstride, nq, vec, tid);
-#pragma unroll 1
-    for (int st = 0; st < STAGES - 1; ++st) {
-        if (st < ntiles) issue_kv<T, BN, D, UT>(p, seg, st, bi, stK(st), stV(st), vec, tid);
-        cp_async_commit();
-    }
+    t.load_rows(p.q, sQ);
+    t.load_rows(p.dout, sdO);
+    t.start(p);
     for (int i = tid; i < BM * L::LDA; i += UT) sdQ[i] = 0.f;
-    for (int r = tid; r < BM; r += UT) {
-        sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
-        sDelta[r] = r < nq ? p.delta[b * p.Lq + q0 + r] : 0.f;
-    }
+    for (int r = tid; r < BM; r += UT) sLse[r] = r < nq ? p.lse[b * p.Lq + q0 + r] * kLog2e : 0.f;
 
     const T* Qw = sQ + warp * 16 * L::LDT;
     const T* dOw = sdO + warp * 16 * L::LDT;
@@ -904,20 +1069,21 @@ __device__ __forceinline__ void dq_smem_body(const AttnParams& p) {
     float* dQw = sdQ + warp * 16 * L::LDA;
 
     for (int j = 0; j < ntiles; ++j) {
-        if constexpr (STAGES == 1) {
-            unit_sync<UT>();
-            issue_kv<T, BN, D, UT>(p, seg, j, bi, stK(0), stV(0), vec, tid);
-            cp_async_commit();
+        const int stage = t.acquire(p, j);
+        if (j == 0) {   // delta = rowsum(dO o O) of the warp's rows (sDelta: warp-owned rows)
+            float mine[2];
+            warp_delta<T, D>(p, dOw, L::LDT,
+                             (const T*)p.o.ptr + boff(p.o, bi) + (int64_t)(q0 + warp * 16) * p.o.rstride,
+                             p.o.rstride, max(0, min(16, nq - warp * 16)),
+                             p.delta + b * p.Lq + q0 + warp * 16, mine);
+            if ((lane & 3) == 0) {
+                sDelta[warp * 16 + (lane >> 2)] = mine[0];
+                sDelta[warp * 16 + (lane >> 2) + 8] = mine[1];
+            }
+            __syncwarp();
         }
-        cp_async_wait<kWaitGroups<STAGES>>();
-        if (AVSTFP_TEST_FAULT != 2) unit_sync<UT>();
-        if constexpr (STAGES > 1) {
-            const int jn = j + STAGES - 1, st = jn % STAGES;
-            if (jn < ntiles) issue_kv<T, BN, D, UT>(p, seg, jn, bi, stK(st), stV(st), vec, tid);
-            cp_async_commit();
-        }
-        const T* sK = stK(j % STAGES);
-        const T* sV = stV(j % STAGES);
+        const T* sK = t.stK(stage);
+        const T* sV = t.stV(stage);
         const KeyTile kt = key_tile<T>(p, seg, j, BN, bi);
         const int nk = kt.nk + kt.np;
 
@@ -1093,8 +1259,8 @@ struct DkvTile {
 // P^T = exp2(S^T log2e scale - lse) and dS^T = P^T (dP^T - delta) in the same registers,
 // which become the A operands of dV += P^T dO and dK += dS^T Q; dK and dV stay in
 // registers until the end.  Key rows go out through the warp's own K/V rows in shared
-// memory (16-byte stores); prompt rows go from the registers to the fp32 prompt-grad
-// buffer (atomics, or per-sequence stores in deterministic mode).
+// memory (16-byte stores); prompt rows go from the registers to this sequence's fp32
+// partials, summed by the last unit of the row set (prompt_rows_done).
 template <typename T, int D, int BN, int BM, int STAGES, int PACK>
 __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
     using L = DkvSmem<T, D, BN, BM, STAGES>;
@@ -1165,44 +1331,35 @@ __device__ __forceinline__ void dkv_mma_body(const AttnParams& p) {
     const int r0 = warp * 16;
     const int nkw = min(16, kt.nk - r0);
     if (nkw > 0) {
-        __syncwarp();
-        stage_frags<T, D>(Kw, L::LDT, dk, p.scale, p.scale);
-        stage_frags<T, D>(Vw, L::LDT, dv, 1.f, 1.f);
-        __syncwarp();
         const bool v16 = p.vec16_out != 0;
-        warp_store_rows<T, D>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
-                              p.dk.rstride, Kw, L::LDT, nkw, v16);
-        warp_store_rows<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
-                              p.dv.rstride, Vw, L::LDT, nkw, v16);
+        warp_store_frags<T, D>((T*)p.dk.ptr + boff(p.dk, t.bi) + (int64_t)(kt.k0 + r0) * p.dk.rstride,
+                               p.dk.rstride, Kw, L::LDT, dk, p.scale, p.scale, nkw, v16);
+        warp_store_frags<T, D>((T*)p.dv.ptr + boff(p.dv, t.bi) + (int64_t)(kt.k0 + r0) * p.dv.rstride,
+                               p.dv.rstride, Vw, L::LDT, dv, 1.f, 1.f, nkw, v16);
     }
-    // prompt rows [nk, nk + np): float32 gradients from the registers
-    if (kt.np > 0 && r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
-        const Operand& ok = p.dpk[t.seg];
-        const Operand& ov = p.dpv[t.seg];
-        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+    // prompt rows [nk, nk + np): this sequence's fp32 partials from the registers; the
+    // last unit of the row set writes dpk/dpv (prompt_rows_done)
+    if (kt.np > 0) {
+        if (r0 + 16 > kt.nk && r0 < kt.nk + kt.np) {
+            float* gk = prompt_part(p, t.seg, 0, t.b) + (int64_t)kt.p0 * D;
+            float* gv = prompt_part(p, t.seg, 1, t.b) + (int64_t)kt.p0 * D;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
-            if (r < 0 || r >= kt.np) continue;
+            for (int h = 0; h < 2; ++h) {
+                const int r = r0 + g + 8 * h - kt.nk;   // prompt row within the tile's prompts
+                if (r < 0 || r >= kt.np) continue;
 #pragma unroll
-            for (int n = 0; n < D / 8; ++n)
+                for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = n * 8 + 2 * tq + e;
-                    float* ak = gk + (int64_t)r * ok.rstride + c;
-                    float* av = gv + (int64_t)r * ov.rstride + c;
-                    const float vk = dk[n][2 * h + e] * p.scale, vv = dv[n][2 * h + e];
-                    if (atomic) {
-                        atomicAdd(ak, vk);
-                        atomicAdd(av, vv);
-                    } else {
-                        *ak = vk;
-                        *av = vv;
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = n * 8 + 2 * tq + e;
+                        gk[r * D + c] = dk[n][2 * h + e] * p.scale;
+                        gv[r * D + c] = dv[n][2 * h + e];
                     }
-                }
+            }
         }
+        prompt_rows_done<T, D, UT>(p, t.seg, t.bi, tid,
+                                   (int)prompt_reps(p, t.seg) * prompt_key_tiles(p, t.seg, BN),
+                                   reinterpret_cast<int*>(t.base + L::qd));
     }
 }
 
@@ -1269,30 +1426,20 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
                              p.dv.rstride, sdV, L::LDA, kt.nk, nullptr, 1.f, v16, tid);
     }
     if (kt.np > 0) {
-        // rows [nk, nk + np): prompt gradients (float32), reduced over the batch either by
-        // atomics into the un-broadcast buffer (broadcast strides 0), or stored per
-        // sequence (deterministic) and summed afterwards by the caller.
-        const Operand& ok = p.dpk[t.seg];
-        const Operand& ov = p.dpv[t.seg];
-        float* gk = (float*)ok.ptr + boff(ok, t.bi) + (int64_t)kt.p0 * ok.rstride;
-        float* gv = (float*)ov.ptr + boff(ov, t.bi) + (int64_t)kt.p0 * ov.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+        // rows [nk, nk + np): this sequence's fp32 partials; the last unit of the row set
+        // writes dpk/dpv (prompt_rows_done)
+        float* gk = prompt_part(p, t.seg, 0, t.b) + (int64_t)kt.p0 * D;
+        float* gv = prompt_part(p, t.seg, 1, t.b) + (int64_t)kt.p0 * D;
         const float* dK = sdK + kt.nk * L::LDA;
         const float* dV = sdV + kt.nk * L::LDA;
         for (int i = tid; i < kt.np * D; i += UT) {
             const int r = i / D, c = i % D;
-            const float vk = dK[r * L::LDA + c] * p.scale;
-            const float vv = dV[r * L::LDA + c];
-            float* ak = gk + (int64_t)r * ok.rstride + c;
-            float* av = gv + (int64_t)r * ov.rstride + c;
-            if (atomic) {
-                atomicAdd(ak, vk);
-                atomicAdd(av, vv);
-            } else {
-                *ak = vk;
-                *av = vv;
-            }
+            gk[i] = dK[r * L::LDA + c] * p.scale;
+            gv[i] = dV[r * L::LDA + c];
         }
+        prompt_rows_done<T, D, UT>(p, t.seg, t.bi, tid,
+                                   (int)prompt_reps(p, t.seg) * prompt_key_tiles(p, t.seg, BN),
+                                   reinterpret_cast<int*>(base + L::qd));
     }
 }
 
@@ -1305,35 +1452,38 @@ __device__ __forceinline__ void dkv_smem_body(const AttnParams& p) {
 // 16-row tile).  Pass 1 over the key tiles: delta.  Pass 2: per key tile, dS for dQ
 // (query rows) and, with transposed products (S^T = K Q^T, dP^T = V dO^T), dV = P^T dO and
 // dK = dS^T Q of the tile's 16 keys/prompts, written at once (one owner per key row).
-// PACK such warps share a CTA; each has its own shared memory.  With p.seq_reps = R > 0 a
-// warp owns the R sequences b = r * (nseq / R) + g that share one prompt row set and runs
-// them in order r = 0 .. R-1, summing their prompt gradients in the fp32 buffer itself
-// (r = 0 stores, later ones add to the lane's own elements): no zero-fill, no atomics, one
-// fixed order (deterministic).
+// PACK such warps share a CTA; each has its own shared memory.  Prompt gradients: with
+// p.seq_reps = R > 0 a warp owns the R sequences b = r * (nseq / R) + g that share one
+// prompt row set and runs them in order r = 0 .. R-1, keeping a running fp32 sum in the
+// row set's partial slot (each lane its own elements; r = 0 stores, later ones add) and
+// writing dpk/dpv in the prompts' dtype at r = R-1: no zero-fill, no atomics, no
+// cast, one fixed order.  Without seq_reps each warp writes its sequence's partials and
+// the last warp of the row set sums them (prompt_rows_done).
+enum SeqPromptMode : int { kPartOwn = 0, kSumFirst, kSumAdd, kSumLast, kSumOnly };
+
 // One key tile's dV (which = 0) or dK (which = 1) of the short-sequence backward, from C
 // fragments acc (times mul): key rows [0, nk) staged in shared rows s (16 x D, the tile's
 // own V or K rows, no longer read) and written with 16-byte stores; prompt rows [nk,
-// nk + np) from the registers to the fp32 prompt-grad buffer (atomics, or plain stores of
-// this sequence's slice in deterministic mode).
+// nk + np) from the registers by `mode` (SeqPromptMode): partials of sequence b, or the
+// running sum of row set grp (slice grp), the last step writing dpv/dpk (prompts' dtype).
 template <typename T, int D>
 __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
                                                    const BatchIdx& bi, const KeyTile& kt,
                                                    const float (&acc)[D / 8][4], float mul,
-                                                   T* s, int which, bool v16, bool first) {
+                                                   T* s, int which, bool v16, int mode,
+                                                   int64_t b, int64_t grp) {
     const int lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     constexpr int LD = pitch<T>(D);
     if (kt.nk > 0) {
         const Operand& o = which == 0 ? p.dv : p.dk;
-        __syncwarp();
-        stage_frags<T, D>(s, LD, acc, mul, mul);
-        __syncwarp();
-        warp_store_rows<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
-                              LD, kt.nk, v16);
+        warp_store_frags<T, D>((T*)o.ptr + boff(o, bi) + (int64_t)kt.k0 * o.rstride, o.rstride, s,
+                               LD, acc, mul, mul, kt.nk, v16);
     }
     if (kt.np > 0) {
+        const int pw = 1 - which;   // partial index: 0 prompt_k, 1 prompt_v
+        float* part = prompt_part(p, seg, pw, mode == kPartOwn ? b : grp) + (int64_t)kt.p0 * D;
         const Operand& o = which == 0 ? p.dpv[seg] : p.dpk[seg];
-        float* gp = (float*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
-        const bool atomic = p.atomic_prompt_grads != 0;
+        T* out = (T*)o.ptr + boff(o, bi) + (int64_t)kt.p0 * o.rstride;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = g + 8 * h - kt.nk;
@@ -1342,14 +1492,15 @@ __device__ __forceinline__ void seq_bwd_store_tile(const AttnParams& p, int seg,
             for (int n = 0; n < D / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float* a = gp + (int64_t)r * o.rstride + n * 8 + 2 * tq + e;
+                    const int c = n * 8 + 2 * tq + e;
+                    float* a = part + r * D + c;
                     const float v = acc[n][2 * h + e] * mul;
-                    if (atomic)
-                        atomicAdd(a, v);
-                    else if (first)
+                    if (mode == kPartOwn || mode == kSumFirst)
                         *a = v;
+                    else if (mode == kSumAdd)
+                        *a += v;   // this lane's own element of the previous sequence
                     else
-                        *a += v;   // seq_reps: this lane's own element of the previous sequence
+                        out[(int64_t)r * o.rstride + c] = from_f<T>(mode == kSumLast ? *a + v : v);
                 }
         }
     }
@@ -1391,7 +1542,11 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
     constexpr bool kKeepQ = D <= 64;   // head dim 128: reload Q/dO fragments per tile
 #pragma unroll 1
     for (int64_t rep = 0; rep < reps; ++rep) {
-    const bool first = rep == 0;
+    const int mode = p.seq_reps == 0 ? kPartOwn
+                     : reps == 1      ? kSumOnly
+                     : rep == 0       ? kSumFirst
+                     : rep == reps - 1 ? kSumLast
+                                       : kSumAdd;
     const int64_t b = rep * groups + grp;
     const BatchIdx bi = batch_index(p, b);
     __syncwarp();   // the previous sequence's dQ staging in sQ is read by every lane
@@ -1526,7 +1681,7 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
                     mma_pv<T, D, 16>(acc, dst, sQ, LD);
                 const float mul = half == 0 ? 1.f : p.scale;
                 seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, mul, half == 0 ? sV : sK, half, v16,
-                                         first);
+                                         mode, b, grp);
             }
         }
     } else {
@@ -1537,19 +1692,18 @@ __global__ void __launch_bounds__(PACK * 32, 1) seq_bwd_kernel(const __grid_cons
 #pragma unroll 1
         for (int j = 0; j < ntiles; ++j) {
             const KeyTile kt = key_tile<T>(p, seg, j, 16, bi);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16, first);
-            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16, first);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sV, 0, v16, mode, b, grp);
+            seq_bwd_store_tile<T, D>(p, seg, bi, kt, acc, 1.f, sK, 1, v16, mode, b, grp);
         }
     }
     cp_async_drain();   // nothing left in flight on any exit path
-    if (nq > 0) {
-        __syncwarp();
-        stage_frags<T, D>(sQ, LD, dq, p.scale, p.scale);
-        __syncwarp();
-        warp_store_rows<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
-                              p.dq.rstride, sQ, LD, nq, v16);
-    }
+    if (nq > 0)
+        warp_store_frags<T, D>((T*)p.dq.ptr + boff(p.dq, bi) + (int64_t)q0 * p.dq.rstride,
+                               p.dq.rstride, sQ, LD, dq, p.scale, p.scale, nq, v16);
     }   // rep
+    if (p.seq_reps == 0 && num_prompts(p, seg) > 0)    // one warp per sequence (b = grp): R
+        prompt_rows_done<T, D, 32>(p, seg, batch_index(p, grp), lane, (int)prompt_reps(p, seg),
+                                   reinterpret_cast<int*>(sdO));
 }
 
 // ================================================================== configurations
@@ -1639,18 +1793,6 @@ cudaError_t launch_dkv_cfg(const AttnParams& p, cudaStream_t st) {
                         PACK * L::bytes, p, st);
 }
 
-template <typename T, int D>
-cudaError_t launch_delta(const AttnParams& p, cudaStream_t st) {
-    const int64_t rows = p.nseq * p.Lq;
-    if (rows <= 0) return cudaSuccess;
-    dim3 grid;
-    if (!make_grid(rows, 8, grid)) return cudaErrorInvalidConfiguration;
-    auto kern = delta_kernel<T, D>;
-    AVSTFP_LAUNCH(kern, grid, 256, 0, st, p);
-    (void)st;
-    return cudaGetLastError();
-}
-
 // Packed configs exist for sequences <= 16 queries when Config has them (PACK_*_S > 0).
 template <typename T, int D>
 constexpr bool has_packed() { return Config<T, D>::PACK_FWD_S > 0; }
@@ -1676,8 +1818,10 @@ cudaError_t launch_bwd_d(const AttnParams& p, cudaStream_t st) {
                                 kPack * SL::bytes, p, st);
         }
     }
-    cudaError_t e = launch_delta<T, D>(p, st);
-    if (e != cudaSuccess) return e;
+    // dQ (which also writes delta = rowsum(dO o O) of its query tile), then dK/dV, which
+    // reads delta: two launches in stream order
+    if (p.delta == nullptr && p.Lq > 0) return cudaErrorInvalidValue;   // scratch too small
+    cudaError_t e;
     if constexpr (has_packed<T, D>() && std::is_same<T, float>::value) {
         if (p.short_tiles) {
             e = launch_dq_cfg<T, D, 16, 16, (C::PACK_DQ_S > 0 ? C::PACK_DQ_S : 1), kPack>(p, st);
@@ -1803,11 +1947,6 @@ void kernel_infos_d(F&& f) {
         s.pack = kPack;
         f(s);
     }
-    KernelInfo k{};
-    std::snprintf(k.name, sizeof k.name, "delta_kernel<%s, %d>", type_name<T>(), D);
-    k.threads = 256;
-    k.pack = 8;
-    f(k);
 }
 
 template <class F>
@@ -1820,3 +1959,15 @@ void kernel_infos(F&& f) {
 
 }  // namespace detail
 }  // namespace avstfp
+
+// The entry points of attn_params.h for one dtype: csrc/attn_{f16,bf16,f32}.cu each expand
+// this once (one translation unit per dtype, compiled in parallel).
+#define AVSTFP_DTYPE_ENTRY_POINTS(SUFFIX, T)                                                 \
+    namespace avstfp {                                                                      \
+    cudaError_t launch_forward_##SUFFIX(const AttnParams& p, cudaStream_t stream) {         \
+        return detail::launch_fwd_t<T>(p, stream);                                          \
+    }                                                                                       \
+    cudaError_t launch_backward_##SUFFIX(const AttnParams& p, cudaStream_t stream) {        \
+        return detail::launch_bwd_t<T>(p, stream);                                          \
+    }                                                                                       \
+    }

@@ -11,7 +11,10 @@
 
 #include <cstring>
 #include <deque>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attn_params.h"
@@ -53,7 +56,6 @@ struct Bound {
     const Tensor* t;   // null: absent
     int op;            // operand index (attn_params.h operand_at), or -1 (lse)
     int64_t rows;
-    bool f32;          // float32 buffer (prompt grads) instead of the input dtype
 };
 
 void check_extent(const AttnParams& p, const Bound& b, const Operand& op, int64_t cols) {
@@ -69,7 +71,7 @@ void check_extent(const AttnParams& p, const Bound& b, const Operand& op, int64_
 }
 
 void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Bound>& bs,
-          const Tensor* lse, Tensor* delta) {
+          const Tensor* lse) {
     TORCH_CHECK(q.is_cuda(), "avstfp_cuda: q must be a CUDA tensor, got device ", q.device());
     TORCH_CHECK(q.dim() >= 2, "avstfp_cuda: q must be (*batch, Lq, E), got ", shape_str(q));
     const int code = dtype_code(q.scalar_type());
@@ -82,7 +84,6 @@ void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Boun
     for (const Bound& b : bs)
         if (b.t != nullptr && b.op >= 0) ptrs[b.op] = b.t->data_ptr();
     if (lse != nullptr) ptrs[avstfp::kNumOperands] = lse->data_ptr();
-    if (delta != nullptr) ptrs[avstfp::kNumOperands + 1] = delta->data_ptr();
     const char* err = avstfp::unpack_params(plan.data(), (int64_t)plan.size(), ptrs.data(), p);
     TORCH_CHECK(err == nullptr, "avstfp_cuda: ", err);
     TORCH_CHECK(p.dtype == code, "avstfp_cuda: the launch plan is for dtype code ", p.dtype,
@@ -107,7 +108,7 @@ void fill(AttnParams& p, at::IntArrayRef plan, const Tensor& q, std::vector<Boun
         const Tensor& t = *b.t;
         TORCH_CHECK(t.is_cuda() && t.device() == q.device(), "avstfp_cuda: ", b.name,
                     " must be on ", q.device(), ", got ", t.device());
-        const at::ScalarType want = b.f32 ? at::kFloat : q.scalar_type();
+        const at::ScalarType want = q.scalar_type();   // prompt grads too
         TORCH_CHECK(t.scalar_type() == want, "avstfp_cuda: ", b.name, " must have dtype ",
                     want, ", got ", t.scalar_type());
         TORCH_CHECK(t.dim() >= 1 && t.size(-1) == E && (E == 1 || t.stride(-1) == 1),
@@ -128,9 +129,9 @@ void add_prompts(std::vector<Bound>& bs, const c10::List<std::optional<Tensor>>&
                     "] and prompt_v[", s, "] must be given together");
         if (!pk.has_value()) continue;
         keep.push_back(*pk);
-        bs.push_back({"prompt_k", &keep.back(), kPk + (int)s, pk->size(-2), false});
+        bs.push_back({"prompt_k", &keep.back(), kPk + (int)s, pk->size(-2)});
         keep.push_back(*pv);
-        bs.push_back({"prompt_v", &keep.back(), kPv + (int)s, pv->size(-2), false});
+        bs.push_back({"prompt_v", &keep.back(), kPv + (int)s, pv->size(-2)});
     }
 }
 
@@ -156,50 +157,72 @@ void same_shape(const Tensor& a, const char* an, const Tensor& b, const char* bn
                 shape_str(b), ", got ", shape_str(a));
 }
 
+// The operands both ops read: q, k, v and the forward output (shape of q), with lse checked.
+std::vector<Bound> qkv_out(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                           const Tensor& lse) {
+    same_shape(out, "out", q, "q");
+    check_lse(lse, q, "lse");
+    return {{"q", &q, kQ, q.size(-2)},
+            {"k", &k, kK, k.size(-2)},
+            {"v", &v, kV, v.size(-2)},
+            {"out", &out, kO, out.size(-2)}};
+}
+
 void fwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& lse) {
-    same_shape(out, "out", q, "q");
-    check_lse(lse, q, "lse");
+    std::vector<Bound> bs = qkv_out(q, k, v, out, lse);
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2), false},
-                             {"k", &k, kK, k.size(-2), false},
-                             {"v", &v, kV, v.size(-2), false},
-                             {"out", &out, kO, out.size(-2), false}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     AttnParams p;
-    fill(p, plan, q, bs, &lse, nullptr);
+    fill(p, plan, q, bs, &lse);
     if (p.nseq == 0 || p.Lq == 0) return;
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     check_launch(avstfp::launch_forward(p, stream), "fwd", p);
 }
 
-// dprompt: one float32 buffer (2, *lead, P, E) per segment that has prompts (P > 0), in
-// segment order: index 0 receives the gradient of prompt_k, index 1 that of prompt_v
-// (layout.prompt_grad_shape; reduced over the batch by atomics, or one slice per sequence
-// in deterministic plans).
+// The int32 ticket counters of the prompt-gradient reduction (attn_kernels.cuh,
+// last_of_row_set), at least n: one buffer per device and stream, zeroed once when it is
+// allocated or grown (one fill, on the stream, before the first launch that needs it) and
+// left at 0 by every kernel, so no call fills it and CUDA-graph replays stay valid (make
+// the first call before capturing).  Per stream: two backwards running at once must not
+// share counters.  Kept here rather than passed in, so that a traced graph
+// (torch.compile) holds no buffer of its own and adds no fill.  Never freed (a static
+// tensor would be destroyed after the CUDA runtime at exit).
+int* ticket_buffer(const Tensor& q, int64_t n, cudaStream_t stream) {
+    static std::mutex mu;
+    static auto* cache = new std::map<std::pair<int, cudaStream_t>, Tensor>();
+    const std::lock_guard<std::mutex> lock(mu);
+    Tensor& t = (*cache)[{(int)q.get_device(), stream}];
+    if (!t.defined() || t.numel() < n)
+        t = at::zeros({std::max<int64_t>({n, 1024, t.defined() ? 2 * t.numel() : 0})},
+                      q.options().dtype(at::kInt));
+    return t.data_ptr<int>();
+}
+
+// dprompt: one buffer (2, *lead, P, E) in the prompts' dtype per segment that has prompts
+// (P > 0), in segment order: index 0 receives the gradient of prompt_k, index 1 that of
+// prompt_v (layout.prompt_grad_shape: lead = the prompts' own batch shape).  scratch:
+// float32, the prompt-gradient partials (attn_params.h prompt_part_offset), then delta
+// (nseq * Lq) for the two-kernel backward: the backend's (ops/cuda_backend.py, sized by
+// cuda_backend.launches).
 void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
          const c10::List<std::optional<Tensor>>& prompt_k,
          const c10::List<std::optional<Tensor>>& prompt_v, at::IntArrayRef plan,
          const Tensor& out, const Tensor& dout, const Tensor& lse, const Tensor& dq,
-         const Tensor& dk, const Tensor& dv, at::TensorList dprompt) {
-    same_shape(out, "out", q, "q");
+         const Tensor& dk, const Tensor& dv, at::TensorList dprompt, const Tensor& scratch) {
+    std::vector<Bound> bs = qkv_out(q, k, v, out, lse);
     same_shape(dout, "dout", q, "q");
     same_shape(dq, "dq", q, "q");
     same_shape(dk, "dk", k, "k");
     same_shape(dv, "dv", v, "v");
-    check_lse(lse, q, "lse");
+    bs.insert(bs.end(), {{"dout", &dout, kDout, dout.size(-2)},
+                         {"dq", &dq, kDq, dq.size(-2)},
+                         {"dk", &dk, kDk, dk.size(-2)},
+                         {"dv", &dv, kDv, dv.size(-2)}});
     std::deque<Tensor> keep;   // stable addresses for the Bound pointers
-    std::vector<Bound> bs = {{"q", &q, kQ, q.size(-2), false},
-                             {"k", &k, kK, k.size(-2), false},
-                             {"v", &v, kV, v.size(-2), false},
-                             {"out", &out, kO, out.size(-2), false},
-                             {"dout", &dout, kDout, dout.size(-2), false},
-                             {"dq", &dq, kDq, dq.size(-2), false},
-                             {"dk", &dk, kDk, dk.size(-2), false},
-                             {"dv", &dv, kDv, dv.size(-2), false}};
     add_prompts(bs, prompt_k, prompt_v, keep);
     size_t gi = 0;
     for (size_t s = 0; s < prompt_k.size(); ++s) {
@@ -210,18 +233,30 @@ void bwd(const Tensor& q, const Tensor& k, const Tensor& v,
         TORCH_CHECK(g.dim() >= 3 && g.size(0) == 2, "avstfp_cuda: dprompt[", gi - 1,
                     "] must be (2, *lead, P, E), got ", shape_str(g));
         keep.push_back(g.select(0, 0));
-        bs.push_back({"dprompt_k", &keep.back(), kDpk + (int)s, g.size(-2), true});
+        bs.push_back({"dprompt_k", &keep.back(), kDpk + (int)s, g.size(-2)});
         keep.push_back(g.select(0, 1));
-        bs.push_back({"dprompt_v", &keep.back(), kDpv + (int)s, g.size(-2), true});
+        bs.push_back({"dprompt_v", &keep.back(), kDpv + (int)s, g.size(-2)});
     }
     TORCH_CHECK(gi == dprompt.size(), "avstfp_cuda: got ", dprompt.size(),
                 " prompt-grad buffers for ", gi, " segments with prompts");
-    Tensor delta = at::empty(lse.sizes(), q.options().dtype(at::kFloat));
     AttnParams p;
-    fill(p, plan, q, bs, &lse, &delta);
+    fill(p, plan, q, bs, &lse);
     if (p.nseq == 0) return;
+    const int64_t nparts = avstfp::prompt_part_offset(p, p.nseg);
+    const int64_t nticks = avstfp::prompt_ticket_offset(p, p.nseg);
+    TORCH_CHECK(scratch.scalar_type() == at::kFloat && scratch.is_contiguous() &&
+                    scratch.device() == q.device() && scratch.numel() >= nparts &&
+                    reinterpret_cast<uintptr_t>(scratch.data_ptr()) % 16 == 0,
+                "avstfp_cuda: scratch must be a contiguous, 16-byte aligned float32 tensor of "
+                "at least ", nparts, " elements on ", q.device(), ", got ", shape_str(scratch),
+                " ", scratch.scalar_type(), " on ", scratch.device());
+    p.part = scratch.data_ptr<float>();
+    // delta follows the partials where the backend sized scratch for it (the two-kernel
+    // backward; launch_backward refuses that path without it)
+    p.delta = scratch.numel() >= nparts + p.nseq * p.Lq ? p.part + nparts : nullptr;
     const c10::cuda::CUDAGuard guard(q.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    if (nticks > 0) p.tickets = ticket_buffer(q, nticks, stream);
     check_launch(avstfp::launch_backward(p, stream), "bwd", p);
 }
 
@@ -239,7 +274,7 @@ TORCH_LIBRARY(avstfp_cuda, m) {
           "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()");
     m.def("bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
           "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
-          "Tensor(c!) dv, Tensor(d!)[] dprompt) -> ()");
+          "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch) -> ()");
     m.def("smem_bytes(int dtype_code, int head_dim, bool short_tiles) -> int", &smem_bytes);
 }
 

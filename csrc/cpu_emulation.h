@@ -53,6 +53,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
@@ -82,6 +83,7 @@ struct dim3 {
     dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
 };
 struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 
 inline uint3 threadIdx, blockIdx;
@@ -278,6 +280,15 @@ inline float atomicAdd(float* a, float v) {
     *a = old + v;
     return old;
 }
+// Ticket counters (attn_kernels.cuh last_of_row_set).  CTAs run one after another here, so
+// the last CTA of a row set in launch order draws the last ticket; the kernels' fixed
+// summation order makes the result independent of which CTA that is on a GPU.
+inline int atomicAdd(int* a, int v) {
+    const int old = *a;
+    *a = old + v;
+    return old;
+}
+inline void __threadfence() {}
 
 // ------------------------------------------------------------------ cp.async
 namespace avstfp {

@@ -68,27 +68,32 @@
 // shuffles, fp32: two lanes per row); O += P V.  Finally out = O / l (input
 // dtype, any strides) and lse = (m + log2 l) ln 2 (fp32, dense (*batch, Lq)).
 //
-// Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T):
-//   1. delta_kernel: delta = rowsum(dO o O) in fp32, one warp per row.
-//   2. dq_kernel: one unit per (sequence, query tile); loops over the key tiles (keys,
-//      then prompts) recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.
-//      Each dQ row is owned by one unit: no atomics.
-//   3. dkv_kernel: one unit per (sequence, key tile; prompt rows included); loops over the
+// Backward (FlashAttention-2 algebra, with dS = P o (dP - delta), dP = dO V^T), two
+// launches in stream order:
+//   1. dq_kernel: one unit per (sequence, query tile); first delta = rowsum(dO o O) of its
+//      own rows in fp32 (dO is in shared memory already, O read once), written to the
+//      scratch for dkv_kernel; then loops over the key tiles (keys, then prompts)
+//      recomputing P = exp2(S log2e - lse log2e); dQ = scale * sum dS K.  Each dQ row is
+//      owned by one unit: no atomics.
+//   2. dkv_kernel: one unit per (sequence, key tile; prompt rows included); loops over the
 //      query tiles of the segment with transposed products (S^T = K Q^T, dP^T = V dO^T),
 //      dV = sum P^T dO, dK = scale * sum dS^T Q.  Key rows are owned by one unit: no
 //      atomics for dk/dv, which are written into the given (possibly strided, possibly
 //      one packed QKV-gradient buffer) tensors; the prompt rows of a tile go to the
-//      prompt-grad buffers (below).
+//      prompt gradients (below).
 //   Short sequences (every segment <= 16 queries, fp16/bf16): one kernel instead,
 //   seq_bwd_kernel: one warp per (sequence, segment) computes delta = rowsum(P o dP) from
 //   the recomputed P and dP (pass 1), then dQ in registers and every key tile's dK/dV
 //   with transposed products (pass 2); no delta pass, no dQ buffer, one launch.
 //   Recomputing S in two kernels instead of atomically adding dQ costs little for these
 //   short, memory-bound sequences and makes dq/dk/dv deterministic by construction.
-//   Prompt gradients need a reduction over the batch (the prompt is shared): either fp32
-//   atomicAdd into the un-broadcast fp32 buffer (its broadcast strides are 0), or, with
-//   deterministic=True, a plain store into a (*batch, P, d) fp32 buffer that the caller
-//   sums over the broadcast dims with torch (fixed order: bit-exact between runs).
+//   Prompt gradients need a reduction over the sequences that share a prompt row set.
+//   The last kernel does it and writes dpk/dpv finished, in the prompts' dtype: the units
+//   that own prompt rows store fp32 partials per sequence, and the last unit of a row set
+//   (an int32 ticket counter per row set, reset by that unit) sums them in sequence order
+//   (attn_kernels.cuh, "backward: prompt gradients").  No zero-fill, no float atomics, no
+//   cast kernel; the same bits on every run, in every mode.  seq_bwd_kernel with seq_reps
+//   (a warp owns all sequences of a row set) keeps a running sum instead.
 //
 // Every exit path drains its copies (cp_async_drain: commit + wait_group 0); a program
 // with nothing to compute (a dK/dV tile of a segment without queries) issues none.

@@ -2,9 +2,9 @@
 
 Kernels: ``csrc/*.cu`` (design notes at the top of ``csrc/prompted_attention.cu``): a
 FlashAttention-style forward with the prompts as a second key/value source of the same
-online softmax, and a backward made of a ``delta = rowsum(dO*O)`` kernel, a dQ kernel
-(one 4-warp unit per query tile) and a dK/dV kernel (one unit per key tile, prompt tiles
-included), so dq/dk/dv need no atomics.  Streamed tiles go through a 1-3 stage cp.async
+online softmax, and a backward of two kernels, a dQ kernel (one 4-warp unit per query
+tile; it also computes ``delta = rowsum(dO*O)`` of its tile for the next kernel) and a
+dK/dV kernel (one unit per key tile, prompt tiles included), so dq/dk/dv need no atomics.  Streamed tiles go through a 1-3 stage cp.async
 pipeline; sequences of at most 16 queries (the temporal stage) are packed 4 per CTA;
 outputs are written with 16-byte stores.  The compile-time contract (registers, spills,
 occupancy, cp.async in the SASS) is ``bench/static_sm90_cuda.py``.  Configs above 99 KiB of
@@ -32,15 +32,19 @@ Launch parameters (merged batch dims, operand strides, segment table) come from 
 launch plan shared by the backends (:class:`avstfp_fast.ops.layout.LaunchPlan`, cached per
 layout); the binding only checks the tensors against it and adds the pointers.
 
-Prompt gradients: one fp32 buffer ``(2, *lead, P, E)`` per segment with prompts
-(:func:`avstfp_fast.ops.layout.prompt_grad_shape`; index 0 for prompt_k, 1 for
-prompt_v), reduced over the batch with fp32 atomics into the prompts' own lead shape,
-or, when ``deterministic`` (``torch.use_deterministic_algorithms``), stored per sequence
-(``lead = batch``); :func:`~avstfp_fast.ops.layout.finish_prompt_grads` sums and casts
-them (bit-exact between runs in deterministic mode).  The short fp16/bf16 backward sums
-them itself where :func:`~avstfp_fast.ops.layout.seq_reps` applies (one warp per prompt
-row set, in a fixed order: no zero-fill, no atomics, both modes).  :func:`launches` is
-the launch decision the ledger counts and the buffers are allocated by.
+Prompt gradients: one buffer ``(2, *lead, P, E)`` in the prompts' dtype per segment with
+prompts (:func:`avstfp_fast.ops.layout.prompt_grad_shape`; index 0 for prompt_k, 1 for
+prompt_v, lead = the prompts' own batch shape), written finished by the backward's last
+kernel: the units that own prompt rows write fp32 partials per sequence into a scratch
+buffer, and the last unit of each prompt row set (an int32 ticket counter per row set,
+kept by the binding per device and stream, zeroed once when allocated and reset to 0 by
+the kernels themselves) sums
+them in sequence order and writes the prompts' dtype.  No zero-fill, no atomics on data,
+no cast, bit-exact between runs in every mode.  The short fp16/bf16 backward keeps a
+running sum instead where :func:`~avstfp_fast.ops.layout.seq_reps` applies.  The scratch
+(partials, then the fp32 delta = rowsum(dO*O) that the dQ kernel writes and the dK/dV
+kernel reads) is allocated here, per call; :func:`launches` is the launch decision the
+ledger counts and the scratch is sized by.
 """
 from __future__ import annotations
 
@@ -132,7 +136,8 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("avstfp_cuda::bwd")
-    def _bwd_fake(q, k, v, prompt_k, prompt_v, plan, out, dout, lse, dq, dk, dv, dprompt):
+    def _bwd_fake(q, k, v, prompt_k, prompt_v, plan, out, dout, lse, dq, dk, dv, dprompt,
+                  scratch):
         return None
 
     _FAKES = True
@@ -145,7 +150,7 @@ OP_SCHEMAS = {
            "int[] plan, Tensor(a!) out, Tensor(b!) lse) -> ()",
     "bwd": "bwd(Tensor q, Tensor k, Tensor v, Tensor?[] prompt_k, Tensor?[] prompt_v, "
            "int[] plan, Tensor out, Tensor dout, Tensor lse, Tensor(a!) dq, Tensor(b!) dk, "
-           "Tensor(c!) dv, Tensor(d!)[] dprompt) -> ()",
+           "Tensor(c!) dv, Tensor(d!)[] dprompt, Tensor(e!) scratch) -> ()",
 }
 #: head dims / dtypes with packed 16-query configs (csrc/attn_kernels.cuh Config PACK_*_S > 0)
 _NO_PACKED = {(DTYPE_CODES["float32"], 128)}
@@ -153,30 +158,42 @@ _NO_PACKED = {(DTYPE_CODES["float32"], 128)}
 
 @dataclasses.dataclass(frozen=True)
 class Launches:
-    """What one call of an ``avstfp_cuda`` op launches, and what the backend does around
-    it in torch.  ``kernels``: the kernels the C++ launcher starts, in order (an empty
-    grid launches nothing); ``zero_prompt_grads``: the prompt-gradient buffers are
-    zero-filled first (atomics accumulate into them: one fill kernel per buffer);
-    ``scratch_bytes``: device memory the binding allocates for the call and the kernels
-    pass between them (the fp32 delta = rowsum(dO*O) of the three-kernel backward),
-    and ``scratch_touches``: how many of the kernels touch it (written once, read by the rest)."""
+    """What one call of an ``avstfp_cuda`` op launches, and the scratch the backend
+    allocates for it.  ``kernels``: the kernels the C++ launcher starts, in order (an empty
+    grid launches nothing); ``scratch_floats``: the fp32 scratch of the call (csrc/binding.cpp
+    ``scratch``): the prompt-gradient partials (2 * slots * P * E per segment with prompts;
+    slots: nseq, or the row sets nseq / seq_reps of the short backward's running sums),
+    then, for the two-kernel backward, delta (nseq * Lq: written by dq_kernel, read by
+    dkv_kernel); ``tickets``: int32 ticket counters the kernels need (one per segment and
+    prompt row set; the binding keeps a zeroed buffer per device and stream for them)."""
     kernels: Tuple[str, ...]
-    zero_prompt_grads: bool = False
-    scratch_bytes: int = 0
-    scratch_touches: int = 0
+    scratch_floats: int = 0
+    tickets: int = 0
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _reduced_reps(plan: Sequence[int], s: int) -> int:
+    """attn_params.h ``prompt_reps``: sequences sharing one prompt row set of segment s (the
+    product of the batch dims dpk{s} is broadcast over)."""
+    from .layout import MAX_SEGMENTS, OPERANDS
+    base = PLAN_HEADER + 5 * MAX_SEGMENTS + 5 * OPERANDS.index(f"dpk{s}")
+    r = 1
+    for d in range(4):
+        if int(plan[2 + d]) > 1 and int(plan[base + d]) == 0:
+            r *= int(plan[2 + d])
+    return r
+
+
 def launches(op: str, plan: Sequence[int]) -> Launches:
     """The launch decision of csrc/attn_kernels.cuh (``launch_fwd_d`` / ``launch_bwd_d``)
     for ``op`` ("fwd" or "bwd") and the plan's ints (:meth:`LaunchPlan.ints`, what the
-    binding receives): the backend allocates the prompt-gradient buffers by it and the
-    ledger (bench/ledger.py) counts its kernels.  Keep in step with the C++ launchers."""
+    binding receives): the backend sizes the scratch by it and the ledger
+    (bench/ledger.py) counts its kernels.  Keep in step with the C++ launchers."""
     nseq, Lq, nseg, D, dtype = (int(plan[i]) for i in (1, 6, 7, 8, 9))
-    short, atomic = bool(plan[12]), bool(plan[13])
+    short = bool(plan[12])
     seg = [plan[PLAN_HEADER + 5 * s: PLAN_HEADER + 5 * s + 5] for s in range(nseg)]
     q_len = [int(x[1]) for x in seg]
     keys = [int(x[3]) + int(x[4]) for x in seg]        # k_len + n_prompt per segment
@@ -186,21 +203,20 @@ def launches(op: str, plan: Sequence[int]) -> Launches:
         return Launches(("fwd_kernel",) if nseq and sum(_cdiv(n, bm) for n in q_len) else ())
     if op != "bwd":
         raise ValueError(f"op: expected 'fwd' or 'bwd', got {op!r}")
-    zero = atomic and any(int(x[4]) for x in seg)
     if nseq == 0:
-        return Launches((), zero)
-    if dtype != DTYPE_CODES["float32"] and short:
-        return Launches(("seq_bwd_kernel",) if nseg else (), zero)
+        return Launches(())
+    reps = int(plan[15])                               # seq_reps: one slot per row set
+    parts = sum(2 * (nseq // reps if reps else nseq) * int(x[4]) * D for x in seg)
+    tickets = sum(nseq // _reduced_reps(plan, s) for s, x in enumerate(seg) if int(x[4]))
+    if dtype != DTYPE_CODES["float32"] and short:   # seq_bwd_kernel: delta in registers
+        return Launches(("seq_bwd_kernel",) if nseg else (), parts, tickets)
     bm = 16 if packed else 64
     ks = []
-    if nseq * Lq:
-        ks.append("delta_kernel")
     if sum(_cdiv(n, bm) for n in q_len):
-        ks.append("dq_kernel")
+        ks.append("dq_kernel")         # also writes delta = rowsum(dO*O) of its query tile
     if sum(_cdiv(n, bm) for n in keys):
         ks.append("dkv_kernel")
-    delta = 4 * nseq * Lq if "delta_kernel" in ks else 0
-    return Launches(tuple(ks), zero, delta, len(ks) if delta else 0)
+    return Launches(tuple(ks), parts + nseq * Lq, tickets)
 
 
 def define_ops_for_tracing() -> None:
@@ -298,30 +314,24 @@ class CudaBackend(KernelBackend):
         out = _dense_last(out)
         pks, pvs = _prompts(p)
         # as in forward, check_writes guarantees dq/dk/dv a dense last dim
+        # deterministic needs nothing of its own: every mode sums the prompt gradients in
+        # one fixed order (no atomics)
         plan = _plan(p.q, p.k, p.v, pks, pvs, p, out=out, dout=dout, dq=dq, dk=dk, dv=dv,
-                     deterministic=bool(deterministic), backward=True)
-        # one fp32 buffer (2, *lead, P, E) per segment with prompts (layout.prompt_grad_shape),
-        # all carved from one allocation: atomics need zeros (one fill for all segments),
-        # stores write every element
+                     backward=True)
+        # one buffer (2, *lead, P, E) in the prompts' dtype per segment with prompts
+        # (layout.prompt_grad_shape), all carved from one allocation; the kernels write
+        # every element, finished
         ints = plan.ints()
-        alloc = torch.zeros if launches("bwd", ints).zero_prompt_grads else torch.empty
+        la = launches("bwd", ints)
         sizes = [0 if shp is None else math.prod(shp) for shp in plan.grad_shapes]
-        flat = alloc(sum(sizes), dtype=torch.float32, device=p.device)
-        bufs, offs, o = [], [], 0
+        flat = torch.empty(sum(sizes), dtype=p.q.dtype, device=p.device)
+        bufs, o = [], 0
         for shp, n in zip(plan.grad_shapes, sizes):
             bufs.append(None if shp is None else flat[o:o + n].view(shp))
-            offs.append(o)
             o += n
+        scratch = torch.empty(la.scratch_floats, dtype=torch.float32, device=p.device)
         torch.ops.avstfp_cuda.bwd(p.q, p.k, p.v, pks, pvs, ints, out, dout, lse,
-                                  dq, dk, dv, [b for b in bufs if b is not None])
-        # one cast for every segment when each buffer already has its prompts' shape
-        # and all prompts one dtype (dpk, dpv: views of the cast); else per segment
-        prompted = [(pk, pv, b) for pk, pv, b in zip(p.prompt_k, p.prompt_v, bufs)
-                    if pk is not None and b is not None]
-        one_cast = bool(prompted) and all(
-            pk.dtype == pv.dtype == prompted[0][0].dtype and tuple(pk.shape) == tuple(pv.shape)
-            == tuple(b.shape[1:]) for pk, pv, b in prompted)
-        cast = flat.to(prompted[0][0].dtype, copy=True) if one_cast else None
+                                  dq, dk, dv, [b for b in bufs if b is not None], scratch)
         dpk, dpv = [], []
         for s, (pk, pv) in enumerate(zip(p.prompt_k, p.prompt_v)):
             if pk is None:
@@ -330,11 +340,7 @@ class CudaBackend(KernelBackend):
             elif bufs[s] is None:                     # P = 0
                 dpk.append(torch.zeros_like(pk))
                 dpv.append(torch.zeros_like(pv))
-            elif cast is not None:
-                g = cast[offs[s]:offs[s] + sizes[s]].view(bufs[s].shape)
-                dpk.append(g[0])
-                dpv.append(g[1])
-            else:
+            else:                                     # views (prompt shapes), no kernel
                 gk, gv = finish_prompt_grads(bufs[s], pk, pv)
                 dpk.append(gk)
                 dpv.append(gv)

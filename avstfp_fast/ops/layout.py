@@ -66,7 +66,7 @@ def dense_strides(sizes: Sequence[int], inner: int) -> Tuple[int, ...]:
 # ints to the same unpack_params.  Nothing here depends on data pointers, so a plan can
 # be cached per layout.
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 MAX_SEGMENTS = 4
 # Operands in attn_params.h's order (pointer i of unpack_params belongs to OPERANDS[i]).
 OPERANDS = (("q", "k", "v", "o", "dout", "dq", "dk", "dv")
@@ -74,11 +74,13 @@ OPERANDS = (("q", "k", "v", "o", "dout", "dq", "dk", "dv")
 LOADED = ("q", "k", "v", "dout") + tuple(f"{n}{s}" for n in ("pk", "pv")
                                          for s in range(MAX_SEGMENTS))   # 16-byte cp.async
 STORED = ("o", "dq", "dk", "dv")                                         # 16-byte stores
+#: the pointers unpack_params reads: the operands, then lse and the backward's scratch
+POINTERS = OPERANDS + ("lse", "delta", "part", "tickets")
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}                # attn_params.h DType
 PLAN_HEADER = 16
 PLAN_INTS = PLAN_HEADER + 5 * MAX_SEGMENTS + (MAX_BATCH_DIMS + 1) * len(OPERANDS)
 SHORT_QUERIES = 16   # short_tiles: every segment has at most this many queries
-#: seq_reps: at most this many sequences run in series in one warp (else: atomics)
+#: seq_reps: at most this many sequences run in series in one warp (else: the ticket sum)
 SEQ_REPS_MAX = 64
 
 
@@ -90,20 +92,13 @@ def contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def prompt_grad_shape(pk, pv, batch: Sequence[int], deterministic: bool,
-                      seq_reps: int = 0) -> Tuple[int, ...]:
-    """The one float32 buffer that receives a segment's prompt gradients (k at index 0,
-    v at index 1): ``(2, *lead, P, E)`` where lead is the prompts' own (broadcast) batch
-    shape, reduced over the batch by atomics, or, with ``seq_reps`` (the short backward's
-    warps that own all sequences of a prompt row set, :func:`seq_reps`), summed in a fixed
-    order by the kernel; deterministic otherwise: ``(2, *batch, P, E)``, one slice per
-    sequence, summed afterwards by :func:`finish_prompt_grads` in a fixed order."""
+def prompt_grad_shape(pk, pv) -> Tuple[int, ...]:
+    """The one buffer, in the prompts' dtype, that receives a segment's prompt gradients
+    (k at index 0, v at index 1): ``(2, *lead, P, E)`` where lead is the prompts' own
+    (broadcast) batch shape.  The kernels sum the sequences that share a prompt row set
+    themselves, in a fixed order, in every mode (csrc/attn_params.h prompt_part_offset)."""
     P, E = int(pk.shape[-2]), int(pk.shape[-1])
-    if deterministic and not seq_reps:
-        lead = tuple(batch)
-    else:
-        lead = _broadcast(tuple(pk.shape[:-2]), tuple(pv.shape[:-2]))
-    return (2, *lead, P, E)
+    return (2, *_broadcast(tuple(pk.shape[:-2]), tuple(pv.shape[:-2])), P, E)
 
 
 def _broadcast(a: Tuple[int, ...], b: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -149,19 +144,18 @@ def seq_reps(pks, pvs, batch: Sequence[int]) -> int:
     return R if R <= SEQ_REPS_MAX else 0
 
 
-def finish_prompt_grads(buf, pk, pv, partial_dims: Tuple[int, ...] = ()):
-    """(dpk, dpv) in the prompts' shapes and dtype from a :func:`prompt_grad_shape` buffer:
-    first the per-program partials ``partial_dims`` (dims of ``buf[i]``, if a backend keeps
-    any) are summed, then the broadcast batch dims (``sum_to_size``), then the cast.  When
-    the buffer already has both prompts' shape and dtype, one cast of the whole buffer
-    (one kernel for dpk and dpv; they are views of its halves)."""
-    if (not partial_dims and pk.dtype == pv.dtype and tuple(pk.shape) == tuple(pv.shape)
-            and tuple(buf.shape[1:]) == tuple(pk.shape)):
-        g = buf.to(pk.dtype, copy=True)
-        return g[0], g[1]
-    g = buf.sum(tuple(d + 1 for d in partial_dims)) if partial_dims else buf
-    return (g[0].sum_to_size(pk.shape).to(pk.dtype, copy=True),
-            g[1].sum_to_size(pv.shape).to(pv.dtype, copy=True))
+def finish_prompt_grads(buf, pk, pv):
+    """(dpk, dpv) in the prompts' shapes from a :func:`prompt_grad_shape` buffer: views of
+    its halves where they have the prompts' shapes (the usual case: no kernel); else
+    (prompt_k and prompt_v broadcast differently) the remaining broadcast dims are summed
+    in fp32."""
+    out = []
+    for g, t in ((buf[0], pk), (buf[1], pv)):
+        if tuple(g.shape) == tuple(t.shape):
+            out.append(g)
+        else:
+            out.append(g.float().sum_to_size(t.shape).to(t.dtype))
+    return out[0], out[1]
 
 
 class LaunchPlan:
@@ -177,7 +171,7 @@ class LaunchPlan:
     ``grad_shapes[s]`` (:func:`prompt_grad_shape`, None for a segment without prompts)."""
 
     def __init__(self, q, k, v, pks, pvs, q_segments, k_segments, scale, *, out=None,
-                 dout=None, dq=None, dk=None, dv=None, deterministic=False, backward=False):
+                 dout=None, dq=None, dk=None, dv=None, backward=False):
         batch = tuple(int(n) for n in q.shape[:-2])
         nb = len(batch)
         E = int(q.shape[-1])
@@ -189,11 +183,13 @@ class LaunchPlan:
         self.elsize = q.element_size()
         self.scale = float(scale)
         # the short fp16/bf16 backward (seq_bwd_kernel) sums the prompt gradients of the
-        # sequences sharing a prompt row set itself: no atomics, no zero-fill
+        # sequences sharing a prompt row set in one warp, as a running sum
         short = (max(int(n) for n in q_segments) <= SHORT_QUERIES) if nseg else True
         self.seq_reps = (seq_reps(pks, pvs, batch) if backward and short
                          and str(q.dtype) in ("torch.float16", "torch.bfloat16") else 0)
-        self.atomic_prompt_grads = int(backward and not deterministic and not self.seq_reps)
+        # prompt gradients are summed in a fixed order in every mode (no atomics, so
+        # torch.use_deterministic_algorithms changes nothing here): always 0
+        self.atomic_prompt_grads = 0
         # operands as (name, shape, strides) broadcast to the batch
         ops = [("q", q.shape, q.stride()), ("k", k.shape, k.stride()),
                ("v", v.shape, v.stride())]
@@ -210,7 +206,7 @@ class LaunchPlan:
             for name, t in ((f"pk{s}", pk), (f"pv{s}", pv)):
                 ops.append((name, (*batch, P, E), _expand_strides(t, batch)))
             if backward:
-                shp = prompt_grad_shape(pk, pv, batch, deterministic, self.seq_reps)
+                shp = prompt_grad_shape(pk, pv)
                 self.grad_shapes[s] = shp
                 st = contiguous_strides(shp)[1:]
                 lead = shp[1:-2]
