@@ -527,6 +527,12 @@ int emu_num_pointers() { return avstfp::kNumPointers; }
 
 const char* emu_error() { return avstfp_emu::g_error.c_str(); }
 
+// The dynamic shared memory the library reports (attn_params.h max_smem_bytes), from the
+// emulated source: the built extension's smem_bytes op must agree.
+int emu_max_smem_bytes(int dtype, int head_dim, int short_tiles) {
+    return avstfp::detail::max_smem_bytes_of(dtype, head_dim, short_tiles);
+}
+
 // One line per kernel instance:
 // name|threads|smem|stages|stage_bytes|loads_tiles|pack|score_smem|acc_smem
 const char* emu_kernel_table() {

@@ -130,25 +130,8 @@ cudaError_t launch_backward(const AttnParams& p, cudaStream_t stream) {
     }
 }
 
-namespace {
-template <typename T>
-int smem_t(int head_dim, int short_tiles) {
-    switch (head_dim) {
-        case 32: return (int)detail::max_smem_d<T, 32>(short_tiles != 0);
-        case 64: return (int)detail::max_smem_d<T, 64>(short_tiles != 0);
-        case 128: return (int)detail::max_smem_d<T, 128>(short_tiles != 0);
-        default: return -1;
-    }
-}
-}  // namespace
-
 int max_smem_bytes(int dtype, int head_dim, int short_tiles) {
-    switch (dtype) {
-        case kF16: return smem_t<__half>(head_dim, short_tiles);
-        case kBF16: return smem_t<__nv_bfloat16>(head_dim, short_tiles);
-        case kF32: return smem_t<float>(head_dim, short_tiles);
-        default: return -1;
-    }
+    return detail::max_smem_bytes_of(dtype, head_dim, short_tiles);
 }
 
 }  // namespace avstfp
