@@ -16,9 +16,12 @@ Operand descriptors (shared by all kernels)
   blocks end to end on axis 0 (:func:`_seg_block`, no program for a shorter segment's
   missing blocks) and the sequence-owning backward uses axis 0 = group * NSEG + segment.
   Per-segment values arrive as small tuples, one entry per segment (``NSEG`` <= 4):
-  lengths ``NQ``/``NK``, prompt pointers ``PK``/``PV``, their stride tuples, prompt counts
-  ``NP``; :func:`_sel` picks entry ``seg`` (a where-chain: tuples cannot be indexed by a
-  run-time value, and the interpreter cannot follow address tables in memory).
+  lengths ``Q_LEN``/``K_LEN``, prompt pointers ``PK``/``PV``, their stride tuples, prompt
+  counts ``N_PROMPT``; :func:`_sel` picks entry ``seg`` (a where-chain: tuples cannot be
+  indexed by a run-time value, and the interpreter cannot follow address tables in
+  memory).  The words are the CUDA backend's (csrc/attn_params.h: q_len, k_len,
+  n_prompt; delta, dq, dkv for the backward's parts), so one name means one thing in
+  both backends and in ops/layout.py.
 * Grid axis 0 is ``group * NB + block``: the ``NB`` query (or key) blocks of a sequence
   group are adjacent, so they run together and share the group's K/V in L2.
 * Prompts as the last keys: the forward and the sequence-owning backward walk a segment's
@@ -232,7 +235,7 @@ def _seg_block(pid, NBS, NSEG: tl.constexpr):
 @triton.jit
 def prompted_attn_fwd(
     Q, K, V, O, LSE, sq, sk, sv, so,
-    PK, PV, spk, spv, NP, NQ, NK, NBS, BS, LQ, qk_scale,
+    PK, PV, spk, spv, N_PROMPT, Q_LEN, K_LEN, NBS, BS, LQ, qk_scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
@@ -240,9 +243,9 @@ def prompted_attn_fwd(
     # prompts];  lse_i = log sum_j exp(scale q_i.k_j)   (natural log)
     # Grid axis 0 only: (group, segment, query block), see _seg_block.
     grp, seg, blk = _seg_block(tl.program_id(0), NBS, NSEG)
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
-    nkp = nk + _sel(NP, seg, NSEG)
+    nq, nk = _sel(Q_LEN, seg, NSEG), _sel(K_LEN, seg, NSEG)
+    q0, k0 = _start(Q_LEN, seg, NSEG), _start(K_LEN, seg, NSEG)
+    nkp = nk + _sel(N_PROMPT, seg, NSEG)
     BT = BS[3]
     qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
     # the segment's token keys/values, then its prompt keys/values (broadcast strides,
@@ -282,8 +285,8 @@ def prompted_attn_fwd(
 
 # --------------------------------------------------------------------------- backward
 @triton.jit
-def prompted_attn_bwd_pre(
-    O, DO, DELTA, so, sdo, NQ, BS, NB, LQ,
+def prompted_attn_delta(
+    O, DO, DELTA, so, sdo, Q_LEN, BS, NB, LQ,
     G: tl.constexpr, SLOT_M: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr,
     PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
@@ -291,7 +294,7 @@ def prompted_attn_bwd_pre(
     # launch constants)
     pid, seg = tl.program_id(0), tl.program_id(1)
     blk, grp = pid % NB, pid // NB
-    nq, q0 = _sel(NQ, seg, NSEG), _start(NQ, seg, NSEG)
+    nq, q0 = _sel(Q_LEN, seg, NSEG), _start(Q_LEN, seg, NSEG)
     if blk * SLOT_M < nq:
         qb, qi, q_ok = _rows(grp, blk, BS[3], nq, G, SLOT_M)
         do = _load(DO, _boff(qb, BS, sdo), q0 + qi, sdo, q_ok, D)
@@ -355,20 +358,20 @@ def _kv_block(dk, dv, k, v, k_ok, grp, Q, DO, DQA, LSE, DELTA, sq, sdo, sdqa, BS
 
 
 @triton.jit
-def _program(NQ, NK, BS, NB, NSEG: tl.constexpr):
+def _program(Q_LEN, K_LEN, BS, NB, NSEG: tl.constexpr):
     # the backward kernels' program (grid: blocks x groups on axis 0, segment on axis 1):
     # its block, sequence group and segment, the segment's query/key lengths and starts,
     # and the number of sequences BT
     pid, seg = tl.program_id(0), tl.program_id(1)
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    nq, nk = _sel(Q_LEN, seg, NSEG), _sel(K_LEN, seg, NSEG)
+    q0, k0 = _start(Q_LEN, seg, NSEG), _start(K_LEN, seg, NSEG)
     return pid % NB, pid // NB, seg, nq, nk, q0, k0, BS[3]
 
 
 @triton.jit
 def prompted_attn_bwd(
     Q, K, V, DO, DK, DV, DQA, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv, sdqa,
-    PK, PV, spk, spv, NP, GR, sgr, GKV, NQ, NK, BS, NKB, NB, LQ, qk_scale, scale,
+    PK, PV, spk, spv, N_PROMPT, GR, sgr, GKV, Q_LEN, K_LEN, BS, NKB, NB, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
@@ -378,7 +381,7 @@ def prompted_attn_bwd(
     # accumulator DQA (atomics).  Prompt blocks add scale * ds^T q and p^T do into GR
     # (fp32, the prompt's own shape addressed through its broadcast strides; dpv at
     # + GKV), so the batch reduction happens in the atomics.
-    kblk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
+    kblk, grp, seg, nq, nk, q0, k0, BT = _program(Q_LEN, K_LEN, BS, NB, NSEG)
     if kblk < NKB:
         if kblk * SLOT_N < nk:
             kb, kj, k_ok = _rows(grp, kblk, BT, nk, G, SLOT_N)
@@ -392,7 +395,7 @@ def prompted_attn_bwd(
             _store(DV, _boff(kb, BS, sdv), k0 + kj, sdv, k_ok, dv, D)
     else:
         pblk = kblk - NKB
-        P = _sel(NP, seg, NSEG)
+        P = _sel(N_PROMPT, seg, NSEG)
         if pblk * SLOT_P < P:
             spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
                 _sel_st(sgr, seg, NSEG)
@@ -434,7 +437,7 @@ def _dq_step(dq, q, do, q_ok, lse2, delta, KP, VP, kbo, vbo, sk, sv, j0, jo, n, 
 @triton.jit
 def prompted_attn_bwd_dq(
     Q, K, V, O, DO, DQ, LSE, DELTA, sq, sk, sv, so, sdo, sdq,
-    PK, PV, spk, spv, NP, GR, sgr, GM, GKV, NQ, NK, BS, NB, LQ, qk_scale, scale,
+    PK, PV, spk, spv, N_PROMPT, GR, sgr, GM, GKV, Q_LEN, K_LEN, BS, NB, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, SLOT_P: tl.constexpr,
     D: tl.constexpr, NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
@@ -442,7 +445,7 @@ def prompted_attn_bwd_dq(
     # dq_i = scale sum_j ds_ij k_j over token keys and prompts; per prompt j, this
     # program's partial dpk_j = scale sum_i ds_ij q_i and dpv_j = sum_i p_ij do_i, stored
     # at [b, blk, j] of GR (block stride GM), reduced on the host in a fixed order.
-    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(Q_LEN, K_LEN, BS, NB, NSEG)
     if blk * SLOT_M < nq:
         qb, qi, q_ok = _rows(grp, blk, BT, nq, G, SLOT_M)
         q = _load(Q, _boff(qb, BS, sq), q0 + qi, sq, q_ok, D)
@@ -469,7 +472,7 @@ def prompted_attn_bwd_dq(
                                          sv, n0, k0, nk, cb, cj, BT, qk_scale, G, SLOT_N, D,
                                          PREC)
 
-        P = _sel(NP, seg, NSEG)
+        P = _sel(N_PROMPT, seg, NSEG)
         PKs, PVs, GRs = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG)
         spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
             _sel_st(sgr, seg, NSEG)
@@ -508,14 +511,14 @@ def _prompt_partial(GRs, gro, gkv, pos, sgr, ok, ds, p, q, do, scale, G: tl.cons
 
 
 @triton.jit
-def prompted_attn_bwd_dkdv(
+def prompted_attn_bwd_dkv(
     Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo, sdk, sdv,
-    NQ, NK, BS, NB, LQ, qk_scale, scale,
+    Q_LEN, K_LEN, BS, NB, LQ, qk_scale, scale,
     G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_N: tl.constexpr, D: tl.constexpr,
     NSEG: tl.constexpr, PREC: tl.constexpr, WHILE: tl.constexpr,
 ):
     # Deterministic mode, pass 2: dk/dv of this program's token keys (no dq, no atomics)
-    blk, grp, seg, nq, nk, q0, k0, BT = _program(NQ, NK, BS, NB, NSEG)
+    blk, grp, seg, nq, nk, q0, k0, BT = _program(Q_LEN, K_LEN, BS, NB, NSEG)
     if blk * SLOT_N < nk:
         kb, kj, k_ok = _rows(grp, blk, BT, nk, G, SLOT_N)
         k = _load(K, _boff(kb, BS, sk), k0 + kj, sk, k_ok, D)
@@ -660,7 +663,7 @@ def _seq_kv_tile(n0, c, g, GS, Q, K, V, DO, DK, DV, LSE, DELTA, sq, sk, sv, sdo,
 @triton.jit
 def prompted_attn_bwd_seq(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, sq, sk, sv, so, sdo, sdq, sdk, sdv,
-    PK, PV, spk, spv, NP, GR, GV, sgr, GKV, NQ, NK, BS, LQ, qk_scale, scale, GS, NIT,
+    PK, PV, spk, spv, N_PROMPT, GR, GV, sgr, GKV, Q_LEN, K_LEN, BS, LQ, qk_scale, scale, GS, NIT,
     NS: tl.constexpr, G: tl.constexpr, SLOT_M: tl.constexpr, SLOT_MB: tl.constexpr,
     SLOT_N: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, HAS_P: tl.constexpr,
     PREC: tl.constexpr, WHILE: tl.constexpr, ST1: tl.constexpr, ONE: tl.constexpr,
@@ -685,10 +688,10 @@ def prompted_attn_bwd_seq(
     # deterministic mode uses it as well.
     pid = tl.program_id(0)
     seg, grp = pid % NSEG, pid // NSEG
-    nq, nk = _sel(NQ, seg, NSEG), _sel(NK, seg, NSEG)
-    q0, k0 = _start(NQ, seg, NSEG), _start(NK, seg, NSEG)
+    nq, nk = _sel(Q_LEN, seg, NSEG), _sel(K_LEN, seg, NSEG)
+    q0, k0 = _start(Q_LEN, seg, NSEG), _start(K_LEN, seg, NSEG)
     BT = BS[3]
-    nkp = nk + _sel(NP, seg, NSEG)
+    nkp = nk + _sel(N_PROMPT, seg, NSEG)
     spk_s, spv_s, sgr_s = _sel_st(spk, seg, NSEG), _sel_st(spv, seg, NSEG), \
         _sel_st(sgr, seg, NSEG)
     PKs, PVs, GRs, gkv = _sel(PK, seg, NSEG), _sel(PV, seg, NSEG), _sel(GR, seg, NSEG), \
@@ -850,7 +853,7 @@ def _seq_one(grp, it, GS, Q, O, DO, DQ, DK, DV, LSE, K, V, PKs, PVs, GRs, sq, so
 # ------------------------------------------------------------ prompt-gradient reduction
 @triton.jit
 def prompted_attn_pgrad(
-    GR, GKV, OK, OV, NP, KS, RS, BS, PE,
+    GR, GKV, OK, OV, N_PROMPT, KS, RS, BS, PE,
     RB: tl.constexpr, D: tl.constexpr, NSEG: tl.constexpr, WHILE: tl.constexpr,
 ):
     # dpk, dpv of each segment's prompts from the sequence-owning backward's partials
@@ -862,7 +865,7 @@ def prompted_attn_pgrad(
     # OK[s] / OV[s], (*lead, P, D) dense.  Grid: (max rows x P, NSEG).
     pid, seg = tl.program_id(0), tl.program_id(1)
     ks, rs = _sel_st(KS, seg, NSEG), _sel_st(RS, seg, NSEG)
-    P = _sel(NP, seg, NSEG)
+    P = _sel(N_PROMPT, seg, NSEG)
     nl = ks[0] * ks[1] * ks[2] * ks[3]
     nr = rs[0] * rs[1] * rs[2] * rs[3]
     if P > 0:

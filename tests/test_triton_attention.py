@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from avstfp_fast import prompted_attention
 from avstfp_fast.ops import get_backend, make_problem
@@ -60,6 +61,35 @@ def test_merge_batch_dims():
     with pytest.raises(ValueError, match="batch dims"):
         merge_batch_dims((2,) * 5, [(0, 1, 0, 1, 0)])
     assert dense_strides((1, 2, 3, 4), 10) == (240, 120, 40, 10)
+
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.booleans()), min_size=1, max_size=4))
+def test_leading_reps_matches_the_sharing_sets(dims):
+    """layout.leading_reps (the prompt-gradient sums of both backends rest on it) against
+    brute force: the flat sequence indices that share a prompt row set (equal kept
+    coordinates) are exactly {r * GS + g : r < R} for each g < GS, or None when they are
+    not of that form."""
+    import itertools
+    from avstfp_fast.ops.layout import leading_reps
+    sizes = [n for n, _ in dims]
+    kept = [n if k else 1 for n, k in dims]
+    reps = [1 if k else n for n, k in dims]
+    sets = {}
+    for b, idx in enumerate(itertools.product(*[range(n) for n in sizes])):
+        key = tuple(i for i, (_, k) in zip(idx, dims) if k)
+        sets.setdefault(key, []).append(b)
+    groups = sorted(sets.values())
+    split = leading_reps(kept, reps)
+    R = 1
+    for r in reps:
+        R *= r
+    GS = len(groups)
+    arith = all(g == [r * GS + g[0] for r in range(R)] for g in groups)
+    assert (split is not None) == arith, (dims, split)
+    if split is not None:
+        assert split == (R, GS)
 
 
 # ------------------------------------------------------------- backward paths

@@ -107,6 +107,24 @@ def _broadcast(a: Tuple[int, ...], b: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(max(x, y) for x, y in zip(a, b))
 
 
+def leading_reps(kept: Sequence[int], reps: Sequence[int]) -> Optional[Tuple[int, int]]:
+    """The rule both backends' prompt-gradient sums rest on.  Each batch dim is either kept
+    by the prompts (``kept[i]`` its size, ``reps[i]`` 1) or broadcast by them (``reps[i]``
+    its size, ``kept[i]`` 1); size-1 dims are 1 in both.  When every broadcast dim of size
+    > 1 leads every kept one, the sequences sharing one prompt row set are ``b = r * GS + g``
+    (r < R, g < GS): return ``(R, GS)``, the products of the broadcast and the kept sizes;
+    else None (a broadcast dim inside a kept one)."""
+    seen_kept, R, GS = False, 1, 1
+    for k, r in zip(kept, reps):
+        if k > 1:
+            seen_kept, GS = True, GS * int(k)
+        if r > 1:
+            if seen_kept:
+                return None
+            R *= int(r)
+    return R, GS
+
+
 def seq_reps(pks, pvs, batch: Sequence[int]) -> int:
     """Sequences per prompt row set for the short backward's in-kernel prompt-gradient sum
     (attn_params.h ``seq_reps``), or 0 where it does not apply.  It applies when every
@@ -130,18 +148,9 @@ def seq_reps(pks, pvs, batch: Sequence[int]) -> int:
         pattern = red
     if pattern is None:
         return 0
-    kept_seen = False
-    R = 1
-    for i in range(n):
-        if batch[i] <= 1:
-            continue
-        if pattern[i]:
-            if kept_seen:
-                return 0
-            R *= int(batch[i])
-        else:
-            kept_seen = True
-    return R if R <= SEQ_REPS_MAX else 0
+    split = leading_reps([1 if red else int(nb) for red, nb in zip(pattern, batch)],
+                         [int(nb) if red else 1 for red, nb in zip(pattern, batch)])
+    return split[0] if split is not None and split[0] <= SEQ_REPS_MAX else 0
 
 
 def finish_prompt_grads(buf, pk, pv):

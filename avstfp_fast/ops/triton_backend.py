@@ -90,7 +90,7 @@ import torch
 from .backends import Capabilities, KernelBackend, env_reader, register
 from .contract import AttnProblem
 from .launch_cache import launch
-from .layout import MAX_BATCH_DIMS, dense_strides, merge_batch_dims
+from .layout import MAX_BATCH_DIMS, dense_strides, leading_reps, merge_batch_dims
 
 MAX_SEGMENTS = 4
 #: The sequence-owning backward's bounds (see :class:`_Tiles`): rows of a sequence
@@ -260,15 +260,9 @@ def _direct_shape(batch, q, pks, pvs, t: _Tiles, nseg: int) -> bool:
     if tuple(pk.shape[:-2]) != lead or tuple(pv.shape[:-2]) != lead or len(lead) > len(batch):
         return False
     full = (1,) * (len(batch) - len(lead)) + lead
-    kept, gs = False, 1
-    for nb, nl in zip(batch, full):
-        if nb == 1:
-            continue
-        if nl == nb:
-            kept, gs = True, gs * nb
-        elif kept:                      # a broadcast dim inside a kept one
-            return False
-    return gs >= DIRECT_MIN_PROGRAMS
+    split = leading_reps([nb if nl == nb else 1 for nb, nl in zip(batch, full)],
+                         [1 if nl == nb else nb for nb, nl in zip(batch, full)])
+    return split is not None and split[1] >= DIRECT_MIN_PROGRAMS
 
 
 def _partial_share(q, pks, q_segments, k_segments) -> float:
@@ -408,13 +402,9 @@ class _Plan:
         self.direct, self.gs, self.nit, self.ns = False, 0, 0, 1
         if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
                 and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
-            ks, rs = self.pg_ks[0][:4], self.pg_rs[0][:4]
-            lead_ok, kept = True, False
-            for kd, rd in zip(ks, rs):
-                kept = kept or kd > 1
-                lead_ok = lead_ok and not (kept and rd > 1)
-            R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
-            if lead_ok and GS >= DIRECT_MIN_PROGRAMS:
+            split = leading_reps(self.pg_ks[0][:4], self.pg_rs[0][:4])
+            R, GS = split or (0, 0)
+            if split is not None and GS >= DIRECT_MIN_PROGRAMS:
                 # one sequence per step (G = 1, 16-row tiles, 8 steps at batch 8): with
                 # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
                 # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
@@ -432,13 +422,10 @@ class _Plan:
                     if self.pg_lead[s] is not None}
             if t.g == 1 and len(sets) == 1:
                 (ks, rs), = sets
-                kept, lead_ok = False, True
-                for kd, rd in zip(ks, rs):
-                    kept = kept or kd > 1
-                    lead_ok = lead_ok and not (kept and rd > 1)
-                R, GS = rs[0] * rs[1] * rs[2] * rs[3], ks[0] * ks[1] * ks[2] * ks[3]
+                split = leading_reps(ks, rs)
+                R, GS = split or (0, 0)
                 n = _seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
-                if lead_ok and n > 1:
+                if split is not None and n > 1:
                     C = cdiv(R, n)
                     self.gs, self.ns, self.seq_groups = GS, n, C * GS
                     # partials (2, C, GS, P, E): reduced over C by prompted_attn_pgrad
@@ -480,8 +467,8 @@ class _Plan:
                     self.gshape[s] = (2, self.seq_groups, self.P[s], self.E)
                     self.gkv[s] = self.seq_groups * self.P[s] * self.E
         self.pg_bs = self.pg_bs or self.BS
-        self.NQ, self.NK = tuple(q_segments), tuple(k_segments)
-        self.NP = tuple(self.P)
+        self.q_len, self.k_len = tuple(q_segments), tuple(k_segments)
+        self.n_prompt = tuple(self.P)
         self.nqb = max(cdiv(n, t.slot_m) for n in q_segments)
         self.nqbs = tuple(cdiv(n, t.slot_m) for n in q_segments)   # per segment
         self.nkb = max(cdiv(n, t.slot_n) for n in k_segments)
@@ -517,8 +504,8 @@ class _Plan:
                                for s, ld in enumerate(self.pg_lead))
         self._launch_args(dout is not None)
         if os.environ.get("AVSTFP_PRINT_TILES", "0") == "1":
-            print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.NQ}/"
-                  f"{self.NK} prompts={self.NP} E={self.E} {q.dtype} -> {t.describe()}"
+            print(f"avstfp_fast triton: batch={batch} Lq={self.Lq} segments={self.q_len}/"
+                  f"{self.k_len} prompts={self.n_prompt} E={self.E} {q.dtype} -> {t.describe()}"
                   + ("" if dout is None else
                      f"; backward path {'seq' if self.seq else 'fa2'}"
                      + (" (direct prompt gradients)" if self.direct else "")),
@@ -530,21 +517,21 @@ class _Plan:
         :class:`_Bound`, join the same runs)."""
         self.lse_shape = (*self.batch, self.Lq)
         self.fwd_mid = tuple(self.st[:4])                           # sq, sk, sv, so
-        self.fwd_tail = (self.spk, self.spv, self.NP, self.NQ, self.NK, self.nqbs, self.BS,
+        self.fwd_tail = (self.spk, self.spv, self.n_prompt, self.q_len, self.k_len, self.nqbs, self.BS,
                          self.Lq, self.qk_scale)
         self.fwd_grid = (self.groups * sum(self.nqbs),)
         if not backward:
             return
         t = self.t
         self.seq_mid = tuple(self.st)                 # sq sk sv so sdo sdq sdk sdv
-        self.seq_p = (self.spk, self.spv, self.NP)
-        self.seq_tail = (self.sgr, self.gkv, self.NQ, self.NK, self.BS, self.Lq,
+        self.seq_p = (self.spk, self.spv, self.n_prompt)
+        self.seq_tail = (self.sgr, self.gkv, self.q_len, self.k_len, self.BS, self.Lq,
                          self.qk_scale, self.scale, self.gs, self.nit)
         self.seq_grid = (self.gs if self.direct else self.seq_groups * self.nseg,)
         self.seq_kw = dict(SLOT_MB=t.bwd_slot_m, SLOT_N=t.slot_kp, HAS_P=self.npb > 0,
                            NS=self.ns, ST1=self.seq_st1, ONE=t.bwd_one, DIRECT=self.direct,
                            **(dict(self.bwd_const, G=1) if self.direct else self.bwd_const))
-        self.pg_tail = (self.NP, self.pg_ks, self.pg_rs, self.pg_bs, self.pg_sizes)
+        self.pg_tail = (self.n_prompt, self.pg_ks, self.pg_rs, self.pg_bs, self.pg_sizes)
         self.pg_grid = (self.pg_rows * max(self.P), self.nseg)
         self.pg_kw = dict(RB=16, D=self.E, NSEG=self.nseg, WHILE=interpreting(), num_warps=4)
         # the eager path's scratch (see _Bound.backward): delta and the per-program prompt
@@ -672,24 +659,24 @@ def _backward_impl(q, k, v, pks, pvs, q_segments, k_segments, scale, out, lse, d
         if det:
             launch(K.prompted_attn_bwd_dq, pl.grid(pl.nqb), (
                 q, k, v, out, dout, dq, lse, delta, sq, sk, sv, so, sdo, sdq, PK, PV,
-                tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr), tuple(pl.gm),
-                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale),
+                tuple(pl.spk), tuple(pl.spv), pl.n_prompt, grs, tuple(pl.sgr), tuple(pl.gm),
+                tuple(pl.gkv), pl.q_len, pl.k_len, pl.BS, pl.nqb, pl.Lq, pl.qk_scale, pl.scale),
                 lambda: dict(SLOT_N=t.slot_n, SLOT_P=t.slot_p, **pl.const), pl.launchers)
             if pl.nkb > 0:
-                launch(K.prompted_attn_bwd_dkdv, pl.grid(pl.nkb), (
-                    q, k, v, dout, dk, dv, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.NQ,
-                    pl.NK, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale),
+                launch(K.prompted_attn_bwd_dkv, pl.grid(pl.nkb), (
+                    q, k, v, dout, dk, dv, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.q_len,
+                    pl.k_len, pl.BS, pl.nkb, pl.Lq, pl.qk_scale, pl.scale),
                     lambda: dict(SLOT_N=t.slot_n, **pl.bwd_const), pl.launchers)
         else:
             dqa = torch.zeros((pl.Bt, pl.Lq, pl.E), dtype=torch.float32, device=dev)
-            launch(K.prompted_attn_bwd_pre, pl.grid(pl.nqb), (
-                out, dout, delta, so, sdo, pl.NQ, pl.BS, pl.nqb, pl.Lq), lambda: pl.const,
+            launch(K.prompted_attn_delta, pl.grid(pl.nqb), (
+                out, dout, delta, so, sdo, pl.q_len, pl.BS, pl.nqb, pl.Lq), lambda: pl.const,
                 pl.launchers)
             nb = pl.nkb + pl.npb
             launch(K.prompted_attn_bwd, pl.grid(nb), (
                 q, k, v, dout, dk, dv, dqa, lse, delta, sq, sk, sv, sdo, sdk, sdv, pl.sdqa,
-                PK, PV, tuple(pl.spk), tuple(pl.spv), pl.NP, grs, tuple(pl.sgr),
-                tuple(pl.gkv), pl.NQ, pl.NK, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
+                PK, PV, tuple(pl.spk), tuple(pl.spv), pl.n_prompt, grs, tuple(pl.sgr),
+                tuple(pl.gkv), pl.q_len, pl.k_len, pl.BS, pl.nkb, nb, pl.Lq, pl.qk_scale,
                 pl.scale), lambda: dict(pl.bwd_const, SLOT_M=t.bwd_slot_m, SLOT_N=t.slot_n,
                                         SLOT_P=t.slot_p), pl.launchers)
             dq.copy_(dqa.view(q.shape))
