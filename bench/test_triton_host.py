@@ -26,8 +26,10 @@ eager forward <= 20 µs, eager backward <= 40 µs (benchmark targets, never time
 prints the totals and the components (validation, backend choice, the backend's
 forward/backward, Triton's launch path) per stage; the backward again on the
 sequence-owning path (``AVSTFP_TRITON_BWD=seq``: the one the stages take at ViT-B/16,
-while the CI geometry's temporal and spatial calls take the fa2 path by size); and the
-autograd engine's own share, a no-op ``autograd.Function`` of the same arity.
+while the CI geometry's temporal and spatial calls take the fa2 path by size); the
+forward and backward again at the ViT-B/16 stage shape (batch 1), where the plan picks
+that path itself; and the autograd engine's own share, a no-op ``autograd.Function`` of
+the same arity.
 """
 from __future__ import annotations
 
@@ -190,7 +192,28 @@ def measure(stage: str, n: int = 2000) -> Dict[str, float]:
     r["backend backward"] = _median(
         lambda: be.backward(p, out, lse, dout, dq, dk, dv, False), n)
     r.update(_eager_parts(c, n))
+    r.update(_stage_shapes(stage, n))
     return r
+
+
+def _stage_shapes(stage: str, n: int) -> Dict[str, float]:
+    """The op forward and backward at the ViT-B/16 stage shape (batch 1), on the backward
+    path the plan chooses there by itself (the sequence-owning one; nothing forced).  CPU
+    buffers of that size are only allocated, never filled, on this path (outputs,
+    gradients and scratch come from torch.empty), so the sizes cost no CPU work that a
+    GPU would not also do on the host."""
+    c = Case(stage, arch="B16", batch=1)
+    dout = c.dout
+
+    def bwd_setup():
+        c.zero_grad()
+        return c.forward()
+    for _ in range(20):
+        c.forward().backward(dout)
+        c.zero_grad()
+    return {"op forward, ViT-B/16 stage shape": _median(c.forward, n),
+            "op backward, ViT-B/16 stage shape (its own path)": _median(
+                lambda o: o.backward(dout), n, bwd_setup)}
 
 
 def _eager_parts(c: "Case", n: int) -> Dict[str, float]:
@@ -298,7 +321,9 @@ def main(argv=None) -> int:
          f"`python bench/test_triton_host.py --runs {a.runs}`: thread CPU time per call, "
          f"{how}, on the 2-core CPU machine (other jobs running). Public op "
          "`prompted_attention_qkv` as the model calls it (forward under autograd; "
-         "`.backward()`), bf16, CI geometry; kernels launched on a faked sm_90 target "
+         "`.backward()`), bf16, CI geometry (the last two rows: the ViT-B/16 stage shape, "
+         "batch 1, where each stage takes the sequence-owning backward by itself); kernels "
+         "launched on a faked sm_90 target "
          "(only the compile and the C launch stubbed). Targets: forward <= 20 µs, "
          "backward <= 40 µs.", "",
          "| µs | " + " | ".join(geometry.STAGES) + " |",
