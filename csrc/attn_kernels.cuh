@@ -1872,28 +1872,6 @@ size_t max_smem_d(bool short_tiles) {
     return a > b ? (a > c ? a : c) : (b > c ? b : c);
 }
 
-template <typename T>
-int max_smem_t(int head_dim, bool short_tiles) {
-    switch (head_dim) {
-        case 32: return (int)max_smem_d<T, 32>(short_tiles);
-        case 64: return (int)max_smem_d<T, 64>(short_tiles);
-        case 128: return (int)max_smem_d<T, 128>(short_tiles);
-        default: return -1;
-    }
-}
-
-// max_smem_bytes (attn_params.h) by dtype code; -1 for an unsupported dtype or head dim.
-// One definition for the compiled library and the CPU emulation, so a test can compare
-// the built extension's answer with the emulated source's.
-inline int max_smem_bytes_of(int dtype, int head_dim, int short_tiles) {
-    switch (dtype) {
-        case kF16: return max_smem_t<__half>(head_dim, short_tiles != 0);
-        case kBF16: return max_smem_t<__nv_bfloat16>(head_dim, short_tiles != 0);
-        case kF32: return max_smem_t<float>(head_dim, short_tiles != 0);
-        default: return -1;
-    }
-}
-
 // ------------------------------------------------------------------ configuration table
 // Every kernel instance the launchers can start, for tools (bench/static_sm90_cuda.py reads
 // it through the CPU emulation and joins it with ptxas/SASS data by kernel name).

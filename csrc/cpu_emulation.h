@@ -517,6 +517,7 @@ inline cudaError_t cudaGetLastError() {
     ::avstfp_emu::launch(kern, grid, block, smem_bytes, p)
 
 #include "attn_kernels.cuh"
+#include "attn_smem.h"
 
 // ------------------------------------------------------------------ entry points
 extern "C" {

@@ -109,6 +109,7 @@
 // cudaGetLastError() after every launch); the binding turns it into a TORCH_CHECK message.
 // ============================================================================
 #include "attn_kernels.cuh"
+#include "attn_smem.h"
 
 namespace avstfp {
 

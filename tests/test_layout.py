@@ -11,15 +11,14 @@ def test_merge_batch_dims():
     from avstfp_fast.ops.layout import dense_strides, merge_batch_dims
     # temporal view (B, N, H, M, d) of a contiguous (B, M, N, H, d): N and H merge
     q = torch.empty(2, 10, 5, 4, 8).movedim(1, -2)
-    sizes, (st,) = merge_batch_dims(q.shape[:-2], [q.stride()[:-2]])
-    assert sizes == (1, 1, 2, 20) and st == (0, 0, q.stride(0), q.stride(2))
+    sizes, (strides,) = merge_batch_dims(q.shape[:-2], [q.stride()[:-2]])
+    assert sizes == (1, 1, 2, 20) and strides == (0, 0, q.stride(0), q.stride(2))
     # a broadcast operand keeps the dims apart; size-1 dims vanish
     sizes, sts = merge_batch_dims((3, 1, 4), [(4, 99, 1), (0, 5, 1)])
     assert sizes == (1, 1, 3, 4) and sts == [(0, 0, 4, 1), (0, 0, 0, 1)]
     with pytest.raises(ValueError, match="batch dims"):
         merge_batch_dims((2,) * 5, [(0, 1, 0, 1, 0)])
     assert dense_strides((1, 2, 3, 4), 10) == (240, 120, 40, 10)
-
 
 
 @settings(max_examples=200, deadline=None)

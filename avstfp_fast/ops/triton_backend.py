@@ -402,9 +402,8 @@ class _Plan:
         self.direct, self.gs, self.nit, self.ns = False, 0, 0, 1
         if (seq and t.bwd_one and self.nseg == 1 and self.pg_lead[0] is not None
                 and self.pg_direct[0] and pks[0].dtype == q.dtype == pvs[0].dtype):
-            split = leading_reps(self.pg_ks[0][:4], self.pg_rs[0][:4])
-            R, GS = split or (0, 0)
-            if split is not None and GS >= DIRECT_MIN_PROGRAMS:
+            R, GS = leading_reps(self.pg_ks[0][:4], self.pg_rs[0][:4]) or (0, 0)
+            if GS >= DIRECT_MIN_PROGRAMS:
                 # one sequence per step (G = 1, 16-row tiles, 8 steps at batch 8): with
                 # G = 4 the prompt-gradient sums carried across steps spill (offline sm_90
                 # compile: 255 registers + 32 B; G = 1: 128 registers, 4 CTAs/SM)
@@ -423,9 +422,10 @@ class _Plan:
             if t.g == 1 and len(sets) == 1:
                 (ks, rs), = sets
                 split = leading_reps(ks, rs)
-                R, GS = split or (0, 0)
-                n = _seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
-                if split is not None and n > 1:
+                R, GS = split or (1, 1)
+                n = (_seq_per_program(_partial_share(q, pks, q_segments, k_segments), R)
+                     if split is not None else 1)
+                if n > 1:
                     C = cdiv(R, n)
                     self.gs, self.ns, self.seq_groups = GS, n, C * GS
                     # partials (2, C, GS, P, E): reduced over C by prompted_attn_pgrad
@@ -517,8 +517,8 @@ class _Plan:
         :class:`_Bound`, join the same runs)."""
         self.lse_shape = (*self.batch, self.Lq)
         self.fwd_mid = tuple(self.st[:4])                           # sq, sk, sv, so
-        self.fwd_tail = (self.spk, self.spv, self.n_prompt, self.q_len, self.k_len, self.nqbs, self.BS,
-                         self.Lq, self.qk_scale)
+        self.fwd_tail = (self.spk, self.spv, self.n_prompt, self.q_len, self.k_len, self.nqbs,
+                         self.BS, self.Lq, self.qk_scale)
         self.fwd_grid = (self.groups * sum(self.nqbs),)
         if not backward:
             return
